@@ -1,0 +1,99 @@
+"""RMSProp on NumPy arrays: a thin stateful wrapper over :func:`rmsprop.spec.step`.
+
+Example::
+
+    import numpy as np
+    from rmsprop.numpy import RMSprop
+    w = np.zeros(3)
+    opt = RMSprop([w], lr=1e-2)
+    opt.step([np.array([1.0, -2.0, 0.5])])   # updates w in place
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+
+from . import spec
+from .options import RULE_OPTIONS, Options, validate
+from .presets import resolve_preset
+
+__all__ = ["RMSprop"]
+
+
+class RMSprop:
+    """RMSProp over a list of NumPy arrays (updated in place), with torch-style param groups.
+
+    ``params`` is a sequence of arrays or of dicts ``{"params": [...], **options}``; options are
+    those of :class:`rmsprop.options.Options` (same names and defaults as the torch optimizer).
+    Change a group's ``"lr"`` between steps to follow a schedule. ``state_dtype`` sets the dtype
+    of the state arrays (default: the param's real dtype).
+    """
+
+    def __init__(self, params: Iterable[Any], *, state_dtype: Any = None, **options: Any) -> None:
+        unknown = set(options) - set(RULE_OPTIONS)
+        if unknown:
+            raise TypeError(f"unknown option(s): {', '.join(sorted(unknown))}")
+        self.defaults = Options(**options).as_dict()
+        self.state_dtype = state_dtype
+        params = list(params)
+        if not params:
+            raise ValueError("optimizer got an empty parameter list")
+        groups = params if isinstance(params[0], dict) else [{"params": params}]
+        self.param_groups: list[dict[str, Any]] = []
+        self.state: list[list[spec.State | None]] = []
+        for group in groups:
+            self.add_param_group(group)
+
+    @classmethod
+    def from_preset(cls, name: str, params: Iterable[Any], **overrides: Any) -> "RMSprop":
+        """Build with the options of ``rmsprop.PRESETS[name]``, updated by ``overrides``."""
+        return cls(params, **resolve_preset(name, overrides))
+
+    def add_param_group(self, group: dict[str, Any]) -> None:
+        group = dict(group)
+        arrays = list(group.pop("params"))
+        for a in arrays:
+            if not isinstance(a, np.ndarray):
+                raise TypeError(f"params must be numpy arrays, got {type(a).__name__}")
+            if not (np.issubdtype(a.dtype, np.floating) or np.issubdtype(a.dtype, np.complexfloating)):
+                raise TypeError(f"params must be floating point or complex, got {a.dtype}")
+        unknown = set(group) - set(RULE_OPTIONS)
+        if unknown:
+            raise TypeError(f"unknown option(s): {', '.join(sorted(unknown))}")
+        validate(group)
+        self.param_groups.append({**self.defaults, **group, "params": arrays})
+        self.state.append([None] * len(arrays))
+
+    def step(self, grads: Sequence[np.ndarray | None] | Sequence[Sequence[np.ndarray | None]]) -> None:
+        """Apply one step. ``grads`` lists one gradient per param (``None`` skips that param and
+        leaves its state untouched), flat across groups in order. Nothing changes if any
+        gradient's shape does not fit."""
+        flat = list(grads)
+        expected = sum(len(g["params"]) for g in self.param_groups)
+        if len(flat) != expected:
+            raise ValueError(f"expected {expected} gradients, got {len(flat)}")
+        pairs = []
+        i = 0
+        for gi, group in enumerate(self.param_groups):
+            for pi, p in enumerate(group["params"]):
+                g = flat[i]
+                i += 1
+                if g is None:
+                    continue
+                g = np.asarray(g)
+                if g.shape != p.shape:
+                    raise ValueError(f"gradient {i - 1} has shape {g.shape}, param has {p.shape}")
+                pairs.append((gi, pi, p, g))
+        results = []
+        for gi, pi, p, g in pairs:
+            group = self.param_groups[gi]
+            options = Options(**{k: group[k] for k in RULE_OPTIONS})
+            state = self.state[gi][pi]
+            if state is None:
+                state = spec.init_state(p, options, state_dtype=self.state_dtype)
+            results.append((gi, pi, p, *spec.step(p, g, state, options)))
+        for gi, pi, p, new_p, new_state in results:  # write only after every step succeeded
+            p[...] = new_p
+            self.state[gi][pi] = new_state

@@ -1,0 +1,54 @@
+"""Offline benchmark problems shared by ``rmsprop compare`` and ``rmsprop tune``.
+
+>>> from rmsprop import problems
+>>> p = problems.get("rosenbrock")
+>>> r = p.run(lambda params: torch.optim.Adam(params, lr=1e-2), seed=1)   # doctest: +SKIP
+>>> r.final_eval_loss, r.diverged                                         # doctest: +SKIP
+
+Suites (benchmarks.md section 9.1): ``quick`` (the default of ``rmsprop compare``: a few minutes
+on 2 cores), ``standard`` (every problem; 10-20 minutes) and ``extended`` (adds N-D functions and
+more seeds; hours). Each :class:`Problem` fixes model, loss, batch size, step budget, evaluation
+interval and split; ``seed=k`` gives every optimizer the same initial point, data order and noise
+(common random numbers).
+"""
+
+from __future__ import annotations
+
+from .analytic import AnalyticProblem, NoisyQuadratic, analytic_problems
+from .base import DIVERGENCE_FACTOR, Problem, RunResult, Task, stream_seed
+from .data import AddingProblem, DataProblem, data_problems
+
+__all__ = [
+    "Problem", "RunResult", "Task", "SUITES", "PROBLEMS", "get", "names", "stream_seed",
+    "AnalyticProblem", "NoisyQuadratic", "DataProblem", "AddingProblem", "DIVERGENCE_FACTOR",
+]
+
+#: every problem by name, in a stable order (analytic first)
+PROBLEMS: dict[str, Problem] = {p.name: p for p in analytic_problems() + data_problems()}
+
+SUITES: dict[str, list[str]] = {
+    "quick": ["rosenbrock", "saddle", "quadratic-100d", "mlp-digits"],
+    "standard": [
+        "rosenbrock", "rosenbrock-noisy", "beale", "rastrigin", "himmelblau", "saddle",
+        "quadratic-100d", "logreg-cancer", "mlp-digits", "cnn-digits", "mlp-diabetes",
+        "mlp-mnist1d", "gru-adding",
+    ],
+    "extended": list(PROBLEMS),
+}
+
+
+def names(suite: str | None = None) -> list[str]:
+    """Problem names of ``suite`` (every problem when ``None``)."""
+    if suite is None:
+        return list(PROBLEMS)
+    if suite not in SUITES:
+        raise ValueError(f"unknown suite {suite!r}; valid suites: {', '.join(SUITES)}")
+    return list(SUITES[suite])
+
+
+def get(name: str) -> Problem:
+    """The problem called ``name``; ``ValueError`` listing the valid names if there is none."""
+    try:
+        return PROBLEMS[name]
+    except KeyError:
+        raise ValueError(f"unknown problem {name!r}; valid problems: {', '.join(PROBLEMS)}") from None

@@ -1,0 +1,18 @@
+"""PyTorch backend: :class:`RMSprop` (a drop-in for ``torch.optim.RMSprop``) and atomic
+checkpoints (:func:`save_checkpoint`, :func:`load_checkpoint`)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .optimizer import NonFiniteGradientError, RMSprop
+
+__all__ = ["RMSprop", "NonFiniteGradientError", "save_checkpoint", "load_checkpoint"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in ("save_checkpoint", "load_checkpoint"):
+        from . import checkpoint
+
+        return getattr(checkpoint, name)
+    raise AttributeError(name)

@@ -1,0 +1,559 @@
+"""``rmsprop.torch.RMSprop``: a drop-in for ``torch.optim.RMSprop`` with every published variant.
+
+The math is :func:`rmsprop.spec.step`; this module owns what torch users expect around it: param
+groups, lazy state with torch's state names, the ``state_dict`` contract, hooks, schedulers, and
+the choice among three paths (for-loop, foreach, fused kernel) that compute the same thing.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any, Callable, Iterable, Optional
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from ..options import RULE_OPTIONS, Options, validate
+from ..presets import resolve_preset
+from . import _paths
+from ._paths import Hyper
+
+__all__ = ["RMSprop", "NonFiniteGradientError"]
+
+_NONFINITE = ("raise", "skip", "ignore")
+_HALF = (torch.float16, torch.bfloat16)
+_STATE_KEYS = ("square_avg", "grad_avg", "momentum_buffer")
+
+
+class NonFiniteGradientError(FloatingPointError):
+    """A gradient holds inf or NaN and ``nonfinite="raise"``: no parameter or state changed."""
+
+
+def _fused_kernel(device_type: str):
+    """The fused kernel module for a device type, or ``None`` if there is none here."""
+    try:
+        if device_type == "cpu":
+            from ..kernels import cpu as kernel
+        elif device_type == "cuda":
+            from ..kernels import triton as kernel
+        else:
+            return None
+    except ImportError:
+        return None
+    available = getattr(kernel, "available", None)
+    return kernel if available is None or available() else None
+
+
+class RMSprop(Optimizer):
+    r"""RMSProp (Tieleman & Hinton 2012) with the options of every published variant.
+
+    The update, per element, at step ``t`` (:mod:`rmsprop.spec` is the reference)::
+
+        v = alpha*v + (1 - alpha)*g^2
+        d = sqrt(v) + eps                  (eps_in_sqrt: sqrt(v + eps))
+        p = p - lr * g / d
+
+    plus, each orthogonal: ``centered`` (Graves 2013: ``v - m^2``, clamped at 0 before ``eps``
+    is added, so it never yields NaN), ``momentum`` (buffer of ``g/d``, or of ``lr*g/d`` with
+    ``lr_in_momentum``), ``nesterov``, ``bias_correction`` (``v/(1-alpha^t)``), coupled
+    (``g += wd*p``) or ``decoupled_weight_decay`` (``p *= 1 - lr*wd``), ``maximize`` and
+    ``initial_square_avg`` (the value ``v`` starts from).
+
+    The positional parameters and defaults are ``torch.optim.RMSprop``'s; with the defaults the
+    trajectory is bit-identical to torch's (float32 and float64 params). State uses torch's
+    names (``step``, ``square_avg``, ``momentum_buffer``, ``grad_avg``), so state dicts load both
+    ways. Named presets: :meth:`from_preset` and :data:`rmsprop.PRESETS`.
+
+    Args beyond torch's (keyword-only):
+        fused: ``None`` (default) uses the fused single-pass kernel where it applies (CPU float
+            tensors, or CUDA with Triton); ``True`` requires it; ``False`` never uses it.
+        eps_in_sqrt, initial_square_avg, lr_in_momentum, nesterov, bias_correction,
+            decoupled_weight_decay: see :class:`rmsprop.options.Options`.
+        nonfinite: what a step does when a gradient holds inf or NaN. ``"raise"`` (default)
+            raises :class:`NonFiniteGradientError` naming the parameter and changes nothing:
+            a NaN in a parameter or in ``square_avg`` never heals, so silently continuing is
+            never what a user wants, and a wrong step found at once is cheaper than a run
+            found corrupted later. The check reads each gradient once more (a few % of a
+            step on large models; see ``rmsprop bench``); ``torch.amp.GradScaler`` skips
+            ``step()`` itself on overflow, so AMP never trips it. ``"skip"`` skips the whole
+            step (no param, state or step count changes) and counts it in
+            :attr:`skipped_steps`; ``"ignore"`` applies the step as torch does.
+        state_dtype: dtype of ``square_avg``/``grad_avg``/``momentum_buffer``. ``None``
+            (default) means float32 for float16/bfloat16 params (the math then runs in float32
+            with one rounding to the param: fp16's eps underflow and ``g^2`` overflow above
+            ~256 cannot happen; it costs 4 bytes per element per state tensor instead of 2)
+            and the param dtype otherwise.
+        track_stats: ``True`` records per-group health statistics at each step (see
+            :meth:`stats`); ``"params"`` also per parameter. Off by default.
+
+    Example::
+
+        opt = RMSprop(model.parameters(), lr=1e-2)
+        opt = RMSprop.from_preset("keras", model.parameters())
+    """
+
+    def __init__(self, params: Iterable[Any], lr: float | Tensor = 1e-2, alpha: float = 0.99,
+                 eps: float = 1e-8, weight_decay: float = 0, momentum: float = 0,
+                 centered: bool = False, capturable: bool = False,
+                 foreach: Optional[bool] = None, maximize: bool = False,
+                 differentiable: bool = False, *, fused: Optional[bool] = None,
+                 eps_in_sqrt: bool = False, initial_square_avg: float = 0.0,
+                 lr_in_momentum: bool = False, nesterov: bool = False,
+                 bias_correction: bool = False, decoupled_weight_decay: bool = False,
+                 nonfinite: str = "raise", state_dtype: Optional[torch.dtype] = None,
+                 track_stats: bool | str = False) -> None:
+        if isinstance(lr, Tensor) and lr.numel() != 1:
+            raise ValueError("Tensor lr must be 1-element")
+        if nonfinite not in _NONFINITE:
+            raise ValueError(f"Invalid nonfinite value: {nonfinite!r} "
+                             f"(choose one of {', '.join(map(repr, _NONFINITE))})")
+        if state_dtype is not None and not (isinstance(state_dtype, torch.dtype)
+                                            and state_dtype.is_floating_point):
+            raise ValueError(f"Invalid state_dtype: {state_dtype!r} (a floating torch.dtype)")
+        if track_stats not in (False, True, "params"):
+            raise ValueError(f"Invalid track_stats value: {track_stats!r} "
+                             "(False, True or 'params')")
+        if fused and differentiable:
+            raise ValueError("fused=True does not support differentiable=True")
+        if foreach and differentiable:
+            raise RuntimeError("`foreach` and `differentiable` are mutually exclusive.")
+        if fused and foreach:
+            raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
+        defaults = dict(lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay,
+                        momentum=momentum, centered=centered, capturable=capturable,
+                        foreach=foreach, maximize=maximize, differentiable=differentiable,
+                        fused=fused, eps_in_sqrt=eps_in_sqrt,
+                        initial_square_avg=initial_square_avg, lr_in_momentum=lr_in_momentum,
+                        nesterov=nesterov, bias_correction=bias_correction,
+                        decoupled_weight_decay=decoupled_weight_decay,
+                        nonfinite=nonfinite, state_dtype=state_dtype)
+        validate({k: defaults[k] for k in RULE_OPTIONS})
+        self.track_stats = track_stats
+        self.skipped_steps = 0
+        self._stats: dict[str, Any] = {}
+        super().__init__(params, defaults)
+        if fused:
+            for group in self.param_groups:
+                for p in group["params"]:
+                    reason = self._fused_unsupported(p)
+                    if reason:
+                        raise RuntimeError(f"fused=True cannot apply: {reason}")
+
+    @classmethod
+    def from_preset(cls, name: str, params: Iterable[Any], **overrides: Any) -> "RMSprop":
+        """Build the optimizer of a published variant (``rmsprop.PRESETS[name]``), with
+        ``overrides`` on top. Raises ``ValueError`` for an unknown name, or when the original
+        has no default learning rate and ``lr`` is not given."""
+        return cls(params, **resolve_preset(name, overrides))
+
+    # -- torch.optim.Optimizer contract -------------------------------------------------------
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        rule = {k: param_group[k] for k in RULE_OPTIONS if k in param_group}
+        validate(rule)
+        if param_group.get("nesterov", self.defaults.get("nesterov")) and not rule.get(
+                "momentum", self.defaults.get("momentum", 0)):
+            raise ValueError("Nesterov momentum requires a momentum > 0")
+        if "nonfinite" in param_group and param_group["nonfinite"] not in _NONFINITE:
+            raise ValueError(f"Invalid nonfinite value: {param_group['nonfinite']!r}")
+        super().add_param_group(param_group)
+        for p in self.param_groups[-1]["params"]:
+            if p.is_sparse:
+                raise RuntimeError("RMSprop does not support sparse gradients")
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        defaults = RMSprop.__init__.__kwdefaults__
+        for group in self.param_groups:
+            group.setdefault("momentum", 0)
+            group.setdefault("centered", False)
+            group.setdefault("foreach", None)
+            group.setdefault("maximize", False)
+            group.setdefault("differentiable", False)
+            group.setdefault("capturable", False)
+            for key, value in defaults.items():
+                if key != "track_stats":
+                    group.setdefault(key, self.defaults.get(key, value)
+                                     if hasattr(self, "defaults") else value)
+        self.__dict__.setdefault("track_stats", False)
+        self.__dict__.setdefault("skipped_steps", 0)
+        self.__dict__.setdefault("_stats", {})
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state dict from this class or from ``torch.optim.RMSprop`` (missing options
+        take this optimizer's defaults). Raises ``ValueError`` naming the first entry that does
+        not fit the current params (group count, sizes, state shapes, dtypes); nothing is
+        changed then."""
+        self._check_state_dict(state_dict)
+        saved_state = state_dict["state"]
+        super().load_state_dict(state_dict)
+        # torch casts floating state to the param dtype; restore float32 state of half params.
+        ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        params = [p for g in self.param_groups for p in g["params"]]
+        for pid, p in zip(ids, params):
+            if pid not in saved_state:
+                continue
+            group = self._group_of(p)
+            dtype = self._state_dtype(p, group)
+            st = self.state[p]
+            for key in _STATE_KEYS:
+                if key in saved_state[pid]:
+                    st[key] = saved_state[pid][key].to(device=p.device, dtype=dtype, copy=True)
+
+    def _check_state_dict(self, state_dict: Any) -> None:
+        if not isinstance(state_dict, dict) or "state" not in state_dict \
+                or "param_groups" not in state_dict:
+            raise ValueError("not an optimizer state dict: expected keys 'state' and "
+                             "'param_groups'")
+        groups, saved = self.param_groups, state_dict["param_groups"]
+        if len(groups) != len(saved):
+            raise ValueError(f"loaded state dict has {len(saved)} parameter groups, the "
+                             f"optimizer has {len(groups)}")
+        for gi, (g, sg) in enumerate(zip(groups, saved)):
+            if len(g["params"]) != len(sg["params"]):
+                raise ValueError(f"parameter group {gi} has {len(g['params'])} params, the "
+                                 f"loaded one has {len(sg['params'])}")
+            rule = {k: sg[k] for k in RULE_OPTIONS if k in sg}
+            try:
+                validate(rule)
+            except ValueError as e:
+                raise ValueError(f"parameter group {gi} of the state dict: {e}") from None
+            names = g.get("param_names") or [None] * len(g["params"])
+            for p, pid, name in zip(g["params"], sg["params"], names):
+                entry = state_dict["state"].get(pid)
+                if entry is None:
+                    continue
+                label = repr(name) if name else f"group {gi} index {sg['params'].index(pid)}"
+                if not isinstance(entry, dict):
+                    raise ValueError(f"state of parameter {label} is not a dict")
+                for key in _STATE_KEYS:
+                    t = entry.get(key)
+                    if t is None:
+                        continue
+                    if not isinstance(t, Tensor):
+                        raise ValueError(f"state {key!r} of parameter {label} is not a tensor")
+                    if t.shape != p.shape:
+                        raise ValueError(f"state {key!r} of parameter {label} has shape "
+                                         f"{tuple(t.shape)}, the parameter {tuple(p.shape)}")
+                    if t.is_complex() != p.is_complex() or not (t.is_floating_point()
+                                                                  or t.is_complex()):
+                        raise ValueError(f"state {key!r} of parameter {label} has dtype "
+                                         f"{t.dtype}, incompatible with the parameter's "
+                                         f"{p.dtype}")
+                    if not bool(torch.isfinite(t).all()):
+                        raise ValueError(f"state {key!r} of parameter {label} holds inf or "
+                                         "NaN")
+                if "step" in entry and not isinstance(entry["step"], (Tensor, int, float)):
+                    raise ValueError(f"state 'step' of parameter {label} is not a number")
+
+    # -- the step -----------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def _check_finite(self, work: list[tuple[dict, list[Tensor]]]) -> Optional[str]:
+        """The name of the first parameter whose gradient is not finite, or ``None``."""
+        for group, params in work:
+            if not params:
+                continue
+            grads = [p.grad for p in params]
+            kernel = _fused_kernel("cpu") if all(g.device.type == "cpu" and g.is_contiguous()
+                                                 and not g.is_complex() for g in grads) else None
+            if kernel is not None and hasattr(kernel, "first_nonfinite"):
+                bad = kernel.first_nonfinite(grads)
+            else:
+                nonempty = [i for i, g in enumerate(grads) if g.numel()]
+                real = [torch.view_as_real(grads[i]) if grads[i].is_complex() else grads[i]
+                        for i in nonempty]
+                # max |g| never overflows, so it is finite exactly when every element is.
+                maxes = torch._foreach_norm(real, float("inf")) if real else []
+                flags = torch.stack([torch.isfinite(x) for x in maxes]).cpu() if real else None
+                bad = -1 if flags is None or bool(flags.all()) else \
+                    nonempty[int((~flags).nonzero()[0])]
+            if bad >= 0:
+                return self._param_label(group, params[bad])
+        return None
+
+    def _param_label(self, group: dict, p: Tensor) -> str:
+        index = next(i for i, q in enumerate(group["params"]) if q is p)
+        names = group.get("param_names")
+        if names:
+            return repr(names[index])
+        return f"group {self.param_groups.index(group)} index {index} (shape {tuple(p.shape)})"
+
+    def _group_of(self, p: Tensor) -> dict:
+        return next(g for g in self.param_groups if any(q is p for q in g["params"]))
+
+    def _state_dtype(self, p: Tensor, group: dict) -> torch.dtype:
+        real = p.real.dtype if p.is_complex() else p.dtype
+        if group.get("state_dtype") is not None:
+            return group["state_dtype"]
+        return torch.float32 if real in _HALF else real
+
+    def _init_state(self, p: Tensor, group: dict) -> dict:
+        state = self.state[p]
+        dtype = self._state_dtype(p, group)
+        if not state:
+            device = p.device if group["capturable"] or group["fused"] else "cpu"
+            state["step"] = torch.zeros((), dtype=torch.float32, device=device)
+            state["square_avg"] = self._filled(p, dtype, float(group["initial_square_avg"]))
+        # Created lazily so that turning momentum/centered on mid-run (OneCycleLR writes
+        # group["momentum"]) starts the new buffer from zero instead of raising KeyError.
+        if group["momentum"] > 0 and "momentum_buffer" not in state:
+            state["momentum_buffer"] = self._filled(p, dtype, 0.0)
+        if group["centered"] and "grad_avg" not in state:
+            state["grad_avg"] = self._filled(p, dtype, 0.0)
+        return state
+
+    @staticmethod
+    def _filled(p: Tensor, dtype: torch.dtype, value: float) -> Tensor:
+        if p.is_complex():
+            dtype = torch.complex128 if dtype == torch.float64 else (
+                torch.complex64 if dtype == torch.float32 else torch.complex32)
+            return torch.full_like(p, complex(value, value), dtype=dtype,
+                                   memory_format=torch.preserve_format)
+        return torch.full_like(p, value, dtype=dtype, memory_format=torch.preserve_format)
+
+    def _fused_unsupported(self, p: Tensor) -> Optional[str]:
+        """Why the fused kernel cannot update ``p`` (``None`` if it can)."""
+        kernel = _fused_kernel(p.device.type)
+        if kernel is None:
+            why = ""
+            if p.device.type == "cpu":
+                try:
+                    from ..kernels import cpu
+                    why = ": " + cpu.unavailable_reason()
+                except ImportError as e:
+                    why = f": {e}"
+            return f"no fused kernel for device {p.device.type!r}{why}"
+        real = p.real.dtype if p.is_complex() else p.dtype
+        if real not in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
+            return f"dtype {p.dtype} is not supported by the fused kernel"
+        return None
+
+    def _path(self, group: dict, params: list[Tensor]) -> str:
+        if group["differentiable"]:
+            return "forloop"
+        if group["fused"] is not False and not group["foreach"]:
+            if all(self._fused_unsupported(p) is None for p in params):
+                return "fused"
+            if group["fused"]:
+                raise RuntimeError("fused=True cannot apply: "
+                                   + next(r for p in params if (r := self._fused_unsupported(p))))
+        if group["foreach"] or (group["foreach"] is None
+                                and all(p.device.type == "cuda" for p in params)):
+            return "foreach"
+        return "forloop"
+
+    def _hyper(self, group: dict, t: int) -> Hyper:
+        lr = group["lr"]
+        if isinstance(lr, Tensor):
+            lr = float(lr.detach().reshape(()))  # one sync: the paths take a Python scalar
+        alpha = float(group["alpha"])
+        return Hyper(lr=float(lr), alpha=alpha, eps=float(group["eps"]),
+                     weight_decay=float(group["weight_decay"]),
+                     momentum=float(group["momentum"]), centered=bool(group["centered"]),
+                     maximize=bool(group["maximize"]), eps_in_sqrt=bool(group["eps_in_sqrt"]),
+                     lr_in_momentum=bool(group["lr_in_momentum"]),
+                     nesterov=bool(group["nesterov"]) and group["momentum"] > 0,
+                     decoupled_weight_decay=bool(group["decoupled_weight_decay"]),
+                     c=(1.0 - alpha ** t) if group["bias_correction"] else 1.0)
+
+    def step(self, closure: Optional[Callable[[], float]] = None) -> Optional[float]:
+        """Perform one optimization step. ``closure`` re-evaluates the model and returns the
+        loss. If anything raises (a non-finite gradient with ``nonfinite="raise"``, a bad
+        option, an unsupported tensor), no parameter and no state has changed."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        differentiable = any(g["differentiable"] for g in self.param_groups)
+        with torch.set_grad_enabled(differentiable):
+            self._step()
+        return loss
+
+    def _step(self) -> None:
+        work: list[tuple[dict, list[Tensor]]] = []
+        for group in self.param_groups:
+            validate({k: group[k] for k in RULE_OPTIONS})
+            params = [p for p in group["params"] if p.grad is not None]
+            for p in params:
+                if not (p.is_floating_point() or p.is_complex()):
+                    raise RuntimeError(f"parameter {self._param_label(group, p)} has dtype "
+                                       f"{p.dtype}; RMSprop needs floating-point or complex")
+                if p.grad.is_sparse:
+                    raise RuntimeError("RMSprop does not support sparse gradients")
+                if p.grad.shape != p.shape:
+                    raise RuntimeError(f"gradient of parameter {self._param_label(group, p)} "
+                                       f"has shape {tuple(p.grad.shape)}, the parameter "
+                                       f"{tuple(p.shape)}")
+            work.append((group, params))
+        paths = [self._path(group, params) for group, params in work]
+
+        modes = {g["nonfinite"] for g, _ in work}
+        if modes != {"ignore"}:
+            checked = [(g, ps) for g, ps in work if g["nonfinite"] != "ignore"]
+            bad = self._check_finite(checked)
+            if bad is not None:
+                mode = next(g["nonfinite"] for g, ps in checked
+                            if self._check_finite([(g, ps)]) is not None)
+                if mode == "raise":
+                    raise NonFiniteGradientError(
+                        f"non-finite gradient (inf or NaN) in parameter {bad}; nothing was "
+                        "changed. Pass nonfinite='skip' to skip such steps, or 'ignore' to "
+                        "apply them as torch.optim.RMSprop does.")
+                self.skipped_steps += 1
+                if self.skipped_steps == 1:
+                    warnings.warn(f"rmsprop: skipped a step: non-finite gradient in parameter "
+                                  f"{bad} (counted in optimizer.skipped_steps)", RuntimeWarning,
+                                  stacklevel=3)
+                if self.track_stats:
+                    for gs in self._stats.get("groups", []):
+                        gs["skipped_steps"] = self.skipped_steps
+                return
+
+        before = ([[p.detach().clone() for p in ps] for _, ps in work]
+                  if self.track_stats else None)
+        for (group, params), path in zip(work, paths):
+            if params:
+                self._apply(group, params, path)
+        if self.track_stats:
+            self._record_stats(work, before)
+
+    def _apply(self, group: dict, params: list[Tensor], path: str) -> None:
+        states = [self._init_state(p, group) for p in params]
+        for st in states:
+            st["step"] += 1
+        # Tensors that share dtype, state dtype and step count go to the paths together.
+        buckets: dict[tuple, list[int]] = {}
+        for i, (p, st) in enumerate(zip(params, states)):
+            key = (p.device, p.dtype, st["square_avg"].dtype,
+                   int(st["step"].item()) if group["bias_correction"] else 0)
+            buckets.setdefault(key, []).append(i)
+        for (device, dtype, sdtype, t), idx in buckets.items():
+            h = self._hyper(group, t)
+            ps = [params[i] for i in idx]
+            sts = [states[i] for i in idx]
+            if path == "fused":
+                self._apply_fused(ps, sts, h, device)
+            else:
+                self._apply_unfused(ps, sts, h, sdtype, path)
+
+    @staticmethod
+    def _real(t: Optional[Tensor]) -> Optional[Tensor]:
+        return torch.view_as_real(t) if t is not None and t.is_complex() else t
+
+    def _apply_unfused(self, ps: list[Tensor], sts: list[dict], h: Hyper,
+                       sdtype: torch.dtype, path: str) -> None:
+        r = self._real
+        math_dtype = torch.float64 if sdtype == torch.float64 else torch.float32
+        upcast = r(ps[0]).dtype != sdtype or r(ps[0]).dtype in _HALF and sdtype not in _HALF
+        pw = [r(p) for p in ps]
+        gw = [r(p.grad) for p in ps]
+        if upcast:  # half params: compute in float32 with one rounding back to the param
+            pw = [x.to(math_dtype) for x in pw]
+            gw = [x.to(math_dtype) for x in gw]
+        vs = [r(st["square_avg"]) for st in sts]
+        ms = [r(st["grad_avg"]) for st in sts] if h.centered else None
+        bs = [r(st["momentum_buffer"]) for st in sts] if h.momentum > 0 else None
+        if path == "foreach":
+            _paths.foreach_step(pw, gw, vs, ms, bs, h)
+        else:
+            for i in range(len(pw)):
+                _paths.single_tensor_step(pw[i], gw[i], vs[i], ms[i] if ms else None,
+                                          bs[i] if bs else None, h)
+        if upcast:
+            for p, x in zip(ps, pw):
+                r(p).copy_(x)
+
+    def _apply_fused(self, ps: list[Tensor], sts: list[dict], h: Hyper,
+                     device: torch.device) -> None:
+        kernel = _fused_kernel(device.type)
+        r = self._real
+        contiguous = [i for i, p in enumerate(ps) if p.is_contiguous() and p.grad.is_contiguous()
+                      and all(v.is_contiguous() for k, v in sts[i].items() if k != "step")]
+        rest = [i for i in range(len(ps)) if i not in set(contiguous)]
+        if contiguous:
+            kernel.fused_step(
+                [r(ps[i]) for i in contiguous], [r(ps[i].grad) for i in contiguous],
+                [r(sts[i]["square_avg"]) for i in contiguous],
+                [r(sts[i]["grad_avg"]) for i in contiguous] if h.centered else None,
+                [r(sts[i]["momentum_buffer"]) for i in contiguous] if h.momentum > 0 else None,
+                lr=h.lr, alpha=h.alpha, eps=h.eps, weight_decay=h.weight_decay,
+                momentum=h.momentum, centered=h.centered, maximize=h.maximize,
+                eps_in_sqrt=h.eps_in_sqrt, lr_in_momentum=h.lr_in_momentum,
+                nesterov=h.nesterov, decoupled_weight_decay=h.decoupled_weight_decay,
+                bias_correction=h.c)
+        if rest:  # non-contiguous views: the for-loop path computes the same rule
+            sdtype = sts[rest[0]]["square_avg"].dtype
+            self._apply_unfused([ps[i] for i in rest], [sts[i] for i in rest], h,
+                                r(sts[rest[0]]["square_avg"]).dtype if sdtype.is_complex
+                                else sdtype, "forloop")
+
+    # -- health statistics --------------------------------------------------------------------
+
+    @torch.no_grad()
+    def _record_stats(self, work: list[tuple[dict, list[Tensor]]],
+                      before: list[list[Tensor]]) -> None:
+        groups_out, params_out = [], {}
+        for (group, params), olds in zip(work, before):
+            entries = []
+            for p, old in zip(params, olds):
+                st = self.state[p]
+                rp, ro, rg = (self._real(x).to(torch.float64) for x in (p.detach(), old, p.grad))
+                u = ro - rp
+                h = self._hyper(group, int(st["step"].item()))
+                v = self._real(st["square_avg"]).to(torch.float64)
+                m = self._real(st["grad_avg"]).to(torch.float64) if h.centered else None
+                s = v / h.c
+                if m is not None:
+                    s = (s - (m / h.c).square()).clamp(min=0)
+                d = (s + h.eps).sqrt() if h.eps_in_sqrt else s.sqrt() + h.eps
+                eps_dom = (h.eps > s) if h.eps_in_sqrt else (h.eps > s.sqrt())
+                entries.append((rg, u, rp, h.lr / d, eps_dom))
+                if self.track_stats == "params":
+                    name = self._param_label(group, p).strip("'")
+                    params_out[name] = self._summarize([entries[-1]], int(st["step"].item()))
+            step = max((int(self.state[p]["step"].item()) for p in params), default=0)
+            out = self._summarize(entries, step)
+            out["skipped_steps"] = self.skipped_steps
+            groups_out.append(out)
+        self._stats = {"groups": groups_out}
+        if self.track_stats == "params":
+            self._stats["params"] = params_out
+
+    @staticmethod
+    def _summarize(entries: list[tuple], step: int) -> dict[str, float]:
+        nan = float("nan")
+        if not entries or sum(e[0].numel() for e in entries) == 0:
+            return dict(step=step, grad_rms=nan, update_rms=nan, update_to_param_rms=nan,
+                        step_min=nan, step_median=nan, step_max=nan,
+                        eps_dominated_fraction=nan)
+        n = sum(e[0].numel() for e in entries)
+        rms = [math.sqrt(sum(float(e[k].square().sum()) for e in entries) / n) for k in (0, 1, 2)]
+        steps = torch.cat([e[3].reshape(-1) for e in entries])
+        if steps.numel() > 1 << 20:  # the median of a strided sample keeps this cheap
+            steps_s = steps[:: steps.numel() // (1 << 20) + 1]
+        else:
+            steps_s = steps
+        return dict(step=step, grad_rms=rms[0], update_rms=rms[1],
+                    update_to_param_rms=rms[1] / rms[2] if rms[2] > 0 else float("inf"),
+                    step_min=float(steps.min()), step_median=float(steps_s.median()),
+                    step_max=float(steps.max()),
+                    eps_dominated_fraction=float(sum(int(e[4].sum()) for e in entries)) / n)
+
+    def stats(self) -> dict[str, Any]:
+        """Health statistics of the last step (needs ``track_stats``).
+
+        Returns ``{"groups": [per-group dict], "params": {name: dict}}`` (``"params"`` only
+        with ``track_stats="params"``). Each dict holds ``step``, ``grad_rms`` (RMS of the
+        gradients), ``update_rms`` (RMS of the applied change), ``update_to_param_rms`` (its
+        ratio to the params' RMS), ``step_min``/``step_median``/``step_max`` (of the effective
+        per-element step ``lr/d``; the median is taken over a strided sample of at most 2^20
+        elements), ``eps_dominated_fraction`` (share of elements where ``eps`` is larger than
+        the ``sqrt(v)`` — or ``v`` with ``eps_in_sqrt`` — it is added to) and, per group,
+        ``skipped_steps``. Collecting them copies the params once per step (opt-in).
+        """
+        if not self.track_stats:
+            raise RuntimeError("stats() needs the optimizer built with track_stats=True")
+        return self._stats
