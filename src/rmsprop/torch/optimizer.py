@@ -163,6 +163,10 @@ class RMSprop(Optimizer):
             if p.is_sparse:
                 raise RuntimeError("RMSprop does not support sparse gradients")
 
+    def __getstate__(self) -> dict[str, Any]:
+        return {**super().__getstate__(), "track_stats": self.track_stats,
+                "skipped_steps": self.skipped_steps}
+
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         defaults = RMSprop.__init__.__kwdefaults__
@@ -427,7 +431,7 @@ class RMSprop(Optimizer):
         # Tensors that share dtype, state dtype and step count go to the paths together.
         buckets: dict[tuple, list[int]] = {}
         for i, (p, st) in enumerate(zip(params, states)):
-            key = (p.device, p.dtype, st["square_avg"].dtype,
+            key = (p.device, p.dtype, self._real(st["square_avg"]).dtype,
                    int(st["step"].item()) if group["bias_correction"] else 0)
             buckets.setdefault(key, []).append(i)
         for (device, dtype, sdtype, t), idx in buckets.items():
@@ -485,10 +489,8 @@ class RMSprop(Optimizer):
                 nesterov=h.nesterov, decoupled_weight_decay=h.decoupled_weight_decay,
                 bias_correction=h.c)
         if rest:  # non-contiguous views: the for-loop path computes the same rule
-            sdtype = sts[rest[0]]["square_avg"].dtype
             self._apply_unfused([ps[i] for i in rest], [sts[i] for i in rest], h,
-                                r(sts[rest[0]]["square_avg"]).dtype if sdtype.is_complex
-                                else sdtype, "forloop")
+                                r(sts[rest[0]]["square_avg"]).dtype, "forloop")
 
     # -- health statistics --------------------------------------------------------------------
 

@@ -1,0 +1,445 @@
+"""rmsprop.torch.RMSprop: parity with torch.optim.RMSprop and the NumPy spec, and the
+torch.optim.Optimizer contract. Oracles: torch's own optimizer, rmsprop.spec, closed forms."""
+
+import copy
+import io
+import pickle
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from rmsprop import Options, spec
+from rmsprop.torch import NonFiniteGradientError, RMSprop
+from rmsprop.torch.optimizer import _fused_kernel
+
+FUSED = _fused_kernel("cpu") is not None
+PATHS = [dict(foreach=False, fused=False), dict(foreach=True, fused=False)] + (
+    [dict(fused=True)] if FUSED else [])
+PATH_IDS = ["forloop", "foreach"] + (["fused"] if FUSED else [])
+
+# One row per option (and a few combinations): the table the parity tests run over.
+GRID = [
+    dict(),
+    dict(momentum=0.9),
+    dict(centered=True),
+    dict(weight_decay=0.1),
+    dict(maximize=True),
+    dict(eps_in_sqrt=True),
+    dict(initial_square_avg=1.0),
+    dict(momentum=0.9, lr_in_momentum=True),
+    dict(momentum=0.9, nesterov=True),
+    dict(momentum=0.9, nesterov=True, lr_in_momentum=True),
+    dict(bias_correction=True),
+    # at t=1 bias-corrected v - m^2 is 0 up to rounding: eps inside the sqrt keeps it well-posed
+    dict(bias_correction=True, centered=True, eps_in_sqrt=True, eps=1e-3),
+    dict(weight_decay=0.1, decoupled_weight_decay=True),
+    dict(centered=True, momentum=0.5, weight_decay=0.05, maximize=True, eps_in_sqrt=True),
+]
+TORCH_GRID = [c for c in GRID if set(c) <= {"momentum", "centered", "weight_decay", "maximize"}]
+
+
+def _grads(shapes, steps, dtype, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return [[torch.randn(s, generator=gen, dtype=dtype) for s in shapes] for _ in range(steps)]
+
+
+def _run(opt_cls, params, grads, sched_every=25, none_every=7, **kw):
+    opt = opt_cls(params, **kw)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=sched_every, gamma=0.5)
+    for t, gs in enumerate(grads):
+        for i, (p, g) in enumerate(zip(params, gs)):
+            p.grad = None if (t + i) % none_every == 0 and i == 1 else g.clone()
+        opt.step()
+        sched.step()
+    return opt
+
+
+SHAPES = [(4, 3), (5,), (), (2, 1, 3)]
+
+
+@pytest.mark.parametrize("path", PATHS, ids=PATH_IDS)
+@pytest.mark.parametrize("config", TORCH_GRID, ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_matches_torch_rmsprop(path, config, dtype):
+    grads = _grads(SHAPES, 110, dtype)
+    init = [torch.randn(s, dtype=dtype, generator=torch.Generator().manual_seed(1))
+            for s in SHAPES]
+    ours = [p.clone() for p in init]
+    theirs = [p.clone() for p in init]
+    _run(RMSprop, ours, grads, lr=0.01, **config, **path)
+    _run(torch.optim.RMSprop, theirs, grads, lr=0.01, **config)
+    for a, b in zip(ours, theirs):
+        if path.get("fused"):  # one pass with its own rounding: the issue allows a few ulp
+            torch.testing.assert_close(a, b, rtol=1e-12 if dtype == torch.float64 else 2e-5,
+                                       atol=1e-12 if dtype == torch.float64 else 2e-6)
+        else:  # same op sequence as torch: bit-identical
+            assert torch.equal(a, b)
+
+
+def _spec_trajectory(init, grads, lrs, config):
+    params = [p.numpy().copy() for p in init]
+    states = [None] * len(params)
+    for t, gs in enumerate(grads):
+        o = Options(lr=lrs[t], **config)
+        for i, g in enumerate(gs):
+            if (t + i) % 7 == 0 and i == 1:
+                continue
+            if states[i] is None:
+                states[i] = spec.init_state(params[i], o)
+            params[i], states[i] = spec.step(params[i], g.numpy(), states[i], o)
+    return params
+
+
+@pytest.mark.parametrize("path", PATHS, ids=PATH_IDS)
+@pytest.mark.parametrize("config", GRID, ids=str)
+def test_matches_numpy_spec_float64(path, config):
+    grads = _grads(SHAPES, 100, torch.float64, seed=3)
+    init = [torch.randn(s, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+            for s in SHAPES]
+    ours = [p.clone() for p in init]
+    _run(RMSprop, ours, grads, lr=0.01, **config, **path)
+    lrs = [0.01 * 0.5 ** (t // 25) for t in range(100)]
+    expected = _spec_trajectory(init, grads, lrs, config)
+    for a, b in zip(ours, expected):
+        np.testing.assert_allclose(a.numpy(), b, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("config", GRID, ids=str)
+def test_forloop_and_foreach_bit_identical(config):
+    grads = _grads(SHAPES, 60, torch.float32, seed=5)
+    a = [torch.ones(s) for s in SHAPES]
+    b = [torch.ones(s) for s in SHAPES]
+    oa = _run(RMSprop, a, grads, lr=0.02, foreach=False, fused=False, **config)
+    ob = _run(RMSprop, b, grads, lr=0.02, foreach=True, fused=False, **config)
+    for x, y in zip(a, b):
+        assert torch.equal(x, y)
+    for x, y in zip(a, b):
+        for key, value in oa.state[x].items():
+            assert torch.equal(value, ob.state[y][key])
+
+
+def test_first_step_closed_form():
+    g = torch.tensor([2.0, -0.5, 1e-3], dtype=torch.float64)
+    p = torch.zeros(3, dtype=torch.float64, requires_grad=True)
+    p.grad = g.clone()
+    RMSprop([p], lr=0.1, alpha=0.9, eps=1e-6).step()
+    expected = -0.1 * g / (0.9 ** 0 * (1 - 0.9) ** 0.5 * g.abs() + 1e-6)
+    torch.testing.assert_close(p.detach(), expected, rtol=1e-14, atol=0)
+
+
+def _train(opt, params, grads):
+    for gs in grads:
+        for p, g in zip(params, gs):
+            p.grad = g.clone()
+        opt.step()
+
+
+@pytest.mark.parametrize("config", TORCH_GRID, ids=str)
+def test_state_dict_both_ways_with_torch(config):
+    grads = _grads(SHAPES, 40, torch.float64, seed=7)
+    ps = [torch.zeros(s, dtype=torch.float64) for s in SHAPES]
+    ours = RMSprop(ps, lr=0.01, fused=False, **config)  # torch's op order: bit-identical
+    _train(ours, ps, grads[:20])
+    # ours -> torch: torch continues exactly where we would have.
+    qs = [p.clone() for p in ps]
+    theirs = torch.optim.RMSprop(qs, lr=0.01, **config)
+    theirs.load_state_dict(copy.deepcopy(ours.state_dict()))
+    _train(theirs, qs, grads[20:])
+    # torch -> ours
+    rs = [q.clone() for q in qs]
+    back = RMSprop(rs, lr=0.5, fused=False)  # different defaults: the loaded groups win
+    back.load_state_dict(copy.deepcopy(theirs.state_dict()))
+    _train(ours, ps, grads[20:])
+    for a, b in zip(ps, qs):
+        assert torch.equal(a, b)
+    assert back.param_groups[0]["lr"] == 0.01 and back.param_groups[0]["eps_in_sqrt"] is False
+    _train(back, rs, grads[:5])
+    _train(theirs, qs, grads[:5])
+    for a, b in zip(rs, qs):
+        assert torch.equal(a, b)
+
+
+def test_checkpoint_roundtrip_weights_only_is_exact():
+    grads = _grads(SHAPES, 60, torch.float32, seed=8)
+    ps = [torch.zeros(s) for s in SHAPES]
+    opt = RMSprop.from_preset("timm", ps, momentum=0.9)
+    _train(opt, ps, grads[:30])
+    buf = io.BytesIO()
+    torch.save(opt.state_dict(), buf)
+    buf.seek(0)
+    qs = [p.clone() for p in ps]
+    opt2 = RMSprop.from_preset("timm", qs, momentum=0.9)
+    opt2.load_state_dict(torch.load(buf, weights_only=True))
+    _train(opt, ps, grads[30:])
+    _train(opt2, qs, grads[30:])
+    for a, b in zip(ps, qs):
+        assert torch.equal(a, b)
+
+
+def _snapshot(opt, params):
+    return ([p.detach().clone() for p in params],
+            {id(p): {k: v.clone() for k, v in opt.state[p].items()} for p in params})
+
+
+def _assert_unchanged(opt, params, snap):
+    for p, q in zip(params, snap[0]):
+        assert torch.equal(p.detach(), q)
+    for p in params:
+        for k, v in snap[1][id(p)].items():
+            assert torch.equal(opt.state[p][k], v), k
+        assert set(opt.state[p]) == set(snap[1][id(p)])
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(lr=-0.1), "Invalid learning rate"), (dict(lr=float("nan")), "Invalid learning rate"),
+    (dict(alpha=1.2), "Invalid alpha"), (dict(eps=-1.0), "Invalid epsilon"),
+    (dict(momentum=1.0), "Invalid momentum"), (dict(weight_decay=-0.1), "Invalid weight_decay"),
+    (dict(nesterov=True), "Nesterov"), (dict(nonfinite="explode"), "nonfinite"),
+    (dict(state_dtype=torch.int32), "state_dtype"), (dict(lr=torch.ones(2)), "1-element"),
+])
+def test_bad_hyperparameters(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        RMSprop([torch.zeros(2)], **kwargs)
+    opt = RMSprop([torch.zeros(2)])
+    if "lr" in kwargs and isinstance(kwargs["lr"], torch.Tensor) or "nonfinite" in kwargs \
+            or "state_dtype" in kwargs:
+        return
+    with pytest.raises(ValueError, match=match):
+        opt.add_param_group({"params": [torch.zeros(3)], **kwargs})
+    assert len(opt.param_groups) == 1
+
+
+def test_unknown_preset_and_required_lr():
+    with pytest.raises(ValueError, match="Unknown preset"):
+        RMSprop.from_preset("nadam", [torch.zeros(1)])
+    for name in ("tf1", "optax", "hinton2012"):
+        with pytest.raises(ValueError, match="no default learning rate"):
+            RMSprop.from_preset(name, [torch.zeros(1)])
+
+
+def test_mismatched_state_dict_changes_nothing():
+    ps = [torch.zeros(3), torch.zeros(2, 2)]
+    opt = RMSprop(ps, momentum=0.9)
+    _train(opt, ps, _grads([(3,), (2, 2)], 3, torch.float32))
+    snap = _snapshot(opt, ps)
+    good = opt.state_dict()
+    bad_shape = copy.deepcopy(good)
+    bad_shape["state"][1]["square_avg"] = torch.zeros(4)
+    bad_groups = copy.deepcopy(good)
+    bad_groups["param_groups"].append(copy.deepcopy(bad_groups["param_groups"][0]))
+    bad_len = copy.deepcopy(good)
+    bad_len["param_groups"][0]["params"] = [0]
+    bad_dtype = copy.deepcopy(good)
+    bad_dtype["state"][0]["momentum_buffer"] = torch.zeros(3, dtype=torch.int64)
+    bad_value = copy.deepcopy(good)
+    bad_value["param_groups"][0]["alpha"] = 3.0
+    for sd, match in [(bad_shape, "shape"), (bad_groups, "parameter groups"),
+                      (bad_len, "params"), (bad_dtype, "dtype"), (bad_value, "alpha"),
+                      ({"foo": 1}, "not an optimizer state dict")]:
+        with pytest.raises(ValueError, match=match):
+            opt.load_state_dict(sd)
+        _assert_unchanged(opt, ps, snap)
+        assert opt.param_groups[0]["alpha"] == 0.99
+
+
+def test_foreign_state_dict_without_our_flags_loads():
+    p = torch.zeros(3)
+    torch_opt = torch.optim.RMSprop([p], lr=0.02)
+    p.grad = torch.ones(3)
+    torch_opt.step()
+    sd = torch_opt.state_dict()
+    for key in ("eps_in_sqrt", "nonfinite", "state_dtype"):
+        assert key not in sd["param_groups"][0]
+    opt = RMSprop([p.clone()], nesterov=False, eps_in_sqrt=True)
+    opt.load_state_dict(sd)
+    assert opt.param_groups[0]["eps_in_sqrt"] is True  # ours, from defaults
+    assert opt.param_groups[0]["nonfinite"] == "raise"
+
+
+def test_grad_none_skipped_state_untouched_and_closure():
+    a, b = torch.zeros(2, requires_grad=True), torch.zeros(2, requires_grad=True)
+    opt = RMSprop([a, b], lr=0.1)
+
+    def closure():
+        opt.zero_grad()
+        loss = (a - 1).square().sum()
+        loss.backward()
+        return loss
+
+    loss = opt.step(closure)
+    assert loss.item() == 2.0
+    assert len(opt.state[b]) == 0 and torch.equal(b, torch.zeros(2))
+    assert opt.state[a]["step"].item() == 1
+
+
+def test_tensor_lr_and_schedulers_incl_onecycle_turning_momentum_on():
+    p = torch.zeros(3, requires_grad=True)
+    opt = RMSprop([p], lr=torch.tensor(0.01))
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.1, total_steps=10)
+    assert opt.param_groups[0]["momentum"] > 0  # OneCycleLR wrote it
+    for _ in range(5):
+        p.grad = torch.ones(3)
+        opt.step()  # torch.optim.RMSprop raises KeyError('momentum_buffer') here
+        sched.step()
+    assert "momentum_buffer" in opt.state[p]
+    opt.param_groups[0]["centered"] = True
+    p.grad = torch.ones(3)
+    opt.step()
+    assert "grad_avg" in opt.state[p]
+
+
+def test_hooks_deepcopy_pickle_keep_options():
+    p = torch.zeros(2)
+    opt = RMSprop([p], lr=0.3, eps_in_sqrt=True, nonfinite="skip", track_stats=True)
+    calls = []
+    opt.register_step_pre_hook(lambda o, a, k: calls.append("pre"))
+    opt.register_step_post_hook(lambda o, a, k: calls.append("post"))
+    opt.register_state_dict_post_hook(lambda o, sd: sd.setdefault("extra", 1) and None)
+    p.grad = torch.ones(2)
+    opt.step()
+    assert calls == ["pre", "post"]
+    assert opt.state_dict()["extra"] == 1
+    for clone in (copy.deepcopy(opt), pickle.loads(pickle.dumps(opt))):
+        g = clone.param_groups[0]
+        assert g["lr"] == 0.3 and g["eps_in_sqrt"] and g["nonfinite"] == "skip"
+        assert clone.track_stats is True
+
+
+def test_complex_params_match_torch():
+    z = torch.randn(4, 2, dtype=torch.complex128, generator=torch.Generator().manual_seed(2))
+    ours, theirs = z.clone(), z.clone()
+    o = RMSprop([ours], lr=0.05, momentum=0.9, centered=True)
+    t = torch.optim.RMSprop([theirs], lr=0.05, momentum=0.9, centered=True)
+    for g in _grads([(4, 2)], 30, torch.complex128):
+        ours.grad, theirs.grad = g[0].clone(), g[0].clone()
+        o.step()
+        t.step()
+    torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-14)
+
+
+def test_sparse_gradients_refused():
+    emb = torch.nn.Embedding(5, 2, sparse=True)
+    opt = RMSprop(emb.parameters())
+    emb(torch.tensor([1, 2])).sum().backward()
+    before = emb.weight.detach().clone()
+    with pytest.raises(RuntimeError, match="sparse"):
+        opt.step()
+    assert torch.equal(emb.weight.detach(), before)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("path", PATHS, ids=PATH_IDS)
+def test_half_params_float32_state_and_math(dtype, path):
+    gen = torch.Generator().manual_seed(9)
+    p = torch.randn(64, generator=gen).to(dtype)
+    grads = [torch.randn(64, generator=gen).to(dtype) * 300 for _ in range(20)]
+    grads[3].zero_()
+    opt = RMSprop([p], lr=0.01, momentum=0.9, centered=True, **path)
+    ref, st = p.float().numpy(), None
+    o = Options(lr=0.01, momentum=0.9, centered=True)
+    for g in grads:
+        p.grad = g.clone()
+        opt.step()
+        st = st or spec.init_state(ref, o)
+        ref, st = spec.step(ref, g.float().numpy(), st, o)
+        ref = torch.from_numpy(ref).to(dtype).float().numpy()  # one rounding per step, as ours
+    assert opt.state[p]["square_avg"].dtype == torch.float32
+    assert torch.isfinite(p).all()  # torch's fp16 step overflows g^2 here and goes inf/NaN
+    np.testing.assert_allclose(p.float().numpy(), ref, rtol=1e-2, atol=1e-3)
+
+
+def test_float16_zero_gradient_no_nan():
+    p = torch.ones(8, dtype=torch.float16)
+    opt = RMSprop([p])
+    p.grad = torch.zeros(8, dtype=torch.float16)
+    opt.step()
+    assert torch.equal(p, torch.ones(8, dtype=torch.float16))
+
+
+def test_differentiable_gradcheck():
+    def f(p, g, v):
+        p = p.clone()
+        p.grad = g
+        opt = RMSprop([p], lr=0.1, momentum=0.5, centered=True, differentiable=True)
+        opt.state[p]["step"] = torch.tensor(0.0)
+        opt.state[p]["square_avg"] = v.clone()
+        opt.state[p]["grad_avg"] = torch.zeros_like(v)
+        opt.state[p]["momentum_buffer"] = torch.zeros_like(v)
+        opt.step()
+        return p
+
+    args = tuple(torch.rand(3, dtype=torch.float64, requires_grad=True) + 0.5 for _ in range(3))
+    assert torch.autograd.gradcheck(f, args)  # numerical finite differences are the oracle
+
+
+@pytest.mark.parametrize("path", PATHS, ids=PATH_IDS)
+def test_nonfinite_raise_names_param_and_changes_nothing(path):
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 1))
+    opt = RMSprop(model.named_parameters(), momentum=0.9, **path)
+    model(torch.randn(5, 3)).sum().backward()
+    opt.step()
+    params = list(model.parameters())
+    model(torch.randn(5, 3)).sum().backward()
+    params[2].grad[0, 2] = float("nan")
+    snap = _snapshot(opt, params)
+    with pytest.raises(NonFiniteGradientError, match="'1.weight'"):
+        opt.step()
+    _assert_unchanged(opt, params, snap)
+
+
+def test_nonfinite_skip_counts_and_ignore_propagates():
+    p = torch.zeros(3)
+    opt = RMSprop([p], nonfinite="skip")
+    p.grad = torch.tensor([1.0, float("inf"), 0.0])
+    with pytest.warns(RuntimeWarning, match="skipped"):
+        opt.step()
+    assert opt.skipped_steps == 1 and torch.equal(p, torch.zeros(3)) and not opt.state[p]
+    q = torch.zeros(3)
+    opt2 = RMSprop([q], nonfinite="ignore")
+    q.grad = torch.tensor([1.0, float("nan"), 0.0])
+    opt2.step()
+    assert torch.isnan(q[1]) and q[0] != 0
+
+
+def test_gradscaler_skips_inf_steps_without_tripping_raise():
+    model = torch.nn.Linear(2, 1)
+    opt = RMSprop(model.parameters())
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 16)
+    before = [p.detach().clone() for p in model.parameters()]
+    loss = model(torch.tensor([[1e36, 1e36]])).sum()  # scaled grads overflow to inf
+    scaler.scale(loss).backward()
+    scaler.step(opt)  # inf found by the scaler: step skipped, no error
+    scaler.update()
+    for p, b in zip(model.parameters(), before):
+        assert torch.equal(p.detach(), b)
+    assert scaler.get_scale() < 2.0 ** 16
+    opt.zero_grad()
+    scaler.scale(model(torch.ones(1, 2)).sum()).backward()
+    scaler.step(opt)
+    assert not torch.equal(next(model.parameters()).detach(), before[0])
+
+
+def test_stats_first_step_closed_form():
+    p = torch.ones(4, dtype=torch.float64)
+    opt = RMSprop([p], lr=0.1, alpha=0.75, eps=1e-3, track_stats=True)
+    g = torch.tensor([1.0, -2.0, 1e-6, 0.5], dtype=torch.float64)
+    p.grad = g.clone()
+    opt.step()
+    s = opt.stats()["groups"][0]
+    d = 0.5 * g.abs() + 1e-3  # sqrt(1-alpha)|g| + eps
+    u = 0.1 * g / d
+    assert s["grad_rms"] == pytest.approx(g.square().mean().sqrt().item())
+    assert s["update_rms"] == pytest.approx(u.square().mean().sqrt().item())
+    assert s["step_max"] == pytest.approx((0.1 / d).max().item())
+    assert s["step_min"] == pytest.approx((0.1 / d).min().item())
+    assert s["eps_dominated_fraction"] == 0.25  # only the 1e-6 gradient
+    assert s["skipped_steps"] == 0
+
+
+def test_fused_true_where_it_cannot_apply():
+    with pytest.raises((ValueError, RuntimeError), match="differentiable"):
+        RMSprop([torch.zeros(2)], fused=True, differentiable=True)
+    with pytest.raises(RuntimeError, match="fused"):
+        RMSprop([torch.zeros(2, dtype=torch.float64).to(torch.float8_e4m3fn)], fused=True)
