@@ -443,3 +443,28 @@ def test_fused_true_where_it_cannot_apply():
         RMSprop([torch.zeros(2)], fused=True, differentiable=True)
     with pytest.raises(RuntimeError, match="fused"):
         RMSprop([torch.zeros(2, dtype=torch.float64).to(torch.float8_e4m3fn)], fused=True)
+
+
+@pytest.mark.skipif(not FUSED, reason="fused CPU kernel unavailable")
+def test_fused_plan_follows_moved_params_and_loaded_state():
+    # The fused path caches pointer tables; moving a param's storage or loading a state dict
+    # must not leave it writing to stale memory. Oracle: the for-loop path.
+    grads = _grads([(8, 4), (16,)], 12, torch.float64, seed=11)
+    a = [torch.ones(8, 4, dtype=torch.float64), torch.ones(16, dtype=torch.float64)]
+    b = [x.clone() for x in a]
+    fa = RMSprop(a, momentum=0.9, centered=True, fused=True)
+    fb = RMSprop(b, momentum=0.9, centered=True, fused=False)
+    for t, gs in enumerate(grads):
+        if t == 4:
+            a[0].data = a[0].data.clone()  # new storage under the same Parameter
+        if t == 8:
+            sd = copy.deepcopy(fb.state_dict())
+            fa.load_state_dict(copy.deepcopy(sd))
+            fb.load_state_dict(sd)
+        for p, q, g in zip(a, b, gs):
+            p.grad, q.grad = g.clone(), g.clone()
+        fa.step()
+        fb.step()
+        for p, q in zip(a, b):
+            torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-12)
+    assert fa.state[a[0]]["step"].item() == 12 == fb.state[b[0]]["step"].item()

@@ -7,6 +7,7 @@ the choice among three paths (for-loop, foreach, fused kernel) that compute the 
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from typing import Any, Callable, Iterable, Optional
@@ -44,6 +45,25 @@ def _fused_kernel(device_type: str):
         return None
     available = getattr(kernel, "available", None)
     return kernel if available is None or available() else None
+
+
+@functools.lru_cache(maxsize=None)
+def _fused_unsupported(device_type: str, dtype: torch.dtype) -> Optional[str]:
+    """Why the fused kernel cannot update a tensor of this device and dtype (None if it can)."""
+    kernel = _fused_kernel(device_type)
+    if kernel is None:
+        why = ""
+        if device_type == "cpu":
+            try:
+                from ..kernels import cpu
+                why = ": " + cpu.unavailable_reason()
+            except ImportError as e:
+                why = f": {e}"
+        return f"no fused kernel for device {device_type!r}{why}"
+    real = {torch.complex64: torch.float32, torch.complex128: torch.float64}.get(dtype, dtype)
+    if real not in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
+        return f"dtype {dtype} is not supported by the fused kernel"
+    return None
 
 
 class RMSprop(Optimizer):
@@ -133,6 +153,8 @@ class RMSprop(Optimizer):
         self.track_stats = track_stats
         self.skipped_steps = 0
         self._stats: dict[str, Any] = {}
+        self._plans: dict[int, Any] = {}
+        self._version = 0
         super().__init__(params, defaults)
         if fused:
             for group in self.param_groups:
@@ -158,14 +180,16 @@ class RMSprop(Optimizer):
             raise ValueError("Nesterov momentum requires a momentum > 0")
         if "nonfinite" in param_group and param_group["nonfinite"] not in _NONFINITE:
             raise ValueError(f"Invalid nonfinite value: {param_group['nonfinite']!r}")
+        for p in ([param_group["params"]] if isinstance(param_group["params"], Tensor)
+                  else list(param_group["params"])):
+            if isinstance(p, Tensor) and not (p.is_floating_point() or p.is_complex()):
+                raise ValueError(f"RMSprop needs floating-point or complex params, got {p.dtype}")
         super().add_param_group(param_group)
-        for p in self.param_groups[-1]["params"]:
-            if p.is_sparse:
-                raise RuntimeError("RMSprop does not support sparse gradients")
+        self.__dict__["_version"] = self.__dict__.get("_version", 0) + 1
 
     def __getstate__(self) -> dict[str, Any]:
         return {**super().__getstate__(), "track_stats": self.track_stats,
-                "skipped_steps": self.skipped_steps}
+                "skipped_steps": self.skipped_steps}  # plans are caches: rebuilt on demand
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
@@ -184,6 +208,8 @@ class RMSprop(Optimizer):
         self.__dict__.setdefault("track_stats", False)
         self.__dict__.setdefault("skipped_steps", 0)
         self.__dict__.setdefault("_stats", {})
+        self._plans = {}
+        self._version = self.__dict__.get("_version", 0) + 1
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state dict from this class or from ``torch.optim.RMSprop`` (missing options
@@ -191,6 +217,7 @@ class RMSprop(Optimizer):
         not fit the current params (group count, sizes, state shapes, dtypes); nothing is
         changed then."""
         self._check_state_dict(state_dict)
+        self._plans = {}
         saved_state = state_dict["state"]
         super().load_state_dict(state_dict)
         # torch casts floating state to the param dtype; restore float32 state of half params.
@@ -320,30 +347,17 @@ class RMSprop(Optimizer):
 
     def _fused_unsupported(self, p: Tensor) -> Optional[str]:
         """Why the fused kernel cannot update ``p`` (``None`` if it can)."""
-        kernel = _fused_kernel(p.device.type)
-        if kernel is None:
-            why = ""
-            if p.device.type == "cpu":
-                try:
-                    from ..kernels import cpu
-                    why = ": " + cpu.unavailable_reason()
-                except ImportError as e:
-                    why = f": {e}"
-            return f"no fused kernel for device {p.device.type!r}{why}"
-        real = p.real.dtype if p.is_complex() else p.dtype
-        if real not in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
-            return f"dtype {p.dtype} is not supported by the fused kernel"
-        return None
+        return _fused_unsupported(p.device.type, p.dtype)
 
     def _path(self, group: dict, params: list[Tensor]) -> str:
         if group["differentiable"]:
             return "forloop"
         if group["fused"] is not False and not group["foreach"]:
-            if all(self._fused_unsupported(p) is None for p in params):
+            reasons = {_fused_unsupported(p.device.type, p.dtype) for p in params}
+            if reasons == {None}:
                 return "fused"
             if group["fused"]:
-                raise RuntimeError("fused=True cannot apply: "
-                                   + next(r for p in params if (r := self._fused_unsupported(p))))
+                raise RuntimeError("fused=True cannot apply: " + next(r for r in reasons if r))
         if group["foreach"] or (group["foreach"] is None
                                 and all(p.device.type == "cuda" for p in params)):
             return "foreach"
@@ -376,7 +390,61 @@ class RMSprop(Optimizer):
             self._step()
         return loss
 
+    def _fast_step(self) -> bool:
+        """The whole step through cached fused-kernel plans, or False (nothing done) when any
+        group needs the general path: a missing or non-contiguous gradient, a non-finite one
+        (the general path names it), changed options, no plan yet."""
+        jobs = []
+        for group in self.param_groups:
+            if not group["params"]:
+                continue
+            plan = self._plans.get(id(group))
+            if (plan is None or not plan.valid_for(group, self._version)
+                    or group["fused"] is False or group["foreach"] or group["differentiable"]):
+                return False
+            grads = [p.grad for p in group["params"]]
+            if any(g is None for g in grads):
+                return False
+            tables = plan.tables(grads)
+            if tables is None:
+                return False
+            jobs.append((group, plan, tables))
+        hypers = []
+        for group, plan, (_, G) in jobs:
+            validate({k: group[k] for k in RULE_OPTIONS})
+            if group["nonfinite"] != "ignore" and plan.first_nonfinite(G) >= 0:
+                return False
+            t = int(plan.steps[0]) + 1 if group["bias_correction"] else 0
+            hypers.append(self._hyper(group, t))
+        for (group, plan, (P, G)), h in zip(jobs, hypers):
+            plan.step(P, G, h)
+        return True
+
+    def _build_plans(self, work: list[tuple[dict, list[Tensor]]], paths: list[str]) -> None:
+        from ._plan import CpuPlan
+
+        for (group, params), path in zip(work, paths):
+            self._plans.pop(id(group), None)
+            if (path != "fused" or not params or len(params) != len(group["params"])
+                    or any(p.device.type != "cpu" for p in params)):
+                continue
+            states = [self.state[p] for p in params]
+            kinds = {(p.dtype, st["square_avg"].dtype) for p, st in zip(params, states)}
+            if len(kinds) != 1 or (group["bias_correction"]
+                                   and len({float(st["step"]) for st in states}) != 1):
+                continue
+            if not all(p.is_contiguous() and all(v.is_contiguous() for k, v in st.items()
+                                                  if k != "step")
+                       for p, st in zip(params, states)):
+                continue
+            self._plans[id(group)] = CpuPlan(group["params"], states,
+                                             centered=bool(group["centered"]),
+                                             momentum=group["momentum"] > 0,
+                                             version=self._version)
+
     def _step(self) -> None:
+        if self._plans and not self.track_stats and self._fast_step():
+            return
         work: list[tuple[dict, list[Tensor]]] = []
         for group in self.param_groups:
             validate({k: group[k] for k in RULE_OPTIONS})
@@ -423,6 +491,8 @@ class RMSprop(Optimizer):
                 self._apply(group, params, path)
         if self.track_stats:
             self._record_stats(work, before)
+        else:
+            self._build_plans(work, paths)
 
     def _apply(self, group: dict, params: list[Tensor], path: str) -> None:
         states = [self._init_state(p, group) for p in params]
@@ -476,7 +546,8 @@ class RMSprop(Optimizer):
         r = self._real
         contiguous = [i for i, p in enumerate(ps) if p.is_contiguous() and p.grad.is_contiguous()
                       and all(v.is_contiguous() for k, v in sts[i].items() if k != "step")]
-        rest = [i for i in range(len(ps)) if i not in set(contiguous)]
+        fast = set(contiguous)
+        rest = [i for i in range(len(ps)) if i not in fast]
         if contiguous:
             kernel.fused_step(
                 [r(ps[i]) for i in contiguous], [r(ps[i].grad) for i in contiguous],

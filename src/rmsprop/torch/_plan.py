@@ -1,0 +1,110 @@
+"""The fused CPU path's per-group plan: what can be decided once is decided once.
+
+A step over a model of a thousand small tensors is dominated by Python, not arithmetic: every
+attribute read per tensor costs ~0.1-0.3 us. The plan caches, per param group, the pointer
+tables of the params and their state (they never move), the dtype codes, and a single tensor
+holding every param's ``step`` (each ``state["step"]`` is a 0-d view into it, so the state
+dict keeps torch's layout while one ``add_`` advances them all). Per step only the gradients'
+pointers are read. A plan is rebuilt whenever something it caches could have changed (a param
+without a gradient, options that add state, ``load_state_dict``).
+"""
+
+from __future__ import annotations
+
+import array
+from typing import Any, Optional
+
+import torch
+from torch import Tensor
+
+from ..kernels import cpu as _cpu
+
+__all__ = ["CpuPlan"]
+
+
+def _ptrs(tensors: list[Tensor]) -> array.array:
+    return array.array("Q", [t.data_ptr() for t in tensors])
+
+
+class CpuPlan:
+    """Pointer tables for one group whose params share dtype and state dtype on the CPU."""
+
+    def __init__(self, params: list[Tensor], states: list[dict], *, centered: bool,
+                 momentum: bool, version: int) -> None:
+        real = [torch.view_as_real(p) if p.is_complex() else p for p in params]
+        self.version = version
+        self.params = params
+        self.centered, self.momentum = centered, momentum
+        self.n = len(params)
+        self.pdt = _cpu._dt(real[0].dtype)
+        sq = [st["square_avg"] for st in states]
+        sq_real = [torch.view_as_real(v) if v.is_complex() else v for v in sq]
+        self.sdt = _cpu._dt(sq_real[0].dtype)
+        self.complex = any(p.is_complex() for p in params)
+        self.numel = array.array("q", [p.numel() for p in real])
+        self.V = _ptrs(sq_real)
+        self.M = self._state_table(states, "grad_avg") if centered else None
+        self.B = self._state_table(states, "momentum_buffer") if momentum else None
+        self.dts = array.array("i", [self.pdt] * self.n)
+        steps = torch.stack([st["step"].reshape(()).to(torch.float32) for st in states])
+        for i, st in enumerate(states):  # views: one add_ advances every param's step
+            st["step"] = steps[i]
+        self.steps = steps
+        self.keep = (real, sq_real)  # the tables point into these
+
+    @staticmethod
+    def _state_table(states: list[dict], key: str) -> array.array:
+        ts = [st[key] for st in states]
+        return _ptrs([torch.view_as_real(t) if t.is_complex() else t for t in ts])
+
+    def valid_for(self, group: dict, version: int) -> bool:
+        return (version == self.version and group["params"] is self.params
+                and len(self.params) == self.n and (group["momentum"] > 0) == self.momentum
+                and bool(group["centered"]) == self.centered)
+
+    def tables(self, grads: list[Tensor]) -> Optional[tuple[array.array, array.array]]:
+        """Pointers of the params and gradients, read each step (``p.data = ...`` may move a
+        param), or None if a gradient is not a dense contiguous tensor (the caller then takes
+        the general path, which explains)."""
+        params = self.params
+        try:
+            if self.complex:
+                grads = [torch.view_as_real(g) if g.is_complex() else g for g in grads]
+                params = [torch.view_as_real(p) if p.is_complex() else p for p in params]
+            if not all([g.is_contiguous() for g in grads]):
+                return None
+            return _ptrs(params), _ptrs(grads)
+        except RuntimeError:  # sparse gradients have no strides or data pointer
+            return None
+
+    def first_nonfinite(self, G: array.array) -> int:
+        lib = _cpu._need()
+        return int(lib.rms_first_nonfinite(self.n, _addr(self.numel), _addr(G),
+                                           _addr(self.dts), torch.get_num_threads()))
+
+    def step(self, P: array.array, G: array.array, h: Any,
+             stats: Optional[Tensor] = None) -> None:
+        lib = _cpu._need()
+        flags = ((_cpu._FL_CENTERED if h.centered else 0)
+                 | (_cpu._FL_MOMENTUM if h.momentum > 0 else 0)
+                 | (_cpu._FL_WD_COUPLED if h.weight_decay != 0
+                    and not h.decoupled_weight_decay else 0)
+                 | (_cpu._FL_NESTEROV if h.nesterov and h.momentum > 0 else 0)
+                 | (_cpu._FL_EPS_IN_SQRT if h.eps_in_sqrt else 0)
+                 | (_cpu._FL_LR_IN_MOMENTUM if h.lr_in_momentum else 0)
+                 | (_cpu._FL_DECOUPLED if h.decoupled_weight_decay else 0)
+                 | (_cpu._FL_MAXIMIZE if h.maximize else 0))
+        hyper = array.array("d", [h.lr, h.alpha, h.eps, h.weight_decay, h.momentum, h.c, 1.0])
+        rc = lib.rms_fused_step(self.n, _addr(self.numel), _addr(P), _addr(G),
+                                _addr(self.V), _addr(self.M) if self.M is not None else None,
+                                _addr(self.B) if self.B is not None else None, self.pdt,
+                                self.sdt, _addr(hyper), flags,
+                                stats.data_ptr() if stats is not None else None,
+                                torch.get_num_threads())
+        if rc != 0:
+            raise RuntimeError(f"fused CPU step failed with code {rc}")
+        self.steps.add_(1)
+
+
+def _addr(a: array.array) -> int:
+    return a.buffer_info()[0]
