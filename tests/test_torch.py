@@ -468,3 +468,36 @@ def test_fused_plan_follows_moved_params_and_loaded_state():
         for p, q in zip(a, b):
             torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-12)
     assert fa.state[a[0]]["step"].item() == 12 == fb.state[b[0]]["step"].item()
+
+
+@pytest.mark.parametrize("path", PATHS, ids=PATH_IDS)
+def test_stats_every_step_match_numpy_reference(path):
+    # Oracle: the same quantities computed from rmsprop.spec's trajectory.
+    o = Options(lr=0.05, alpha=0.9, eps=1e-4, momentum=0.5, weight_decay=0.01)
+    gen = np.random.default_rng(0)
+    shapes = [(6, 5), (7,)]
+    params = [torch.from_numpy(gen.standard_normal(s)) for s in shapes]
+    ref = [p.numpy().copy() for p in params]
+    states = [spec.init_state(r, o) for r in ref]
+    opt = RMSprop(params, track_stats=True, **{k: getattr(o, k) for k in
+                                               ("lr", "alpha", "eps", "momentum",
+                                                "weight_decay")}, **path)
+    for _ in range(4):
+        grads = [gen.standard_normal(s) for s in shapes]
+        for p, g in zip(params, grads):
+            p.grad = torch.from_numpy(g.copy())
+        opt.step()
+        old = [r.copy() for r in ref]
+        for i in range(2):
+            ref[i], states[i] = spec.step(ref[i], grads[i], states[i], o)
+        n = sum(r.size for r in ref)
+        g_eff = np.concatenate([(g + 0.01 * x).ravel() for g, x in zip(grads, old)])
+        u = np.concatenate([(a - b).ravel() for a, b in zip(old, ref)])
+        steps = np.concatenate([(0.05 / (np.sqrt(st["square_avg"]) + 1e-4)).ravel()
+                                for st in states])
+        s = opt.stats()["groups"][0]
+        assert s["grad_rms"] == pytest.approx(np.sqrt((g_eff ** 2).sum() / n), rel=1e-9)
+        assert s["update_rms"] == pytest.approx(np.sqrt((u ** 2).sum() / n), rel=1e-6)
+        assert s["step_min"] == pytest.approx(steps.min(), rel=1e-9)
+        assert s["step_max"] == pytest.approx(steps.max(), rel=1e-9)
+        assert s["step_median"] == pytest.approx(np.median(steps), rel=0.2)

@@ -416,8 +416,12 @@ class RMSprop(Optimizer):
                 return False
             t = int(plan.steps[0]) + 1 if group["bias_correction"] else 0
             hypers.append(self._hyper(group, t))
-        for (group, plan, (P, G)), h in zip(jobs, hypers):
-            plan.step(P, G, h)
+        rows = ([torch.empty(plan.n, 6, dtype=torch.float64) for _, plan, _ in jobs]
+                if self.track_stats else [None] * len(jobs))
+        for (group, plan, (P, G)), h, r in zip(jobs, hypers, rows):
+            plan.step(P, G, h, stats=r)
+        if self.track_stats:
+            self._record_stats([(g, g["params"]) for g, _, _ in jobs], None, rows)
         return True
 
     def _build_plans(self, work: list[tuple[dict, list[Tensor]]], paths: list[str]) -> None:
@@ -443,7 +447,7 @@ class RMSprop(Optimizer):
                                              version=self._version)
 
     def _step(self) -> None:
-        if self._plans and not self.track_stats and self._fast_step():
+        if self._plans and self._fast_step():
             return
         work: list[tuple[dict, list[Tensor]]] = []
         for group in self.param_groups:
@@ -491,8 +495,7 @@ class RMSprop(Optimizer):
                 self._apply(group, params, path)
         if self.track_stats:
             self._record_stats(work, before)
-        else:
-            self._build_plans(work, paths)
+        self._build_plans(work, paths)
 
     def _apply(self, group: dict, params: list[Tensor], path: str) -> None:
         states = [self._init_state(p, group) for p in params]
@@ -567,53 +570,95 @@ class RMSprop(Optimizer):
 
     @torch.no_grad()
     def _record_stats(self, work: list[tuple[dict, list[Tensor]]],
-                      before: list[list[Tensor]]) -> None:
+                      before: Optional[list[list[Tensor]]],
+                      rows: Optional[list[Tensor]] = None) -> None:
+        """Summarize the step. ``rows[g]`` is a float64 ``[n, 6]`` tensor per group, as the fused
+        kernel fills it in its pass (sum g^2, sum u^2, sum p^2, min lr/d, max lr/d, count of
+        eps-dominated elements); without it the rows are computed here from ``before``, the
+        params as they were before the step."""
         groups_out, params_out = [], {}
-        for (group, params), olds in zip(work, before):
-            entries = []
-            for p, old in zip(params, olds):
-                st = self.state[p]
-                rp, ro, rg = (self._real(x).to(torch.float64) for x in (p.detach(), old, p.grad))
-                u = ro - rp
-                h = self._hyper(group, int(st["step"].item()))
-                v = self._real(st["square_avg"]).to(torch.float64)
-                m = self._real(st["grad_avg"]).to(torch.float64) if h.centered else None
-                s = v / h.c
-                if m is not None:
-                    s = (s - (m / h.c).square()).clamp(min=0)
-                d = (s + h.eps).sqrt() if h.eps_in_sqrt else s.sqrt() + h.eps
-                eps_dom = (h.eps > s) if h.eps_in_sqrt else (h.eps > s.sqrt())
-                entries.append((rg, u, rp, h.lr / d, eps_dom))
-                if self.track_stats == "params":
-                    name = self._param_label(group, p).strip("'")
-                    params_out[name] = self._summarize([entries[-1]], int(st["step"].item()))
-            step = max((int(self.state[p]["step"].item()) for p in params), default=0)
-            out = self._summarize(entries, step)
+        for gi, (group, params) in enumerate(work):
+            if rows is not None:
+                r = rows[gi]
+            else:
+                r = torch.stack([self._stats_row(group, p, old)
+                                 for p, old in zip(params, before[gi])]) if params else \
+                    torch.zeros(0, 6, dtype=torch.float64)
+            numels = [self._real(p).numel() for p in params]
+            samples = [self._step_sizes(group, p) for p in params]
+            steps = [int(self.state[p]["step"]) for p in params]
+            out = self._summarize(r, numels, samples, max(steps, default=0))
             out["skipped_steps"] = self.skipped_steps
             groups_out.append(out)
+            if self.track_stats == "params":
+                for i, p in enumerate(params):
+                    name = self._param_label(group, p).strip("'")
+                    params_out[name] = self._summarize(r[i:i + 1], numels[i:i + 1],
+                                                       samples[i:i + 1], steps[i])
         self._stats = {"groups": groups_out}
         if self.track_stats == "params":
             self._stats["params"] = params_out
 
+    def _denominator_of(self, group: dict, p: Tensor) -> tuple[Tensor, Tensor, Hyper]:
+        st = self.state[p]
+        h = self._hyper(group, int(st["step"]))
+        v = self._real(st["square_avg"]).to(torch.float64)
+        s = v / h.c
+        if h.centered:
+            m = self._real(st["grad_avg"]).to(torch.float64)
+            s = (s - (m / h.c).square()).clamp(min=0)
+        d = (s + h.eps).sqrt() if h.eps_in_sqrt else s.sqrt() + h.eps
+        return s, d, h
+
+    def _stats_row(self, group: dict, p: Tensor, old: Tensor) -> Tensor:
+        s, d, h = self._denominator_of(group, p)
+        new, old = self._real(p.detach()).to(torch.float64), self._real(old).to(torch.float64)
+        g = self._real(p.grad).to(torch.float64)
+        g = -g if h.maximize else g
+        if h.weight_decay and not h.decoupled_weight_decay:
+            g = g + h.weight_decay * old
+        eps_dom = (h.eps > s) if h.eps_in_sqrt else (h.eps > s.sqrt())
+        step = h.lr / d
+        empty = new.numel() == 0
+        return torch.tensor([float(g.square().sum()), float((old - new).square().sum()),
+                             float(new.square().sum()),
+                             math.inf if empty else float(step.min()),
+                             -math.inf if empty else float(step.max()),
+                             float(eps_dom.sum())], dtype=torch.float64)
+
+    def _step_sizes(self, group: dict, p: Tensor, limit: int = 4096) -> Tensor:
+        """``lr/d`` on a strided sample of at most ``limit`` elements (for the median)."""
+        st = self.state[p]
+        sub = {k: st[k] for k in ("square_avg", "grad_avg") if k in st}
+        flat = {k: self._real(v).reshape(-1) for k, v in sub.items()}
+        n = flat["square_avg"].numel()
+        stride = max(1, n // limit + (n % limit > 0))
+        h = self._hyper(group, int(st["step"]))
+        v = flat["square_avg"][::stride].to(torch.float64) / h.c
+        if h.centered:
+            m = flat["grad_avg"][::stride].to(torch.float64) / h.c
+            v = (v - m.square()).clamp(min=0)
+        d = (v + h.eps).sqrt() if h.eps_in_sqrt else v.sqrt() + h.eps
+        return h.lr / d
+
     @staticmethod
-    def _summarize(entries: list[tuple], step: int) -> dict[str, float]:
-        nan = float("nan")
-        if not entries or sum(e[0].numel() for e in entries) == 0:
+    def _summarize(rows: Tensor, numels: list[int], samples: list[Tensor],
+                   step: int) -> dict[str, float]:
+        n = sum(numels)
+        if n == 0:
+            nan = float("nan")
             return dict(step=step, grad_rms=nan, update_rms=nan, update_to_param_rms=nan,
                         step_min=nan, step_median=nan, step_max=nan,
                         eps_dominated_fraction=nan)
-        n = sum(e[0].numel() for e in entries)
-        rms = [math.sqrt(sum(float(e[k].square().sum()) for e in entries) / n) for k in (0, 1, 2)]
-        steps = torch.cat([e[3].reshape(-1) for e in entries])
-        if steps.numel() > 1 << 20:  # the median of a strided sample keeps this cheap
-            steps_s = steps[:: steps.numel() // (1 << 20) + 1]
-        else:
-            steps_s = steps
-        return dict(step=step, grad_rms=rms[0], update_rms=rms[1],
-                    update_to_param_rms=rms[1] / rms[2] if rms[2] > 0 else float("inf"),
-                    step_min=float(steps.min()), step_median=float(steps_s.median()),
-                    step_max=float(steps.max()),
-                    eps_dominated_fraction=float(sum(int(e[4].sum()) for e in entries)) / n)
+        sums = rows.sum(dim=0)
+        g2, u2, p2 = (float(x) for x in sums[:3])
+        sample = torch.cat([x.reshape(-1) for x in samples])
+        return dict(step=step, grad_rms=math.sqrt(g2 / n), update_rms=math.sqrt(u2 / n),
+                    update_to_param_rms=math.sqrt(u2 / p2) if p2 > 0 else math.inf,
+                    step_min=float(rows[:, 3].min()),
+                    step_median=float(sample.median()) if sample.numel() else math.nan,
+                    step_max=float(rows[:, 4].max()),
+                    eps_dominated_fraction=float(sums[5]) / n)
 
     def stats(self) -> dict[str, Any]:
         """Health statistics of the last step (needs ``track_stats``).
@@ -622,10 +667,11 @@ class RMSprop(Optimizer):
         with ``track_stats="params"``). Each dict holds ``step``, ``grad_rms`` (RMS of the
         gradients), ``update_rms`` (RMS of the applied change), ``update_to_param_rms`` (its
         ratio to the params' RMS), ``step_min``/``step_median``/``step_max`` (of the effective
-        per-element step ``lr/d``; the median is taken over a strided sample of at most 2^20
-        elements), ``eps_dominated_fraction`` (share of elements where ``eps`` is larger than
+        per-element step ``lr/d``; the median over a strided sample of at most 4096 elements
+        per tensor), ``eps_dominated_fraction`` (share of elements where ``eps`` is larger than
         the ``sqrt(v)`` — or ``v`` with ``eps_in_sqrt`` — it is added to) and, per group,
-        ``skipped_steps``. Collecting them copies the params once per step (opt-in).
+        ``skipped_steps``. On the fused path the sums, minimum and maximum come out of the
+        kernel's own pass; elsewhere collecting them copies the params once per step.
         """
         if not self.track_stats:
             raise RuntimeError("stats() needs the optimizer built with track_stats=True")
