@@ -31,14 +31,15 @@ class CpuPlan:
 
     def __init__(self, params: list[Tensor], states: list[dict], *, centered: bool,
                  momentum: bool, version: int) -> None:
-        real = [torch.view_as_real(p) if p.is_complex() else p for p in params]
+        self.sharded = any(hasattr(p, "to_local") for p in params)  # FSDP2 DTensors
+        real = [_real(p) for p in params]
         self.version = version
         self.params = params
         self.centered, self.momentum = centered, momentum
         self.n = len(params)
         self.pdt = _cpu._dt(real[0].dtype)
         sq = [st["square_avg"] for st in states]
-        sq_real = [torch.view_as_real(v) if v.is_complex() else v for v in sq]
+        sq_real = [_real(v) for v in sq]
         self.sdt = _cpu._dt(sq_real[0].dtype)
         self.complex = any(p.is_complex() for p in params)
         self.numel = array.array("q", [p.numel() for p in real])
@@ -55,7 +56,7 @@ class CpuPlan:
     @staticmethod
     def _state_table(states: list[dict], key: str) -> array.array:
         ts = [st[key] for st in states]
-        return _ptrs([torch.view_as_real(t) if t.is_complex() else t for t in ts])
+        return _ptrs([_real(t) for t in ts])
 
     def valid_for(self, group: dict, version: int) -> bool:
         return (version == self.version and group["params"] is self.params
@@ -68,9 +69,9 @@ class CpuPlan:
         the general path, which explains)."""
         params = self.params
         try:
-            if self.complex:
-                grads = [torch.view_as_real(g) if g.is_complex() else g for g in grads]
-                params = [torch.view_as_real(p) if p.is_complex() else p for p in params]
+            if self.complex or self.sharded:
+                grads = [_real(g) for g in grads]
+                params = [_real(p) for p in params]
             if not all([g.is_contiguous() for g in grads]):
                 return None
             return _ptrs(params), _ptrs(grads)
@@ -104,6 +105,14 @@ class CpuPlan:
         if rc != 0:
             raise RuntimeError(f"fused CPU step failed with code {rc}")
         self.steps.add_(1)
+
+
+def _real(t: Tensor) -> Tensor:
+    """The plain tensor the kernel writes: a DTensor's local shard, complex as real pairs."""
+    to_local = getattr(t, "to_local", None)
+    if to_local is not None:
+        t = to_local()
+    return torch.view_as_real(t) if t.is_complex() else t
 
 
 def _addr(a: array.array) -> int:

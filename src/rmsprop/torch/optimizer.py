@@ -47,6 +47,12 @@ def _fused_kernel(device_type: str):
     return kernel if available is None or available() else None
 
 
+def _local(t: Tensor) -> Tensor:
+    """A DTensor's local shard (raw pointers of a DTensor are not its data), else ``t``."""
+    to_local = getattr(t, "to_local", None)
+    return to_local() if to_local is not None else t
+
+
 @functools.lru_cache(maxsize=None)
 def _fused_unsupported(device_type: str, dtype: torch.dtype) -> Optional[str]:
     """Why the fused kernel cannot update a tensor of this device and dtype (None if it can)."""
@@ -287,7 +293,7 @@ class RMSprop(Optimizer):
         for group, params in work:
             if not params:
                 continue
-            grads = [p.grad for p in params]
+            grads = [_local(p.grad) for p in params]
             kernel = _fused_kernel("cpu") if all(g.device.type == "cpu" and g.is_contiguous()
                                                  and not g.is_complex() for g in grads) else None
             if kernel is not None and hasattr(kernel, "first_nonfinite"):
@@ -518,7 +524,12 @@ class RMSprop(Optimizer):
 
     @staticmethod
     def _real(t: Optional[Tensor]) -> Optional[Tensor]:
-        return torch.view_as_real(t) if t is not None and t.is_complex() else t
+        """The plain real tensor the math runs on: a DTensor's local shard (FSDP2 steps on
+        shards, never gathers), complex as (re, im) pairs."""
+        if t is None:
+            return None
+        t = _local(t)
+        return torch.view_as_real(t) if t.is_complex() else t
 
     def _apply_unfused(self, ps: list[Tensor], sts: list[dict], h: Hyper,
                        sdtype: torch.dtype, path: str) -> None:
