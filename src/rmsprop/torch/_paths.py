@@ -35,6 +35,7 @@ class Hyper:
     nesterov: bool
     decoupled_weight_decay: bool
     c: float
+    inv_scale: float = 1.0  # GradScaler's 1/scale, applied to g first (unscaling in the step)
 
 
 def _denominator(v: Tensor, m: Optional[Tensor], h: Hyper) -> Tensor:
@@ -54,6 +55,8 @@ def _denominator(v: Tensor, m: Optional[Tensor], h: Hyper) -> Tensor:
 def single_tensor_step(p: Tensor, g: Tensor, v: Tensor, m: Optional[Tensor],
                        b: Optional[Tensor], h: Hyper) -> None:
     """One step for one tensor, in place on ``p``, ``v``, ``m`` (centered), ``b`` (momentum)."""
+    if h.inv_scale != 1.0:
+        g = g * h.inv_scale
     if h.maximize:
         g = -g
     if h.weight_decay != 0:
@@ -80,6 +83,8 @@ def single_tensor_step(p: Tensor, g: Tensor, v: Tensor, m: Optional[Tensor],
 def foreach_step(ps: list[Tensor], gs: list[Tensor], vs: list[Tensor],
                  ms: Optional[list[Tensor]], bs: Optional[list[Tensor]], h: Hyper) -> None:
     """The same op sequence as :func:`single_tensor_step`, over lists with ``torch._foreach_*``."""
+    if h.inv_scale != 1.0:
+        gs = torch._foreach_mul(gs, h.inv_scale)
     if h.maximize:
         gs = torch._foreach_neg(gs)
     if h.weight_decay != 0:

@@ -95,7 +95,8 @@ class CpuPlan:
                  | (_cpu._FL_LR_IN_MOMENTUM if h.lr_in_momentum else 0)
                  | (_cpu._FL_DECOUPLED if h.decoupled_weight_decay else 0)
                  | (_cpu._FL_MAXIMIZE if h.maximize else 0))
-        hyper = array.array("d", [h.lr, h.alpha, h.eps, h.weight_decay, h.momentum, h.c, 1.0])
+        hyper = array.array("d", [h.lr, h.alpha, h.eps, h.weight_decay, h.momentum, h.c,
+                                  h.inv_scale])
         rc = lib.rms_fused_step(self.n, _addr(self.numel), _addr(P), _addr(G),
                                 _addr(self.V), _addr(self.M) if self.M is not None else None,
                                 _addr(self.B) if self.B is not None else None, self.pdt,

@@ -120,6 +120,8 @@ class RMSprop(Optimizer):
         opt = RMSprop.from_preset("keras", model.parameters())
     """
 
+    _step_supports_amp_scaling = True  # GradScaler passes grad_scale/found_inf to step()
+
     def __init__(self, params: Iterable[Any], lr: float | Tensor = 1e-2, alpha: float = 0.99,
                  eps: float = 1e-8, weight_decay: float = 0, momentum: float = 0,
                  centered: bool = False, capturable: bool = False,
@@ -381,7 +383,8 @@ class RMSprop(Optimizer):
                      lr_in_momentum=bool(group["lr_in_momentum"]),
                      nesterov=bool(group["nesterov"]) and group["momentum"] > 0,
                      decoupled_weight_decay=bool(group["decoupled_weight_decay"]),
-                     c=(1.0 - alpha ** t) if group["bias_correction"] else 1.0)
+                     c=(1.0 - alpha ** t) if group["bias_correction"] else 1.0,
+                     inv_scale=getattr(self, "_inv_scale", 1.0))
 
     def step(self, closure: Optional[Callable[[], float]] = None) -> Optional[float]:
         """Perform one optimization step. ``closure`` re-evaluates the model and returns the
@@ -391,12 +394,20 @@ class RMSprop(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        # torch.amp.GradScaler hands us its scale and inf flag (we set
+        # _step_supports_amp_scaling): an overflowed step is skipped, and the gradients are
+        # unscaled inside the step (inside the fused kernel's single pass) instead of before it.
+        found_inf = getattr(self, "found_inf", None)
+        if found_inf is not None and float(found_inf) > 0:
+            return loss
+        grad_scale = getattr(self, "grad_scale", None)
+        inv_scale = 1.0 if grad_scale is None else 1.0 / float(grad_scale)
         differentiable = any(g["differentiable"] for g in self.param_groups)
         with torch.set_grad_enabled(differentiable):
-            self._step()
+            self._step(inv_scale, scaler_checked=found_inf is not None)
         return loss
 
-    def _fast_step(self) -> bool:
+    def _fast_step(self, scaler_checked: bool) -> bool:
         """The whole step through cached fused-kernel plans, or False (nothing done) when any
         group needs the general path: a missing or non-contiguous gradient, a non-finite one
         (the general path names it), changed options, no plan yet."""
@@ -418,7 +429,8 @@ class RMSprop(Optimizer):
         hypers = []
         for group, plan, (_, G) in jobs:
             validate({k: group[k] for k in RULE_OPTIONS})
-            if group["nonfinite"] != "ignore" and plan.first_nonfinite(G) >= 0:
+            if (group["nonfinite"] != "ignore" and not scaler_checked
+                    and plan.first_nonfinite(G) >= 0):
                 return False
             t = int(plan.steps[0]) + 1 if group["bias_correction"] else 0
             hypers.append(self._hyper(group, t))
@@ -452,8 +464,9 @@ class RMSprop(Optimizer):
                                              momentum=group["momentum"] > 0,
                                              version=self._version)
 
-    def _step(self) -> None:
-        if self._plans and self._fast_step():
+    def _step(self, inv_scale: float = 1.0, scaler_checked: bool = False) -> None:
+        self._inv_scale = inv_scale
+        if self._plans and self._fast_step(scaler_checked):
             return
         work: list[tuple[dict, list[Tensor]]] = []
         for group in self.param_groups:
@@ -473,7 +486,7 @@ class RMSprop(Optimizer):
         paths = [self._path(group, params) for group, params in work]
 
         modes = {g["nonfinite"] for g, _ in work}
-        if modes != {"ignore"}:
+        if modes != {"ignore"} and not scaler_checked:
             checked = [(g, ps) for g, ps in work if g["nonfinite"] != "ignore"]
             bad = self._check_finite(checked)
             if bad is not None:
@@ -572,7 +585,7 @@ class RMSprop(Optimizer):
                 momentum=h.momentum, centered=h.centered, maximize=h.maximize,
                 eps_in_sqrt=h.eps_in_sqrt, lr_in_momentum=h.lr_in_momentum,
                 nesterov=h.nesterov, decoupled_weight_decay=h.decoupled_weight_decay,
-                bias_correction=h.c)
+                bias_correction=h.c, grad_scale=None if h.inv_scale == 1.0 else 1.0 / h.inv_scale)
         if rest:  # non-contiguous views: the for-loop path computes the same rule
             self._apply_unfused([ps[i] for i in rest], [sts[i] for i in rest], h,
                                 r(sts[rest[0]]["square_avg"]).dtype, "forloop")
@@ -624,7 +637,7 @@ class RMSprop(Optimizer):
     def _stats_row(self, group: dict, p: Tensor, old: Tensor) -> Tensor:
         s, d, h = self._denominator_of(group, p)
         new, old = self._real(p.detach()).to(torch.float64), self._real(old).to(torch.float64)
-        g = self._real(p.grad).to(torch.float64)
+        g = self._real(p.grad).to(torch.float64) * h.inv_scale
         g = -g if h.maximize else g
         if h.weight_decay and not h.decoupled_weight_decay:
             g = g + h.weight_decay * old
