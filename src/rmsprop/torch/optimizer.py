@@ -518,8 +518,7 @@ class RMSprop(Optimizer):
 
     def _apply(self, group: dict, params: list[Tensor], path: str) -> None:
         states = [self._init_state(p, group) for p in params]
-        for st in states:
-            st["step"] += 1
+        torch._foreach_add_([st["step"] for st in states], 1)
         # Tensors that share dtype, state dtype and step count go to the paths together.
         buckets: dict[tuple, list[int]] = {}
         for i, (p, st) in enumerate(zip(params, states)):
