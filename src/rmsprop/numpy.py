@@ -49,7 +49,8 @@ class RMSprop:
     @classmethod
     def from_preset(cls, name: str, params: Iterable[Any], **overrides: Any) -> "RMSprop":
         """Build with the options of ``rmsprop.PRESETS[name]``, updated by ``overrides``."""
-        return cls(params, **resolve_preset(name, overrides))
+        params = list(params)
+        return cls(params, **resolve_preset(name, overrides, params))
 
     def add_param_group(self, group: dict[str, Any]) -> None:
         group = dict(group)
@@ -89,7 +90,7 @@ class RMSprop:
         results = []
         for gi, pi, p, g in pairs:
             group = self.param_groups[gi]
-            options = Options(**{k: group[k] for k in RULE_OPTIONS})
+            options = Options.quiet(**{k: group[k] for k in RULE_OPTIONS})
             state = self.state[gi][pi]
             if state is None:
                 state = spec.init_state(p, options, state_dtype=self.state_dtype)

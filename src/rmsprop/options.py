@@ -63,6 +63,16 @@ class Options:
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    @classmethod
+    def quiet(cls, **hp: Any) -> "Options":
+        """Validate like the constructor but without the ``eps == 0`` warning: for the
+        per-step rebuild of options the user already saw warned about at construction."""
+        validate(hp, warn=False)
+        obj = object.__new__(cls)
+        for f in fields(cls):
+            object.__setattr__(obj, f.name, hp.get(f.name, f.default))
+        return obj
+
 
 RULE_OPTIONS: tuple[str, ...] = tuple(f.name for f in fields(Options))
 _FLAGS = ("centered", "maximize", "eps_in_sqrt", "lr_in_momentum", "nesterov", "bias_correction",
@@ -82,12 +92,13 @@ def _number(name: str, value: Any) -> float:
     return float(value)
 
 
-def validate(hp: Mapping[str, Any]) -> None:
+def validate(hp: Mapping[str, Any], *, warn: bool = True) -> None:
     """Raise ``ValueError`` naming the first invalid option in ``hp`` (NaN is always invalid).
 
     Only keys present in ``hp`` are checked, so a backend can validate a partial param group.
-    ``eps == 0`` is accepted with a ``RuntimeWarning``: with a zero gradient and a zero square
-    average the step is ``0/0 = NaN``.
+    ``eps == 0`` is accepted with a ``RuntimeWarning`` (unless ``warn=False``: backends warn at
+    construction, not at every step): with a zero gradient and a zero square average the step
+    is ``0/0 = NaN``.
     """
     checks = {
         "lr": (lambda x: x >= 0, "Invalid learning rate: {}"),
@@ -111,7 +122,7 @@ def validate(hp: Mapping[str, Any]) -> None:
         raise ValueError("Nesterov momentum requires a momentum > 0")
     if hp.get("bias_correction") and _number("alpha", hp.get("alpha", 0.99)) >= 1:
         raise ValueError("bias_correction requires alpha < 1 (1 - alpha^t would be 0)")
-    if "eps" in hp and _number("eps", hp["eps"]) == 0:
+    if warn and "eps" in hp and _number("eps", hp["eps"]) == 0:
         warnings.warn("eps=0: a parameter whose gradient and square average are both zero gets "
                       "a 0/0 = NaN step; use eps > 0 unless every gradient is nonzero",
                       RuntimeWarning, stacklevel=3)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 __all__ = ["Preset", "PRESETS", "resolve_preset"]
 
@@ -101,13 +101,17 @@ _PRESETS = [
 PRESETS: Mapping[str, Preset] = MappingProxyType({p.name: p for p in _PRESETS})
 
 
-def resolve_preset(name: str, overrides: Mapping[str, Any]) -> dict[str, Any]:
+def resolve_preset(name: str, overrides: Mapping[str, Any],
+                   params: Sequence[Any] = ()) -> dict[str, Any]:
     """Return the preset's options updated with ``overrides``; raise ``ValueError`` for an
-    unknown preset or a missing required ``lr``."""
+    unknown preset or a missing required ``lr`` (given either in ``overrides`` or in every
+    param-group dict of ``params``)."""
     if name not in PRESETS:
         raise ValueError(f"Unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
     preset = PRESETS[name]
-    if preset.lr_required and "lr" not in overrides:
+    every_group_has_lr = bool(params) and all(isinstance(g, dict) and "lr" in g
+                                              for g in params)
+    if preset.lr_required and "lr" not in overrides and not every_group_has_lr:
         raise ValueError(f"Preset {name!r} has no default learning rate ({preset.source}); "
                          "pass lr=...")
     return {**preset.options, **overrides}

@@ -176,7 +176,8 @@ class RMSprop(Optimizer):
         """Build the optimizer of a published variant (``rmsprop.PRESETS[name]``), with
         ``overrides`` on top. Raises ``ValueError`` for an unknown name, or when the original
         has no default learning rate and ``lr`` is not given."""
-        return cls(params, **resolve_preset(name, overrides))
+        params = list(params)
+        return cls(params, **resolve_preset(name, overrides, params))
 
     # -- torch.optim.Optimizer contract -------------------------------------------------------
 
@@ -428,7 +429,7 @@ class RMSprop(Optimizer):
             jobs.append((group, plan, tables))
         hypers = []
         for group, plan, (_, G) in jobs:
-            validate({k: group[k] for k in RULE_OPTIONS})
+            validate({k: group[k] for k in RULE_OPTIONS}, warn=False)
             if (group["nonfinite"] != "ignore" and not scaler_checked
                     and plan.first_nonfinite(G) >= 0):
                 return False
@@ -470,7 +471,7 @@ class RMSprop(Optimizer):
             return
         work: list[tuple[dict, list[Tensor]]] = []
         for group in self.param_groups:
-            validate({k: group[k] for k in RULE_OPTIONS})
+            validate({k: group[k] for k in RULE_OPTIONS}, warn=False)
             params = [p for p in group["params"] if p.grad is not None]
             for p in params:
                 if not (p.is_floating_point() or p.is_complex()):
