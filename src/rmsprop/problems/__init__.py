@@ -31,7 +31,7 @@ SUITES: dict[str, list[str]] = {
     "standard": [
         "rosenbrock", "rosenbrock-noisy", "beale", "rastrigin", "himmelblau", "saddle",
         "quadratic-100d", "logreg-cancer", "mlp-digits", "cnn-digits", "mlp-diabetes",
-        "mlp-mnist1d", "gru-adding",
+        "mlp-mnist1d", "lstm-adding",
     ],
     "extended": list(PROBLEMS),
 }
@@ -51,4 +51,5 @@ def get(name: str) -> Problem:
     try:
         return PROBLEMS[name]
     except KeyError:
-        raise ValueError(f"unknown problem {name!r}; valid problems: {', '.join(PROBLEMS)}") from None
+        valid = ", ".join(PROBLEMS)
+        raise ValueError(f"unknown problem {name!r}; valid problems: {valid}") from None

@@ -90,6 +90,10 @@ class AnalyticProblem(Problem):
         self.kind = "analytic"
         self.dim = len(self.start)
 
+    @property
+    def deterministic(self) -> bool:  # noqa: D102
+        return self.noise_std == 0
+
     def value(self, x):  # noqa: ANN001, ANN201
         """The noise-free function (torch or NumPy input)."""
         return self.fn(x)
@@ -188,7 +192,7 @@ def analytic_problems() -> list[Problem]:
         AnalyticProblem("rosenbrock", "2-D Rosenbrock from (-1.5, 2) +- 0.1: curved narrow valley",
                         fn=rosenbrock, start=(-1.5, 2.0), jitter=0.1, optima=[(1.0, 1.0)],
                         bounds=[(-2.0, 2.0), (-1.0, 3.0)], **common),
-        AnalyticProblem("rosenbrock-noisy", "2-D Rosenbrock with DeepOBS noise (sigma 1, batch 128)",
+        AnalyticProblem("rosenbrock-noisy", "2-D Rosenbrock, DeepOBS noise (sigma 1, batch 128)",
                         fn=rosenbrock, start=(-1.5, 2.0), jitter=0.0, noise_std=1.0,
                         optima=[(1.0, 1.0)], bounds=[(-2.0, 2.0), (-1.0, 3.0)],
                         target_tau=1e-2, **{**common, "batch_size": 128}),

@@ -130,6 +130,21 @@ class Problem:
     kind: str = "analytic"
     dim: int | None = None
     tags: tuple[str, ...] = field(default_factory=tuple)
+    #: importable modules the problem needs beyond torch (checked by :meth:`missing`)
+    requires: tuple[str, ...] = field(default_factory=tuple)
+
+    def missing(self) -> list[str]:
+        """The modules of :attr:`requires` that cannot be imported here (found without
+        importing them)."""
+        import importlib.util
+
+        return [m for m in self.requires if importlib.util.find_spec(m) is None]
+
+    @property
+    def deterministic(self) -> bool:
+        """True when the training loss has no noise (every step sees the exact function), so
+        per-step training losses can be read as the objective (oscillation analysis)."""
+        return False
 
     # -- to override -----------------------------------------------------------------------------
     def build(self, seed: int) -> Task:  # pragma: no cover - abstract
@@ -231,7 +246,8 @@ class Problem:
         )
 
 
-def epoch_batches(n: int, batch_size: int, generator: "torch.Generator") -> Iterator["torch.Tensor"]:
+def epoch_batches(n: int, batch_size: int,
+                  generator: "torch.Generator") -> Iterator["torch.Tensor"]:
     """Endless minibatch index tensors: a fresh permutation each epoch, the last partial batch
     dropped so every step sees ``batch_size`` examples."""
     import torch

@@ -195,6 +195,7 @@ class RMSprop(Optimizer):
                 raise ValueError(f"RMSprop needs floating-point or complex params, got {p.dtype}")
         super().add_param_group(param_group)
         self.__dict__["_version"] = self.__dict__.get("_version", 0) + 1
+        self._find_mesh()
 
     def __getstate__(self) -> dict[str, Any]:
         return {**super().__getstate__(), "track_stats": self.track_stats,
@@ -219,6 +220,7 @@ class RMSprop(Optimizer):
         self.__dict__.setdefault("_stats", {})
         self._plans = {}
         self._version = self.__dict__.get("_version", 0) + 1
+        self._find_mesh()
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state dict from this class or from ``torch.optim.RMSprop`` (missing options
@@ -467,16 +469,23 @@ class RMSprop(Optimizer):
 
     def _step(self, inv_scale: float = 1.0, scaler_checked: bool = False) -> None:
         self._inv_scale = inv_scale
-        if self._plans and self._fast_step(scaler_checked):
+        compiling = torch.compiler.is_compiling()
+        checked = scaler_checked
+        if self._mesh_groups() and not checked:
+            # Sharded params: every rank must agree (and run the same collectives) before
+            # any path is chosen, or one rank would raise while the others step.
+            found = self._find_nonfinite([(g, [p for p in g["params"] if p.grad is not None])
+                                          for g in self.param_groups])
+            if found:
+                return self._reject(*found)
+            checked = True
+        if self._plans and not compiling and self._fast_step(checked):
             return
         work: list[tuple[dict, list[Tensor]]] = []
         for group in self.param_groups:
             validate({k: group[k] for k in RULE_OPTIONS}, warn=False)
             params = [p for p in group["params"] if p.grad is not None]
             for p in params:
-                if not (p.is_floating_point() or p.is_complex()):
-                    raise RuntimeError(f"parameter {self._param_label(group, p)} has dtype "
-                                       f"{p.dtype}; RMSprop needs floating-point or complex")
                 if p.grad.is_sparse:
                     raise RuntimeError("RMSprop does not support sparse gradients")
                 if p.grad.shape != p.shape:
@@ -485,28 +494,12 @@ class RMSprop(Optimizer):
                                        f"{tuple(p.shape)}")
             work.append((group, params))
         paths = [self._path(group, params) for group, params in work]
-
-        modes = {g["nonfinite"] for g, _ in work}
-        if modes != {"ignore"} and not scaler_checked:
-            checked = [(g, ps) for g, ps in work if g["nonfinite"] != "ignore"]
-            bad = self._check_finite(checked)
-            if bad is not None:
-                mode = next(g["nonfinite"] for g, ps in checked
-                            if self._check_finite([(g, ps)]) is not None)
-                if mode == "raise":
-                    raise NonFiniteGradientError(
-                        f"non-finite gradient (inf or NaN) in parameter {bad}; nothing was "
-                        "changed. Pass nonfinite='skip' to skip such steps, or 'ignore' to "
-                        "apply them as torch.optim.RMSprop does.")
-                self.skipped_steps += 1
-                if self.skipped_steps == 1:
-                    warnings.warn(f"rmsprop: skipped a step: non-finite gradient in parameter "
-                                  f"{bad} (counted in optimizer.skipped_steps)", RuntimeWarning,
-                                  stacklevel=3)
-                if self.track_stats:
-                    for gs in self._stats.get("groups", []):
-                        gs["skipped_steps"] = self.skipped_steps
-                return
+        if compiling:  # the ctypes kernel is opaque to dynamo: foreach compiles into one graph
+            paths = ["foreach" if path == "fused" else path for path in paths]
+        if not checked:
+            found = self._find_nonfinite(work)
+            if found:
+                return self._reject(*found)
 
         before = ([[p.detach().clone() for p in ps] for _, ps in work]
                   if self.track_stats else None)
@@ -515,7 +508,62 @@ class RMSprop(Optimizer):
                 self._apply(group, params, path)
         if self.track_stats:
             self._record_stats(work, before)
-        self._build_plans(work, paths)
+        if not compiling:
+            self._build_plans(work, paths)
+
+    def _find_nonfinite(self, work: list[tuple[dict, list[Tensor]]]
+                        ) -> Optional[tuple[str, str]]:
+        """``(parameter label, nonfinite mode)`` of the first group (whose mode is not
+        "ignore") holding a non-finite gradient, agreed across ranks for sharded params."""
+        checked = [(g, ps) for g, ps in work if g["nonfinite"] != "ignore"]
+        if not checked:
+            return None
+        if torch.compiler.is_compiling():
+            # No host sync inside a graph: an async assert fails the step instead.
+            grads = [self._real(p.grad) for _, ps in checked for p in ps if p.grad.numel()]
+            if grads:
+                ok = torch.stack(torch._foreach_norm(grads, float("inf"))).isfinite().all()
+                torch._assert_async(ok, "rmsprop: non-finite gradient (inf or NaN)")
+            return None
+        labels = [self._check_finite([(g, ps)]) for g, ps in checked]
+        groups = self._mesh_groups()
+        if groups:
+            import torch.distributed as dist
+
+            flags = torch.tensor([0.0 if x is None else 1.0 for x in labels])
+            for pg in groups:
+                dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=pg)
+            labels = [x if x is not None else ("a gradient shard on another rank"
+                                               if f > 0 else None)
+                      for x, f in zip(labels, flags.tolist())]
+        for (g, _), label in zip(checked, labels):
+            if label is not None:
+                return label, g["nonfinite"]
+        return None
+
+    def _mesh_groups(self) -> list:
+        """The process groups of the device mesh of sharded (DTensor) params, if any."""
+        mesh = self.__dict__.get("_mesh")
+        return list(mesh.get_all_groups()) if mesh is not None else []
+
+    def _find_mesh(self) -> None:
+        self._mesh = next((p.device_mesh for g in self.param_groups for p in g["params"]
+                           if getattr(p, "device_mesh", None) is not None), None)
+
+    def _reject(self, label: str, mode: str) -> None:
+        if mode == "raise":
+            raise NonFiniteGradientError(
+                f"non-finite gradient (inf or NaN) in parameter {label}; nothing was "
+                "changed. Pass nonfinite='skip' to skip such steps, or 'ignore' to "
+                "apply them as torch.optim.RMSprop does.")
+        self.skipped_steps += 1
+        if self.skipped_steps == 1:
+            warnings.warn(f"rmsprop: skipped a step: non-finite gradient in parameter "
+                          f"{label} (counted in optimizer.skipped_steps)", RuntimeWarning,
+                          stacklevel=4)
+        if self.track_stats:
+            for gs in self._stats.get("groups", []):
+                gs["skipped_steps"] = self.skipped_steps
 
     def _apply(self, group: dict, params: list[Tensor], path: str) -> None:
         states = [self._init_state(p, group) for p in params]

@@ -1,0 +1,243 @@
+"""The optimizers ``rmsprop compare`` and ``rmsprop tune`` know by name, with search spaces.
+
+An :class:`OptimizerSpec` is a factory ``factory(params, **hp)``, its library defaults (the
+"one-shot" configuration of Schmidt et al. 2021) and a search space. Search-space entries are
+tuples, the first item naming the scale:
+
+- ``("log", lo, hi)``: log-uniform in ``[lo, hi]`` (learning rates);
+- ``("log1m", lo, hi)``: ``1 - value`` log-uniform, value in ``[lo, hi]`` (decay rates: RMSProp's
+  ``alpha``, Adam's ``beta2``; AlgoPerf's ``one_minus_beta1`` convention);
+- ``("uniform", lo, hi)``; ``("choice", v1, v2, ...)``.
+
+Use :func:`sample` (Latin-hypercube / random) and :func:`grid` to draw configurations.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Sequence
+
+__all__ = [
+    "OptimizerSpec", "OPTIMIZERS", "resolve", "ours_available", "sample", "grid", "to_unit",
+    "from_unit", "on_edge", "with_schedule", "SCHEDULES",
+]
+
+#: learning-rate schedules :func:`with_schedule` can attach
+SCHEDULES = ("constant", "cosine")
+
+
+@dataclass
+class OptimizerSpec:
+    """A named optimizer: ``factory(params, **hp)``, ``defaults`` and ``search_space``."""
+
+    name: str
+    factory: Callable[..., Any] = field(repr=False)
+    defaults: dict[str, float]
+    search_space: dict[str, tuple]
+    description: str = ""
+
+    def make(self, params: Sequence[Any], **hp: float) -> Any:
+        """Build the optimizer with ``defaults`` overridden by ``hp``."""
+        return self.factory(params, **{**self.defaults, **hp})
+
+
+def _ours() -> Any:
+    """Our ``rmsprop.torch.RMSprop``; ``torch.optim.RMSprop`` while ours does not import yet."""
+    try:
+        from rmsprop.torch import RMSprop  # type: ignore[attr-defined]
+
+        return RMSprop
+    except ImportError:
+        import torch
+
+        return torch.optim.RMSprop
+
+
+def ours_available() -> bool:
+    """Whether ``rmsprop`` names our own optimizer (False: the torch stand-in is used)."""
+    import torch
+
+    return _ours() is not torch.optim.RMSprop
+
+
+def _rmsprop(params: Any, **hp: Any) -> Any:
+    return _ours()(params, **hp)
+
+
+def _torch_rmsprop(params: Any, **hp: Any) -> Any:
+    import torch
+
+    return torch.optim.RMSprop(params, **hp)
+
+
+def _adam(params: Any, lr: float = 1e-3, beta1: float = 0.9, beta2: float = 0.999,
+          eps: float = 1e-8, **hp: Any) -> Any:
+    import torch
+
+    return torch.optim.Adam(params, lr=lr, betas=(beta1, beta2), eps=eps, **hp)
+
+
+def _sgd(params: Any, **hp: Any) -> Any:
+    import torch
+
+    return torch.optim.SGD(params, **hp)
+
+
+_LR_ADAPTIVE = ("log", 1e-4, 1.0)
+_ALPHA = ("log1m", 0.9, 0.9999)
+_RMS_DEFAULTS = {"lr": 1e-2, "alpha": 0.99, "eps": 1e-8}
+
+OPTIMIZERS: dict[str, OptimizerSpec] = {
+    s.name: s
+    for s in [
+        OptimizerSpec("rmsprop", _rmsprop, dict(_RMS_DEFAULTS),
+                      {"lr": _LR_ADAPTIVE, "alpha": _ALPHA},
+                      "rmsprop.torch.RMSprop, PyTorch defaults"),
+        OptimizerSpec("rmsprop-centered", _rmsprop, {**_RMS_DEFAULTS, "centered": True},
+                      {"lr": _LR_ADAPTIVE, "alpha": _ALPHA},
+                      "rmsprop.torch.RMSprop(centered=True) (Graves 2013)"),
+        OptimizerSpec("rmsprop-momentum", _rmsprop, {**_RMS_DEFAULTS, "momentum": 0.9},
+                      {"lr": _LR_ADAPTIVE, "alpha": _ALPHA},
+                      "rmsprop.torch.RMSprop(momentum=0.9)"),
+        OptimizerSpec("torch-rmsprop", _torch_rmsprop, dict(_RMS_DEFAULTS),
+                      {"lr": _LR_ADAPTIVE, "alpha": _ALPHA},
+                      "torch.optim.RMSprop (cross-check: must coincide with rmsprop)"),
+        OptimizerSpec("adam", _adam, {"lr": 1e-3, "beta1": 0.9, "beta2": 0.999, "eps": 1e-8},
+                      {"lr": _LR_ADAPTIVE, "beta2": _ALPHA}, "torch.optim.Adam"),
+        OptimizerSpec("sgd", _sgd, {"lr": 1e-3}, {"lr": ("log", 1e-4, 10.0)},
+                      "torch.optim.SGD, no momentum"),
+        OptimizerSpec("sgd-momentum", _sgd, {"lr": 1e-3, "momentum": 0.9},
+                      {"lr": ("log", 1e-4, 1.0)}, "torch.optim.SGD(momentum=0.9)"),
+    ]
+}
+
+
+def resolve(name_or_path: str) -> OptimizerSpec:
+    """A registered name, or ``"pkg.module:Class"`` naming any ``torch.optim.Optimizer``.
+
+    For an import path the defaults are the class's float keyword defaults (``lr`` = 1e-3 when it
+    has none) and the search space is the learning rate, log-uniform in [1e-4, 1].
+    Raises ``ValueError`` with the valid names when it cannot resolve.
+    """
+    if name_or_path in OPTIMIZERS:
+        return OPTIMIZERS[name_or_path]
+    if ":" not in name_or_path:
+        raise ValueError(f"unknown optimizer {name_or_path!r}; valid optimizers: "
+                         f"{', '.join(OPTIMIZERS)}, or an import path 'pkg.module:Class'")
+    mod_name, _, attr = name_or_path.partition(":")
+    try:
+        obj: Any = importlib.import_module(mod_name)
+        for part in attr.split("."):
+            obj = getattr(obj, part)
+    except (ImportError, AttributeError, ValueError) as e:
+        raise ValueError(f"cannot import optimizer {name_or_path!r}: {e}") from None
+    import torch
+
+    if not (inspect.isclass(obj) and issubclass(obj, torch.optim.Optimizer)):
+        raise ValueError(f"{name_or_path!r} is not a torch.optim.Optimizer subclass")
+    defaults: dict[str, float] = {}
+    for pname, prm in inspect.signature(obj).parameters.items():
+        d = prm.default
+        if isinstance(d, float) and not isinstance(d, bool):
+            defaults[pname] = d
+    defaults.setdefault("lr", 1e-3)
+    return OptimizerSpec(name_or_path, obj, defaults, {"lr": _LR_ADAPTIVE}, f"{obj.__module__}."
+                         f"{obj.__qualname__}")
+
+
+# -- search-space helpers ------------------------------------------------------------------------
+
+def from_unit(entry: tuple, u: float) -> Any:
+    """Map ``u`` in [0, 1] to a value of the search-space ``entry`` (monotone, increasing)."""
+    kind = entry[0]
+    if kind == "log":
+        lo, hi = math.log(entry[1]), math.log(entry[2])
+        return math.exp(lo + u * (hi - lo))
+    if kind == "log1m":
+        # u=0 -> lo, u=1 -> hi, with 1-value log-uniform
+        a, b = math.log(1 - entry[1]), math.log(1 - entry[2])
+        return 1 - math.exp(a + u * (b - a))
+    if kind == "uniform":
+        return entry[1] + u * (entry[2] - entry[1])
+    if kind == "choice":
+        opts = entry[1:]
+        return opts[min(int(u * len(opts)), len(opts) - 1)]
+    raise ValueError(f"unknown search-space scale {kind!r} in {entry!r}")
+
+
+def to_unit(entry: tuple, value: float) -> float:
+    """Inverse of :func:`from_unit` for continuous scales (position of ``value`` in [0, 1])."""
+    kind = entry[0]
+    if kind == "log":
+        return (math.log(value) - math.log(entry[1])) / (math.log(entry[2]) - math.log(entry[1]))
+    if kind == "log1m":
+        a, b = math.log(1 - entry[1]), math.log(1 - entry[2])
+        return (math.log(1 - value) - a) / (b - a)
+    if kind == "uniform":
+        return (value - entry[1]) / (entry[2] - entry[1])
+    raise ValueError(f"to_unit needs a continuous scale, got {entry!r}")
+
+
+def sample(space: Mapping[str, tuple], n: int, seed: int = 0, method: str = "lhs") -> list[dict]:
+    """``n`` configurations from ``space``: Latin hypercube (``lhs``, each dimension stratified
+    into ``n`` equal bins, so small budgets still cover every scale) or i.i.d. ``random``."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    keys = list(space)
+    if method == "lhs":
+        u = np.stack([(rng.permutation(n) + rng.random(n)) / n for _ in keys], axis=1)
+    elif method == "random":
+        u = rng.random((n, len(keys)))
+    else:
+        raise ValueError(f"unknown sampling method {method!r}; use 'lhs' or 'random'")
+    return [{k: from_unit(space[k], float(u[i, j])) for j, k in enumerate(keys)} for i in range(n)]
+
+
+def grid(entry: tuple, n: int) -> list[float]:
+    """``n`` evenly spaced values (on the entry's scale) from ``lo`` to ``hi`` inclusive."""
+    if n == 1:
+        return [from_unit(entry, 0.5)]
+    return [from_unit(entry, i / (n - 1)) for i in range(n)]
+
+
+def on_edge(entry: tuple, value: float, n_trials: int) -> str | None:
+    """``"low"``/``"high"`` when ``value`` lies in the outermost ``min(1/n_trials, 0.1)`` of the
+    range, on the entry's scale (the best lr at the edge of its range: Wilson et al. 2017 would
+    extend it), else ``None``."""
+    u = to_unit(entry, value)
+    w = min(1.0 / max(n_trials, 1), 0.1)
+    if u <= w:
+        return "low"
+    if u >= 1 - w:
+        return "high"
+    return None
+
+
+def with_schedule(make: Callable[[Any], Any], schedule: str | None,
+                  total_steps: int) -> Callable[[Any], Any]:
+    """Wrap an optimizer factory so that its learning rate follows ``schedule``.
+
+    ``"constant"`` (or ``None``) returns ``make`` unchanged; ``"cosine"`` anneals every group's
+    lr from its initial value to 0 over ``total_steps`` (``torch.optim.lr_scheduler.
+    CosineAnnealingLR``, stepped by a step post-hook, so the training loop needs no change).
+    """
+    if schedule in (None, "constant"):
+        return make
+    if schedule != "cosine":
+        raise ValueError(f"unknown schedule {schedule!r}; valid schedules: "
+                         f"{', '.join(SCHEDULES)}")
+
+    def factory(params: Any) -> Any:
+        import torch
+
+        opt = make(params)
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(int(total_steps), 1))
+        opt.register_step_post_hook(lambda *_: sched.step())
+        opt.lr_scheduler = sched  # keeps it alive and inspectable
+        return opt
+
+    return factory
