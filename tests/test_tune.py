@@ -237,6 +237,14 @@ def test_random_sampler_reproducible_from_seed(toy, capsys):
     for p in runs["a"] + runs["c"]:
         assert 1e-4 <= p["lr"] <= 1.0 and 1e-4 <= p["one_minus_alpha"] <= 0.1
     assert len({p["lr"] for p in runs["a"]}) == 6
+    # `rmsprop compare --search random` tunes with exactly these points (tuning.suggest).
+    import importlib
+
+    from rmsprop.tuning import suggest
+    spec = importlib.import_module("tune_toy_mod").SPEC
+    got = suggest(spec, 6, sampler="random", seed=3)
+    assert [(g["lr"], round(1 - g["alpha"], 12)) for g in got] == \
+        [(p["lr"], round(p["one_minus_alpha"], 12)) for p in runs["a"]]
 
 
 def test_sobol_sampler_covers_the_space(toy, capsys):

@@ -642,6 +642,18 @@ class _DeterministicSampler:
         return Sampler()
 
 
+def suggest(spec: Any, n: int, *, sampler: str = "random", seed: int = 0) -> list[dict[str, float]]:
+    """The first ``n`` configurations (in the optimizer's units) that ``rmsprop tune
+    --sampler SAMPLER --seed SEED`` tries for this optimizer: the same search space and the
+    same deterministic random or Sobol sequence. ``rmsprop compare`` tunes with these."""
+    if sampler not in ("random", "sobol"):
+        raise TuneError(f"suggest: sampler must be 'random' or 'sobol', got {sampler!r}")
+    space = build_space(spec)
+    draw = _DeterministicSampler(sampler, seed, space)
+    return [{p.name: p.value(p.from_unit(u)) for p, u in zip(space, draw.unit_point(i))}
+            for i in range(n)]
+
+
 def make_sampler(cfg: TuneConfig) -> Any:
     import optuna
 

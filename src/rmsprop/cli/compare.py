@@ -61,10 +61,11 @@ def register(subparsers: Any) -> None:
     p.add_argument("--trials", type=int, default=None,
                    help="tuning trials per optimizer and problem (default: quick 8, standard 10, "
                         "extended 25; 0 = defaults only)")
-    p.add_argument("--search", default="lhs", choices=["lhs", "random", "grid"],
+    p.add_argument("--search", default="lhs", choices=["lhs", "random", "sobol", "grid"],
                    help="tuning sampler: Latin hypercube over the whole search space (default), "
-                        "i.i.d. random, or a log grid over the learning rate only; with lhs and "
-                        "random, trial 0 is the library defaults")
+                        "the random or Sobol sequence of `rmsprop tune` (same space, same "
+                        "points), or a log grid over the learning rate only; except with grid, "
+                        "trial 0 is the library defaults")
     p.add_argument("--schedule", default=None, choices=["constant", "cosine"],
                    help="learning-rate schedule (default: constant; cosine for --suite extended)")
     p.add_argument("--steps", type=int, default=None,
@@ -342,6 +343,10 @@ def tuning_configs(spec: Any, trials: int, search: str) -> list[dict[str, Any]]:
     # trial 0 is the library default (as Optuna's enqueue_trial): tuning then never ends worse
     # than the defaults on the tuning seed, whatever the sampler draws
     first = {k: spec.defaults[k] for k in spec.search_space if k in spec.defaults}
+    if search in ("random", "sobol"):
+        from rmsprop.tuning import suggest
+
+        return [first] + suggest(spec, trials - 1, sampler=search, seed=0)
     return [first] + sample(spec.search_space, trials - 1, seed=0, method=search)
 
 
