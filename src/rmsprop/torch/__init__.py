@@ -7,11 +7,13 @@ from typing import Any
 
 from .optimizer import NonFiniteGradientError, RMSprop
 
-__all__ = ["RMSprop", "NonFiniteGradientError", "save_checkpoint", "load_checkpoint"]
+__all__ = ["RMSprop", "NonFiniteGradientError", "save_checkpoint", "load_checkpoint",
+           "read_checkpoint_header", "CheckpointError"]
 
 
 def __getattr__(name: str) -> Any:
-    if name in ("save_checkpoint", "load_checkpoint"):
+    if name in ("save_checkpoint", "load_checkpoint", "read_checkpoint_header",
+                "CheckpointError"):
         from . import checkpoint
 
         return getattr(checkpoint, name)

@@ -104,7 +104,12 @@ def _where(group: int, index: int, name: str | None) -> str:
 def _check_fits(saved: Mapping[str, Any], live: Mapping[str, Any]) -> None:
     """Raise CheckpointError naming the first few differences between two descriptions."""
     problems: list[str] = []
-    if saved["optimizer_class"] != live["optimizer_class"]:
+    # Compared by package and class name: a class that moves between the modules of its
+    # package still reads its checkpoints.
+    def ident(name: str) -> tuple[str, str]:
+        return name.partition(".")[0], name.rpartition(".")[2]
+
+    if ident(saved["optimizer_class"]) != ident(live["optimizer_class"]):
         problems.append(f"optimizer class: checkpoint has {saved['optimizer_class']}, "
                         f"live optimizer is {live['optimizer_class']}")
     s_model, l_model = saved["model"], live["model"]

@@ -594,26 +594,35 @@ class RMSprop(Optimizer):
 
     def _apply_unfused(self, ps: list[Tensor], sts: list[dict], h: Hyper,
                        sdtype: torch.dtype, path: str) -> None:
+        """The for-loop or foreach path. The math runs in the spec's dtype (float64 for float64
+        params, float32 otherwise): params, gradients and state in another dtype are
+        computed on as float copies and rounded back once."""
         r = self._real
-        math_dtype = torch.float64 if sdtype == torch.float64 else torch.float32
-        upcast = r(ps[0]).dtype != sdtype or r(ps[0]).dtype in _HALF and sdtype not in _HALF
-        pw = [r(p) for p in ps]
-        gw = [r(p.grad) for p in ps]
-        if upcast:  # half params: compute in float32 with one rounding back to the param
-            pw = [x.to(math_dtype) for x in pw]
-            gw = [x.to(math_dtype) for x in gw]
-        vs = [r(st["square_avg"]) for st in sts]
-        ms = [r(st["grad_avg"]) for st in sts] if h.centered else None
-        bs = [r(st["momentum_buffer"]) for st in sts] if h.momentum > 0 else None
+        pdtype = r(ps[0]).dtype
+        math_dtype = torch.float64 if pdtype == torch.float64 else torch.float32
+
+        def up(ts: Optional[list[Tensor]]) -> Optional[list[Tensor]]:
+            if ts is None or ts[0].dtype == math_dtype:
+                return ts
+            return [t.to(math_dtype) for t in ts]
+
+        params = [r(p) for p in ps]
+        states = {key: [r(st[key]) for st in sts] for key, on in
+                  (("square_avg", True), ("grad_avg", h.centered),
+                   ("momentum_buffer", h.momentum > 0)) if on}
+        pw, gw = up(params), up([r(p.grad) for p in ps])
+        sw = {key: up(ts) for key, ts in states.items()}
+        vs, ms, bs = sw["square_avg"], sw.get("grad_avg"), sw.get("momentum_buffer")
         if path == "foreach":
             _paths.foreach_step(pw, gw, vs, ms, bs, h)
         else:
             for i in range(len(pw)):
                 _paths.single_tensor_step(pw[i], gw[i], vs[i], ms[i] if ms else None,
                                           bs[i] if bs else None, h)
-        if upcast:
-            for p, x in zip(ps, pw):
-                r(p).copy_(x)
+        for originals, work in [(params, pw)] + [(states[k], sw[k]) for k in states]:
+            if work is not originals:
+                for t, w in zip(originals, work):
+                    t.copy_(w)
 
     def _apply_fused(self, ps: list[Tensor], sts: list[dict], h: Hyper,
                      device: torch.device) -> None:
