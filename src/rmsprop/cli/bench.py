@@ -1,0 +1,606 @@
+"""``rmsprop bench``: CPU step time of the fused RMSProp step against torch, and the floor.
+
+Protocol (issue 7; research notes perf-baseline.md "Method"): every candidate of a row steps
+its own optimizer over the same parameters and gradients. Candidates are timed interleaved,
+in round-robin blocks (one warm-up call, then ``k`` timed calls each) for ``--repeats`` rounds,
+and the median call is reported. Each row also times, in the same rounds, the bandwidth floor:
+a plain threaded, vectorised C loop that reads and writes exactly the arrays of our fused step
+in place (read p, g, v[, m, b]; write p, v[, m, b]) with trivial arithmetic. Columns:
+
+* ``rmsprop fused`` is the default step, which first scans the gradients for inf/NaN (so a
+  bad gradient changes nothing); ``rmsprop fused unchecked`` is ``nonfinite="ignore"``;
+* ``ms``: median step time; ``GB/s``: bytes the update must move (2x params + grads + 2x
+  state, in their own dtypes) / time; ``%floor``: that rate over the floor's rate;
+  ``x foreach``: torch ``RMSprop(foreach=True)``'s time over this one (speed-up);
+* ``extra MB``: peak memory a step allocates beyond what exists before it: torch's CPU
+  allocator (profiler allocation events, ``total_allocated`` peak) plus Python objects
+  (``tracemalloc``); the C kernel's own allocation is one int64 per tensor.
+
+Beside the floor, each row prints STREAM-style copy (8 B/element) and triad (12 B/element)
+bandwidth over float32 arrays with the row's element count. ``torch.compile`` rows report the
+first call (trace + compile) separately; compiling 1000 tensors takes minutes (research notes:
+45-176 s), so rows of more than 200 tensors skip it unless ``--compile-all``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from typing import Any, Callable
+
+from . import CLIError
+
+#: row name -> (kind, size or None, dtype, options)
+ROW_KINDS = ("single", "model", "tiny", "momentum", "centered", "bf16", "fp16")
+DEFAULT_SIZES = ("1M", "10M", "50M")
+DEFAULT_MODEL_SIZES = ("10M", "50M")
+CANDIDATES = ("rmsprop fused", "rmsprop fused unchecked", "rmsprop foreach",
+              "torch foreach=True", "torch foreach=False",
+              "torch.compile", "torch Adam fused", "floor")
+BASELINE = "torch foreach=True"
+LR = 1e-3
+
+
+def register(subparsers: Any) -> None:
+    """Add the ``bench`` parser."""
+    p = subparsers.add_parser(
+        "bench", help="CPU speed of the fused RMSProp step vs torch, against the bandwidth floor",
+        description=(__doc__ or "").split("\n\n")[0] + " Prints, per row, the median step time, "
+        "effective GB/s, the fraction of the memory-bandwidth floor measured in the same run, "
+        "the speed-up over torch.optim.RMSprop(foreach=True) and the peak extra memory.")
+    p.add_argument("--rows", default=None, metavar="NAME[,NAME]",
+                   help="rows to run, names or shell patterns (default: all); see --list")
+    p.add_argument("--sizes", default=None, metavar="N[,N]",
+                   help="sizes of the single-tensor and model-like rows, e.g. 1M,10M,50M "
+                        "(default: single 1M,10M,50M; model 10M,50M)")
+    p.add_argument("--variant-size", default="10M", metavar="N",
+                   help="size of the momentum, centered, bf16 and fp16 rows (default 10M)")
+    p.add_argument("--tiny", default="1000x64", metavar="COUNTxNUMEL",
+                   help="the per-tensor-overhead row (default 1000x64)")
+    p.add_argument("--candidates", default=None, metavar="NAME[,NAME]",
+                   help="subset of: " + ", ".join(CANDIDATES) + " (floor and "
+                   f"'{BASELINE}' are always timed)")
+    p.add_argument("--repeats", type=int, default=5, help="interleaved rounds (default 5)")
+    p.add_argument("--calls", type=int, default=None,
+                   help="timed calls per block (default: about 0.15 s worth, 3..30)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch.set_num_threads (default: torch's default)")
+    p.add_argument("--json", default=None, metavar="FILE", help="write all rows as JSON")
+    p.add_argument("--quick", action="store_true",
+                   help="smoke test: small sizes, 2 rounds, no torch.compile")
+    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile column")
+    p.add_argument("--compile-all", action="store_true",
+                   help="also compile rows of more than 200 tensors (minutes each)")
+    p.add_argument("--no-first-step", action="store_true",
+                   help="skip timing the first fused step in a fresh process")
+    p.add_argument("--list", action="store_true", help="list the rows and exit")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=run)
+
+
+# ----------------------------------------------------------------------------------------
+# rows
+# ----------------------------------------------------------------------------------------
+
+def parse_size(text: str) -> int:
+    """'10M' -> 10_000_000, '100K' -> 100_000, '2500' -> 2500."""
+    t = text.strip().upper().replace("_", "")
+    mult = {"K": 10 ** 3, "M": 10 ** 6, "G": 10 ** 9}.get(t[-1:], 1)
+    num = t[:-1] if t[-1:] in "KMG" else t
+    try:
+        value = float(num) * mult
+    except ValueError:
+        raise CLIError(f"bench: bad size {text!r} (use e.g. 1M, 250K, 4096)") from None
+    if value < 1 or value != int(value):
+        raise CLIError(f"bench: bad size {text!r} (a positive whole number of elements)")
+    return int(value)
+
+
+def fmt_size(n: int) -> str:
+    for unit, m in (("G", 10 ** 9), ("M", 10 ** 6), ("K", 10 ** 3)):
+        if n >= m and n % (m // 10) == 0:
+            v = n / m
+            return f"{v:g}{unit}"
+    return str(n)
+
+
+def model_shapes(total: int) -> list[tuple[int, ...]]:
+    """About 150 tensors shaped like a 9-block transformer (attention and MLP matrices with
+    their biases, two layer norms per block, an embedding and a final norm), scaled so the
+    element count is close to ``total``."""
+    d = max(4, int(round(math.sqrt(total / 112))))
+    shapes: list[tuple[int, ...]] = [(4 * d, d)]
+    for _ in range(9):
+        for _ in range(4):
+            shapes += [(d, d), (d,)]
+        shapes += [(4 * d, d), (4 * d,), (d, 4 * d), (d,), (d,), (d,), (d,), (d,)]
+    shapes += [(d,), (d,)]
+    # top up the embedding so the total is exact
+    have = sum(math.prod(s) for s in shapes)
+    rows = max(1, 4 * d + (total - have) // d)
+    shapes[0] = (rows, d)
+    return shapes
+
+
+def build_rows(args: argparse.Namespace) -> list[dict]:
+    quick = args.quick
+    if args.sizes:
+        singles = models = [parse_size(s) for s in args.sizes.split(",") if s.strip()]
+    elif quick:
+        singles, models = [20_000], [50_000]
+    else:
+        singles = [parse_size(s) for s in DEFAULT_SIZES]
+        models = [parse_size(s) for s in DEFAULT_MODEL_SIZES]
+    vsize = 20_000 if quick and args.variant_size == "10M" else parse_size(args.variant_size)
+    tiny = args.tiny if not (quick and args.tiny == "1000x64") else "50x64"
+    try:
+        count, numel = (int(x) for x in tiny.lower().split("x"))
+        if count < 1 or numel < 1:
+            raise ValueError
+    except ValueError:
+        raise CLIError(f"bench: bad --tiny {tiny!r} (use COUNTxNUMEL, e.g. 1000x64)") from None
+    rows = []
+    for n in singles:
+        rows.append(dict(name=fmt_size(n), shapes=[(n,)], dtype="float32", opts={}))
+    for n in models:
+        shapes = model_shapes(n)
+        rows.append(dict(name=f"model{fmt_size(n)}", shapes=shapes, dtype="float32", opts={}))
+    rows.append(dict(name=f"tiny{count}x{numel}", shapes=[(numel,)] * count, dtype="float32",
+                     opts={}))
+    vs = fmt_size(vsize)
+    rows.append(dict(name=f"momentum{vs}", shapes=[(vsize,)], dtype="float32",
+                     opts={"momentum": 0.9}))
+    rows.append(dict(name=f"centered{vs}", shapes=[(vsize,)], dtype="float32",
+                     opts={"centered": True}))
+    rows.append(dict(name=f"bf16-{vs}", shapes=[(vsize,)], dtype="bfloat16", opts={}))
+    rows.append(dict(name=f"fp16-{vs}", shapes=[(vsize,)], dtype="float16", opts={}))
+    if args.rows:
+        pats = [r.strip() for r in args.rows.split(",") if r.strip()]
+        bad = [p for p in pats if not any(fnmatch.fnmatch(r["name"], p) for r in rows)]
+        if bad:
+            raise CLIError(f"bench: no row matches {', '.join(bad)} (rows: "
+                           f"{', '.join(r['name'] for r in rows)})")
+        rows = [r for r in rows if any(fnmatch.fnmatch(r["name"], p) for p in pats)]
+    return rows
+
+
+# ----------------------------------------------------------------------------------------
+# candidates
+# ----------------------------------------------------------------------------------------
+
+def _state_bytes(opt: Any) -> int:
+    total = 0
+    for st in opt.state.values():
+        for k, v in st.items():
+            if k != "step" and hasattr(v, "nbytes"):
+                total += v.nbytes
+    return total
+
+
+def make_candidates(names: list[str], params: list, opts: dict, compile_ok: bool,
+                    compile_note: str, log: Callable[[str], None]) -> dict[str, dict]:
+    """name -> {step, bytes, first_call_s, note, opt}. Each optimizer gets its own state; all
+    share ``params`` (and their ``.grad``)."""
+    import torch
+
+    out: dict[str, dict] = {}
+    pbytes = sum(p.nbytes for p in params)
+
+    def add(name: str, opt: Any, step: Callable[[], Any] | None = None, note: str = "") -> None:
+        step = step or opt.step
+        t0 = time.perf_counter()
+        step()
+        first = time.perf_counter() - t0
+        out[name] = dict(step=step, bytes=3 * pbytes + 2 * _state_bytes(opt), first_call_s=first,
+                         note=note, opt=opt)
+
+    try:
+        from ..torch import RMSprop as Ours
+    except ImportError as e:  # the optimizer is optional for the bench
+        Ours = None
+        log(f"rmsprop.torch unavailable ({e}); 'rmsprop fused' calls the kernel directly")
+    for name in names:
+        try:
+            if name == "rmsprop fused":
+                if Ours is not None:
+                    add(name, Ours(params, lr=LR, fused=True, **opts))
+                else:
+                    add(name, *_direct_kernel(params, opts))
+            elif name == "rmsprop fused unchecked" and Ours is not None:
+                # no non-finite gradient pre-check: that pass reads the gradients once more
+                add(name, Ours(params, lr=LR, fused=True, nonfinite="ignore", **opts))
+            elif name == "rmsprop foreach" and Ours is not None:
+                add(name, Ours(params, lr=LR, fused=False, foreach=True, **opts))
+            elif name == "torch foreach=True":
+                add(name, torch.optim.RMSprop(params, lr=LR, foreach=True, **opts))
+            elif name == "torch foreach=False":
+                add(name, torch.optim.RMSprop(params, lr=LR, foreach=False, **opts))
+            elif name == "torch.compile":
+                if not compile_ok:
+                    out[name] = dict(skip=compile_note)
+                    continue
+                # a fresh dynamo state per row: each row's new optimizer recompiles the same
+                # code object, and past the recompile limit dynamo silently runs it eagerly
+                torch._dynamo.reset()
+                opt = torch.optim.RMSprop(params, lr=LR, foreach=True, **opts)
+                compiled = torch.compile(opt.step)
+                add(name, opt, compiled)
+                t0 = time.perf_counter()
+                compiled()  # a second call may still recompile (guards on step count)
+                out[name]["second_call_s"] = time.perf_counter() - t0
+            elif name == "torch Adam fused":
+                add(name, torch.optim.Adam(params, lr=LR, fused=True))
+        except Exception as e:  # report, keep benchmarking the others
+            out[name] = dict(skip=f"failed: {type(e).__name__}: {str(e).splitlines()[0][:120]}")
+    return out
+
+
+def _direct_kernel(params: list, opts: dict) -> tuple[Any, Callable[[], None]]:
+    import torch
+    from ..kernels import cpu
+
+    class _Holder:  # something with .state for the byte count
+        state: dict = {}
+
+    sd = torch.float32 if params[0].dtype in (torch.float16, torch.bfloat16) else params[0].dtype
+    vs = [torch.zeros(p.shape, dtype=sd) for p in params]
+    ms = [torch.zeros_like(v) for v in vs] if opts.get("centered") else None
+    bs = [torch.zeros_like(v) for v in vs] if opts.get("momentum", 0) > 0 else None
+    holder = _Holder()
+    holder.state = {i: {"square_avg": v} for i, v in enumerate(vs)}
+    for i, x in enumerate(ms or []):
+        holder.state[i]["grad_avg"] = x
+    for i, x in enumerate(bs or []):
+        holder.state[i]["momentum_buffer"] = x
+    grads = [p.grad for p in params]
+    kw = dict(lr=LR, alpha=0.99, eps=1e-8, weight_decay=0.0, momentum=opts.get("momentum", 0.0),
+              centered=bool(opts.get("centered")), maximize=False, eps_in_sqrt=False,
+              lr_in_momentum=False, nesterov=False, decoupled_weight_decay=False,
+              bias_correction=1.0)
+
+    def step() -> None:
+        with torch.no_grad():
+            cpu.fused_step(params, grads, vs, ms, bs, **kw)
+    return holder, step
+
+
+def peak_extra_bytes(fn: Callable[[], Any]) -> tuple[int | None, str]:
+    """Peak bytes allocated during one call beyond those live before it: torch's CPU
+    allocator (profiler allocation events) + Python objects (tracemalloc)."""
+    import tracemalloc
+
+    import torch
+    c10_peak = None
+    method = "torch allocator (profiler) + tracemalloc"
+    try:
+        from torch._C._profiler import _EventType
+        from torch.profiler import ProfilerActivity, profile
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            fn()
+        events = []
+
+        def walk(nodes: Any) -> None:
+            for e in nodes:
+                if e.tag == _EventType.Allocation and str(e.extra_fields.device) == "cpu":
+                    events.append((e.start_time_ns, e.extra_fields.alloc_size,
+                                   e.extra_fields.total_allocated))
+                walk(e.children)
+        walk(prof.profiler.kineto_results.experimental_event_tree())
+        events.sort()
+        if events:
+            base = events[0][2] - events[0][1]
+            c10_peak = max(0, max(t for _, _, t in events) - base)
+        else:
+            c10_peak = 0
+    except Exception as e:  # private profiler API: degrade to Python objects only
+        method = f"tracemalloc only ({type(e).__name__})"
+    tracemalloc.start()
+    try:
+        fn()
+        _, py_peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    del torch
+    return (c10_peak or 0) + py_peak, method
+
+
+# ----------------------------------------------------------------------------------------
+# timing
+# ----------------------------------------------------------------------------------------
+
+def _median(xs: list[float]) -> float:
+    return statistics.median(xs) if xs else float("nan")
+
+
+def stream_bandwidth(n: int, rounds: int) -> dict[str, float]:
+    """STREAM copy / triad GB/s (median) over float32 arrays of n elements, our C loops."""
+    import torch
+    from ..kernels import cpu
+    a, b, c = torch.ones(n), torch.full((n,), 2.0), torch.zeros(n)
+    res = {}
+    for name, fn, nbytes in (("copy", lambda: cpu.stream_copy(c, a), 8 * n),
+                             ("triad", lambda: cpu.stream_triad(a, b, c, 3.0), 12 * n)):
+        fn()
+        k = max(3, min(30, int(0.05 / max(_time_once(fn), 1e-6))))
+        ts = [_time_once(fn) for _ in range(k * rounds)]
+        res[name] = nbytes / _median(ts) / 1e9
+    return res
+
+
+def _time_once(fn: Callable[[], Any]) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def bench_row(row: dict, args: argparse.Namespace, names: list[str], bar: Any,
+              log: Callable[[str], None]) -> dict:
+    import torch
+    from ..kernels import cpu
+
+    dtype = getattr(torch, row["dtype"])
+    gen = torch.Generator().manual_seed(0)
+    params = []
+    for shape in row["shapes"]:
+        p = torch.randn(shape, generator=gen).to(dtype).requires_grad_()
+        p.grad = torch.randn(shape, generator=gen).to(dtype)
+        params.append(p)
+    ntensors = len(params)
+    nelem = sum(p.numel() for p in params)
+    compile_ok, note = True, ""
+    if args.no_compile or args.quick:
+        compile_ok, note = False, "skipped (--no-compile)" if args.no_compile else \
+            "skipped (--quick)"
+    elif ntensors > 200 and not args.compile_all:
+        compile_ok, note = False, (f"skipped: compiling {ntensors} tensors takes minutes "
+                                   "(research notes: 45-176 s for 1000); --compile-all")
+    if "torch.compile" in names and compile_ok:
+        log(f"[{row['name']}] compiling torch's step with torch.compile ...")
+    cands = make_candidates(names, params, row["opts"], compile_ok, note, log)
+    live = {k: c for k, c in cands.items() if "skip" not in c}
+
+    # the floor runs over the arrays of our fused step (its state)
+    fused = live.get("rmsprop fused")
+    if fused is not None:
+        st = fused["opt"].state
+        order = [st[p] if p in st else st[i] for i, p in enumerate(params)]
+        vs = [s["square_avg"] for s in order]
+        ms = [s["grad_avg"] for s in order] if "grad_avg" in order[0] else None
+        bs = [s["momentum_buffer"] for s in order] if "momentum_buffer" in order[0] else None
+        vs_r = [torch.view_as_real(v) if v.is_complex() else v for v in vs]
+        floor_bytes = fused["bytes"]
+    else:  # fall back to a state of the params' dtype
+        vs_r = [torch.zeros_like(p) for p in params]
+        ms = bs = None
+        floor_bytes = 5 * sum(p.nbytes for p in params)
+    grads = [p.grad for p in params]
+    pdata = [p.detach() for p in params]
+
+    floor_step = cpu.floor_call(pdata, grads, vs_r, ms, bs)
+    floor_step()
+    live["floor"] = dict(step=floor_step, bytes=floor_bytes, first_call_s=None, note="", opt=None)
+
+    order_names = [n for n in CANDIDATES if n in live]
+    # calls per block: about 0.15 s of work, at least 3
+    calls = {}
+    for n in order_names:
+        t = min(_time_once(live[n]["step"]) for _ in range(2))
+        calls[n] = args.calls or max(3, min(30, int(0.15 / max(t, 1e-6))))
+    times: dict[str, list[float]] = {n: [] for n in order_names}
+    with torch.no_grad():
+        for _ in range(args.repeats):
+            for n in order_names:
+                fn = live[n]["step"]
+                fn()  # warm-up: caches and the other candidates' effects
+                for _ in range(calls[n]):
+                    times[n].append(_time_once(fn))
+                if bar is not None:
+                    bar.update(1)
+    stream = stream_bandwidth(nelem, max(1, min(args.repeats, 3)))
+
+    med = {n: _median(times[n]) for n in order_names}
+    floor_gbps = live["floor"]["bytes"] / med["floor"] / 1e9
+    base = med.get(BASELINE)
+    results = []
+    for n in CANDIDATES:
+        if n not in cands and n != "floor":
+            continue
+        c = live.get(n) or cands.get(n, {})
+        if "skip" in c:
+            results.append(dict(candidate=n, skipped=c["skip"]))
+            continue
+        if n not in live:
+            continue
+        gbps = c["bytes"] / med[n] / 1e9
+        extra, method = (None, "")
+        if n != "floor":
+            extra, method = peak_extra_bytes(c["step"])
+        r = dict(candidate=n, median_ms=med[n] * 1e3, min_ms=min(times[n]) * 1e3,
+                 calls=len(times[n]), bytes=c["bytes"], gbps=gbps, frac_floor=gbps / floor_gbps,
+                 vs_foreach=(base / med[n]) if base else None,
+                 peak_extra_bytes=extra, memory_method=method)
+        if c.get("first_call_s") is not None and n == "torch.compile":
+            r["first_call_s"] = c["first_call_s"]
+            r["second_call_s"] = c.get("second_call_s")
+        results.append(r)
+    if bar is not None:  # blocks of skipped candidates
+        bar.update(args.repeats * (len(names) + 1 - len(order_names)))
+    return dict(row=row["name"], dtype=row["dtype"], tensors=ntensors, elements=nelem,
+                options=row["opts"], floor_gbps=floor_gbps, stream_copy_gbps=stream["copy"],
+                stream_triad_gbps=stream["triad"], results=results)
+
+
+def first_step_cost() -> dict | None:
+    """First use in a fresh interpreter (1M float32 params): the kernel's first call (load the
+    library, checking it matches cpu.c, and step), then the optimizer's import, construction
+    and first fused step. torch.optim.Optimizer imports torch._dynamo lazily on first use
+    (any torch optimizer, torch.optim.RMSprop included, pays it), so that is timed apart."""
+    code = (
+        "import time, torch\n"
+        "n = 1_000_000\n"
+        "p = torch.nn.Parameter(torch.randn(n)); p.grad = torch.randn(n)\n"
+        "t0 = time.perf_counter()\n"
+        "from rmsprop.kernels import cpu\n"
+        "v = torch.zeros(n)\n"
+        "cpu.fused_step([p.detach()], [p.grad], [v], None, None, lr=1e-3, alpha=0.99, "
+        "eps=1e-8, weight_decay=0.0, momentum=0.0, centered=False, maximize=False, "
+        "eps_in_sqrt=False, lr_in_momentum=False, nesterov=False, "
+        "decoupled_weight_decay=False, bias_correction=1.0)\n"
+        "t1 = time.perf_counter()\n"
+        "import torch._dynamo\n"
+        "t2 = time.perf_counter()\n"
+        "from rmsprop.torch import RMSprop\n"
+        "opt = RMSprop([p], fused=True)\n"
+        "opt.step()\n"
+        "t3 = time.perf_counter()\n"
+        "opt.step()\n"
+        "t4 = time.perf_counter()\n"
+        "print(t1 - t0, t2 - t1, t3 - t2, t4 - t3)\n")
+    try:
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                             timeout=600)
+        k, dyn, first, second = (float(x) for x in out.stdout.strip().splitlines()[-1].split())
+        return dict(kernel_first_call_s=k, torch_dynamo_import_s=dyn, first_step_s=first,
+                    second_step_s=second)
+    except Exception:  # noqa: BLE001 - optional information
+        return None
+
+
+# ----------------------------------------------------------------------------------------
+# output
+# ----------------------------------------------------------------------------------------
+
+def format_row(r: dict) -> str:
+    head = (f"\n== {r['row']}: {r['tensors']} tensor{'s' if r['tensors'] != 1 else ''}, "
+            f"{r['elements']:,} {r['dtype']} elements"
+            + (f", {r['options']}" if r["options"] else "")
+            + f" | floor {r['floor_gbps']:.1f} GB/s, STREAM copy {r['stream_copy_gbps']:.1f}"
+            f" / triad {r['stream_triad_gbps']:.1f} GB/s")
+    lines = [head,
+             f"{'candidate':<22}{'median ms':>11}{'GB/s':>8}{'%floor':>8}{'x foreach':>10}"
+             f"{'extra MB':>10}  note"]
+    for x in r["results"]:
+        if "skipped" in x:
+            lines.append(f"{x['candidate']:<22}{'-':>11}{'':>8}{'':>8}{'':>10}{'':>10}  "
+                         f"{x['skipped']}")
+            continue
+        vs = f"{x['vs_foreach']:.2f}x" if x.get("vs_foreach") else "-"
+        extra = "-" if x.get("peak_extra_bytes") is None else f"{x['peak_extra_bytes'] / 1e6:.2f}"
+        note = ""
+        if "first_call_s" in x:
+            note = f"first call {x['first_call_s']:.1f} s (compile), second " \
+                   f"{x['second_call_s']:.2f} s"
+        ms = x["median_ms"]
+        lines.append(f"{x['candidate']:<22}{ms:>11.3f}{x['gbps']:>8.1f}"
+                     f"{100 * x['frac_floor']:>7.0f}%{vs:>10}{extra:>10}  {note}")
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the benchmark; print one table per row (and write --json)."""
+    if args.repeats < 1:
+        raise CLIError("bench: --repeats must be >= 1")
+    if args.calls is not None and args.calls < 1:
+        raise CLIError("bench: --calls must be >= 1")
+    if args.threads is not None and args.threads < 1:
+        raise CLIError("bench: --threads must be >= 1")
+    rows = build_rows(args)
+    if args.list:
+        for r in rows:
+            print(f"{r['name']:<16} {len(r['shapes'])} tensors, "
+                  f"{sum(math.prod(s) for s in r['shapes']):,} {r['dtype']} {r['opts'] or ''}")
+        return 0
+    names = list(CANDIDATES[:-1])
+    if args.candidates:
+        want = [c.strip() for c in args.candidates.split(",") if c.strip()]
+        bad = [c for c in want if c not in CANDIDATES]
+        if bad:
+            raise CLIError(f"bench: unknown candidate {bad[0]!r} (one of: "
+                           f"{', '.join(CANDIDATES)})")
+        names = [n for n in CANDIDATES[:-1] if n in want or n == BASELINE]
+    if args.quick:
+        args.repeats = 1
+        args.calls = args.calls or 2
+
+    os.environ.setdefault("KINETO_LOG_LEVEL", "5")  # the profiler's start/stop chatter
+    import torch
+    from ..kernels import cpu
+    if not cpu.available():
+        raise CLIError(f"bench: the fused CPU kernel is unavailable: {cpu.unavailable_reason()}")
+    old_threads = torch.get_num_threads()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        return _run(args, rows, names, torch, cpu)
+    finally:
+        torch.set_num_threads(old_threads)
+
+
+def _run(args: argparse.Namespace, rows: list[dict], names: list[str], torch: Any,
+         cpu: Any) -> int:
+
+    def log(msg: str) -> None:
+        print(msg, file=sys.stderr, flush=True)
+
+    cpu_name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu_name = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    meta = dict(command="rmsprop bench " + " ".join(sys.argv[2:] if len(sys.argv) > 2 else []),
+                cpu=cpu_name, cores=os.cpu_count(), torch_threads=torch.get_num_threads(),
+                torch=torch.__version__, python=platform.python_version(),
+                kernel_isa=cpu.isa(), kernel_library=str(cpu.library_path()),
+                time=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+    print(f"rmsprop bench: {cpu_name}, {os.cpu_count()} cores, torch {torch.__version__} with "
+          f"{torch.get_num_threads()} threads; kernel {cpu.isa()} ({cpu.library_path()})")
+    print(f"median of {args.repeats} interleaved rounds; bytes = 2x params + grads + 2x state; "
+          f"%floor = GB/s over the in-run floor; x foreach = speed-up over {BASELINE}")
+    if not args.no_first_step and not args.quick:
+        fs = first_step_cost()
+        meta["first_step"] = fs
+        if fs:
+            print(f"first use in a fresh process, 1M params: kernel's first call (load + step) "
+                  f"{fs['kernel_first_call_s']:.3f} s; RMSprop import + construction + first "
+                  f"fused step {fs['first_step_s']:.3f} s (after torch.optim's own lazy import "
+                  f"of torch._dynamo, {fs['torch_dynamo_import_s']:.1f} s, which every torch "
+                  f"optimizer pays); second step {fs['second_step_s'] * 1e3:.2f} ms")
+
+    bar = None
+    if not args.no_progress:
+        try:
+            from tqdm import tqdm
+            bar = tqdm(total=len(rows) * args.repeats * (len(names) + 1), desc="bench",
+                       unit="block", file=sys.stderr, leave=False)
+        except ImportError:
+            bar = None
+    out = []
+    try:
+        for row in rows:
+            if bar is not None:
+                bar.set_postfix_str(row["name"])
+            r = bench_row(row, args, names, bar, log)
+            out.append(r)
+            if bar is not None:
+                bar.clear()
+            print(format_row(r), flush=True)
+    finally:
+        if bar is not None:
+            bar.close()
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(meta=meta, rows=out), f, indent=1)
+        print(f"\nwrote {args.json}")
+    return 0

@@ -1,0 +1,445 @@
+"""The fused CPU RMSProp step: loader and Python wrapper of the C kernel in ``cpu.c``.
+
+The kernel is a plain C library (no Python or torch headers, so one build serves every Python
+and torch version) called through :mod:`ctypes` once per step with tables of data pointers.
+It is normally compiled when the package is installed (``setup.py`` puts ``_cpu*.so`` next
+to this file). If that copy is missing or was built from another version of ``cpu.c``, the
+first use compiles ``cpu.c`` with the system C compiler (``$CC``, ``cc``, ``gcc`` or
+``clang``) into a cache directory (``$RMSPROP_CACHE_DIR``, else ``$XDG_CACHE_HOME/rmsprop``,
+else ``~/.cache/rmsprop``) and reuses it afterwards. Without a compiler, :func:`available`
+is False and :func:`unavailable_reason` says why. ``RMSPROP_CPU_KERNEL=0`` disables it;
+``RMSPROP_CPU_ISA=base`` forces the baseline x86-64 code path (the default picks AVX2/FMA/F16C
+code at load time when the CPU has it).
+
+Writes go through raw pointers, so autograd's version counters are not bumped: call under
+``torch.no_grad()`` on tensors autograd does not need, as optimizers do.
+"""
+
+from __future__ import annotations
+
+import array
+import ctypes
+import hashlib
+import operator
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+__all__ = ["available", "unavailable_reason", "fused_step", "first_nonfinite", "floor",
+           "floor_call",
+           "stream_copy", "stream_triad", "isa", "set_isa", "library_path", "build"]
+
+_HERE = Path(__file__).resolve().parent
+_SOURCE = _HERE / "cpu.c"
+_ABI_VERSION = 1  # must match RMS_ABI_VERSION in cpu.c
+
+#: Flags every build uses; -fno-math-errno is what lets sqrt vectorise (see cpu.c);
+#: -fopenmp-simd only enables `omp simd` loop pragmas (no OpenMP runtime: cpu.c has its own
+#: thread pool).
+CFLAGS = ("-O3", "-fno-math-errno", "-fno-trapping-math", "-fopenmp-simd", "-pthread", "-fPIC",
+          "-shared")
+
+_DT_F32, _DT_F64, _DT_F16, _DT_BF16 = 0, 1, 2, 3
+_FL_CENTERED, _FL_MOMENTUM, _FL_WD_COUPLED, _FL_NESTEROV = 1, 2, 4, 8
+_FL_EPS_IN_SQRT, _FL_LR_IN_MOMENTUM, _FL_DECOUPLED, _FL_MAXIMIZE = 32, 64, 128, 256
+
+_IS_CPU = operator.attrgetter("is_cpu")
+_DTYPE = operator.attrgetter("dtype")
+
+_lock = threading.Lock()
+_lib: ctypes.CDLL | None = None
+_lib_path: Path | None = None
+_reason: str | None = None
+_tried = False
+
+
+def source_hash() -> str:
+    """SHA-256 (first 16 hex digits) of ``cpu.c`` plus the compile flags: the build identity."""
+    h = hashlib.sha256(_SOURCE.read_bytes())
+    h.update(" ".join(CFLAGS).encode())
+    return h.hexdigest()[:16]
+
+
+def _cache_dir() -> Path:
+    env = os.environ.get("RMSPROP_CACHE_DIR")
+    if env:
+        return Path(env)
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".cache") / "rmsprop"
+
+
+def _compiler() -> str | None:
+    cc = os.environ.get("CC")
+    if cc and shutil.which(cc.split()[0]):
+        return cc
+    for name in ("cc", "gcc", "clang"):
+        if shutil.which(name):
+            return name
+    return None
+
+
+def build(out: Path, *, cc: str | None = None, source_id: str | None = None) -> str:
+    """Compile ``cpu.c`` into the shared library ``out`` (atomically), retrying without
+    ``-fopenmp-simd`` for compilers that lack it. Returns the compiler command used; raises
+    RuntimeError with the compiler's message on failure."""
+    cc = cc or _compiler()
+    if cc is None:
+        raise RuntimeError("no C compiler found (set $CC or install gcc/clang)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    sid = source_id or source_hash()
+    errors = []
+    for flags in (CFLAGS, tuple(f for f in CFLAGS if f != "-fopenmp-simd")):
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
+        os.close(fd)
+        cmd = [*cc.split(), *flags, f'-DRMS_SOURCE_HASH="{sid}"', str(_SOURCE),
+               "-o", tmp, "-lm"]
+        try:
+            r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        except (OSError, subprocess.TimeoutExpired) as e:
+            r = None
+            errors.append(f"{' '.join(cmd)}: {e}")
+        if r is not None and r.returncode == 0:
+            os.replace(tmp, out)
+            return " ".join(cmd)
+        if r is not None:
+            errors.append(f"{' '.join(cmd)}: {r.stderr.strip()[-500:]}")
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+    raise RuntimeError("compiling the CPU kernel failed: " + " | ".join(errors))
+
+
+def _open(path: Path, want: str) -> ctypes.CDLL | str:
+    try:
+        lib = ctypes.CDLL(str(path))
+        lib.rms_abi_version.restype = ctypes.c_int
+        lib.rms_source_hash.restype = ctypes.c_char_p
+        if lib.rms_abi_version() != _ABI_VERSION:
+            return f"{path}: ABI version {lib.rms_abi_version()} != {_ABI_VERSION}"
+        got = lib.rms_source_hash().decode()
+        if got != want:
+            return f"{path}: built from another cpu.c ({got} != {want})"
+    except (OSError, AttributeError) as e:
+        return f"{path}: {e}"
+    return lib
+
+
+def _setup(lib: ctypes.CDLL) -> None:
+    vp, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    lib.rms_fused_step.argtypes = [i64, vp, vp, vp, vp, vp, vp, i32, i32, vp, i32, vp, i32]
+    lib.rms_fused_step.restype = i32
+    lib.rms_floor.argtypes = [i64, vp, vp, vp, vp, vp, vp, i32, i32, i32, ctypes.c_uint64]
+    lib.rms_floor.restype = i32
+    lib.rms_first_nonfinite.argtypes = [i64, vp, vp, vp, i32]
+    lib.rms_first_nonfinite.restype = i64
+    lib.rms_stream_copy.argtypes = [i64, vp, vp, i32]
+    lib.rms_stream_copy.restype = None
+    lib.rms_stream_triad.argtypes = [i64, vp, vp, vp, ctypes.c_float, i32]
+    lib.rms_stream_triad.restype = None
+    lib.rms_isa_name.restype = ctypes.c_char_p
+    lib.rms_set_isa.argtypes = [i32]
+    lib.rms_set_isa.restype = i32
+    lib.rms_parallel.restype = i32
+
+
+def _load() -> ctypes.CDLL | None:
+    global _lib, _lib_path, _reason, _tried
+    if _tried:
+        return _lib
+    with _lock:
+        if _tried:
+            return _lib
+        try:
+            _lib, _lib_path, _reason = _find()
+            if _lib is not None:
+                _setup(_lib)
+                want = os.environ.get("RMSPROP_CPU_ISA", "").strip().lower()
+                if want in ("base", "x86-64", "sse2"):
+                    _lib.rms_set_isa(1)
+        except Exception as e:  # never let a loader problem break the optimizer's fallback
+            _lib, _reason = None, f"loading the CPU kernel failed: {e!r}"
+        _tried = True
+    return _lib
+
+
+def _find() -> tuple[ctypes.CDLL | None, Path | None, str | None]:
+    if os.environ.get("RMSPROP_CPU_KERNEL", "1").strip() in ("0", "false", "no", "off"):
+        return None, None, "disabled by RMSPROP_CPU_KERNEL=0"
+    if not _SOURCE.exists():
+        return None, None, f"kernel source {_SOURCE} is missing"
+    want = source_hash()
+    problems = []
+    for pattern in ("_cpu*.so", "_cpu*.pyd", "_cpu*.dylib"):
+        for path in sorted(_HERE.glob(pattern)):
+            lib = _open(path, want)
+            if isinstance(lib, str):
+                problems.append(lib)
+                continue
+            return lib, path, None
+    tag = f"{sys.platform}-{platform.machine()}-{want}"
+    cached = _cache_dir() / f"librmsprop_cpu-{tag}.so"
+    if cached.exists():
+        lib = _open(cached, want)
+        if not isinstance(lib, str):
+            return lib, cached, None
+        problems.append(lib)
+    try:
+        build(cached, source_id=want)
+    except (RuntimeError, OSError) as e:
+        return None, None, "; ".join([*problems, str(e)])
+    lib = _open(cached, want)
+    if isinstance(lib, str):
+        return None, None, "; ".join([*problems, lib])
+    return lib, cached, None
+
+
+def available() -> bool:
+    """True when the compiled kernel could be loaded (building it on first use if needed)."""
+    return _load() is not None
+
+
+def unavailable_reason() -> str:
+    """Why :func:`available` is False ('' when it is True)."""
+    _load()
+    return _reason or ""
+
+
+def library_path() -> Path | None:
+    """The shared library in use, or None."""
+    _load()
+    return _lib_path
+
+
+def isa() -> str:
+    """The instruction-set variant in use: 'x86-64-v3' (AVX2, FMA, F16C) or 'x86-64'."""
+    return _need().rms_isa_name().decode()
+
+
+def set_isa(which: str) -> bool:
+    """Select the code path: 'best', 'base' (baseline x86-64) or 'v3'. Returns False if the
+    CPU (or the build) lacks it. For tests and benchmarks."""
+    code = {"best": 0, "base": 1, "v3": 2}.get(which)
+    if code is None:
+        raise ValueError(f"set_isa: unknown variant {which!r} (best, base, v3)")
+    return bool(_need().rms_set_isa(code))
+
+
+def _need() -> ctypes.CDLL:
+    lib = _load()
+    if lib is None:
+        raise RuntimeError(f"the fused CPU kernel is unavailable: {_reason}")
+    return lib
+
+
+def _dt(dtype: Any) -> int:
+    import torch
+    code = {torch.float32: _DT_F32, torch.float64: _DT_F64, torch.float16: _DT_F16,
+            torch.bfloat16: _DT_BF16}.get(dtype)
+    if code is None:
+        raise TypeError(f"fused CPU step: unsupported dtype {dtype} "
+                        "(float32, float64, float16, bfloat16; complex as view_as_real)")
+    return code
+
+
+def _table(tensors: Sequence[Any], name: str, n: int, dtype: Any, numels: list[int],
+           device_check: bool = True) -> array.array:
+    """Data pointers of one list, after checking what would otherwise corrupt memory:
+    length, CPU device, dtype, element count, contiguity. The checks run as C-level ``map``
+    calls over the list (a few tens of ns per tensor); a failing one is then located for the
+    error message."""
+    import torch
+    if len(tensors) != n:
+        raise ValueError(f"fused CPU step: {name} has {len(tensors)} tensors, params has {n}")
+    T = torch.Tensor
+    if not all(map(_IS_CPU, tensors)):
+        i = next(i for i, t in enumerate(tensors) if not t.is_cpu)
+        raise ValueError(f"fused CPU step: {name}[{i}] is on {tensors[i].device}, not the CPU")
+    if set(map(_DTYPE, tensors)) != {dtype}:
+        i = next(i for i, t in enumerate(tensors) if t.dtype != dtype)
+        raise TypeError(f"fused CPU step: {name}[{i}] has dtype {tensors[i].dtype}, "
+                        f"expected {dtype}")
+    got = list(map(T.numel, tensors))
+    if got != numels:
+        i = next(i for i, (a, b) in enumerate(zip(got, numels)) if a != b)
+        raise ValueError(f"fused CPU step: {name}[{i}] has {got[i]} elements, "
+                         f"params[{i}] has {numels[i]}")
+    if not all(map(T.is_contiguous, tensors)):
+        i = next(i for i, t in enumerate(tensors) if not t.is_contiguous())
+        raise ValueError(f"fused CPU step: {name}[{i}] is not contiguous")
+    return array.array("Q", map(T.data_ptr, tensors))
+
+
+def _addr(a: array.array) -> int:
+    return a.buffer_info()[0]
+
+
+def fused_step(params: Sequence[Any], grads: Sequence[Any], square_avgs: Sequence[Any],
+               grad_avgs: Sequence[Any] | None, momentum_buffers: Sequence[Any] | None, *,
+               lr: float, alpha: float, eps: float, weight_decay: float, momentum: float,
+               centered: bool, maximize: bool, eps_in_sqrt: bool, lr_in_momentum: bool,
+               nesterov: bool, decoupled_weight_decay: bool, bias_correction: float,
+               grad_scale: float | None = None, stats: Any = None) -> None:
+    """One RMSProp step (:func:`rmsprop.spec.step`) over many CPU tensors in one C call,
+    updating ``params`` and the state tensors in place.
+
+    Args:
+        params, grads: contiguous CPU tensors of one dtype (float32, float64, float16 or
+            bfloat16; complex ones as ``torch.view_as_real``), grads shaped like params.
+        square_avgs, grad_avgs, momentum_buffers: state, all in one dtype, the params' or
+            float32. ``grad_avgs`` is used only if ``centered``, ``momentum_buffers`` only if
+            ``momentum > 0`` (then they must be given).
+        bias_correction: ``c = 1 - alpha**t`` (``v`` and ``m`` are divided by it), or 1.0.
+            Computed by the caller; for float32 params compute it in float32 to match the
+            NumPy reference bit for bit.
+        grad_scale: if given, each gradient is first multiplied by ``1/grad_scale`` (rounded
+            to the math precision), as ``torch.amp.GradScaler.unscale_`` does.
+        stats: optional float64 tensor ``[len(params), 6]``; row ``i`` is overwritten with
+            this step's ``sum(g^2)``, ``sum(u^2)``, ``sum(p_new^2)``, ``min(lr/d)``,
+            ``max(lr/d)`` and the count of elements where eps dominates the denominator
+            (``eps > s`` if ``eps_in_sqrt`` else ``eps > sqrt(s)``). ``g`` is the gradient
+            the rule uses (unscaled, negated if maximize, plus coupled weight decay), ``u``
+            the update subtracted from ``p``. Empty tensors get ``0, 0, 0, inf, -inf, 0``.
+
+    Math: float32 for float32/float16/bfloat16 params, float64 for float64; 16-bit values
+    are rounded once, when stored. No memory proportional to the model is allocated.
+    """
+    lib = _need()
+    n = len(params)
+    centered = bool(centered)
+    use_mom = momentum > 0
+    if centered and grad_avgs is None:
+        raise ValueError("fused CPU step: centered=True needs grad_avgs")
+    if use_mom and momentum_buffers is None:
+        raise ValueError("fused CPU step: momentum > 0 needs momentum_buffers")
+    if stats is not None:
+        import torch
+        if (not isinstance(stats, torch.Tensor) or stats.dtype != torch.float64
+                or tuple(stats.shape) != (n, 6) or not stats.is_contiguous()
+                or stats.device.type != "cpu"):
+            raise ValueError(f"fused CPU step: stats must be a contiguous float64 CPU tensor "
+                             f"of shape ({n}, 6)")
+    if n == 0:
+        return
+    pdtype = params[0].dtype
+    pdt = _dt(pdtype)
+    sdtype = square_avgs[0].dtype if len(square_avgs) else pdtype
+    sdt = _dt(sdtype)
+    if sdt != pdt and sdt != _DT_F32:
+        raise TypeError(f"fused CPU step: state dtype {sdtype} must be the params' dtype "
+                        f"({pdtype}) or torch.float32")
+    if grad_scale is not None and not (grad_scale > 0):
+        raise ValueError(f"fused CPU step: grad_scale must be > 0, got {grad_scale}")
+    numels = [t.numel() for t in params]
+    P = _table(params, "params", n, pdtype, numels)
+    G = _table(grads, "grads", n, pdtype, numels)
+    V = _table(square_avgs, "square_avgs", n, sdtype, numels)
+    M = _table(grad_avgs, "grad_avgs", n, sdtype, numels) if centered else None
+    B = _table(momentum_buffers, "momentum_buffers", n, sdtype, numels) if use_mom else None
+    flags = ((_FL_CENTERED if centered else 0) | (_FL_MOMENTUM if use_mom else 0)
+             | (_FL_WD_COUPLED if weight_decay != 0 and not decoupled_weight_decay else 0)
+             | (_FL_NESTEROV if nesterov and use_mom else 0)
+             | (_FL_EPS_IN_SQRT if eps_in_sqrt else 0)
+             | (_FL_LR_IN_MOMENTUM if lr_in_momentum else 0)
+             | (_FL_DECOUPLED if decoupled_weight_decay else 0)
+             | (_FL_MAXIMIZE if maximize else 0))
+    inv_scale = 1.0 if grad_scale is None else 1.0 / float(grad_scale)
+    hyper = array.array("d", [float(lr), float(alpha), float(eps), float(weight_decay),
+                              float(momentum), float(bias_correction), inv_scale])
+    ne = array.array("q", numels)
+    import torch
+    rc = lib.rms_fused_step(n, _addr(ne), _addr(P), _addr(G), _addr(V),
+                            _addr(M) if M is not None else None,
+                            _addr(B) if B is not None else None, pdt, sdt, _addr(hyper), flags,
+                            stats.data_ptr() if stats is not None else None,
+                            torch.get_num_threads())
+    if rc != 0:
+        raise RuntimeError(f"fused CPU step failed with code {rc}")
+
+
+def first_nonfinite(grads: Sequence[Any]) -> int:
+    """Index of the first tensor in ``grads`` holding an inf or NaN, -1 if none (one threaded,
+    vectorised pass; stops early). Complex tensors are checked component-wise; ``None``
+    entries are skipped."""
+    lib = _need()
+    import torch
+    n = len(grads)
+    ptrs = array.array("Q", bytes(8 * n))
+    numels = array.array("q", bytes(8 * n))
+    dts = array.array("i", bytes(4 * n))
+    for i, t in enumerate(grads):
+        if t is None:
+            continue
+        if t.is_complex():
+            t = torch.view_as_real(t)
+        if t.device.type != "cpu" or not t.is_contiguous():
+            raise ValueError(f"first_nonfinite: grads[{i}] must be a contiguous CPU tensor")
+        dts[i] = _dt(t.dtype)
+        numels[i] = t.numel()
+        ptrs[i] = t.data_ptr()
+    return int(lib.rms_first_nonfinite(n, _addr(numels), _addr(ptrs), _addr(dts),
+                                       torch.get_num_threads()))
+
+
+def floor_call(params: Sequence[Any], grads: Sequence[Any], square_avgs: Sequence[Any],
+               grad_avgs: Sequence[Any] | None = None,
+               momentum_buffers: Sequence[Any] | None = None,
+               nthreads: int | None = None) -> Callable[[], None]:
+    """The bandwidth floor for benchmarks, as a ready-to-time call: one pass over the same
+    tensors with the step's access pattern (read p, g, v[, m, b], write p, v[, m, b] back) and
+    trivial arithmetic that leaves every value unchanged, with the same threading and
+    partition as :func:`fused_step`. The pointer tables are built once, here, so the call
+    times the C loop alone."""
+    lib = _need()
+    import torch
+    n = len(params)
+    if n == 0:
+        return lambda: None
+    pdtype, sdtype = params[0].dtype, square_avgs[0].dtype
+    numels = [t.numel() for t in params]
+    P = _table(params, "params", n, pdtype, numels)
+    G = _table(grads, "grads", n, pdtype, numels)
+    V = _table(square_avgs, "square_avgs", n, sdtype, numels)
+    M = _table(grad_avgs, "grad_avgs", n, sdtype, numels) if grad_avgs is not None else None
+    B = (_table(momentum_buffers, "momentum_buffers", n, sdtype, numels)
+         if momentum_buffers is not None else None)
+    ne = array.array("q", numels)
+    keep = (params, grads, square_avgs, grad_avgs, momentum_buffers)
+    args = (n, _addr(ne), _addr(P), _addr(G), _addr(V), _addr(M) if M is not None else None,
+            _addr(B) if B is not None else None, _dt(pdtype), _dt(sdtype),
+            nthreads or torch.get_num_threads(), 0)
+    fn = lib.rms_floor
+
+    def call() -> None:
+        if fn(*args) != 0:
+            raise RuntimeError("floor kernel failed")
+    call.keep = (keep, ne, P, G, V, M, B)  # type: ignore[attr-defined]  # tables stay alive
+    return call
+
+
+def floor(params: Sequence[Any], grads: Sequence[Any], square_avgs: Sequence[Any],
+          grad_avgs: Sequence[Any] | None = None,
+          momentum_buffers: Sequence[Any] | None = None, nthreads: int | None = None) -> None:
+    """One call of the bandwidth floor (see :func:`floor_call`)."""
+    floor_call(params, grads, square_avgs, grad_avgs, momentum_buffers, nthreads)()
+
+
+def stream_copy(dst: Any, src: Any, nthreads: int | None = None) -> None:
+    """STREAM copy ``dst[:] = src`` over contiguous float32 CPU tensors (8 bytes/element)."""
+    import torch
+    _need().rms_stream_copy(src.numel(), dst.data_ptr(), src.data_ptr(),
+                            nthreads or torch.get_num_threads())
+
+
+def stream_triad(a: Any, b: Any, c: Any, scalar: float = 3.0,
+                 nthreads: int | None = None) -> None:
+    """STREAM triad ``a = b + scalar*c`` over contiguous float32 CPU tensors (12 bytes/elem)."""
+    import torch
+    _need().rms_stream_triad(a.numel(), a.data_ptr(), b.data_ptr(), c.data_ptr(),
+                             float(scalar), nthreads or torch.get_num_threads())

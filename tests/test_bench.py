@@ -1,0 +1,62 @@
+"""``rmsprop bench --quick`` end to end (a smoke test: speed targets live in the benchmark's
+output, never in unit tests)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+pytest.importorskip("torch")
+
+from rmsprop.cli import main  # noqa: E402
+from rmsprop.kernels import cpu  # noqa: E402
+
+
+@pytest.mark.skipif(not cpu.available(), reason="CPU kernel unavailable")
+def test_bench_quick_end_to_end(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--quick", "--threads", "1", "--no-progress", "--json",
+                 str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "median ms" in text and "%floor" in text and "x foreach" in text
+    data = json.loads(out.read_text())
+    rows = {r["row"]: r for r in data["rows"]}
+    assert list(rows) == ["20K", "model50K", "tiny50x64", "momentum20K", "centered20K",
+                          "bf16-20K", "fp16-20K"]
+    assert rows["model50K"]["tensors"] > 100 and rows["tiny50x64"]["tensors"] == 50
+    for r in rows.values():
+        assert r["floor_gbps"] > 0 and r["stream_copy_gbps"] > 0 and r["stream_triad_gbps"] > 0
+        res = {x["candidate"]: x for x in r["results"]}
+        assert "skipped" in res["torch.compile"]  # --quick never compiles
+        for name in ("rmsprop fused", "rmsprop foreach", "torch foreach=True",
+                     "torch foreach=False", "floor"):
+            x = res[name]
+            assert x["median_ms"] > 0 and x["gbps"] > 0 and x["frac_floor"] > 0, (r["row"], x)
+        assert res["torch foreach=True"]["vs_foreach"] == 1.0
+        assert res["floor"]["frac_floor"] == pytest.approx(1.0)
+    n = 20_000
+    single = {x["candidate"]: x for x in rows["20K"]["results"]}
+    # bytes the update must move: fp32 p (r+w), g, v (r+w) = 20 B; with momentum 28 B;
+    # bf16 params with our float32 state 2+2+2+4+4 = 14 B, torch's bf16 state 10 B
+    assert single["rmsprop fused"]["bytes"] == 20 * n
+    mom = {x["candidate"]: x for x in rows["momentum20K"]["results"]}
+    assert mom["rmsprop fused"]["bytes"] == 28 * n
+    bf = {x["candidate"]: x for x in rows["bf16-20K"]["results"]}
+    assert bf["rmsprop fused"]["bytes"] == 14 * n
+    assert bf["torch foreach=True"]["bytes"] == 10 * n
+    # torch's foreach step allocates at least one param-sized temporary (sqrt of v); ours
+    # allocates nothing proportional to the model
+    assert single["torch foreach=True"]["peak_extra_bytes"] >= 4 * n
+    assert single["rmsprop fused"]["peak_extra_bytes"] < 4 * n / 4
+
+
+def test_bench_rejects_bad_arguments(capsys):
+    assert main(["bench", "--rows", "nosuchrow", "--quick"]) == 2
+    assert "no row matches nosuchrow" in capsys.readouterr().err
+    assert main(["bench", "--sizes", "ten"]) == 2
+    assert "bad size" in capsys.readouterr().err
+    assert main(["bench", "--quick", "--candidates", "adam"]) == 2
+    assert "unknown candidate" in capsys.readouterr().err
+    assert main(["bench", "--list"]) == 0
+    assert "model50M" in capsys.readouterr().out
