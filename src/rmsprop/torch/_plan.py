@@ -12,6 +12,8 @@ without a gradient, options that add state, ``load_state_dict``).
 from __future__ import annotations
 
 import array
+import operator
+from itertools import repeat
 from typing import Any, Optional
 
 import torch
@@ -23,7 +25,7 @@ __all__ = ["CpuPlan"]
 
 
 def _ptrs(tensors: list[Tensor]) -> array.array:
-    return array.array("Q", [t.data_ptr() for t in tensors])
+    return array.array("Q", map(Tensor.data_ptr, tensors))  # a C-level loop: ~2x faster
 
 
 class CpuPlan:
@@ -43,6 +45,7 @@ class CpuPlan:
         self.sdt = _cpu._dt(sq_real[0].dtype)
         self.complex = any(p.is_complex() for p in params)
         self.numel = array.array("q", [p.numel() for p in real])
+        self.P = _ptrs(real)
         self.V = _ptrs(sq_real)
         self.M = self._state_table(states, "grad_avg") if centered else None
         self.B = self._state_table(states, "momentum_buffer") if momentum else None
@@ -64,17 +67,22 @@ class CpuPlan:
                 and bool(group["centered"]) == self.centered)
 
     def tables(self, grads: list[Tensor]) -> Optional[tuple[array.array, array.array]]:
-        """Pointers of the params and gradients, read each step (``p.data = ...`` may move a
-        param), or None if a gradient is not a dense contiguous tensor (the caller then takes
-        the general path, which explains)."""
+        """Pointers of the params and gradients, or None when the general path must run: a
+        gradient that is missing, sparse or not contiguous, or a param whose storage moved
+        (``p.data = ...``, ``model.half()``: the plan's dtypes may no longer hold)."""
         params = self.params
+        if any(map(operator.is_, grads, repeat(None))):
+            return None
         try:
             if self.complex or self.sharded:
                 grads = [_real(g) for g in grads]
                 params = [_real(p) for p in params]
-            if not all([g.is_contiguous() for g in grads]):
+            if not all(map(Tensor.is_contiguous, grads)):
                 return None
-            return _ptrs(params), _ptrs(grads)
+            P = _ptrs(params)
+            if P != self.P:
+                return None
+            return P, _ptrs(grads)
         except RuntimeError:  # sparse gradients have no strides or data pointer
             return None
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import math
+import operator
 import warnings
 from typing import Any, Callable, Iterable, Optional
 
@@ -26,6 +27,7 @@ __all__ = ["RMSprop", "NonFiniteGradientError"]
 _NONFINITE = ("raise", "skip", "ignore")
 _HALF = (torch.float16, torch.bfloat16)
 _STATE_KEYS = ("square_avg", "grad_avg", "momentum_buffer")
+_GRAD = operator.attrgetter("grad")
 
 
 class NonFiniteGradientError(FloatingPointError):
@@ -422,10 +424,7 @@ class RMSprop(Optimizer):
             if (plan is None or not plan.valid_for(group, self._version)
                     or group["fused"] is False or group["foreach"] or group["differentiable"]):
                 return False
-            grads = [p.grad for p in group["params"]]
-            if any(g is None for g in grads):
-                return False
-            tables = plan.tables(grads)
+            tables = plan.tables(list(map(_GRAD, group["params"])))
             if tables is None:
                 return False
             jobs.append((group, plan, tables))
