@@ -61,11 +61,11 @@ def register(subparsers: Any) -> None:
     p.add_argument("--trials", type=int, default=None,
                    help="tuning trials per optimizer and problem (default: quick 8, standard 10, "
                         "extended 25; 0 = defaults only)")
-    p.add_argument("--search", default="lhs", choices=["lhs", "random", "sobol", "grid"],
-                   help="tuning sampler: Latin hypercube over the whole search space (default), "
-                        "the random or Sobol sequence of `rmsprop tune` (same space, same "
-                        "points), or a log grid over the learning rate only; except with grid, "
-                        "trial 0 is the library defaults")
+    p.add_argument("--search", default="sobol", choices=["sobol", "random", "lhs", "grid"],
+                   help="tuning sampler: the scrambled Sobol (default) or random sequence of "
+                        "`rmsprop tune` (its search space, the same points), a Latin hypercube "
+                        "over the declared space, or a log grid over the learning rate only; "
+                        "except with grid, trial 0 is the library defaults")
     p.add_argument("--schedule", default=None, choices=["constant", "cosine"],
                    help="learning-rate schedule (default: constant; cosine for --suite extended)")
     p.add_argument("--steps", type=int, default=None,
