@@ -9,6 +9,7 @@ in place (read p, g, v[, m, b]; write p, v[, m, b]) with trivial arithmetic. Col
 
 * ``rmsprop fused`` is the default step, which first scans the gradients for inf/NaN (so a
   bad gradient changes nothing); ``rmsprop fused unchecked`` is ``nonfinite="ignore"``;
+  ``rmsprop fused +stats`` also collects ``opt.stats()`` (``track_stats=True``);
 * ``ms``: median step time; ``GB/s``: bytes the update must move (2x params + grads + 2x
   state, in their own dtypes) / time; ``%floor``: that rate over the floor's rate;
   ``x foreach``: torch ``RMSprop(foreach=True)``'s time over this one (speed-up);
@@ -42,7 +43,8 @@ from . import CLIError
 ROW_KINDS = ("single", "model", "tiny", "momentum", "centered", "bf16", "fp16")
 DEFAULT_SIZES = ("1M", "10M", "50M")
 DEFAULT_MODEL_SIZES = ("10M", "50M")
-CANDIDATES = ("rmsprop fused", "rmsprop fused unchecked", "rmsprop foreach",
+CANDIDATES = ("rmsprop fused", "rmsprop fused unchecked", "rmsprop fused +stats",
+              "rmsprop foreach",
               "torch foreach=True", "torch foreach=False",
               "torch.compile", "torch Adam fused", "floor")
 BASELINE = "torch foreach=True"
@@ -217,6 +219,9 @@ def make_candidates(names: list[str], params: list, opts: dict, compile_ok: bool
             elif name == "rmsprop fused unchecked" and Ours is not None:
                 # no non-finite gradient pre-check: that pass reads the gradients once more
                 add(name, Ours(params, lr=LR, fused=True, nonfinite="ignore", **opts))
+            elif name == "rmsprop fused +stats" and Ours is not None:
+                # health statistics (opt.stats()) collected in the kernel's own pass
+                add(name, Ours(params, lr=LR, fused=True, track_stats=True, **opts))
             elif name == "rmsprop foreach" and Ours is not None:
                 add(name, Ours(params, lr=LR, fused=False, foreach=True, **opts))
             elif name == "torch foreach=True":
