@@ -665,12 +665,16 @@ class RMSprop(Optimizer):
                                  for p, old in zip(params, before[gi])]) if params else \
                     torch.zeros(0, 6, dtype=torch.float64)
             numels = [self._real(p).numel() for p in params]
-            samples = [self._step_sizes(group, p) for p in params]
-            steps = [int(self.state[p]["step"]) for p in params]
+            per_param = self.track_stats == "params"
+            # The group's median step size comes from a sample of at most 64 tensors: on a
+            # model of a thousand small tensors per-tensor work would cost more than the step.
+            every = 1 if per_param else max(1, len(params) // 64)
+            samples = [self._step_sizes(group, p) for p in params[::every]]
+            steps = [int(self.state[p]["step"]) for p in params[::every]]
             out = self._summarize(r, numels, samples, max(steps, default=0))
             out["skipped_steps"] = self.skipped_steps
             groups_out.append(out)
-            if self.track_stats == "params":
+            if per_param:
                 for i, p in enumerate(params):
                     name = self._param_label(group, p).strip("'")
                     params_out[name] = self._summarize(r[i:i + 1], numels[i:i + 1],
@@ -748,7 +752,7 @@ class RMSprop(Optimizer):
         gradients), ``update_rms`` (RMS of the applied change), ``update_to_param_rms`` (its
         ratio to the params' RMS), ``step_min``/``step_median``/``step_max`` (of the effective
         per-element step ``lr/d``; the median over a strided sample of at most 4096 elements
-        per tensor), ``eps_dominated_fraction`` (share of elements where ``eps`` is larger than
+        of each of at most 64 evenly spaced tensors), ``eps_dominated_fraction`` (share of elements where ``eps`` is larger than
         the ``sqrt(v)`` — or ``v`` with ``eps_in_sqrt`` — it is added to) and, per group,
         ``skipped_steps``. On the fused path the sums, minimum and maximum come out of the
         kernel's own pass; elsewhere collecting them copies the params once per step.
