@@ -461,15 +461,9 @@ def plot_all(out: str, agg: dict[str, Any], cfg: dict[str, Any]) -> list[str]:
         ax.set_xlabel("step")
         ax.set_ylabel("val loss − f*" if info["has_fstar"] else "val loss")
         ax.grid(alpha=0.3)
-    for ax in axes.flat[len(probs):]:
-        ax.axis("off")
-    h, lab = axes.flat[0].get_legend_handles_labels()
-    fig.legend(h, lab, loc="lower center", ncol=min(4, len(lab)), fontsize=8)
-    fig.suptitle("Convergence: median over seeds, IQR band (tuned: solid, defaults: dotted)")
-    fig.tight_layout(rect=(0, 0.08 if r == 1 else 0.05, 1, 0.96))
-    fig.savefig(os.path.join(out, "convergence.png"), dpi=110)
-    plt.close(fig)
-    files.append("convergence.png")
+    _finish_grid(plt, fig, axes, len(probs), r, 4,
+                 "Convergence: median over seeds, IQR band (tuned: solid, defaults: dotted)",
+                 out, "convergence.png", files)
 
     # lr-sensitivity: final validation excess of every tuning trial against its lr
     if any(info["opts"].get(o, {}).get("trials") for info in agg["problems"].values()
@@ -497,15 +491,9 @@ def plot_all(out: str, agg: dict[str, Any], cfg: dict[str, Any]) -> list[str]:
             ax.set_xlabel("learning rate")
             ax.set_ylabel("final val loss − f*" if info["has_fstar"] else "final val loss")
             ax.grid(alpha=0.3)
-        for ax in axes.flat[len(probs):]:
-            ax.axis("off")
-        h, lab = axes.flat[0].get_legend_handles_labels()
-        fig.legend(h, lab, loc="lower center", ncol=min(6, len(lab)), fontsize=8)
-        fig.suptitle("LR sensitivity: tuning trials (seed 0); x = diverged")
-        fig.tight_layout(rect=(0, 0.08 if r == 1 else 0.05, 1, 0.96))
-        fig.savefig(os.path.join(out, "lr_sensitivity.png"), dpi=110)
-        plt.close(fig)
-        files.append("lr_sensitivity.png")
+        _finish_grid(plt, fig, axes, len(probs), r, 6,
+                     "LR sensitivity: tuning trials (seed 0); x = diverged",
+                     out, "lr_sensitivity.png", files)
 
     # performance profiles
     if agg["profiles"]:
@@ -701,3 +689,17 @@ def write_report(out: str, records: list[dict[str, Any]], cfg: dict[str, Any], *
     with open(os.path.join(out, "report.md"), "w") as f:
         f.write("\n".join(lines))
     return table
+
+
+def _finish_grid(plt: Any, fig: Any, axes: Any, used: int, rows: int, ncol: int, title: str,
+                 out: str, name: str, files: list[str]) -> None:
+    """Blank the unused panels of a problem grid, add one legend and the title, save."""
+    for ax in axes.flat[used:]:
+        ax.axis("off")
+    h, lab = axes.flat[0].get_legend_handles_labels()
+    fig.legend(h, lab, loc="lower center", ncol=min(ncol, len(lab)), fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout(rect=(0, 0.08 if rows == 1 else 0.05, 1, 0.96))
+    fig.savefig(os.path.join(out, name), dpi=110)
+    plt.close(fig)
+    files.append(name)

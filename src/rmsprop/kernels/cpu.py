@@ -17,6 +17,8 @@ Writes go through raw pointers, so autograd's version counters are not bumped: c
 
 from __future__ import annotations
 
+from . import state_flags
+
 import array
 import ctypes
 import hashlib
@@ -312,12 +314,7 @@ def fused_step(params: Sequence[Any], grads: Sequence[Any], square_avgs: Sequenc
     """
     lib = _need()
     n = len(params)
-    centered = bool(centered)
-    use_mom = momentum > 0
-    if centered and grad_avgs is None:
-        raise ValueError("fused CPU step: centered=True needs grad_avgs")
-    if use_mom and momentum_buffers is None:
-        raise ValueError("fused CPU step: momentum > 0 needs momentum_buffers")
+    centered, use_mom = state_flags("CPU", centered, grad_avgs, momentum, momentum_buffers)
     if stats is not None:
         import torch
         if (not isinstance(stats, torch.Tensor) or stats.dtype != torch.float64

@@ -14,6 +14,8 @@ Triton would narrow to float32) and are rounded to the math precision inside the
 
 from __future__ import annotations
 
+from . import state_flags
+
 import os
 from typing import Any, Sequence
 
@@ -229,12 +231,7 @@ def fused_step(params: Sequence[Any], grads: Sequence[Any], square_avgs: Sequenc
         raise RuntimeError(f"the fused Triton kernel is unavailable: {_reason}")
     import torch
     n = len(params)
-    centered = bool(centered)
-    use_mom = momentum > 0
-    if centered and grad_avgs is None:
-        raise ValueError("fused Triton step: centered=True needs grad_avgs")
-    if use_mom and momentum_buffers is None:
-        raise ValueError("fused Triton step: momentum > 0 needs momentum_buffers")
+    centered, use_mom = state_flags("Triton", centered, grad_avgs, momentum, momentum_buffers)
     if n == 0:
         if stats is not None and tuple(stats.shape) != (0, 6):
             raise ValueError("fused Triton step: stats must have shape (0, 6)")
