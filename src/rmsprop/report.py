@@ -699,7 +699,7 @@ def _finish_grid(plt: Any, fig: Any, axes: Any, used: int, rows: int, ncol: int,
     h, lab = axes.flat[0].get_legend_handles_labels()
     fig.legend(h, lab, loc="lower center", ncol=min(ncol, len(lab)), fontsize=8)
     fig.suptitle(title)
-    fig.tight_layout(rect=(0, 0.08 if rows == 1 else 0.05, 1, 0.96))
+    fig.tight_layout(rect=(0, 0.13 if rows == 1 else 0.06, 1, 0.96))
     fig.savefig(os.path.join(out, name), dpi=110)
     plt.close(fig)
     files.append(name)

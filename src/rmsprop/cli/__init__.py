@@ -21,7 +21,8 @@ class CLIError(Exception):
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # one line, no usage dump
-        raise CLIError(f"{self.prog}: {message}")
+        tool = self.prog.removeprefix("rmsprop").strip()  # "compare" for a subcommand
+        raise CLIError(f"{tool}: {message}" if tool else message)
 
 
 def build_parser() -> argparse.ArgumentParser:
