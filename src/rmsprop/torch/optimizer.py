@@ -365,6 +365,8 @@ class RMSprop(Optimizer):
     def _path(self, group: dict, params: list[Tensor]) -> str:
         if group["differentiable"]:
             return "forloop"
+        if torch.compiler.is_compiling() and not group["fused"] and group["foreach"] is not False:
+            return "foreach"  # the ctypes kernel is opaque to dynamo
         if group["fused"] is not False and not group["foreach"]:
             reasons = {_fused_unsupported(p.device.type, p.dtype) for p in params}
             if reasons == {None}:
