@@ -169,7 +169,7 @@ class RMSprop(Optimizer):
         if fused:
             for group in self.param_groups:
                 for p in group["params"]:
-                    reason = self._fused_unsupported(p)
+                    reason = _fused_unsupported(p.device.type, p.dtype)
                     if reason:
                         raise RuntimeError(f"fused=True cannot apply: {reason}")
 
@@ -357,10 +357,6 @@ class RMSprop(Optimizer):
             return torch.full_like(p, complex(value, value), dtype=dtype,
                                    memory_format=torch.preserve_format)
         return torch.full_like(p, value, dtype=dtype, memory_format=torch.preserve_format)
-
-    def _fused_unsupported(self, p: Tensor) -> Optional[str]:
-        """Why the fused kernel cannot update ``p`` (``None`` if it can)."""
-        return _fused_unsupported(p.device.type, p.dtype)
 
     def _path(self, group: dict, params: list[Tensor]) -> str:
         if group["differentiable"]:
