@@ -1,7 +1,9 @@
 """The Triton kernel (rmsprop.kernels.triton) against the NumPy reference rmsprop.spec.step,
 run on CPU tensors by Triton's interpreter (TRITON_INTERPRET=1), so it runs in CI without a
-GPU. Skipped when triton is not installed. The interpreter is slow (~0.1 s per launch), so the
-option grid is covered by a few combinations that switch every option on at least once."""
+GPU, and compiled on CUDA tensors as well where a CUDA device is present (the same tests,
+parametrized by backend). Skipped when triton is not installed. The interpreter is slow
+(~0.1 s per launch), so the option grid is covered by a few combinations that switch every
+option on at least once."""
 
 from __future__ import annotations
 
@@ -19,17 +21,21 @@ from rmsprop import spec  # noqa: E402
 from rmsprop.options import Options  # noqa: E402
 
 
-@pytest.fixture(scope="module")
-def tk():
-    """The kernel module, (re)imported with the interpreter on: triton.jit decides between
-    compiled and interpreted when the module is imported."""
+BACKENDS = ["interpreter"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.fixture(scope="module", params=BACKENDS)
+def tk(request):
+    """The kernel module, (re)imported with the interpreter on or off: triton.jit decides
+    between compiled and interpreted when the module is imported."""
     from triton.runtime.interpreter import InterpretedFunction
 
+    interpret = request.param == "interpreter"
     old = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1"
+    os.environ["TRITON_INTERPRET"] = "1" if interpret else "0"
     import rmsprop.kernels.triton as mod
-    reloaded = not isinstance(mod._rmsprop_kernel, InterpretedFunction)
-    if reloaded:  # imported earlier in compiled mode
+    reloaded = isinstance(mod._rmsprop_kernel, InterpretedFunction) != interpret
+    if reloaded:
         mod = importlib.reload(mod)
     assert mod.available(), mod.unavailable_reason()
     yield mod
@@ -39,6 +45,17 @@ def tk():
         os.environ["TRITON_INTERPRET"] = old
     if reloaded:
         importlib.reload(mod)
+
+
+@pytest.fixture
+def dev(tk) -> str:
+    """Where the tensors of a test live: CPU for the interpreter, else CUDA."""
+    from triton.runtime.interpreter import InterpretedFunction
+    return "cpu" if isinstance(tk._rmsprop_kernel, InterpretedFunction) else "cuda"
+
+
+def _on(dev: str, a) -> "torch.Tensor":
+    return torch.from_numpy(np.array(a)).to(dev)
 
 
 COMBOS = [
@@ -77,33 +94,35 @@ def _state(rng, p, o, dtype):
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 @pytest.mark.parametrize("opts", COMBOS)
-def test_matches_spec(tk, dtype, opts):
+def test_matches_spec(tk, dev, dtype, opts):
     rng = np.random.default_rng(7)
     o = Options(lr=0.01, alpha=0.9, eps=1e-3, **opts)
     ps = [rng.standard_normal(s).astype(dtype) for s in SHAPES]
     gs = [rng.standard_normal(s).astype(dtype) for s in SHAPES]
     sts = [_state(rng, p, o, dtype) for p in ps]
     ref = [spec.step(p, g, s, o) for p, g, s in zip(ps, gs, sts)]
-    tp = [torch.from_numpy(p.copy()) for p in ps]
-    tv, tm, tb = ([torch.from_numpy(np.array(s[k])) for s in sts]
+    tp = [_on(dev, p) for p in ps]
+    tv, tm, tb = ([_on(dev, s[k]) for s in sts]
                   for k in ("square_avg", "grad_avg", "momentum_buffer"))
-    tk.fused_step(tp, [torch.from_numpy(g) for g in gs], tv, tm if o.centered else None,
+    tk.fused_step(tp, [_on(dev, g) for g in gs], tv, tm if o.centered else None,
                   tb if o.momentum else None, **_kw(o, 5, np.dtype(dtype).type))
     tol = 1e-12 if dtype == np.float64 else 4 * 2.0 ** -23
     for i, (p_ref, st_ref) in enumerate(ref):
-        np.testing.assert_allclose(tp[i].numpy(), p_ref, rtol=tol, atol=tol)
-        np.testing.assert_allclose(tv[i].numpy(), st_ref["square_avg"], rtol=tol, atol=tol)
+        np.testing.assert_allclose(tp[i].cpu().numpy(), p_ref, rtol=tol, atol=tol)
+        np.testing.assert_allclose(tv[i].cpu().numpy(), st_ref["square_avg"], rtol=tol,
+                                   atol=tol)
         if o.centered:
-            np.testing.assert_allclose(tm[i].numpy(), st_ref["grad_avg"], rtol=tol, atol=tol)
+            np.testing.assert_allclose(tm[i].cpu().numpy(), st_ref["grad_avg"], rtol=tol,
+                                       atol=tol)
         if o.momentum:
-            np.testing.assert_allclose(tb[i].numpy(), st_ref["momentum_buffer"], rtol=tol,
+            np.testing.assert_allclose(tb[i].cpu().numpy(), st_ref["momentum_buffer"], rtol=tol,
                                        atol=tol)
 
 
 @pytest.mark.parametrize("pdtype,state", [("bfloat16", torch.float32),
                                           ("float16", torch.float32),
                                           ("bfloat16", torch.bfloat16)])
-def test_16bit_params_float32_math(tk, pdtype, state):
+def test_16bit_params_float32_math(tk, dev, pdtype, state):
     """Reference: spec.step in float32 on the same 16-bit inputs, rounded once to 16 bits;
     at most one 16-bit ulp apart (float32 results a few ulp apart straddle a boundary)."""
     rng = np.random.default_rng(8)
@@ -115,31 +134,32 @@ def test_16bit_params_float32_math(tk, pdtype, state):
     for k in ("square_avg", "grad_avg", "momentum_buffer"):  # representable in the state dtype
         st[k] = torch.from_numpy(st[k]).to(state).float().numpy()
     p_ref, st_ref = spec.step(p16.float().numpy(), g16.float().numpy(), st, o)
-    v, m, b = (torch.from_numpy(st[k]).to(state)
+    v, m, b = (torch.from_numpy(st[k]).to(dev, state)
                for k in ("square_avg", "grad_avg", "momentum_buffer"))
-    p = p16.clone()
-    tk.fused_step([p], [g16], [v], [m], [b], **_kw(o, 5, np.float32))
+    p = p16.to(dev)
+    tk.fused_step([p], [g16.to(dev)], [v], [m], [b], **_kw(o, 5, np.float32))
+    p = p.cpu()
     exact = torch.from_numpy(p_ref).to(tdt).float().numpy()
     ulp = 2.0 ** -7 if pdtype == "bfloat16" else 2.0 ** -10
     np.testing.assert_allclose(p.float().numpy(), exact, rtol=ulp, atol=1e-6)
     assert np.mean(p.float().numpy() == exact) > 0.97
 
 
-def test_stats_grad_scale_and_first_nonfinite(tk):
+def test_stats_grad_scale_and_first_nonfinite(tk, dev):
     rng = np.random.default_rng(9)
     o = Options(lr=0.01, alpha=0.9, eps=0.3)
     shapes = [(300,), (0,), (7,)]
     ps = [rng.standard_normal(s) for s in shapes]
     gs = [rng.standard_normal(s) * 4.0 for s in shapes]
     vs = [rng.uniform(0.0, 0.5, s) for s in shapes]
-    tp = [torch.from_numpy(p.copy()) for p in ps]
-    tv = [torch.from_numpy(v.copy()) for v in vs]
-    stats = torch.full((3, 6), 5.0, dtype=torch.float64)
-    tk.fused_step(tp, [torch.from_numpy(g) for g in gs], tv, None, None, grad_scale=4.0,
+    tp = [_on(dev, p) for p in ps]
+    tv = [_on(dev, v) for v in vs]
+    stats = torch.full((3, 6), 5.0, dtype=torch.float64, device=dev)
+    tk.fused_step(tp, [_on(dev, g) for g in gs], tv, None, None, grad_scale=4.0,
                   stats=stats, **_kw(o, 1, np.float64))
     for i, (p, g, v) in enumerate(zip(ps, gs, vs)):
         ref, _ = spec.step(p, g / 4.0, {"step": 0, "square_avg": v}, o)
-        np.testing.assert_allclose(tp[i].numpy(), ref, rtol=1e-12, atol=1e-14)
+        np.testing.assert_allclose(tp[i].cpu().numpy(), ref, rtol=1e-12, atol=1e-14)
         if p.size == 0:
             assert stats[i].tolist() == [0.0, 0.0, 0.0, math.inf, -math.inf, 0.0]
             continue
@@ -149,9 +169,89 @@ def test_stats_grad_scale_and_first_nonfinite(tk):
         u = o.lr * gg / d
         want = [np.sum(gg * gg), np.sum(u * u), np.sum((p - u) ** 2), np.min(o.lr / d),
                 np.max(o.lr / d), np.sum(o.eps > np.sqrt(vv))]
-        np.testing.assert_allclose(stats[i].numpy(), want, rtol=1e-10)
-    xs = [torch.zeros(5), None, torch.zeros(0), torch.ones(1500), torch.zeros(2)]
+        np.testing.assert_allclose(stats[i].cpu().numpy(), want, rtol=1e-10)
+    xs = [torch.zeros(5, device=dev), None, torch.zeros(0, device=dev),
+          torch.ones(1500, device=dev), torch.zeros(2, device=dev)]
     assert tk.first_nonfinite(xs) == -1
     xs[3][1200] = math.nan
     xs[4][0] = math.inf
     assert tk.first_nonfinite(xs) == 3
+
+
+def test_one_launch_over_chunks_of_many_tensors(tk, dev, monkeypatch):
+    """Tensors longer than one program's chunk, single elements and empty ones in one launch:
+    every element still gets exactly the reference update, and the per-tensor statistics add
+    up across the chunks of a tensor. (Chunks of two blocks keep the interpreter quick.)"""
+    monkeypatch.setattr(tk, "CHUNK", 2 * tk.BLOCK)
+    rng = np.random.default_rng(10)
+    o = Options(lr=0.01, alpha=0.9, eps=1e-3, momentum=0.9)
+    sizes = [2 * tk.CHUNK + 3, 1, 0, 70, tk.CHUNK]
+    ps = [rng.standard_normal(k).astype(np.float32) for k in sizes]
+    gs = [rng.standard_normal(k).astype(np.float32) for k in sizes]
+    sts = [_state(rng, p, o, np.float32) for p in ps]
+    ref = [spec.step(p, g, s, o) for p, g, s in zip(ps, gs, sts)]
+    tp = [_on(dev, p) for p in ps]
+    tv, tb = ([_on(dev, s[k]) for s in sts] for k in ("square_avg", "momentum_buffer"))
+    stats = torch.empty(len(sizes), 6, dtype=torch.float64, device=dev)
+    tk.fused_step(tp, [_on(dev, g) for g in gs], tv, None, tb, stats=stats,
+                  **_kw(o, 5, np.float32))
+    for i, (p_ref, st_ref) in enumerate(ref):
+        np.testing.assert_allclose(tp[i].cpu().numpy(), p_ref, rtol=4 * 2.0 ** -23, atol=1e-7)
+        np.testing.assert_allclose(tb[i].cpu().numpy(), st_ref["momentum_buffer"], rtol=1e-6,
+                                   atol=1e-7)
+        g64 = gs[i].astype(np.float64)
+        if sizes[i]:
+            np.testing.assert_allclose(stats[i, 0].item(), np.sum(g64 * g64), rtol=1e-5)
+            np.testing.assert_allclose(stats[i, 2].item(),
+                                       np.sum(p_ref.astype(np.float64) ** 2), rtol=1e-5)
+    assert stats[2].tolist() == [0.0, 0.0, 0.0, math.inf, -math.inf, 0.0]
+
+
+def test_floor_reads_and_writes_without_changing(tk, dev):
+    rng = np.random.default_rng(11)
+    ts = [[_on(dev, rng.standard_normal(k).astype(np.float32)) for k in (5, 3000)]
+          for _ in range(4)]
+    before = [[t.clone() for t in group] for group in ts]
+    tk.floor_call(ts[0], ts[1], ts[2], None, ts[3])()
+    for group, old in zip(ts, before):
+        for t, o in zip(group, old):
+            assert torch.equal(t, o)
+
+
+def test_cuda_plan_steps_like_torch(tk, dev, monkeypatch):
+    """The optimizer's cached-table path for CUDA params (CudaPlan), driven on CPU tensors
+    by the interpreter: three steps equal torch.optim.RMSprop's, a NaN gradient is refused
+    with nothing changed, and the kernel's statistics give the closed-form gradient RMS."""
+    from rmsprop.torch import NonFiniteGradientError, RMSprop
+    from rmsprop.torch import _plan
+
+    if dev == "cpu":
+        monkeypatch.setattr(_plan, "plan_for", lambda device_type: _plan.CudaPlan)
+        monkeypatch.setattr(tk, "CHUNK", 2 * tk.BLOCK)
+    torch.manual_seed(0)
+    shapes = [(300, 7), (7,), (tk.CHUNK + 9,)]
+    ours = [torch.randn(s, device=dev, requires_grad=True) for s in shapes]
+    theirs = [p.detach().clone().requires_grad_() for p in ours]
+    opt = RMSprop(ours, lr=0.01, momentum=0.9, centered=True, track_stats=True)
+    ref = torch.optim.RMSprop(theirs, lr=0.01, momentum=0.9, centered=True, foreach=False)
+    for step in range(3):
+        grads = [torch.randn(s, device=dev) for s in shapes]
+        for a, b, g in zip(ours, theirs, grads):
+            a.grad, b.grad = g.clone(), g.clone()
+        opt.step()
+        ref.step()
+        if step > 0:  # the first step built the plan; the later ones ran through it
+            assert opt._plans and isinstance(next(iter(opt._plans.values())), _plan.CudaPlan)
+        for a, b in zip(ours, theirs):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        want = math.sqrt(sum(float(g.double().square().sum()) for g in grads)
+                         / sum(g.numel() for g in grads))
+        assert opt.stats()["groups"][0]["grad_rms"] == pytest.approx(want, rel=1e-6)
+    before = [p.detach().clone() for p in ours]
+    state = [{k: v.clone() for k, v in opt.state[p].items()} for p in ours]
+    ours[2].grad[tk.CHUNK + 3] = math.nan
+    with pytest.raises(NonFiniteGradientError):
+        opt.step()
+    for p, old, st in zip(ours, before, state):
+        assert torch.equal(p, old)
+        assert all(torch.equal(opt.state[p][k], v) for k, v in st.items())

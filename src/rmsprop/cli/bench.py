@@ -73,6 +73,10 @@ def register(subparsers: Any) -> None:
     p.add_argument("--repeats", type=int, default=5, help="interleaved rounds (default 5)")
     p.add_argument("--calls", type=int, default=None,
                    help="timed calls per block (default: about 0.15 s worth, 3..30)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                   help="cpu (the C kernel, default) or cuda (the Triton kernel; times with "
+                        "CUDA events, floor = a Triton loop with the step's reads and writes, "
+                        "STREAM = torch copy/triad on the GPU)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch.set_num_threads (default: torch's default)")
     p.add_argument("--json", default=None, metavar="FILE", help="write all rows as JSON")
@@ -340,23 +344,75 @@ def stream_bandwidth(n: int, rounds: int) -> dict[str, float]:
     return res
 
 
-def _time_once(fn: Callable[[], Any]) -> float:
+def _time_once(fn: Callable[[], Any], cuda: bool = False) -> float:
+    if cuda:
+        import torch
+        torch.cuda.synchronize()
     t0 = time.perf_counter()
     fn()
+    if cuda:
+        torch.cuda.synchronize()
     return time.perf_counter() - t0
+
+
+def _time_block(fn: Callable[[], Any], calls: int, cuda: bool) -> list[float]:
+    """Per-call times of ``calls`` back-to-back calls: each timed on the host clock (CPU), or
+    the block's mean between two CUDA events, so that the GPU queue stays full as in
+    training (one value per block)."""
+    if not cuda:
+        return [_time_once(fn) for _ in range(calls)]
+    import torch
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize()
+    start.record()
+    for _ in range(calls):
+        fn()
+    end.record()
+    end.synchronize()
+    return [start.elapsed_time(end) / 1e3 / calls]
+
+
+def stream_bandwidth_cuda(n: int, rounds: int) -> dict[str, float]:
+    """STREAM copy / triad GB/s on the GPU (torch's copy_ and add), float32, n elements."""
+    import torch
+    a = torch.ones(n, device="cuda")
+    b, c = torch.full_like(a, 2.0), torch.zeros_like(a)
+    res = {}
+    for name, fn, nbytes in (("copy", lambda: c.copy_(a), 8 * n),
+                             ("triad", lambda: torch.add(b, c, alpha=3.0, out=a), 12 * n)):
+        fn()
+        ts = [t for _ in range(3 * rounds) for t in _time_block(fn, 20, True)]
+        res[name] = nbytes / _median(ts) / 1e9
+    return res
+
+
+def peak_extra_bytes_cuda(fn: Callable[[], Any]) -> tuple[int | None, str]:
+    """Peak device bytes allocated during one call beyond those live before it."""
+    import torch
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return max(0, torch.cuda.max_memory_allocated() - before), "torch.cuda max_memory_allocated"
 
 
 def bench_row(row: dict, args: argparse.Namespace, names: list[str], bar: Any,
               log: Callable[[str], None]) -> dict:
     import torch
-    from ..kernels import cpu
 
+    cuda = args.device == "cuda"
+    if cuda:
+        from ..kernels import triton as kernel
+    else:
+        from ..kernels import cpu as kernel
     dtype = getattr(torch, row["dtype"])
     gen = torch.Generator().manual_seed(0)
     params = []
     for shape in row["shapes"]:
-        p = torch.randn(shape, generator=gen).to(dtype).requires_grad_()
-        p.grad = torch.randn(shape, generator=gen).to(dtype)
+        p = torch.randn(shape, generator=gen).to(device=args.device, dtype=dtype)
+        p.requires_grad_()
+        p.grad = torch.randn(shape, generator=gen).to(device=args.device, dtype=dtype)
         params.append(p)
     ntensors = len(params)
     nelem = sum(p.numel() for p in params)
@@ -389,7 +445,7 @@ def bench_row(row: dict, args: argparse.Namespace, names: list[str], bar: Any,
     grads = [p.grad for p in params]
     pdata = [p.detach() for p in params]
 
-    floor_step = cpu.floor_call(pdata, grads, vs_r, ms, bs)
+    floor_step = kernel.floor_call(pdata, grads, vs_r, ms, bs)
     floor_step()
     live["floor"] = dict(step=floor_step, bytes=floor_bytes, first_call_s=None, note="", opt=None)
 
@@ -397,7 +453,7 @@ def bench_row(row: dict, args: argparse.Namespace, names: list[str], bar: Any,
     # calls per block: about 0.15 s of work, at least 3
     calls = {}
     for n in order_names:
-        t = min(_time_once(live[n]["step"]) for _ in range(2))
+        t = min(_time_once(live[n]["step"], cuda) for _ in range(2))
         calls[n] = args.calls or max(3, min(30, int(0.15 / max(t, 1e-6))))
     times: dict[str, list[float]] = {n: [] for n in order_names}
     with torch.no_grad():
@@ -405,11 +461,11 @@ def bench_row(row: dict, args: argparse.Namespace, names: list[str], bar: Any,
             for n in order_names:
                 fn = live[n]["step"]
                 fn()  # warm-up: caches and the other candidates' effects
-                for _ in range(calls[n]):
-                    times[n].append(_time_once(fn))
+                times[n] += _time_block(fn, calls[n], cuda)
                 if bar is not None:
                     bar.update(1)
-    stream = stream_bandwidth(nelem, max(1, min(args.repeats, 3)))
+    stream = (stream_bandwidth_cuda if cuda else stream_bandwidth)(
+        nelem, max(1, min(args.repeats, 3)))
 
     med = {n: _median(times[n]) for n in order_names}
     floor_gbps = live["floor"]["bytes"] / med["floor"] / 1e9
@@ -427,14 +483,16 @@ def bench_row(row: dict, args: argparse.Namespace, names: list[str], bar: Any,
         gbps = c["bytes"] / med[n] / 1e9
         extra, method = (None, "")
         if n != "floor":
-            extra, method = peak_extra_bytes(c["step"])
+            extra, method = (peak_extra_bytes_cuda if cuda else peak_extra_bytes)(c["step"])
         r = dict(candidate=n, median_ms=med[n] * 1e3, min_ms=min(times[n]) * 1e3,
                  calls=len(times[n]), bytes=c["bytes"], gbps=gbps, frac_floor=gbps / floor_gbps,
                  vs_foreach=(base / med[n]) if base else None,
                  peak_extra_bytes=extra, memory_method=method)
-        if c.get("first_call_s") is not None and n == "torch.compile":
+        if c.get("first_call_s") is not None and (n == "torch.compile"
+                                                  or (cuda and n.startswith("rmsprop fused"))):
             r["first_call_s"] = c["first_call_s"]
-            r["second_call_s"] = c.get("second_call_s")
+            if n == "torch.compile":
+                r["second_call_s"] = c.get("second_call_s")
         results.append(r)
     if bar is not None:  # blocks of skipped candidates
         bar.update(args.repeats * (len(names) + 1 - len(order_names)))
@@ -500,9 +558,11 @@ def format_row(r: dict) -> str:
         vs = f"{x['vs_foreach']:.2f}x" if x.get("vs_foreach") else "-"
         extra = "-" if x.get("peak_extra_bytes") is None else f"{x['peak_extra_bytes'] / 1e6:.2f}"
         note = ""
-        if "first_call_s" in x:
+        if "second_call_s" in x:
             note = f"first call {x['first_call_s']:.1f} s (compile), second " \
                    f"{x['second_call_s']:.2f} s"
+        elif "first_call_s" in x:
+            note = f"first call {x['first_call_s']:.2f} s (Triton compile)"
         ms = x["median_ms"]
         lines.append(f"{x['candidate']:<22}{ms:>11.3f}{x['gbps']:>8.1f}"
                      f"{100 * x['frac_floor']:>7.0f}%{vs:>10}{extra:>10}  {note}")
@@ -537,8 +597,16 @@ def run(args: argparse.Namespace) -> int:
 
     os.environ.setdefault("KINETO_LOG_LEVEL", "5")  # the profiler's start/stop chatter
     import torch
+    if args.device == "cuda":
+        from ..kernels import triton as kernel
+        if not torch.cuda.is_available():
+            raise CLIError("bench: --device cuda needs a CUDA device (torch sees none)")
+        if not kernel.available():
+            raise CLIError(f"bench: the Triton kernel is unavailable: "
+                           f"{kernel.unavailable_reason()}")
+        args.no_first_step = True  # that figure is about the CPU kernel's library
     from ..kernels import cpu
-    if not cpu.available():
+    if args.device == "cpu" and not cpu.available():
         raise CLIError(f"bench: the fused CPU kernel is unavailable: {cpu.unavailable_reason()}")
     old_threads = torch.get_num_threads()
     if args.threads:
@@ -564,13 +632,22 @@ def _run(args: argparse.Namespace, rows: list[dict], names: list[str], torch: An
                     break
     except OSError:
         pass
+    cuda = args.device == "cuda"
+    gpu = torch.cuda.get_device_name() if cuda else None
+    isa = cpu.isa() if cpu.available() else "unavailable"
     meta = dict(command="rmsprop bench " + " ".join(sys.argv[2:] if len(sys.argv) > 2 else []),
                 cpu=cpu_name, cores=os.cpu_count(), torch_threads=torch.get_num_threads(),
                 torch=torch.__version__, python=platform.python_version(),
-                kernel_isa=cpu.isa(), kernel_library=str(cpu.library_path()),
+                kernel_isa=isa, kernel_library=str(cpu.library_path()), device=args.device,
+                gpu=gpu,
                 time=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
-    print(f"rmsprop bench: {cpu_name}, {os.cpu_count()} cores, torch {torch.__version__} with "
-          f"{torch.get_num_threads()} threads; kernel {cpu.isa()} ({cpu.library_path()})")
+    if cuda:
+        import triton
+        print(f"rmsprop bench --device cuda: {gpu}, torch {torch.__version__}, triton "
+              f"{triton.__version__}; times from CUDA events around blocks of calls")
+    else:
+        print(f"rmsprop bench: {cpu_name}, {os.cpu_count()} cores, torch {torch.__version__} "
+              f"with {torch.get_num_threads()} threads; kernel {isa} ({cpu.library_path()})")
     print(f"median of {args.repeats} interleaved rounds; bytes = 2x params + grads + 2x state; "
           f"%floor = GB/s over the in-run floor; x foreach = speed-up over {BASELINE}")
     if not args.no_first_step and not args.quick:

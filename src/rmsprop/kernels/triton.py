@@ -31,6 +31,8 @@ except Exception as e:  # noqa: BLE001 - any import failure means "no Triton her
     _reason = f"triton is not importable: {type(e).__name__}: {e}"
 
 BLOCK = 1024
+CHUNK = 4 * BLOCK  # elements per program: enough to amortise its setup, small enough
+# that a 10M-element tensor keeps every SM of a large GPU busy
 
 
 def _interpret() -> bool:
@@ -89,6 +91,12 @@ if triton is not None:
     def _max(a, b):
         return tl.where(a > b, a, b)
 
+    # The standard library's own combine functions where it has them: the interpreter
+    # recognises those and reduces with NumPy, and calls any other one element by element.
+    _SUM = getattr(tl.standard, "_sum_combine", _add)
+    _MIN = getattr(tl.standard, "_elementwise_min", _min)
+    _MAX = getattr(tl.standard, "_elementwise_max", _max)
+
     @triton.jit
     def _store(ptr, x, mask):
         # bfloat16 rounded to nearest even by hand: the interpreter's conversion truncates,
@@ -102,106 +110,262 @@ if triton is not None:
             tl.store(ptr, x.to(ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _rmsprop_kernel(p_ptr, g_ptr, v_ptr, m_ptr, b_ptr, h_ptr, stats_ptr, stats_bits_ptr,
-                        n, row,
+    def _rmsprop_kernel(tab_ptr, grad_ptrs, hyper_ptr, stats_ptr, stats_bits_ptr, n, nchunks,
+                        p_like, s_like,
                         CENTERED: tl.constexpr, MOMENTUM: tl.constexpr,
                         WD_COUPLED: tl.constexpr, DECOUPLED: tl.constexpr,
                         NESTEROV: tl.constexpr, EPS_IN_SQRT: tl.constexpr,
                         LR_IN_MOMENTUM: tl.constexpr, STATS: tl.constexpr,
-                        MATH64: tl.constexpr, BLOCK: tl.constexpr):
+                        MATH64: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+        # One program updates one chunk of one tensor; the table (see _Table) says which.
         pid = tl.program_id(0)
-        offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-        mask = offs < n
+        t = tl.load(tab_ptr + 5 * n + pid)
+        start = tl.load(tab_ptr + 5 * n + nchunks + pid)
+        numel = tl.load(tab_ptr + 4 * n + t)
+        p_ptr = tl.load(tab_ptr + t).to(tl.pointer_type(p_like.dtype.element_ty))
+        g_ptr = tl.load(grad_ptrs + t).to(tl.pointer_type(p_like.dtype.element_ty))
+        v_ptr = tl.load(tab_ptr + n + t).to(tl.pointer_type(s_like.dtype.element_ty))
+        m_ptr = tl.load(tab_ptr + 2 * n + t).to(tl.pointer_type(s_like.dtype.element_ty))
+        b_ptr = tl.load(tab_ptr + 3 * n + t).to(tl.pointer_type(s_like.dtype.element_ty))
         if MATH64:
             T = tl.float64
         else:
             T = tl.float32
         # hyper: lr, alpha, eps, wd, mu, c, gmul (sign / grad_scale), each rounded to T once
-        lr = tl.load(h_ptr + 0).to(T)
-        alpha = tl.load(h_ptr + 1).to(T)
-        eps = tl.load(h_ptr + 2).to(T)
-        wd = tl.load(h_ptr + 3).to(T)
-        mu = tl.load(h_ptr + 4).to(T)
-        c = tl.load(h_ptr + 5).to(T)
-        gmul = tl.load(h_ptr + 6).to(T)
+        lr = tl.load(hyper_ptr + 0).to(T)
+        alpha = tl.load(hyper_ptr + 1).to(T)
+        eps = tl.load(hyper_ptr + 2).to(T)
+        wd = tl.load(hyper_ptr + 3).to(T)
+        mu = tl.load(hyper_ptr + 4).to(T)
+        c = tl.load(hyper_ptr + 5).to(T)
+        gmul = tl.load(hyper_ptr + 6).to(T)
         one = tl.full((), 1.0, T)
         oma = one - alpha
         invc = _div(one, c, MATH64)
-
-        g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(T) * gmul
-        p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(T)
-        if WD_COUPLED:
-            g = g + wd * p
-        if DECOUPLED:
-            p = p * (one - lr * wd)
-        v = alpha * tl.load(v_ptr + offs, mask=mask, other=0.0).to(T) + oma * g * g
-        _store(v_ptr + offs, v, mask)
-        if CENTERED:
-            mm = alpha * tl.load(m_ptr + offs, mask=mask, other=0.0).to(T) + oma * g
-            _store(m_ptr + offs, mm, mask)
-            mc = mm * invc
-            s = v * invc - mc * mc
-            s = tl.where(s < 0, 0.0, s)  # NaN < 0 is false: NaN is kept
-        else:
-            s = v * invc
-        if EPS_IN_SQRT:
-            sq = _sqrt(s + eps, MATH64)
-            d = sq
-        else:
-            sq = _sqrt(s, MATH64)
-            d = sq + eps
-        nrm = _div(g, d, MATH64)
-        if MOMENTUM:
-            if LR_IN_MOMENTUM:
-                k = lr
-            else:
-                k = one
-            b = mu * tl.load(b_ptr + offs, mask=mask, other=0.0).to(T) + k * nrm
-            _store(b_ptr + offs, b, mask)
-            if NESTEROV:
-                u = mu * b + k * nrm
-            else:
-                u = b
-            if not LR_IN_MOMENTUM:
-                u = lr * u
-        else:
-            u = lr * nrm
-        p = p - u
-        _store(p_ptr + offs, p, mask)
         if STATS:
-            base = stats_ptr + row * 6
-            tl.atomic_add(base + 0, tl.reduce(tl.where(mask, g * g, 0.0), 0, _add).to(tl.float64))
-            tl.atomic_add(base + 1, tl.reduce(tl.where(mask, u * u, 0.0), 0, _add).to(tl.float64))
-            tl.atomic_add(base + 2, tl.reduce(tl.where(mask, p * p, 0.0), 0, _add).to(tl.float64))
-            r = _div(lr * one + 0.0 * d, d, MATH64)
-            rmin = tl.reduce(tl.where(mask, r, float("inf")), 0, _min).to(tl.float64)
-            rmax = tl.reduce(tl.where(mask, r, float("-inf")), 0, _max).to(tl.float64)
-            # lr/d >= 0, and non-negative IEEE floats order like their bit patterns
-            bits = stats_bits_ptr + row * 6
-            tl.atomic_min(bits + 3, rmin.to(tl.int64, bitcast=True))
-            tl.atomic_max(bits + 4, rmax.to(tl.int64, bitcast=True))
-            if EPS_IN_SQRT:
-                dom = eps > s
+            acc_g = tl.full((BLOCK,), 0.0, T)
+            acc_u = tl.full((BLOCK,), 0.0, T)
+            acc_p = tl.full((BLOCK,), 0.0, T)
+            acc_lo = tl.full((BLOCK,), float("inf"), T)
+            acc_hi = tl.full((BLOCK,), float("-inf"), T)
+            acc_dom = tl.full((BLOCK,), 0.0, T)
+        end = tl.minimum(start + CHUNK, numel)
+        for lo in range(start, end, BLOCK):
+            offs = lo + tl.arange(0, BLOCK)
+            mask = offs < end
+            g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(T) * gmul
+            p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(T)
+            if WD_COUPLED:
+                g = g + wd * p
+            if DECOUPLED:
+                p = p * (one - lr * wd)
+            v = alpha * tl.load(v_ptr + offs, mask=mask, other=0.0).to(T) + oma * g * g
+            _store(v_ptr + offs, v, mask)
+            if CENTERED:
+                mm = alpha * tl.load(m_ptr + offs, mask=mask, other=0.0).to(T) + oma * g
+                _store(m_ptr + offs, mm, mask)
+                mc = mm * invc
+                s = v * invc - mc * mc
+                s = tl.where(s < 0, 0.0, s)  # NaN < 0 is false: NaN is kept
             else:
-                dom = eps > sq
-            cnt = tl.reduce(tl.where(mask & dom, 1.0, 0.0), 0, _add)
-            tl.atomic_add(base + 5, cnt.to(tl.float64))
+                s = v * invc
+            if EPS_IN_SQRT:
+                sq = _sqrt(s + eps, MATH64)
+                d = sq
+            else:
+                sq = _sqrt(s, MATH64)
+                d = sq + eps
+            nrm = _div(g, d, MATH64)
+            if MOMENTUM:
+                if LR_IN_MOMENTUM:
+                    k = lr
+                else:
+                    k = one
+                b = mu * tl.load(b_ptr + offs, mask=mask, other=0.0).to(T) + k * nrm
+                _store(b_ptr + offs, b, mask)
+                if NESTEROV:
+                    u = mu * b + k * nrm
+                else:
+                    u = b
+                if not LR_IN_MOMENTUM:
+                    u = lr * u
+            else:
+                u = lr * nrm
+            p = p - u
+            _store(p_ptr + offs, p, mask)
+            if STATS:
+                acc_g += tl.where(mask, g * g, 0.0)
+                acc_u += tl.where(mask, u * u, 0.0)
+                acc_p += tl.where(mask, p * p, 0.0)
+                r = _div(lr + 0.0 * d, d, MATH64)
+                acc_lo = tl.where(mask & (r < acc_lo), r, acc_lo)
+                acc_hi = tl.where(mask & (r > acc_hi), r, acc_hi)
+                if EPS_IN_SQRT:
+                    dom = eps > s
+                else:
+                    dom = eps > sq
+                acc_dom += tl.where(mask & dom, 1.0, 0.0)
+        if STATS:
+            base = stats_ptr + t * 6
+            tl.atomic_add(base + 0, tl.reduce(acc_g, 0, _SUM).to(tl.float64))
+            tl.atomic_add(base + 1, tl.reduce(acc_u, 0, _SUM).to(tl.float64))
+            tl.atomic_add(base + 2, tl.reduce(acc_p, 0, _SUM).to(tl.float64))
+            # lr/d >= 0, and non-negative IEEE floats order like their bit patterns
+            bits = stats_bits_ptr + t * 6
+            tl.atomic_min(bits + 3, tl.reduce(acc_lo, 0, _MIN).to(tl.float64)
+                          .to(tl.int64, bitcast=True))
+            tl.atomic_max(bits + 4, tl.reduce(acc_hi, 0, _MAX).to(tl.float64)
+                          .to(tl.int64, bitcast=True))
+            tl.atomic_add(base + 5, tl.reduce(acc_dom, 0, _SUM).to(tl.float64))
 
     @triton.jit
-    def _nonfinite_kernel(x_ptr, n, flag_ptr, BLOCK: tl.constexpr):
+    def _nonfinite_kernel(tab_ptr, grad_ptrs, flag_ptr, n, nchunks, g_like,
+                          CHUNK: tl.constexpr, BLOCK: tl.constexpr):
         pid = tl.program_id(0)
-        offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-        mask = offs < n
-        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        bad = mask & ((x != x) | (x == float("inf")) | (x == float("-inf")))
-        tl.atomic_max(flag_ptr, tl.reduce(bad.to(tl.int32), 0, _max))
+        t = tl.load(tab_ptr + 5 * n + pid)
+        start = tl.load(tab_ptr + 5 * n + nchunks + pid)
+        numel = tl.load(tab_ptr + 4 * n + t)
+        g_ptr = tl.load(grad_ptrs + t).to(tl.pointer_type(g_like.dtype.element_ty))
+        end = tl.minimum(start + CHUNK, numel)
+        bad = tl.full((BLOCK,), 0, tl.int32)
+        for lo in range(start, end, BLOCK):
+            offs = lo + tl.arange(0, BLOCK)
+            mask = offs < end
+            x = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            bad = bad | (mask & ((x != x) | (tl.abs(x) == float("inf")))).to(tl.int32)
+        hit = tl.reduce(bad, 0, _MAX)
+        if hit > 0:
+            tl.atomic_max(flag_ptr + t, hit)
+
+    @triton.jit
+    def _floor_kernel(tab_ptr, grad_ptrs, n, nchunks, p_like, s_like, HAS_M: tl.constexpr,
+                      HAS_B: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+        # The bandwidth floor: the step's reads and writes with trivial arithmetic (x + 0*g
+        # keeps every value; the compiler cannot drop the loads of g it multiplies).
+        pid = tl.program_id(0)
+        t = tl.load(tab_ptr + 5 * n + pid)
+        start = tl.load(tab_ptr + 5 * n + nchunks + pid)
+        numel = tl.load(tab_ptr + 4 * n + t)
+        p_ptr = tl.load(tab_ptr + t).to(tl.pointer_type(p_like.dtype.element_ty))
+        g_ptr = tl.load(grad_ptrs + t).to(tl.pointer_type(p_like.dtype.element_ty))
+        v_ptr = tl.load(tab_ptr + n + t).to(tl.pointer_type(s_like.dtype.element_ty))
+        m_ptr = tl.load(tab_ptr + 2 * n + t).to(tl.pointer_type(s_like.dtype.element_ty))
+        b_ptr = tl.load(tab_ptr + 3 * n + t).to(tl.pointer_type(s_like.dtype.element_ty))
+        end = tl.minimum(start + CHUNK, numel)
+        for lo in range(start, end, BLOCK):
+            offs = lo + tl.arange(0, BLOCK)
+            mask = offs < end
+            z = tl.load(g_ptr + offs, mask=mask, other=0.0) * 0
+            tl.store(p_ptr + offs, tl.load(p_ptr + offs, mask=mask) + z, mask=mask)
+            tl.store(v_ptr + offs, tl.load(v_ptr + offs, mask=mask) + z, mask=mask)
+            if HAS_M:
+                tl.store(m_ptr + offs, tl.load(m_ptr + offs, mask=mask) + z, mask=mask)
+            if HAS_B:
+                tl.store(b_ptr + offs, tl.load(b_ptr + offs, mask=mask) + z, mask=mask)
 
 
 _SUPPORTED = ("float32", "float64", "float16", "bfloat16")
 
 
+class Table:
+    """Where one launch finds its tensors. A static int64 device tensor laid out as
+    ``[P | V | M | B | numel]`` (``n`` entries each: data pointers and element counts), then
+    the chunk list ``[tensor index | first element]`` (``nchunks`` each), copied to the device
+    once; and per step a small one, ``[G | hyperparameters as float64 bits]``, the only part
+    that changes between steps (a pinned, asynchronous copy on CUDA). One program updates one
+    chunk of ``CHUNK`` elements, so a thousand small tensors and one huge one both take a
+    single launch."""
+
+    def __init__(self, ptrs: Sequence[Sequence[int]], numels: Sequence[int],
+                 device: Any) -> None:
+        import numpy as np
+        import torch
+        n = len(numels)
+        ne = np.asarray(numels, dtype=np.int64)
+        per = -(-ne // CHUNK)
+        tensor_of = np.repeat(np.arange(n, dtype=np.int64), per)
+        first = np.arange(len(tensor_of), dtype=np.int64) - np.repeat(np.cumsum(per) - per, per)
+        self.n, self.nchunks, self.device = n, len(tensor_of), device
+        host = np.empty(5 * n + 2 * self.nchunks, dtype=np.int64)
+        for k, col in enumerate(ptrs):  # P, V, M, B
+            host[k * n:(k + 1) * n] = np.asarray(col, dtype=np.uint64).view(np.int64)
+        host[4 * n:5 * n] = ne
+        host[5 * n:5 * n + self.nchunks] = tensor_of
+        host[5 * n + self.nchunks:] = first * CHUNK
+        self.static = torch.from_numpy(host).to(device)
+        self._pin = torch.device(device).type == "cuda"
+
+    def upload(self, grads: Sequence[int], hyper: Sequence[float] | None = None
+               ) -> tuple[Any, Any]:
+        """The per-step part on the device: (gradient pointers, hyperparameters)."""
+        import numpy as np
+        import torch
+        dyn = torch.zeros(self.n + 8, dtype=torch.int64, pin_memory=self._pin)
+        view = dyn.numpy()
+        view[:self.n] = np.asarray(grads, dtype=np.uint64).view(np.int64)
+        if hyper is not None:
+            view[self.n:self.n + 7] = np.asarray(hyper, dtype=np.float64).view(np.int64)
+        dev = dyn.to(self.device, non_blocking=True)
+        return dev, dev[self.n:].view(torch.float64)
+
+
+def _flags(centered: bool, use_mom: bool, weight_decay: float, decoupled: bool,
+           nesterov: bool, eps_in_sqrt: bool, lr_in_momentum: bool, stats: bool,
+           math64: bool) -> dict:
+    return dict(CENTERED=centered, MOMENTUM=use_mom,
+                WD_COUPLED=weight_decay != 0 and not decoupled,
+                DECOUPLED=weight_decay != 0 and bool(decoupled),
+                NESTEROV=bool(nesterov) and use_mom, EPS_IN_SQRT=bool(eps_in_sqrt),
+                LR_IN_MOMENTUM=bool(lr_in_momentum), STATS=stats, MATH64=math64)
+
+
+def hyper_values(lr: float, alpha: float, eps: float, weight_decay: float, momentum: float,
+                 bias_correction: float, grad_scale: float | None, maximize: bool
+                 ) -> list[float]:
+    """The seven float64 hyperparameters the kernel reads, in its order."""
+    inv = 1.0 if grad_scale is None else 1.0 / float(grad_scale)
+    # AMP's inverse scale is a float32 number; the sign of maximize is exact either way
+    return [float(lr), float(alpha), float(eps), float(weight_decay), float(momentum),
+            float(bias_correction), -inv if maximize else inv]
+
+
+def launch(table: Table, grads: Any, hyper: Any, p_like: Any, s_like: Any, flags: dict,
+           stats: Any = None) -> None:
+    """One launch of the step over every chunk of ``table``, with the step's part of it
+    (``grads``, ``hyper``) from :meth:`Table.upload`; ``stats`` as in :func:`fused_step`."""
+    if table.nchunks == 0:
+        if stats is not None:
+            _reset_stats(stats)
+        return
+    if stats is not None:
+        _reset_stats(stats)
+        st, sb = stats, stats.view(__import__("torch").int64)
+    else:
+        st = sb = hyper
+    _rmsprop_kernel[(table.nchunks,)](table.static, grads, hyper, st, sb, table.n,
+                                      table.nchunks, p_like, s_like, **flags, CHUNK=CHUNK,
+                                      BLOCK=BLOCK)
+
+
+def _reset_stats(stats: Any) -> None:
+    stats.zero_()
+    stats[:, 3] = float("inf")
+    stats[:, 4] = float("-inf")
+
+
+def nonfinite_flags(table: Table, grads: Any, g_like: Any) -> Any:
+    """An int32 device tensor with one flag per tensor: 1 where its gradient holds inf or
+    NaN (one launch, no host sync)."""
+    import torch
+    flags = torch.zeros(table.n, dtype=torch.int32, device=table.device)
+    if table.nchunks:
+        _nonfinite_kernel[(table.nchunks,)](table.static, grads, flags, table.n,
+                                            table.nchunks, g_like, CHUNK=CHUNK, BLOCK=BLOCK)
+    return flags
+
+
 def _check(tensors: Sequence[Any], name: str, n: int, dtype: Any, numels: list[int],
-           device: Any) -> None:
+           device: Any) -> list[int]:
     if len(tensors) != n:
         raise ValueError(f"fused Triton step: {name} has {len(tensors)} tensors, params has {n}")
     for i, t in enumerate(tensors):
@@ -216,6 +380,7 @@ def _check(tensors: Sequence[Any], name: str, n: int, dtype: Any, numels: list[i
         if t.device != device:
             raise ValueError(f"fused Triton step: {name}[{i}] is on {t.device}, params on "
                              f"{device}")
+    return [t.data_ptr() for t in tensors]
 
 
 def fused_step(params: Sequence[Any], grads: Sequence[Any], square_avgs: Sequence[Any],
@@ -224,9 +389,9 @@ def fused_step(params: Sequence[Any], grads: Sequence[Any], square_avgs: Sequenc
                centered: bool, maximize: bool, eps_in_sqrt: bool, lr_in_momentum: bool,
                nesterov: bool, decoupled_weight_decay: bool, bias_correction: float,
                grad_scale: float | None = None, stats: Any = None) -> None:
-    """One RMSProp step over CUDA tensors (CPU tensors under ``TRITON_INTERPRET=1``), one
-    kernel launch per non-empty tensor; arguments, state dtypes, ``grad_scale`` and ``stats``
-    exactly as :func:`rmsprop.kernels.cpu.fused_step`."""
+    """One RMSProp step over CUDA tensors (CPU tensors under ``TRITON_INTERPRET=1``) in a
+    single kernel launch over a :class:`Table` of the tensors; arguments, state dtypes,
+    ``grad_scale`` and ``stats`` exactly as :func:`rmsprop.kernels.cpu.fused_step`."""
     if triton is None:
         raise RuntimeError(f"the fused Triton kernel is unavailable: {_reason}")
     import torch
@@ -252,60 +417,68 @@ def fused_step(params: Sequence[Any], grads: Sequence[Any], square_avgs: Sequenc
     if grad_scale is not None and not (grad_scale > 0):
         raise ValueError(f"fused Triton step: grad_scale must be > 0, got {grad_scale}")
     numels = [t.numel() for t in params]
-    _check(params, "params", n, pdtype, numels, device)
-    _check(grads, "grads", n, pdtype, numels, device)
-    _check(square_avgs, "square_avgs", n, sdtype, numels, device)
-    if centered:
-        _check(grad_avgs, "grad_avgs", n, sdtype, numels, device)
-    if use_mom:
-        _check(momentum_buffers, "momentum_buffers", n, sdtype, numels, device)
-    inv = 1.0 if grad_scale is None else 1.0 / float(grad_scale)
-    # AMP's inverse scale is a float32 number; the sign of maximize is exact either way
-    gmul = (-inv if maximize else inv)
-    hyper = torch.tensor([lr, alpha, eps, weight_decay, momentum, bias_correction, gmul],
-                         dtype=torch.float64, device=device)
-    if stats is not None:
-        stats.zero_()
-        stats[:, 3] = float("inf")
-        stats[:, 4] = float("-inf")
-        stats_bits = stats.view(torch.int64)
-    else:
-        stats_bits = None
-    flags = dict(CENTERED=centered, MOMENTUM=use_mom,
-                 WD_COUPLED=weight_decay != 0 and not decoupled_weight_decay,
-                 DECOUPLED=weight_decay != 0 and bool(decoupled_weight_decay),
-                 NESTEROV=bool(nesterov) and use_mom, EPS_IN_SQRT=bool(eps_in_sqrt),
-                 LR_IN_MOMENTUM=bool(lr_in_momentum), STATS=stats is not None,
-                 MATH64=pdtype == torch.float64, BLOCK=BLOCK)
-    for i in range(n):
-        if numels[i] == 0:
-            continue
-        v = square_avgs[i]
-        m = grad_avgs[i] if centered else v
-        b = momentum_buffers[i] if use_mom else v
-        st = stats if stats is not None else hyper
-        sb = stats_bits if stats_bits is not None else hyper
-        grid = (triton.cdiv(numels[i], BLOCK),)
-        _rmsprop_kernel[grid](params[i], grads[i], v, m, b, hyper, st, sb, numels[i], i,
-                              **flags)
+    P = _check(params, "params", n, pdtype, numels, device)
+    G = _check(grads, "grads", n, pdtype, numels, device)
+    V = _check(square_avgs, "square_avgs", n, sdtype, numels, device)
+    M = _check(grad_avgs, "grad_avgs", n, sdtype, numels, device) if centered else V
+    B = (_check(momentum_buffers, "momentum_buffers", n, sdtype, numels, device)
+         if use_mom else V)
+    table = Table((P, V, M, B), numels, device)
+    gdev, hyper = table.upload(G, hyper_values(lr, alpha, eps, weight_decay, momentum,
+                                               bias_correction, grad_scale, maximize))
+    flags = _flags(centered, use_mom, weight_decay, decoupled_weight_decay, nesterov,
+                   eps_in_sqrt, lr_in_momentum, stats is not None, pdtype == torch.float64)
+    launch(table, gdev, hyper, params[0], square_avgs[0], flags, stats)
 
 
 def first_nonfinite(grads: Sequence[Any]) -> int:
     """Index of the first tensor holding an inf or NaN, -1 if none (``None`` entries are
-    skipped; complex tensors are checked component-wise). One device sync at the end."""
+    skipped; complex tensors are checked component-wise). One launch per dtype, one device
+    sync at the end."""
     if triton is None:
         raise RuntimeError(f"the fused Triton kernel is unavailable: {_reason}")
     import torch
-    live = [(i, g) for i, g in enumerate(grads) if g is not None and g.numel() > 0]
-    if not live:
-        return -1
-    flags = torch.zeros(len(live), dtype=torch.int32, device=live[0][1].device)
-    for j, (_, g) in enumerate(live):
+    by_dtype: dict[Any, list[tuple[int, Any]]] = {}
+    for i, g in enumerate(grads):
+        if g is None or g.numel() == 0:
+            continue
         if g.is_complex():
             g = torch.view_as_real(g)
         if not g.is_contiguous():
-            raise ValueError(f"first_nonfinite: grads[{live[j][0]}] is not contiguous")
-        _nonfinite_kernel[(triton.cdiv(g.numel(), BLOCK),)](g, g.numel(), flags[j:j + 1],
-                                                             BLOCK=BLOCK)
-    hit = torch.nonzero(flags).flatten()
-    return -1 if hit.numel() == 0 else live[int(hit[0])][0]
+            raise ValueError(f"first_nonfinite: grads[{i}] is not contiguous")
+        by_dtype.setdefault(g.dtype, []).append((i, g))
+    hits = []
+    for live in by_dtype.values():
+        ptrs = [g.data_ptr() for _, g in live]
+        zeros = [0] * len(live)
+        table = Table((zeros, zeros, zeros, zeros), [g.numel() for _, g in live],
+                      live[0][1].device)
+        gdev, _ = table.upload(ptrs)
+        flags = nonfinite_flags(table, gdev, live[0][1])
+        hits += [live[int(j)][0] for j in torch.nonzero(flags).flatten().tolist()[:1]]
+    return min(hits, default=-1)
+
+
+def floor_call(params: Sequence[Any], grads: Sequence[Any], square_avgs: Sequence[Any],
+               grad_avgs: Sequence[Any] | None = None,
+               momentum_buffers: Sequence[Any] | None = None) -> Any:
+    """The GPU bandwidth floor for benchmarks as a ready-to-time call: one launch over the
+    same tensors and chunks as :func:`fused_step`, reading p, g, v[, m, b] and writing p,
+    v[, m, b] back unchanged."""
+    if triton is None:
+        raise RuntimeError(f"the fused Triton kernel is unavailable: {_reason}")
+    numels = [t.numel() for t in params]
+    P, G, V = ([t.data_ptr() for t in ts] for ts in (params, grads, square_avgs))
+    M = [t.data_ptr() for t in grad_avgs] if grad_avgs is not None else V
+    B = [t.data_ptr() for t in momentum_buffers] if momentum_buffers is not None else V
+    table = Table((P, V, M, B), numels, params[0].device)
+    gdev, _ = table.upload(G)
+    keep = (params, grads, square_avgs, grad_avgs, momentum_buffers)
+
+    def call() -> None:
+        _floor_kernel[(table.nchunks,)](table.static, gdev, table.n, table.nchunks, params[0],
+                                        square_avgs[0], HAS_M=grad_avgs is not None,
+                                        HAS_B=momentum_buffers is not None, CHUNK=CHUNK,
+                                        BLOCK=BLOCK)
+    call.keep = keep  # type: ignore[attr-defined]
+    return call

@@ -21,7 +21,7 @@ from torch import Tensor
 
 from ..kernels import cpu as _cpu
 
-__all__ = ["CpuPlan"]
+__all__ = ["CpuPlan", "CudaPlan", "plan_for"]
 
 
 def _ptrs(tensors: list[Tensor]) -> array.array:
@@ -86,6 +86,10 @@ class CpuPlan:
         except RuntimeError:  # sparse gradients have no strides or data pointer
             return None
 
+    def new_stats(self) -> Tensor:
+        """An uninitialised ``[n, 6]`` float64 tensor for the kernel's statistics."""
+        return torch.empty(self.n, 6, dtype=torch.float64)
+
     def first_nonfinite(self, G: array.array) -> int:
         lib = _cpu._need()
         return int(lib.rms_first_nonfinite(self.n, _addr(self.numel), _addr(G),
@@ -114,6 +118,49 @@ class CpuPlan:
         if rc != 0:
             raise RuntimeError(f"fused CPU step failed with code {rc}")
         self.steps.add_(1)
+
+
+class CudaPlan(CpuPlan):
+    """The same plan for CUDA params: the pointer tables live in a Triton :class:`Table` on
+    the device, refreshed per step with the gradients' pointers and the hyperparameters in
+    one host-to-device copy; the check and the step are one launch each."""
+
+    def __init__(self, params: list[Tensor], states: list[dict], *, centered: bool,
+                 momentum: bool, version: int) -> None:
+        from ..kernels import triton as tk
+        super().__init__(params, states, centered=centered, momentum=momentum,
+                         version=version)
+        self._tk = tk
+        real, sq_real = self.keep
+        self.p_like, self.s_like = real[0], sq_real[0]
+        self.math64 = real[0].dtype == torch.float64
+        self.table = tk.Table((self.P, self.V, self.M if centered else self.V,
+                               self.B if momentum else self.V), self.numel, real[0].device)
+
+    def first_nonfinite(self, G: array.array) -> int:
+        gdev, _ = self.table.upload(G)
+        hit = torch.nonzero(self._tk.nonfinite_flags(self.table, gdev, self.p_like))
+        return int(hit[0, 0]) if hit.numel() else -1  # the one host sync of a checked step
+
+    def new_stats(self) -> Tensor:
+        return torch.empty(self.n, 6, dtype=torch.float64, device=self.p_like.device)
+
+    def step(self, P: array.array, G: array.array, h: Any,
+             stats: Optional[Tensor] = None) -> None:
+        tk = self._tk
+        gdev, hyper = self.table.upload(G, tk.hyper_values(
+            h.lr, h.alpha, h.eps, h.weight_decay, h.momentum, h.c,
+            None if h.inv_scale == 1.0 else 1.0 / h.inv_scale, h.maximize))
+        flags = tk._flags(h.centered, h.momentum > 0, h.weight_decay,
+                          h.decoupled_weight_decay, h.nesterov, h.eps_in_sqrt,
+                          h.lr_in_momentum, stats is not None, self.math64)
+        tk.launch(self.table, gdev, hyper, self.p_like, self.s_like, flags, stats)
+        self.steps.add_(1)
+
+
+def plan_for(device_type: str) -> Optional[type]:
+    """The plan class for params on this device type, or None."""
+    return {"cpu": CpuPlan, "cuda": CudaPlan}.get(device_type)
 
 
 def _real(t: Tensor) -> Tensor:

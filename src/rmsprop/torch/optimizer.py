@@ -434,7 +434,7 @@ class RMSprop(Optimizer):
                 return False
             t = int(plan.steps[0]) + 1 if group["bias_correction"] else 0
             hypers.append(self._hyper(group, t))
-        rows = ([torch.empty(plan.n, 6, dtype=torch.float64) for _, plan, _ in jobs]
+        rows = ([plan.new_stats() for _, plan, _ in jobs]
                 if self.track_stats else [None] * len(jobs))
         for (group, plan, (P, G)), h, r in zip(jobs, hypers, rows):
             plan.step(P, G, h, stats=r)
@@ -443,12 +443,15 @@ class RMSprop(Optimizer):
         return True
 
     def _build_plans(self, work: list[tuple[dict, list[Tensor]]], paths: list[str]) -> None:
-        from ._plan import CpuPlan
+        from ._plan import plan_for
 
         for (group, params), path in zip(work, paths):
             self._plans.pop(id(group), None)
-            if (path != "fused" or not params or len(params) != len(group["params"])
-                    or any(p.device.type != "cpu" for p in params)):
+            if path != "fused" or not params or len(params) != len(group["params"]):
+                continue
+            devices = {p.device for p in params}
+            plan_cls = plan_for(params[0].device.type)
+            if len(devices) != 1 or plan_cls is None:
                 continue
             states = [self.state[p] for p in params]
             kinds = {(p.dtype, st["square_avg"].dtype) for p, st in zip(params, states)}
@@ -459,7 +462,7 @@ class RMSprop(Optimizer):
                                                   if k != "step")
                        for p, st in zip(params, states)):
                 continue
-            self._plans[id(group)] = CpuPlan(group["params"], states,
+            self._plans[id(group)] = plan_cls(group["params"], states,
                                              centered=bool(group["centered"]),
                                              momentum=group["momentum"] > 0,
                                              version=self._version)
