@@ -237,7 +237,11 @@ def test_cuda_plan_steps_like_torch(tk, dev, monkeypatch):
     for step in range(3):
         grads = [torch.randn(s, device=dev) for s in shapes]
         for a, b, g in zip(ours, theirs, grads):
-            a.grad, b.grad = g.clone(), g.clone()
+            # in place: the gradients' pointers stay, so only the learning rate is new
+            a.grad = g.clone() if a.grad is None else a.grad.copy_(g)
+            b.grad = g.clone()
+        for o in (opt, ref):  # a scheduler's change reaches the kernel
+            o.param_groups[0]["lr"] = 0.01 / (1 + step)
         opt.step()
         ref.step()
         if step > 0:  # the first step built the plan; the later ones ran through it

@@ -55,6 +55,7 @@ class CpuPlan:
             st["step"] = steps[i]
         self.steps = steps
         self.keep = (real, sq_real)  # the tables point into these
+        self.validated: Optional[tuple] = None  # the group's options when last validated
 
     @staticmethod
     def _state_table(states: list[dict], key: str) -> array.array:
@@ -139,8 +140,7 @@ class CudaPlan(CpuPlan):
 
     def first_nonfinite(self, G: array.array) -> int:
         gdev, _ = self.table.upload(G)
-        hit = torch.nonzero(self._tk.nonfinite_flags(self.table, gdev, self.p_like))
-        return int(hit[0, 0]) if hit.numel() else -1  # the one host sync of a checked step
+        return self.table.first_nonfinite(gdev, self.p_like)  # a checked step's one sync
 
     def new_stats(self) -> Tensor:
         return torch.empty(self.n, 6, dtype=torch.float64, device=self.p_like.device)

@@ -428,7 +428,12 @@ class RMSprop(Optimizer):
             jobs.append((group, plan, tables))
         hypers = []
         for group, plan, (_, G) in jobs:
-            validate({k: group[k] for k in RULE_OPTIONS}, warn=False)
+            # Options are validated when they change (schedulers write lr between steps),
+            # not at every step: validation costs more than a small model's whole update.
+            opts = tuple(map(group.__getitem__, RULE_OPTIONS))
+            if plan.validated is None or opts != plan.validated:
+                validate(dict(zip(RULE_OPTIONS, opts)), warn=False)
+                plan.validated = None if any(isinstance(x, Tensor) for x in opts) else opts
             if (group["nonfinite"] != "ignore" and not scaler_checked
                     and plan.first_nonfinite(G) >= 0):
                 return False
@@ -561,7 +566,7 @@ class RMSprop(Optimizer):
             warnings.warn(f"rmsprop: skipped a step: non-finite gradient in parameter "
                           f"{label} (counted in optimizer.skipped_steps)", RuntimeWarning,
                           stacklevel=4)
-        if self.track_stats:
+        if self.track_stats and self._stats:
             for gs in self._stats.get("groups", []):
                 gs["skipped_steps"] = self.skipped_steps
 
@@ -653,18 +658,27 @@ class RMSprop(Optimizer):
     def _record_stats(self, work: list[tuple[dict, list[Tensor]]],
                       before: Optional[list[list[Tensor]]],
                       rows: Optional[list[Tensor]] = None) -> None:
-        """Summarize the step. ``rows[g]`` is a float64 ``[n, 6]`` tensor per group, as the fused
+        """Record the step's statistics. ``rows[g]`` is a float64 ``[n, 6]`` tensor per group, as the fused
         kernel fills it in its pass (sum g^2, sum u^2, sum p^2, min lr/d, max lr/d, count of
         eps-dominated elements); without it the rows are computed here from ``before``, the
         params as they were before the step."""
+        if rows is None:
+            rows = [torch.stack([self._stats_row(group, p, old)
+                                 for p, old in zip(params, before[gi])]) if params else
+                    torch.zeros(0, 6, dtype=torch.float64)
+                    for gi, (group, params) in enumerate(work)]
+        # Summarised when stats() is called: until the next step the state it reads (for the
+        # median step size) is the state this step left, and a training loop that reads the
+        # statistics every k steps pays for the summary every k steps, not at each one.
+        self._stats = {}
+        self._pending = (work, rows)
+
+    @torch.no_grad()
+    def _summarize_pending(self) -> None:
+        work, rows = self.__dict__.pop("_pending")
         groups_out, params_out = [], {}
         for gi, (group, params) in enumerate(work):
-            if rows is not None:
-                r = rows[gi]
-            else:
-                r = torch.stack([self._stats_row(group, p, old)
-                                 for p, old in zip(params, before[gi])]) if params else \
-                    torch.zeros(0, 6, dtype=torch.float64)
+            r = rows[gi].cpu()
             numels = [self._real(p).numel() for p in params]
             per_param = self.track_stats == "params"
             # The group's median step size comes from a sample of at most 64 tensors: on a
@@ -756,8 +770,11 @@ class RMSprop(Optimizer):
         of each of at most 64 evenly spaced tensors), ``eps_dominated_fraction`` (share of elements where ``eps`` is larger than
         the ``sqrt(v)`` — or ``v`` with ``eps_in_sqrt`` — it is added to) and, per group,
         ``skipped_steps``. On the fused path the sums, minimum and maximum come out of the
-        kernel's own pass; elsewhere collecting them copies the params once per step.
+        kernel's own pass; elsewhere collecting them copies the params once per step. The
+        summary (and the median's sample) is computed here, on the first call after a step.
         """
         if not self.track_stats:
             raise RuntimeError("stats() needs the optimizer built with track_stats=True")
+        if "_pending" in self.__dict__:
+            self._summarize_pending()
         return self._stats
