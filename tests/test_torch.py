@@ -389,6 +389,21 @@ def test_nonfinite_raise_names_param_and_changes_nothing(path):
     _assert_unchanged(opt, params, snap)
 
 
+@pytest.mark.parametrize("path", PATHS, ids=PATH_IDS)
+def test_nonfinite_raise_names_unnamed_param_by_group_and_index(path):
+    a, b = torch.nn.Linear(3, 4), torch.nn.Linear(4, 1)
+    opt = RMSprop([{"params": a.parameters()}, {"params": b.parameters(), "lr": 0.1}], **path)
+    b(a(torch.randn(5, 3))).sum().backward()
+    opt.step()
+    b(a(torch.randn(5, 3))).sum().backward()
+    b.bias.grad[0] = float("inf")
+    params = [*a.parameters(), *b.parameters()]
+    snap = _snapshot(opt, params)
+    with pytest.raises(NonFiniteGradientError, match=r"group 1 index 1 \(shape \(1,\)\)"):
+        opt.step()
+    _assert_unchanged(opt, params, snap)
+
+
 def test_nonfinite_skip_counts_and_ignore_propagates():
     p = torch.zeros(3)
     opt = RMSprop([p], nonfinite="skip")

@@ -259,3 +259,46 @@ def test_cuda_plan_steps_like_torch(tk, dev, monkeypatch):
     for p, old, st in zip(ours, before, state):
         assert torch.equal(p, old)
         assert all(torch.equal(opt.state[p][k], v) for k, v in st.items())
+
+
+def test_gated_check_skips_every_group(tk, dev, monkeypatch):
+    """nonfinite="skip" on the device path: a NaN in the second group's gradient stops the
+    first group's kernel too (the gate), the step is counted as skipped, and the next step
+    matches torch.optim.RMSprop, which never saw the bad one."""
+    from rmsprop.torch import RMSprop
+    from rmsprop.torch import _plan
+
+    if dev == "cpu":
+        monkeypatch.setattr(_plan, "plan_for", lambda device_type: _plan.CudaPlan)
+    torch.manual_seed(1)
+    ours = [torch.randn(50, device=dev, requires_grad=True) for _ in range(2)]
+    theirs = [p.detach().clone().requires_grad_() for p in ours]
+    opt = RMSprop([{"params": [ours[0]]}, {"params": [ours[1]], "lr": 0.02}], lr=0.01,
+                  nonfinite="skip")
+    ref = torch.optim.RMSprop([{"params": [theirs[0]]}, {"params": [theirs[1]], "lr": 0.02}],
+                              lr=0.01, foreach=False)
+
+    def step(bad: bool) -> None:
+        grads = [torch.randn(50, device=dev) for _ in ours]
+        for a, g in zip(ours, grads):
+            a.grad = g.clone()
+        if bad:
+            ours[1].grad[7] = math.inf
+            with pytest.warns(RuntimeWarning, match="skipped"):
+                opt.step()
+            return
+        for b, g in zip(theirs, grads):
+            b.grad = g.clone()
+        opt.step()
+        ref.step()
+
+    step(False)
+    step(False)  # the plans exist from here on
+    before = [p.detach().clone() for p in ours]
+    step(True)
+    assert opt.skipped_steps == 1
+    assert all(torch.equal(p, b) for p, b in zip(ours, before))
+    assert [int(opt.state[p]["step"]) for p in ours] == [2, 2]
+    step(False)
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

@@ -110,8 +110,8 @@ if triton is not None:
             tl.store(ptr, x.to(ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _rmsprop_kernel(tab_ptr, grad_ptrs, hyper_ptr, stats_ptr, stats_bits_ptr, n, nchunks,
-                        p_like, s_like,
+    def _rmsprop_kernel(tab_ptr, grad_ptrs, hyper_ptr, stats_ptr, stats_bits_ptr, gate_ptr,
+                        n, nchunks, p_like, s_like, GATED: tl.constexpr,
                         CENTERED: tl.constexpr, MOMENTUM: tl.constexpr,
                         WD_COUPLED: tl.constexpr, DECOUPLED: tl.constexpr,
                         NESTEROV: tl.constexpr, EPS_IN_SQRT: tl.constexpr,
@@ -150,6 +150,8 @@ if triton is not None:
             acc_hi = tl.full((BLOCK,), float("-inf"), T)
             acc_dom = tl.full((BLOCK,), 0.0, T)
         end = tl.minimum(start + CHUNK, numel)
+        if GATED:  # a check found inf or NaN: an empty range, nothing is written
+            end = tl.where(tl.load(gate_ptr) != 0, start, end)
         for lo in range(start, end, BLOCK):
             offs = lo + tl.arange(0, BLOCK)
             mask = offs < end
@@ -219,7 +221,7 @@ if triton is not None:
             tl.atomic_add(base + 5, tl.reduce(acc_dom, 0, _SUM).to(tl.float64))
 
     @triton.jit
-    def _nonfinite_kernel(tab_ptr, grad_ptrs, flag_ptr, n, nchunks, g_like,
+    def _nonfinite_kernel(tab_ptr, grad_ptrs, flag_ptr, gate_ptr, n, nchunks, g_like,
                           CHUNK: tl.constexpr, BLOCK: tl.constexpr):
         pid = tl.program_id(0)
         t = tl.load(tab_ptr + 5 * n + pid)
@@ -236,6 +238,7 @@ if triton is not None:
         hit = tl.reduce(bad, 0, _MAX)
         if hit > 0:  # the flag ends as the lowest index of a tensor with a bad element
             tl.atomic_min(flag_ptr, t.to(tl.int32))
+            tl.atomic_max(gate_ptr, 1)
 
     @triton.jit
     def _floor_kernel(tab_ptr, grad_ptrs, n, nchunks, p_like, s_like, HAS_M: tl.constexpr,
@@ -330,8 +333,8 @@ class Table:
             self._first_bad = torch.empty(1, dtype=torch.int32, device=self.device)
         flag = self._first_bad
         flag.fill_(self.n)
-        _nonfinite_kernel[(self.nchunks,)](self.static, grads, flag, self.n, self.nchunks,
-                                           g_like, CHUNK=CHUNK, BLOCK=BLOCK)
+        _nonfinite_kernel[(self.nchunks,)](self.static, grads, flag, flag, self.n,
+                                           self.nchunks, g_like, CHUNK=CHUNK, BLOCK=BLOCK)
         bad = int(flag.item())
         return -1 if bad >= self.n else bad
 
@@ -357,9 +360,11 @@ def hyper_values(lr: float, alpha: float, eps: float, weight_decay: float, momen
 
 
 def launch(table: Table, grads: Any, hyper: Any, p_like: Any, s_like: Any, flags: dict,
-           stats: Any = None) -> None:
+           stats: Any = None, gate: Any = None) -> None:
     """One launch of the step over every chunk of ``table``, with the step's part of it
-    (``grads``, ``hyper``) from :meth:`Table.upload`; ``stats`` as in :func:`fused_step`."""
+    (``grads``, ``hyper``) from :meth:`Table.upload`; ``stats`` as in :func:`fused_step`.
+    With ``gate`` (an int32 device flag, see :func:`check_into`) the kernel writes nothing
+    when the gate is set."""
     if table.nchunks == 0:
         if stats is not None:
             _reset_stats(stats)
@@ -369,9 +374,18 @@ def launch(table: Table, grads: Any, hyper: Any, p_like: Any, s_like: Any, flags
         st, sb = stats, stats.view(__import__("torch").int64)
     else:
         st = sb = hyper
-    _rmsprop_kernel[(table.nchunks,)](table.static, grads, hyper, st, sb, table.n,
-                                      table.nchunks, p_like, s_like, **flags, CHUNK=CHUNK,
-                                      BLOCK=BLOCK)
+    _rmsprop_kernel[(table.nchunks,)](table.static, grads, hyper, st, sb,
+                                      hyper if gate is None else gate, table.n,
+                                      table.nchunks, p_like, s_like, GATED=gate is not None,
+                                      **flags, CHUNK=CHUNK, BLOCK=BLOCK)
+
+
+def check_into(table: Table, grads: Any, g_like: Any, gate: Any) -> None:
+    """Queue the inf/NaN check of the gradients in ``table``: it sets the int32 device flag
+    ``gate`` to 1 if any element is inf or NaN (no host sync; ``gate`` is not cleared)."""
+    if table.nchunks:  # the gate doubles as the first-bad flag, which ends 1 (max after min)
+        _nonfinite_kernel[(table.nchunks,)](table.static, grads, gate, gate, table.n,
+                                            table.nchunks, g_like, CHUNK=CHUNK, BLOCK=BLOCK)
 
 
 def _reset_stats(stats: Any) -> None:

@@ -87,6 +87,8 @@ class CpuPlan:
         except RuntimeError:  # sparse gradients have no strides or data pointer
             return None
 
+    gated = False  # see CudaPlan
+
     def new_stats(self) -> Tensor:
         """An uninitialised ``[n, 6]`` float64 tensor for the kernel's statistics."""
         return torch.empty(self.n, 6, dtype=torch.float64)
@@ -97,7 +99,7 @@ class CpuPlan:
                                            _addr(self.dts), torch.get_num_threads()))
 
     def step(self, P: array.array, G: array.array, h: Any,
-             stats: Optional[Tensor] = None) -> None:
+             stats: Optional[Tensor] = None, gate: Optional[Tensor] = None) -> None:
         lib = _cpu._need()
         flags = ((_cpu._FL_CENTERED if h.centered else 0)
                  | (_cpu._FL_MOMENTUM if h.momentum > 0 else 0)
@@ -124,7 +126,12 @@ class CpuPlan:
 class CudaPlan(CpuPlan):
     """The same plan for CUDA params: the pointer tables live in a Triton :class:`Table` on
     the device, refreshed per step with the gradients' pointers and the hyperparameters in
-    one host-to-device copy; the check and the step are one launch each."""
+    one host-to-device copy; the check and the step are one launch each. The check is
+    *gated*: it raises a device flag (the gate) that the step kernel reads, doing nothing when
+    it is set, so check and step are queued together and the host syncs once, after both,
+    to learn whether the step happened."""
+
+    gated = True
 
     def __init__(self, params: list[Tensor], states: list[dict], *, centered: bool,
                  momentum: bool, version: int) -> None:
@@ -134,6 +141,7 @@ class CudaPlan(CpuPlan):
         self._tk = tk
         real, sq_real = self.keep
         self.p_like, self.s_like = real[0], sq_real[0]
+        self.device = real[0].device
         self.math64 = real[0].dtype == torch.float64
         self.table = tk.Table((self.P, self.V, self.M if centered else self.V,
                                self.B if momentum else self.V), self.numel, real[0].device)
@@ -143,10 +151,19 @@ class CudaPlan(CpuPlan):
         return self.table.first_nonfinite(gdev, self.p_like)  # a checked step's one sync
 
     def new_stats(self) -> Tensor:
-        return torch.empty(self.n, 6, dtype=torch.float64, device=self.p_like.device)
+        return torch.empty(self.n, 6, dtype=torch.float64, device=self.device)
+
+    def new_gate(self) -> Tensor:
+        """A zeroed int32 flag on this plan's device (shared by the plans of one step)."""
+        return torch.zeros(1, dtype=torch.int32, device=self.device)
+
+    def check(self, G: array.array, gate: Tensor) -> None:
+        """Queue the inf/NaN check of the gradients; it sets ``gate`` if it finds one."""
+        gdev, _ = self.table.upload(G)
+        self._tk.check_into(self.table, gdev, self.p_like, gate)
 
     def step(self, P: array.array, G: array.array, h: Any,
-             stats: Optional[Tensor] = None) -> None:
+             stats: Optional[Tensor] = None, gate: Optional[Tensor] = None) -> None:
         tk = self._tk
         gdev, hyper = self.table.upload(G, tk.hyper_values(
             h.lr, h.alpha, h.eps, h.weight_decay, h.momentum, h.c,
@@ -154,7 +171,7 @@ class CudaPlan(CpuPlan):
         flags = tk._flags(h.centered, h.momentum > 0, h.weight_decay,
                           h.decoupled_weight_decay, h.nesterov, h.eps_in_sqrt,
                           h.lr_in_momentum, stats is not None, self.math64)
-        tk.launch(self.table, gdev, hyper, self.p_like, self.s_like, flags, stats)
+        tk.launch(self.table, gdev, hyper, self.p_like, self.s_like, flags, stats, gate)
         self.steps.add_(1)
 
 

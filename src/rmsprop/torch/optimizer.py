@@ -191,8 +191,11 @@ class RMSprop(Optimizer):
             raise ValueError("Nesterov momentum requires a momentum > 0")
         if "nonfinite" in param_group and param_group["nonfinite"] not in _NONFINITE:
             raise ValueError(f"Invalid nonfinite value: {param_group['nonfinite']!r}")
+        if not isinstance(param_group["params"], (Tensor, set)):
+            # a generator (module.parameters()) is read once, here and for the base class
+            param_group = {**param_group, "params": list(param_group["params"])}
         for p in ([param_group["params"]] if isinstance(param_group["params"], Tensor)
-                  else list(param_group["params"])):
+                  else param_group["params"]):
             if isinstance(p, Tensor) and not (p.is_floating_point() or p.is_complex()):
                 raise ValueError(f"RMSprop needs floating-point or complex params, got {p.dtype}")
         super().add_param_group(param_group)
@@ -323,7 +326,8 @@ class RMSprop(Optimizer):
         names = group.get("param_names")
         if names:
             return repr(names[index])
-        return f"group {self.param_groups.index(group)} index {index} (shape {tuple(p.shape)})"
+        gi = next(i for i, g in enumerate(self.param_groups) if g is group)  # not ==: tensors
+        return f"group {gi} index {index} (shape {tuple(p.shape)})"
 
     def _group_of(self, p: Tensor) -> dict:
         return next(g for g in self.param_groups if any(q is p for q in g["params"]))
@@ -427,6 +431,7 @@ class RMSprop(Optimizer):
                 return False
             jobs.append((group, plan, tables))
         hypers = []
+        gates: dict = {}
         for group, plan, (_, G) in jobs:
             # Options are validated when they change (schedulers write lr between steps),
             # not at every step: validation costs more than a small model's whole update.
@@ -434,18 +439,40 @@ class RMSprop(Optimizer):
             if plan.validated is None or opts != plan.validated:
                 validate(dict(zip(RULE_OPTIONS, opts)), warn=False)
                 plan.validated = None if any(isinstance(x, Tensor) for x in opts) else opts
-            if (group["nonfinite"] != "ignore" and not scaler_checked
-                    and plan.first_nonfinite(G) >= 0):
-                return False
+            if group["nonfinite"] != "ignore" and not scaler_checked:
+                if plan.gated:  # checked on the device; the step kernels read the verdict
+                    gates.setdefault(plan.device, plan.new_gate())
+                    plan.check(G, gates[plan.device])
+                elif plan.first_nonfinite(G) >= 0:
+                    return False
             t = int(plan.steps[0]) + 1 if group["bias_correction"] else 0
             hypers.append(self._hyper(group, t))
         rows = ([plan.new_stats() for _, plan, _ in jobs]
                 if self.track_stats else [None] * len(jobs))
-        for (group, plan, (P, G)), h, r in zip(jobs, hypers, rows):
-            plan.step(P, G, h, stats=r)
+        todo = list(zip(jobs, hypers, rows))
+        # Device plans step first, each kernel doing nothing if any check found inf or NaN;
+        # one host sync then reads the verdict before any CPU plan changes anything.
+        todo.sort(key=lambda job: not job[0][1].gated)
+        for (group, plan, (P, G)), h, r in todo:
+            if not plan.gated and gates:
+                if any(int(g.item()) for g in gates.values()):
+                    return self._undo_gated(todo)
+                gates = {}
+            plan.step(P, G, h, stats=r, gate=gates.get(getattr(plan, "device", None)))
+        if gates and any(int(g.item()) for g in gates.values()):
+            return self._undo_gated(todo)
         if self.track_stats:
             self._record_stats([(g, g["params"]) for g, _, _ in jobs], None, rows)
         return True
+
+    @staticmethod
+    def _undo_gated(todo: list) -> bool:
+        """A device check found inf or NaN: the gated kernels changed nothing, so only their
+        step counters go back; the general path then names the parameter (False)."""
+        for (_, plan, _), _, _ in todo:
+            if plan.gated:
+                plan.steps.sub_(1)
+        return False
 
     def _build_plans(self, work: list[tuple[dict, list[Tensor]]], paths: list[str]) -> None:
         from ._plan import plan_for
