@@ -26,6 +26,7 @@ first call (trace + compile) separately; compiling 1000 tensors takes minutes (r
 from __future__ import annotations
 
 import argparse
+import contextlib
 import fnmatch
 import json
 import math
@@ -281,6 +282,21 @@ def _direct_kernel(params: list, opts: dict) -> tuple[Any, Callable[[], None]]:
     return holder, step
 
 
+@contextlib.contextmanager
+def _native_stderr_silenced() -> Any:
+    """File descriptor 2 sent to /dev/null: the profiler's C++ side prints a start and a stop
+    line per use that no environment variable turns off (Python exceptions still propagate)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 def peak_extra_bytes(fn: Callable[[], Any]) -> tuple[int | None, str]:
     """Peak bytes allocated during one call beyond those live before it: torch's CPU
     allocator (profiler allocation events) + Python objects (tracemalloc)."""
@@ -292,7 +308,8 @@ def peak_extra_bytes(fn: Callable[[], Any]) -> tuple[int | None, str]:
     try:
         from torch._C._profiler import _EventType
         from torch.profiler import ProfilerActivity, profile
-        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        with _native_stderr_silenced(), profile(activities=[ProfilerActivity.CPU],
+                                                 profile_memory=True) as prof:
             fn()
         events = []
 
