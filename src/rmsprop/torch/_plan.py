@@ -72,10 +72,10 @@ class CpuPlan:
         gradient that is missing, sparse or not contiguous, or a param whose storage moved
         (``p.data = ...``, ``model.half()``: the plan's dtypes may no longer hold)."""
         params = self.params
-        if any(map(operator.is_, grads, repeat(None))):
-            return None
         try:
             if self.complex or self.sharded:
+                if any(map(operator.is_, grads, repeat(None))):
+                    return None
                 grads = [_real(g) for g in grads]
                 params = [_real(p) for p in params]
             if not all(map(Tensor.is_contiguous, grads)):
@@ -84,8 +84,8 @@ class CpuPlan:
             if P != self.P:
                 return None
             return P, _ptrs(grads)
-        except RuntimeError:  # sparse gradients have no strides or data pointer
-            return None
+        except (RuntimeError, TypeError):  # sparse gradients have no strides or data pointer;
+            return None                    # a missing one (None) is no Tensor
 
     gated = False  # see CudaPlan
 
