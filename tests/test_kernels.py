@@ -301,6 +301,37 @@ def test_stats_match_closed_form(isa, opts, pdtype):
         assert 0 < want[i][5] < ps[i].numel() or i == 2  # the threshold is exercised
 
 
+@pytest.mark.parametrize("pdtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_same_step_with_or_without_stats_on_every_instruction_set(pdtype):
+    """Collecting statistics must not perturb training, and the vectorised build must not
+    differ from the baseline one: every multiply and add is rounded on its own (no fused
+    multiply-add contraction), so over the whole option grid the updates are bit-identical
+    with stats on or off, on every instruction set this machine runs."""
+    rng = np.random.default_rng(12)
+    shapes = [(1000,), (3, 7)]
+    sdt = torch.float64 if pdtype == torch.float64 else torch.float32
+    for opts in option_grid():
+        o = Options(**opts)
+        p0 = [torch.from_numpy(rng.standard_normal(s)).to(pdtype) for s in shapes]
+        g = [torch.from_numpy(rng.standard_normal(s)).to(pdtype) for s in shapes]
+        st0 = [[torch.from_numpy(rng.uniform(0.5, 2.0, s)).to(sdt) for s in shapes],
+               [torch.from_numpy(rng.standard_normal(s) * 0.1).to(sdt) for s in shapes],
+               [torch.from_numpy(rng.standard_normal(s) * 0.1).to(sdt) for s in shapes]]
+        results = []
+        for which in _isas():
+            for stats in (None, torch.empty(len(shapes), 6, dtype=torch.float64)):
+                assert cpu.set_isa(which)
+                p = [t.clone() for t in p0]
+                v, m, b = ([t.clone() for t in ts] for ts in st0)
+                cpu.fused_step(p, g, v, m if o.centered else None, b if o.momentum else None,
+                               stats=stats, **_kw(o, 5, np.float32))
+                results.append((which, stats is not None, p + v + m + b))
+        cpu.set_isa("best")
+        (_, _, first), rest = results[0], results[1:]
+        for which, with_stats, ts in rest:
+            assert all(torch.equal(x, y) for x, y in zip(first, ts)), (which, with_stats, opts)
+
+
 @pytest.mark.parametrize("scale", [1024.0, 3.0])
 def test_grad_scale_unscales_like_gradscaler(isa, scale):
     """grad_scale=s is the reference step on grad * float32(1/s) (GradScaler multiplies by

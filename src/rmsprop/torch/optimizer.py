@@ -13,6 +13,7 @@ import operator
 import warnings
 from typing import Any, Callable, Iterable, Optional
 
+import numpy as np
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
@@ -752,7 +753,7 @@ class RMSprop(Optimizer):
                              -math.inf if empty else float(step.max()),
                              float(eps_dom.sum())], dtype=torch.float64)
 
-    def _step_sizes(self, group: dict, p: Tensor, limit: int = 4096) -> Tensor:
+    def _step_sizes(self, group: dict, p: Tensor, limit: int = 4096) -> np.ndarray:
         """``lr/d`` on a strided sample of at most ``limit`` elements (for the median)."""
         st = self.state[p]
         sub = {k: st[k] for k in ("square_avg", "grad_avg") if k in st}
@@ -760,15 +761,22 @@ class RMSprop(Optimizer):
         n = flat["square_avg"].numel()
         stride = max(1, n // limit + (n % limit > 0))
         h = self._hyper(group, int(st["step"]))
-        v = flat["square_avg"][::stride].to(torch.float64) / h.c
-        if h.centered:
-            m = flat["grad_avg"][::stride].to(torch.float64) / h.c
-            v = (v - m.square()).clamp(min=0)
-        d = (v + h.eps).sqrt() if h.eps_in_sqrt else v.sqrt() + h.eps
-        return h.lr / d
+        # in NumPy, on the host: a few thousand float64 elements through torch's threaded
+        # kernels can wait milliseconds for a busy second core
+
+        def host(key: str) -> np.ndarray:
+            return flat[key][::stride].detach().to("cpu", torch.float64).numpy() / h.c
+
+        v = host("square_avg")
+        with np.errstate(divide="ignore", invalid="ignore"):
+            if h.centered:
+                m = host("grad_avg")
+                v = np.where(v - m * m < 0, 0.0, v - m * m)  # NaN is kept, as in the rule
+            d = np.sqrt(v + h.eps) if h.eps_in_sqrt else np.sqrt(v) + h.eps
+            return h.lr / d
 
     @staticmethod
-    def _summarize(rows: Tensor, numels: list[int], samples: list[Tensor],
+    def _summarize(rows: Tensor, numels: list[int], samples: list[np.ndarray],
                    step: int) -> dict[str, float]:
         n = sum(numels)
         if n == 0:
@@ -778,11 +786,11 @@ class RMSprop(Optimizer):
                         eps_dominated_fraction=nan)
         sums = rows.sum(dim=0)
         g2, u2, p2 = (float(x) for x in sums[:3])
-        sample = torch.cat([x.reshape(-1) for x in samples])
+        sample = np.concatenate([x.reshape(-1) for x in samples]) if samples else np.empty(0)
         return dict(step=step, grad_rms=math.sqrt(g2 / n), update_rms=math.sqrt(u2 / n),
                     update_to_param_rms=math.sqrt(u2 / p2) if p2 > 0 else math.inf,
                     step_min=float(rows[:, 3].min()),
-                    step_median=float(sample.median()) if sample.numel() else math.nan,
+                    step_median=float(np.median(sample)) if sample.size else math.nan,
                     step_max=float(rows[:, 4].max()),
                     eps_dominated_fraction=float(sums[5]) / n)
 
