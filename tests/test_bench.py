@@ -60,3 +60,10 @@ def test_bench_rejects_bad_arguments(capsys):
     assert "unknown candidate" in capsys.readouterr().err
     assert main(["bench", "--list"]) == 0
     assert "model50M" in capsys.readouterr().out
+    import torch
+    if not torch.cuda.is_available():  # one line, exit code 2, nothing run
+        assert main(["bench", "--device", "cuda", "--quick"]) == 2
+        err = capsys.readouterr().err
+        assert "needs a CUDA device" in err and err.count("\n") == 1
+    assert main(["bench", "--device", "tpu"]) == 2
+    assert "invalid choice: 'tpu'" in capsys.readouterr().err
