@@ -16,8 +16,9 @@
  *   p -= u
  *
  * Every input is read once and every output written once; 16-bit values are converted to
- * float (in the update loop for bfloat16, through short L1-resident blocks otherwise) and
- * rounded once (round-to-nearest-even) when stored.
+ * float (in the update loop with float state and no stats: AVX2/F16C intrinsics on the
+ * x86-64-v3 build, auto-vectorised bit operations for bfloat16 on the baseline one; through
+ * short L1-resident blocks otherwise) and rounded once (round-to-nearest-even) when stored.
  *
  * Layout of this file: it includes itself twice more. The first pass (RMS_PART undefined)
  * holds the ABI and the threading driver; RMS_PART 1 is compiled once per instruction set
@@ -677,23 +678,27 @@ static void ISA_NAME(f2bf_block)(const float *restrict s, uint16_t *restrict d, 
 #define RMS_T float
 #define RMS_TN f
 #define RMS_TCODE DT_F32
+#define RMS_IS_F32 1 /* for #if: RMS_TCODE is an enum, 0 to the preprocessor */
 #define RMS_SQRT sqrtf
 #define RMS_HYP rms_hyp_f
 #include "cpu.c"
 #undef RMS_T
 #undef RMS_TN
 #undef RMS_TCODE
+#undef RMS_IS_F32
 #undef RMS_SQRT
 #undef RMS_HYP
 #define RMS_T double
 #define RMS_TN d
 #define RMS_TCODE DT_F64
+#define RMS_IS_F32 0
 #define RMS_SQRT sqrt
 #define RMS_HYP rms_hyp_d
 #include "cpu.c"
 #undef RMS_T
 #undef RMS_TN
 #undef RMS_TCODE
+#undef RMS_IS_F32
 #undef RMS_SQRT
 #undef RMS_HYP
 #undef RMS_PART
@@ -921,13 +926,14 @@ static void TNAME(dispatch)(int spec, int64_t n, void *p, const void *g, T *v, T
     }
 }
 
-#if RMS_TCODE == DT_F32
+#if RMS_IS_F32
 /* bfloat16 params and gradients, float state, no stats: bfloat16 <-> float is integer work
  * that vectorises inside the update loop itself, so every stream advances together as in the
- * float32 step (measured 15-20% faster at 10M than converting through buffers). float16 keeps
- * the buffers: gcc 12 does not vectorise its conversions, while the blocks use F16C. The
- * stats variants (opt-in) keep the buffers too: each specialisation here adds ~0.4 s to the
- * build, which is paid at install or on first use. */
+ * float32 step (measured 15-20% faster at 10M than converting through buffers). Used by the
+ * baseline build, and for the last n % 16 elements on x86-64-v3 (dispatch16 does the rest).
+ * float16 on the baseline build keeps the buffers: gcc 12 does not vectorise its
+ * conversions. The stats variants (opt-in) keep the buffers too: each auto-vectorised
+ * specialisation adds ~0.4 s to the build, which is paid at install or on first use. */
 static void TNAME(dispatch_bf16)(int spec, int64_t n, void *p, const void *g, T *v, T *m,
                                  T *b, const RMS_HYP *h, double *acc) {
     switch (spec) {
@@ -940,14 +946,203 @@ static void TNAME(dispatch_bf16)(int spec, int64_t n, void *p, const void *g, T 
 #undef RMS_CORE_CASES
 #undef RMS_CORE_CASE
 
+#if RMS_IS_F32 && defined(RMS_F16C)
+/* float16 / bfloat16 params and gradients with float state, no stats, on the x86-64-v3
+ * build: the update written with AVX2/F16C intrinsics, 16 elements per iteration, the 16-bit
+ * values converted in registers (vcvtph2ps / vcvtps2ph for float16; a byte shuffle and an
+ * integer rounding for bfloat16). gcc 12 does not vectorise `_Float16` conversions, so float16
+ * went through L1 buffers, and its auto-vectorised bfloat16 loop (dispatch_bf16, still used
+ * by the baseline build) spends twice the instructions on packing and rounding: with the
+ * divider already busy with sqrt and div, either ran at ~2x the time per element of the
+ * float32 step in cache, and ~59% of the bandwidth floor at 10M. The operations are those of
+ * TNAME(core), in the same order, each separately rounded (no FMA), so the results are
+ * bit-identical to the baseline build and to the stats path (which keeps the buffers). */
+/* 8 floats from 8 float16 / bfloat16 values. bfloat16: broadcast-load 16 bytes and
+ * byte-shuffle each value into the top half of its lane (one shuffle; a zero-extend plus a
+ * shift is two, and shuffle/shift ports are what this loop runs short of on Zen 3). */
+static inline __attribute__((always_inline)) __m256 TNAME(ld16)(const uint16_t *s,
+                                                               const int F16) {
+    __m128i x = _mm_loadu_si128((const __m128i *)(const void *)s);
+    if (F16) return _mm256_cvtph_ps(x);
+    const __m256i sh = _mm256_setr_epi8(-128, -128, 0, 1, -128, -128, 2, 3, -128, -128, 4, 5,
+                                        -128, -128, 6, 7, -128, -128, 8, 9, -128, -128, 10, 11,
+                                        -128, -128, 12, 13, -128, -128, 14, 15);
+    return _mm256_castsi256_ps(_mm256_shuffle_epi8(_mm256_broadcastsi128_si256(x), sh));
+}
+
+/* bfloat16 round to nearest even as rms_f2bf for non-NaN x, left in the top half of each
+ * 32-bit lane: add 0x7fff plus the kept value's lowest bit (subtracting the all-ones
+ * compare mask saves a shift). */
+static inline __attribute__((always_inline)) __m256i TNAME(bfround)(__m256 x) {
+    __m256i u = _mm256_castps_si256(x);
+    const __m256i bit16 = _mm256_set1_epi32(0x10000);
+    __m256i odd = _mm256_cmpeq_epi32(_mm256_and_si256(u, bit16), bit16);
+    return _mm256_sub_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7fff)), odd);
+}
+/* NaN lanes of x: its top half with the quiet bit set (as rms_f2bf); others from r. */
+static inline __attribute__((always_inline)) __m256i TNAME(bfnan)(__m256i r, __m256 x) {
+    __m256i q = _mm256_or_si256(_mm256_castps_si256(x), _mm256_set1_epi32(0x400000));
+    __m256 nan = _mm256_cmp_ps(x, x, _CMP_UNORD_Q);
+    return _mm256_castps_si256(
+        _mm256_blendv_ps(_mm256_castsi256_ps(r), _mm256_castsi256_ps(q), nan));
+}
+
+/* Round and store 16 values (a: the first 8, b: the next 8). The bfloat16 rounding matches
+ * rms_f2bf for all 2^32 inputs (checked exhaustively); NaN lanes take a branch that is
+ * predicted not taken. */
+static inline __attribute__((always_inline)) void TNAME(st16)(uint16_t *d, __m256 a, __m256 b,
+                                                             const int F16) {
+    if (F16) {
+        _mm_storeu_si128((__m128i *)(void *)d, _mm256_cvtps_ph(a, _MM_FROUND_TO_NEAREST_INT));
+        _mm_storeu_si128((__m128i *)(void *)(d + 8),
+                         _mm256_cvtps_ph(b, _MM_FROUND_TO_NEAREST_INT));
+        return;
+    }
+    __m256i ra = TNAME(bfround)(a), rb = TNAME(bfround)(b);
+    __m256 anynan = _mm256_cmp_ps(a, b, _CMP_UNORD_Q); /* lane: a or b is NaN */
+    if (__builtin_expect(!_mm256_testz_ps(anynan, anynan), 0)) {
+        ra = TNAME(bfnan)(ra, a);
+        rb = TNAME(bfnan)(rb, b);
+    }
+    /* top halves of a to bytes 0-7 of each 128-bit lane, of b to bytes 8-15; then the
+     * middle two 64-bit quarters swap places */
+    const __m256i sa = _mm256_setr_epi8(2, 3, 6, 7, 10, 11, 14, 15, -128, -128, -128, -128, -128,
+                                        -128, -128, -128, 2, 3, 6, 7, 10, 11, 14, 15, -128,
+                                        -128, -128, -128, -128, -128, -128, -128);
+    const __m256i sb = _mm256_setr_epi8(-128, -128, -128, -128, -128, -128, -128, -128, 2, 3, 6,
+                                        7, 10, 11, 14, 15, -128, -128, -128, -128, -128, -128,
+                                        -128, -128, 2, 3, 6, 7, 10, 11, 14, 15);
+    __m256i x = _mm256_or_si256(_mm256_shuffle_epi8(ra, sa), _mm256_shuffle_epi8(rb, sb));
+    _mm256_storeu_si256((__m256i *)(void *)d, _mm256_permute4x64_epi64(x, 0xd8));
+}
+
+typedef struct {
+    __m256 lr, alpha, oma, eps_in, eps_out, wd, pdecay, mu, k, post, invc, gmul, zero;
+} TNAME(vhyp);
+
+/* The new parameter value for elements i..i+7 (state written back). */
+static inline __attribute__((always_inline)) __m256 TNAME(upd8)(
+    int64_t i, const uint16_t *restrict p, const uint16_t *restrict g, float *restrict v,
+    float *restrict m, float *restrict b, const TNAME(vhyp) *c, int nest, const int CEN,
+    const int MOM, const int WD, const int F16, const int ONE) {
+    __m256 gi = TNAME(ld16)(g + i, F16);
+    if (!ONE) gi = _mm256_mul_ps(gi, c->gmul);
+    __m256 pi = TNAME(ld16)(p + i, F16);
+    if (WD) gi = _mm256_add_ps(gi, _mm256_mul_ps(c->wd, pi));
+    if (!ONE) pi = _mm256_mul_ps(pi, c->pdecay);
+    __m256 vi = _mm256_add_ps(_mm256_mul_ps(c->alpha, _mm256_loadu_ps(v + i)),
+                              _mm256_mul_ps(_mm256_mul_ps(c->oma, gi), gi));
+    _mm256_storeu_ps(v + i, vi);
+    __m256 s;
+    if (CEN) {
+        __m256 mi = _mm256_add_ps(_mm256_mul_ps(c->alpha, _mm256_loadu_ps(m + i)),
+                                  _mm256_mul_ps(c->oma, gi));
+        _mm256_storeu_ps(m + i, mi);
+        __m256 mc = _mm256_mul_ps(mi, c->invc);
+        s = _mm256_sub_ps(_mm256_mul_ps(vi, c->invc), _mm256_mul_ps(mc, mc));
+        s = _mm256_max_ps(c->zero, s); /* (0 > s) ? 0 : s: NaN stays NaN, as in core */
+    } else {
+        s = _mm256_mul_ps(vi, c->invc);
+    }
+    __m256 d = _mm256_add_ps(_mm256_sqrt_ps(_mm256_add_ps(s, c->eps_in)), c->eps_out);
+    __m256 nn = _mm256_div_ps(gi, d);
+    __m256 u;
+    if (MOM) {
+        __m256 kn = _mm256_mul_ps(c->k, nn);
+        __m256 bi = _mm256_add_ps(_mm256_mul_ps(c->mu, _mm256_loadu_ps(b + i)), kn);
+        _mm256_storeu_ps(b + i, bi);
+        __m256 un = _mm256_add_ps(_mm256_mul_ps(c->mu, bi), kn);
+        u = _mm256_mul_ps(nest ? un : bi, c->post);
+    } else {
+        u = _mm256_mul_ps(c->lr, nn);
+    }
+    return _mm256_sub_ps(pi, u);
+}
+
+/* Software prefetch RMS_PF16 elements ahead, one cache line of each 16-bit stream and two
+ * of each float stream per 32 elements: the hardware prefetchers alone left the loop waiting
+ * on memory (measured 3-10% faster at 10M with it, on the 2-core EPYC dev machine).
+ * Addresses are formed as integers since they may point past the end (a prefetch never
+ * faults). */
+#define RMS_PF16 1024
+static inline __attribute__((always_inline)) void TNAME(pf)(const void *base, int64_t byte) {
+    _mm_prefetch((const char *)(uintptr_t)((uintptr_t)base + (uintptr_t)byte), _MM_HINT_T0);
+}
+
+static inline __attribute__((always_inline)) void TNAME(pf16)(
+    int64_t i, const uint16_t *p, const uint16_t *g, const float *v, const float *m,
+    const float *b, const int CEN, const int MOM) {
+    const int64_t j = i + RMS_PF16;
+    TNAME(pf)(g, 2 * j);
+    TNAME(pf)(p, 2 * j);
+    TNAME(pf)(v, 4 * j);
+    TNAME(pf)(v, 4 * j + 64);
+    if (CEN) { TNAME(pf)(m, 4 * j); TNAME(pf)(m, 4 * j + 64); }
+    if (MOM) { TNAME(pf)(b, 4 * j); TNAME(pf)(b, 4 * j + 64); }
+}
+
+static inline __attribute__((always_inline)) void TNAME(core16)(
+    int64_t n, uint16_t *restrict p, const uint16_t *restrict g, float *restrict v,
+    float *restrict m, float *restrict b, const rms_hyp_f *h, const int CEN, const int MOM,
+    const int WD, const int F16) {
+    /* gmul and pdecay are exactly 1 unless maximize, a gradient scale or decoupled weight
+     * decay is set; x * 1 == x bit for bit (a signalling NaN comes out quiet either way,
+     * from the next operation), so the common case skips two multiplies per element. */
+    const int one = h->gmul == 1.0f && h->pdecay == 1.0f;
+    const TNAME(vhyp) c = {
+        _mm256_set1_ps(h->lr),     _mm256_set1_ps(h->alpha),  _mm256_set1_ps(h->oma),
+        _mm256_set1_ps(h->eps_in), _mm256_set1_ps(h->eps_out), _mm256_set1_ps(h->wd),
+        _mm256_set1_ps(h->pdecay), _mm256_set1_ps(h->mu),     _mm256_set1_ps(h->k),
+        _mm256_set1_ps(h->post),   _mm256_set1_ps(h->invc),   _mm256_set1_ps(h->gmul),
+        _mm256_setzero_ps()};
+    const int nest = h->nesterov;
+    if (one) {
+        for (int64_t i = 0; i + 16 <= n; i += 16) {
+            if ((i & 31) == 0) TNAME(pf16)(i, p, g, v, m, b, CEN, MOM);
+            __m256 a = TNAME(upd8)(i, p, g, v, m, b, &c, nest, CEN, MOM, WD, F16, 1);
+            __m256 z = TNAME(upd8)(i + 8, p, g, v, m, b, &c, nest, CEN, MOM, WD, F16, 1);
+            TNAME(st16)(p + i, a, z, F16);
+        }
+    } else {
+        for (int64_t i = 0; i + 16 <= n; i += 16) {
+            if ((i & 31) == 0) TNAME(pf16)(i, p, g, v, m, b, CEN, MOM);
+            __m256 a = TNAME(upd8)(i, p, g, v, m, b, &c, nest, CEN, MOM, WD, F16, 0);
+            __m256 z = TNAME(upd8)(i + 8, p, g, v, m, b, &c, nest, CEN, MOM, WD, F16, 0);
+            TNAME(st16)(p + i, a, z, F16);
+        }
+    }
+}
+
+#define RMS_C16_CASE(S, F)                                                                   \
+    case S:                                                                                  \
+        TNAME(core16)(n, p, g, v, m, b, h, (S)&1, ((S) >> 1) & 1, ((S) >> 2) & 1, F);        \
+        break;
+#define RMS_C16_CASES(F)                                                                     \
+    RMS_C16_CASE(0, F) RMS_C16_CASE(1, F) RMS_C16_CASE(2, F) RMS_C16_CASE(3, F)              \
+    RMS_C16_CASE(4, F) RMS_C16_CASE(5, F) RMS_C16_CASE(6, F) RMS_C16_CASE(7, F)
+/* The first n & ~15 elements; the caller does the rest. */
+static void TNAME(dispatch16)(int spec, int f16, int64_t n, uint16_t *p, const uint16_t *g,
+                              float *v, float *m, float *b, const rms_hyp_f *h) {
+    if (f16) {
+        switch (spec) { RMS_C16_CASES(1) default: break; }
+    } else {
+        switch (spec) { RMS_C16_CASES(0) default: break; }
+    }
+}
+#undef RMS_C16_CASES
+#undef RMS_C16_CASE
+#endif
+
 /* A contiguous run of n elements of one tensor. Streams already in T are used in place;
- * bfloat16 params with float state and no stats are converted inside the update loop
- * (dispatch_bf16); other streams (float16, 16-bit state, float32 state under float64
- * params) go through L1-resident buffers in short blocks (RMS_CVT_BLK): the passes over a
- * block touch one stream at a time, and a stream left alone for long lets its hardware
- * prefetcher fall behind, so with 1024-element blocks the 16-bit step paid memory latency
- * and compute one after the other (~50% of the bandwidth floor; ~70% at 256). With stats
- * on, blocks also bound the length of the T-precision partial sums. */
+ * 16-bit params with float state and no stats are converted inside the update loop
+ * (dispatch16 on x86-64-v3, then dispatch_bf16 for bfloat16 on the baseline build and for
+ * the tail); other streams (float16 on the baseline build or with stats, 16-bit state,
+ * float32 state under float64 params) go through L1-resident buffers in short blocks
+ * (RMS_CVT_BLK): the passes over a block touch one stream at a time, and a stream left alone
+ * for long lets its hardware prefetcher fall behind, so with 1024-element blocks the 16-bit
+ * step paid memory latency and compute one after the other (~50% of the bandwidth floor;
+ * ~70% at 256). With stats on, blocks also bound the length of the T-precision partial
+ * sums. */
 static void TNAME(seg)(int pdt, int sdt, int spec, int64_t n, char *p, const char *g, char *v,
                        char *m, char *b, const void *hyp, double *acc) {
     const RMS_HYP *h = (const RMS_HYP *)hyp;
@@ -957,7 +1152,19 @@ static void TNAME(seg)(int pdt, int sdt, int spec, int64_t n, char *p, const cha
         TNAME(dispatch)(spec, n, p, g, (T *)v, (T *)m, (T *)b, h, acc);
         return;
     }
-#if RMS_TCODE == DT_F32
+#if RMS_IS_F32 && defined(RMS_F16C)
+    if ((pdt == DT_F16 || pdt == DT_BF16) && sdir && !st) {
+        int64_t n8 = n & ~(int64_t)15;
+        TNAME(dispatch16)(spec, pdt == DT_F16, n8, (uint16_t *)(void *)p,
+                          (const uint16_t *)(const void *)g, (T *)(void *)v,
+                          cen ? (T *)(void *)m : NULL, mom ? (T *)(void *)b : NULL, h);
+        if (n8 == n) return;
+        n -= n8; p += 2 * n8; g += 2 * n8; v += 4 * n8; /* the tail, as below */
+        if (cen) m += 4 * n8;
+        if (mom) b += 4 * n8;
+    }
+#endif
+#if RMS_IS_F32
     if (pdt == DT_BF16 && sdir && !st) {
         TNAME(dispatch_bf16)(spec, n, p, g, (T *)v, (T *)m, (T *)b, h, acc);
         return;
