@@ -110,6 +110,19 @@ if triton is not None:
             tl.store(ptr, x.to(ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
+    def _chunk(tab_ptr, n, nchunks, CHUNK: tl.constexpr):
+        # this program's chunk (see Table): tensor index, first element, end
+        pid = tl.program_id(0)
+        t = tl.load(tab_ptr + 5 * n + pid)
+        start = tl.load(tab_ptr + 5 * n + nchunks + pid)
+        return t, start, tl.minimum(start + CHUNK, tl.load(tab_ptr + 4 * n + t))
+
+    @triton.jit
+    def _pointer(column_ptr, t, like):
+        # tensor t's data pointer from a table column, typed like the tensor `like`
+        return tl.load(column_ptr + t).to(tl.pointer_type(like.dtype.element_ty))
+
+    @triton.jit
     def _rmsprop_kernel(tab_ptr, grad_ptrs, hyper_ptr, stats_ptr, stats_bits_ptr, gate_ptr,
                         n, nchunks, p_like, s_like, GATED: tl.constexpr,
                         CENTERED: tl.constexpr, MOMENTUM: tl.constexpr,
@@ -117,16 +130,11 @@ if triton is not None:
                         NESTEROV: tl.constexpr, EPS_IN_SQRT: tl.constexpr,
                         LR_IN_MOMENTUM: tl.constexpr, STATS: tl.constexpr,
                         MATH64: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
-        # One program updates one chunk of one tensor; the table (see _Table) says which.
-        pid = tl.program_id(0)
-        t = tl.load(tab_ptr + 5 * n + pid)
-        start = tl.load(tab_ptr + 5 * n + nchunks + pid)
-        numel = tl.load(tab_ptr + 4 * n + t)
-        p_ptr = tl.load(tab_ptr + t).to(tl.pointer_type(p_like.dtype.element_ty))
-        g_ptr = tl.load(grad_ptrs + t).to(tl.pointer_type(p_like.dtype.element_ty))
-        v_ptr = tl.load(tab_ptr + n + t).to(tl.pointer_type(s_like.dtype.element_ty))
-        m_ptr = tl.load(tab_ptr + 2 * n + t).to(tl.pointer_type(s_like.dtype.element_ty))
-        b_ptr = tl.load(tab_ptr + 3 * n + t).to(tl.pointer_type(s_like.dtype.element_ty))
+        # One program updates one chunk of one tensor; the table (see Table) says which.
+        t, start, end = _chunk(tab_ptr, n, nchunks, CHUNK)
+        p_ptr, g_ptr = _pointer(tab_ptr, t, p_like), _pointer(grad_ptrs, t, p_like)
+        v_ptr, m_ptr = _pointer(tab_ptr + n, t, s_like), _pointer(tab_ptr + 2 * n, t, s_like)
+        b_ptr = _pointer(tab_ptr + 3 * n, t, s_like)
         if MATH64:
             T = tl.float64
         else:
@@ -149,7 +157,6 @@ if triton is not None:
             acc_lo = tl.full((BLOCK,), float("inf"), T)
             acc_hi = tl.full((BLOCK,), float("-inf"), T)
             acc_dom = tl.full((BLOCK,), 0.0, T)
-        end = tl.minimum(start + CHUNK, numel)
         if GATED:  # a check found inf or NaN: an empty range, nothing is written
             end = tl.where(tl.load(gate_ptr) != 0, start, end)
         for lo in range(start, end, BLOCK):
@@ -223,12 +230,8 @@ if triton is not None:
     @triton.jit
     def _nonfinite_kernel(tab_ptr, grad_ptrs, flag_ptr, gate_ptr, n, nchunks, g_like,
                           CHUNK: tl.constexpr, BLOCK: tl.constexpr):
-        pid = tl.program_id(0)
-        t = tl.load(tab_ptr + 5 * n + pid)
-        start = tl.load(tab_ptr + 5 * n + nchunks + pid)
-        numel = tl.load(tab_ptr + 4 * n + t)
-        g_ptr = tl.load(grad_ptrs + t).to(tl.pointer_type(g_like.dtype.element_ty))
-        end = tl.minimum(start + CHUNK, numel)
+        t, start, end = _chunk(tab_ptr, n, nchunks, CHUNK)
+        g_ptr = _pointer(grad_ptrs, t, g_like)
         bad = tl.full((BLOCK,), 0, tl.int32)
         for lo in range(start, end, BLOCK):
             offs = lo + tl.arange(0, BLOCK)
@@ -245,16 +248,10 @@ if triton is not None:
                       HAS_B: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
         # The bandwidth floor: the step's reads and writes with trivial arithmetic (x + 0*g
         # keeps every value; the compiler cannot drop the loads of g it multiplies).
-        pid = tl.program_id(0)
-        t = tl.load(tab_ptr + 5 * n + pid)
-        start = tl.load(tab_ptr + 5 * n + nchunks + pid)
-        numel = tl.load(tab_ptr + 4 * n + t)
-        p_ptr = tl.load(tab_ptr + t).to(tl.pointer_type(p_like.dtype.element_ty))
-        g_ptr = tl.load(grad_ptrs + t).to(tl.pointer_type(p_like.dtype.element_ty))
-        v_ptr = tl.load(tab_ptr + n + t).to(tl.pointer_type(s_like.dtype.element_ty))
-        m_ptr = tl.load(tab_ptr + 2 * n + t).to(tl.pointer_type(s_like.dtype.element_ty))
-        b_ptr = tl.load(tab_ptr + 3 * n + t).to(tl.pointer_type(s_like.dtype.element_ty))
-        end = tl.minimum(start + CHUNK, numel)
+        t, start, end = _chunk(tab_ptr, n, nchunks, CHUNK)
+        p_ptr, g_ptr = _pointer(tab_ptr, t, p_like), _pointer(grad_ptrs, t, p_like)
+        v_ptr, m_ptr = _pointer(tab_ptr + n, t, s_like), _pointer(tab_ptr + 2 * n, t, s_like)
+        b_ptr = _pointer(tab_ptr + 3 * n, t, s_like)
         for lo in range(start, end, BLOCK):
             offs = lo + tl.arange(0, BLOCK)
             mask = offs < end
