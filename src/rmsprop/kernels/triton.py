@@ -1,17 +1,17 @@
 """The fused RMSProp step as a Triton kernel, for CUDA tensors.
 
 Same semantics and signature as :func:`rmsprop.kernels.cpu.fused_step` (the rule is
-:func:`rmsprop.spec.step`): one pass per tensor that reads each input once and writes each
-output once, float32 math for float32/float16/bfloat16 params (16-bit values rounded once,
-to nearest even, when stored) and float64 math for float64; IEEE-rounded ``sqrt`` and division
-(``sqrt_rn``/``div_rn``), so results agree with the CPU kernel to a few ulp. Every option of the
-rule is a compile-time constant, so each combination is its own specialised kernel.
+:func:`rmsprop.spec.step`): one launch per step over a :class:`Table` of every tensor, one
+pass that reads each input once and writes each output once; float32 math for float32,
+float16 and bfloat16 params (16-bit values rounded once, to nearest even, when stored) and
+float64 math for float64; IEEE-rounded ``sqrt`` and division (``sqrt_rn``/``div_rn``), so
+results agree with the CPU kernel to a few ulp. Every option of the rule is a compile-time
+constant, so each combination is its own specialised kernel.
 
 Hyperparameters travel in a small float64 tensor on the device (not as kernel arguments, which
 Triton would narrow to float32) and are rounded to the math precision inside the kernel, as
 ``spec.step`` does. With ``TRITON_INTERPRET=1`` the kernel also runs on CPU tensors (tests).
 """
-
 from __future__ import annotations
 
 from . import state_flags
@@ -19,7 +19,8 @@ from . import state_flags
 import os
 from typing import Any, Sequence
 
-__all__ = ["available", "unavailable_reason", "fused_step", "first_nonfinite"]
+__all__ = ["available", "unavailable_reason", "fused_step", "first_nonfinite", "floor_call",
+           "Table", "launch", "check_into", "hyper_values", "constexpr_flags"]
 
 _reason: str | None = None
 try:
@@ -76,9 +77,9 @@ if triton is not None:
         else:
             return tl.sqrt_rn(x)
 
-    # Reductions through tl.reduce with our own combine functions rather than tl.sum/min/max:
-    # those are @jit functions of triton.language, decorated when triton is imported, so a
-    # process that imported triton before setting TRITON_INTERPRET=1 could not interpret them.
+    # Reductions through tl.reduce rather than tl.sum/min/max: those are @jit functions of
+    # triton.language, decorated when triton is imported, so a process that imported triton
+    # before setting TRITON_INTERPRET=1 could not interpret them (see _SUM below).
     @triton.jit
     def _add(a, b):
         return a + b
@@ -336,9 +337,10 @@ class Table:
         return -1 if bad >= self.n else bad
 
 
-def _flags(centered: bool, use_mom: bool, weight_decay: float, decoupled: bool,
-           nesterov: bool, eps_in_sqrt: bool, lr_in_momentum: bool, stats: bool,
-           math64: bool) -> dict:
+def constexpr_flags(centered: bool, use_mom: bool, weight_decay: float, decoupled: bool,
+                    nesterov: bool, eps_in_sqrt: bool, lr_in_momentum: bool, stats: bool,
+                    math64: bool) -> dict:
+    """The step kernel's compile-time options (each combination is its own kernel)."""
     return dict(CENTERED=centered, MOMENTUM=use_mom,
                 WD_COUPLED=weight_decay != 0 and not decoupled,
                 DECOUPLED=weight_decay != 0 and bool(decoupled),
@@ -453,8 +455,9 @@ def fused_step(params: Sequence[Any], grads: Sequence[Any], square_avgs: Sequenc
     table = Table((P, V, M, B), numels, device)
     gdev, hyper = table.upload(G, hyper_values(lr, alpha, eps, weight_decay, momentum,
                                                bias_correction, grad_scale, maximize))
-    flags = _flags(centered, use_mom, weight_decay, decoupled_weight_decay, nesterov,
-                   eps_in_sqrt, lr_in_momentum, stats is not None, pdtype == torch.float64)
+    flags = constexpr_flags(centered, use_mom, weight_decay, decoupled_weight_decay, nesterov,
+                            eps_in_sqrt, lr_in_momentum, stats is not None,
+                            pdtype == torch.float64)
     launch(table, gdev, hyper, params[0], square_avgs[0], flags, stats)
 
 

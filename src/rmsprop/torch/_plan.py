@@ -168,9 +168,9 @@ class CudaPlan(CpuPlan):
         gdev, hyper = self.table.upload(G, tk.hyper_values(
             h.lr, h.alpha, h.eps, h.weight_decay, h.momentum, h.c,
             None if h.inv_scale == 1.0 else 1.0 / h.inv_scale, h.maximize))
-        flags = tk._flags(h.centered, h.momentum > 0, h.weight_decay,
-                          h.decoupled_weight_decay, h.nesterov, h.eps_in_sqrt,
-                          h.lr_in_momentum, stats is not None, self.math64)
+        flags = tk.constexpr_flags(h.centered, h.momentum > 0, h.weight_decay,
+                                   h.decoupled_weight_decay, h.nesterov, h.eps_in_sqrt,
+                                   h.lr_in_momentum, stats is not None, self.math64)
         tk.launch(self.table, gdev, hyper, self.p_like, self.s_like, flags, stats, gate)
         self.steps.add_(1)
 
