@@ -686,10 +686,10 @@ class RMSprop(Optimizer):
     def _record_stats(self, work: list[tuple[dict, list[Tensor]]],
                       before: Optional[list[list[Tensor]]],
                       rows: Optional[list[Tensor]] = None) -> None:
-        """Record the step's statistics. ``rows[g]`` is a float64 ``[n, 6]`` tensor per group, as the fused
-        kernel fills it in its pass (sum g^2, sum u^2, sum p^2, min lr/d, max lr/d, count of
-        eps-dominated elements); without it the rows are computed here from ``before``, the
-        params as they were before the step."""
+        """Record the step's statistics. ``rows[g]`` is a float64 ``[n, 6]`` tensor per group,
+        as the fused kernel fills it in its pass (sum g^2, sum u^2, sum p^2, min lr/d,
+        max lr/d, count of eps-dominated elements); without it the rows are computed here from
+        ``before``, the params as they were before the step."""
         if rows is None:
             rows = [torch.stack([self._stats_row(group, p, old)
                                  for p, old in zip(params, before[gi])]) if params else
@@ -802,8 +802,9 @@ class RMSprop(Optimizer):
         gradients), ``update_rms`` (RMS of the applied change), ``update_to_param_rms`` (its
         ratio to the params' RMS), ``step_min``/``step_median``/``step_max`` (of the effective
         per-element step ``lr/d``; the median over a strided sample of at most 4096 elements
-        of each of at most 64 evenly spaced tensors), ``eps_dominated_fraction`` (share of elements where ``eps`` is larger than
-        the ``sqrt(v)`` — or ``v`` with ``eps_in_sqrt`` — it is added to) and, per group,
+        of each of at most 64 evenly spaced tensors), ``eps_dominated_fraction`` (share of
+        elements where ``eps`` is larger than the ``sqrt(v)`` — or ``v`` with
+        ``eps_in_sqrt`` — it is added to) and, per group,
         ``skipped_steps``. On the fused path the sums, minimum and maximum come out of the
         kernel's own pass; elsewhere collecting them copies the params once per step. The
         summary (and the median's sample) is computed here, on the first call after a step.
