@@ -132,7 +132,8 @@ def options(draw) -> dict:
     )
 
 
-_SHAPES = [(), (0,), (1,), (5,), (3, 4), (2, 0, 3), (4, 1, 2)]
+_SHAPES = [(), (0,), (1,), (5,), (3, 4), (2, 0, 3), (4, 1, 2), (37,), (3, 21)]  # 37, 63: past
+# the kernels' 8- and 16-wide vector loops, with tails
 _LAYOUTS = ["contiguous", "transposed", "strided"]
 
 
