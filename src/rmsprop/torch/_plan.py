@@ -25,7 +25,9 @@ __all__ = ["CpuPlan", "CudaPlan", "plan_for"]
 
 
 def _ptrs(tensors: list[Tensor]) -> array.array:
-    return array.array("Q", map(Tensor.data_ptr, tensors))  # a C-level loop: ~2x faster
+    # map() is a C-level loop (~2x a comprehension); an array from a list of known length
+    # is ~40 ns per tensor cheaper than one grown from an iterator
+    return array.array("Q", list(map(Tensor.data_ptr, tensors)))
 
 
 class CpuPlan:
@@ -46,6 +48,7 @@ class CpuPlan:
         self.complex = any(p.is_complex() for p in params)
         self.numel = array.array("q", [p.numel() for p in real])
         self.P = _ptrs(real)
+        self.P_list = self.P.tolist()  # compared as a list: no array to build per step
         self.V = _ptrs(sq_real)
         self.M = self._state_table(states, "grad_avg") if centered else None
         self.B = self._state_table(states, "momentum_buffer") if momentum else None
@@ -80,10 +83,9 @@ class CpuPlan:
                 params = [_real(p) for p in params]
             if not all(map(Tensor.is_contiguous, grads)):
                 return None
-            P = _ptrs(params)
-            if P != self.P:
+            if list(map(Tensor.data_ptr, params)) != self.P_list:
                 return None
-            return P, _ptrs(grads)
+            return self.P, _ptrs(grads)
         except (RuntimeError, TypeError):  # sparse gradients have no strides or data pointer;
             return None                    # a missing one (None) is no Tensor
 
