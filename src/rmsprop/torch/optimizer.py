@@ -354,6 +354,17 @@ class RMSprop(Optimizer):
             state["grad_avg"] = self._filled(p, dtype, 0.0)
         return state
 
+    def _init_group(self, group: dict, params_with_grad: list[Tensor]) -> bool:
+        """Create the state of the group's params that have a gradient, listing them in
+        ``params_with_grad``. torch.optim's name for this hook: under torch.compile, dynamo
+        runs it eagerly instead of tracing it, so the graph is traced over state that
+        already exists and is not compiled again once the first step has created it."""
+        for p in group["params"]:
+            if p.grad is not None:
+                self._init_state(p, group)
+                params_with_grad.append(p)
+        return True
+
     @staticmethod
     def _filled(p: Tensor, dtype: torch.dtype, value: float) -> Tensor:
         if p.is_complex():
@@ -514,6 +525,9 @@ class RMSprop(Optimizer):
             checked = True
         if self._plans and not compiling and self._fast_step(checked):
             return
+        if compiling:
+            for group in self.param_groups:
+                self._init_group(group, [])
         work: list[tuple[dict, list[Tensor]]] = []
         for group in self.param_groups:
             validate({k: group[k] for k in RULE_OPTIONS}, warn=False)
@@ -555,7 +569,9 @@ class RMSprop(Optimizer):
             # No host sync inside a graph: an async assert fails the step instead.
             grads = [self._real(p.grad) for _, ps in checked for p in ps if p.grad.numel()]
             if grads:
-                ok = torch.stack(torch._foreach_norm(grads, float("inf"))).isfinite().all()
+                # max |g| is inf or NaN exactly when an element is. Not _foreach_norm: on
+                # CPU it costs 3-4x as much under inductor. Not sum(g * 0): inductor folds it.
+                ok = torch.stack([g.abs().amax() for g in grads]).isfinite().all()
                 torch._assert_async(ok, "rmsprop: non-finite gradient (inf or NaN)")
             return None
         labels = [self._check_finite([(g, ps)]) for g, ps in checked]
