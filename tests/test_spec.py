@@ -89,6 +89,21 @@ def test_eps_zero_warns():
         Options(eps=0.0)
 
 
+def test_centered_with_bias_correction_warns_of_its_first_step():
+    # Closed form with exact arithmetic (g and alpha powers of two): v = m^2 / (1 - alpha)
+    # after one step, so the corrected variance is exactly 0 and the step is lr * g / eps.
+    opts = dict(lr=1e-3, alpha=0.5, eps=1e-8, centered=True, bias_correction=True)
+    with pytest.warns(RuntimeWarning, match="first step is lr\\*g/eps"):
+        o = Options(**opts)
+    p, g = np.array([1.0]), np.array([0.5])
+    new, _ = spec.step(p, g, spec.init_state(p, o), o)
+    assert new[0] == 1.0 - 1e-3 * 0.5 / 1e-8
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        Options(**{**opts, "initial_square_avg": 0.1})
+        Options(**{**opts, "bias_correction": False})
+
+
 def test_numpy_optimizer_groups_none_grads_and_atomic_failure():
     a, b = np.ones(3), np.ones(2)
     opt = NumpyRMSprop([{"params": [a]}, {"params": [b], "lr": 0.5}], lr=0.1)

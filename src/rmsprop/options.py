@@ -98,7 +98,8 @@ def validate(hp: Mapping[str, Any], *, warn: bool = True) -> None:
     Only keys present in ``hp`` are checked, so a backend can validate a partial param group.
     ``eps == 0`` is accepted with a ``RuntimeWarning`` (unless ``warn=False``: backends warn at
     construction, not at every step): with a zero gradient and a zero square average the step
-    is ``0/0 = NaN``.
+    is ``0/0 = NaN``. So is ``centered`` with ``bias_correction`` from a zero square average:
+    the first step divides by ``eps`` alone.
     """
     checks = {
         "lr": (lambda x: x >= 0, "Invalid learning rate: {}"),
@@ -122,6 +123,13 @@ def validate(hp: Mapping[str, Any], *, warn: bool = True) -> None:
         raise ValueError("Nesterov momentum requires a momentum > 0")
     if hp.get("bias_correction") and _number("alpha", hp.get("alpha", 0.99)) >= 1:
         raise ValueError("bias_correction requires alpha < 1 (1 - alpha^t would be 0)")
+    if (warn and hp.get("centered") and hp.get("bias_correction")
+            and _number("initial_square_avg", hp.get("initial_square_avg", 0.0)) == 0):
+        warnings.warn("centered=True with bias_correction=True: after one gradient the "
+                      "bias-corrected variance v/c - (m/c)^2 is 0, so the first step is "
+                      "lr*g/eps (optax's centered rmsprop does the same); use "
+                      "initial_square_avg > 0, bias_correction=False or a warm-up of lr",
+                      RuntimeWarning, stacklevel=3)
     if warn and "eps" in hp and _number("eps", hp["eps"]) == 0:
         warnings.warn("eps=0: a parameter whose gradient and square average are both zero gets "
                       "a 0/0 = NaN step; use eps > 0 unless every gradient is nonzero",

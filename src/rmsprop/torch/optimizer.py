@@ -265,7 +265,7 @@ class RMSprop(Optimizer):
                                  f"loaded one has {len(sg['params'])}")
             rule = {k: sg[k] for k in RULE_OPTIONS if k in sg}
             try:
-                validate(rule)
+                validate(rule, warn=False)  # warnings were given when the options were chosen
             except ValueError as e:
                 raise ValueError(f"parameter group {gi} of the state dict: {e}") from None
             names = g.get("param_names") or [None] * len(g["params"])
