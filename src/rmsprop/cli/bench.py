@@ -3,7 +3,9 @@
 Protocol (issue 7; research notes perf-baseline.md "Method"): every candidate of a row steps
 its own optimizer over the same parameters and gradients. Candidates are timed interleaved,
 in round-robin blocks (one warm-up call, then ``k`` timed calls each) for ``--repeats`` rounds,
-and the median call is reported. Each row also times, in the same rounds, the bandwidth floor:
+and the median call is reported; the ratios (``%floor``, ``x foreach``) are medians over rounds
+of the ratio within each round, so a machine whose speed drifts between rounds moves them
+less. Each row also times, in the same rounds, the bandwidth floor:
 a plain threaded, vectorised C loop that reads and writes exactly the arrays of our fused step
 in place (read p, g, v[, m, b]; write p, v[, m, b]) with trivial arithmetic. Columns:
 
@@ -473,12 +475,15 @@ def bench_row(row: dict, args: argparse.Namespace, names: list[str], bar: Any,
         t = min(_time_once(live[n]["step"], cuda) for _ in range(2))
         calls[n] = args.calls or max(3, min(30, int(0.15 / max(t, 1e-6))))
     times: dict[str, list[float]] = {n: [] for n in order_names}
+    rounds: dict[str, list[float]] = {n: [] for n in order_names}  # per-round medians
     with torch.no_grad():
         for _ in range(args.repeats):
             for n in order_names:
                 fn = live[n]["step"]
                 fn()  # warm-up: caches and the other candidates' effects
-                times[n] += _time_block(fn, calls[n], cuda)
+                block = _time_block(fn, calls[n], cuda)
+                times[n] += block
+                rounds[n].append(_median(block))
                 if bar is not None:
                     bar.update(1)
     stream = (stream_bandwidth_cuda if cuda else stream_bandwidth)(
@@ -498,12 +503,19 @@ def bench_row(row: dict, args: argparse.Namespace, names: list[str], bar: Any,
         if n not in live:
             continue
         gbps = c["bytes"] / med[n] / 1e9
+        # The ratios pair the candidate with the floor and the baseline timed in the same
+        # round, then take the median over rounds: on a shared machine whose speed drifts
+        # between rounds (2x within a minute here) this is far steadier than a ratio of
+        # medians taken over different rounds.
+        to_floor = _median([f / t for f, t in zip(rounds["floor"], rounds[n])])
+        to_base = (_median([b / t for b, t in zip(rounds[BASELINE], rounds[n])])
+                   if base else None)
         extra, method = (None, "")
         if n != "floor":
             extra, method = (peak_extra_bytes_cuda if cuda else peak_extra_bytes)(c["step"])
         r = dict(candidate=n, median_ms=med[n] * 1e3, min_ms=min(times[n]) * 1e3,
-                 calls=len(times[n]), bytes=c["bytes"], gbps=gbps, frac_floor=gbps / floor_gbps,
-                 vs_foreach=(base / med[n]) if base else None,
+                 calls=len(times[n]), bytes=c["bytes"], gbps=gbps,
+                 frac_floor=to_floor * c["bytes"] / live["floor"]["bytes"], vs_foreach=to_base,
                  peak_extra_bytes=extra, memory_method=method)
         if c.get("first_call_s") is not None and (n == "torch.compile"
                                                   or (cuda and n.startswith("rmsprop fused"))):
@@ -666,7 +678,8 @@ def _run(args: argparse.Namespace, rows: list[dict], names: list[str], torch: An
         print(f"rmsprop bench: {cpu_name}, {os.cpu_count()} cores, torch {torch.__version__} "
               f"with {torch.get_num_threads()} threads; kernel {isa} ({cpu.library_path()})")
     print(f"median of {args.repeats} interleaved rounds; bytes = 2x params + grads + 2x state; "
-          f"%floor = GB/s over the in-run floor; x foreach = speed-up over {BASELINE}")
+          f"%floor = GB/s over the in-run floor; x foreach = speed-up over {BASELINE}; "
+          "both ratios are medians over rounds of ratios within a round")
     if not args.no_first_step and not args.quick:
         fs = first_step_cost()
         meta["first_step"] = fs
