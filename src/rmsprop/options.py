@@ -128,7 +128,8 @@ def validate(hp: Mapping[str, Any], *, warn: bool = True) -> None:
         warnings.warn("centered=True with bias_correction=True: after one gradient the "
                       "bias-corrected variance v/c - (m/c)^2 is 0, so the first step is "
                       "lr*g/eps (optax's centered rmsprop does the same); use "
-                      "initial_square_avg > 0, bias_correction=False or a warm-up of lr",
+                      "initial_square_avg > 0, eps_in_sqrt with a larger eps, or only one "
+                      "of the two options",
                       RuntimeWarning, stacklevel=3)
     if warn and "eps" in hp and _number("eps", hp["eps"]) == 0:
         warnings.warn("eps=0: a parameter whose gradient and square average are both zero gets "
