@@ -67,3 +67,26 @@ def test_bench_rejects_bad_arguments(capsys):
         assert "needs a CUDA device" in err and err.count("\n") == 1
     assert main(["bench", "--device", "tpu"]) == 2
     assert "invalid choice: 'tpu'" in capsys.readouterr().err
+
+
+def test_step_share_example_runs_and_reports_every_optimizer():
+    """examples/step_share.py (quoted in the README), shrunk: one line per optimizer with
+    forward+backward and step times, and the step's share of their sum."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    example = Path(__file__).resolve().parents[1] / "examples" / "step_share.py"
+    out = subprocess.run([sys.executable, str(example), "--width", "32", "--depth", "2",
+                          "--batch", "8", "--rounds", "1", "--iters", "2"],
+                         capture_output=True, text=True, check=True, timeout=120).stdout
+    rows = [line for line in out.splitlines() if line.endswith("%")]
+    assert [r.split("  ")[0].strip() for r in rows] == [
+        "rmsprop (default, checked)", "rmsprop nonfinite='ignore'",
+        "torch RMSprop foreach=True", "torch RMSprop (default)"]
+    for r in rows:
+        fb, step, share = (float(x.rstrip("%")) for x in r.split()[-3:])
+        assert fb > 0 and step > 0
+        h = 0.005  # the times are printed to 0.01 ms
+        lo, hi = 100 * (step - h) / (fb + step + 2 * h), 100 * (step + h) / (fb + step - 2 * h)
+        assert lo - 0.05 <= share <= hi + 0.05
