@@ -1,7 +1,8 @@
-"""What the optimizer step costs inside a whole training iteration, on the CPU.
+"""What the optimizer step costs inside a whole training iteration.
 
-    python examples/step_share.py                 # ~10M-param MLP, batch 256, 2 threads
+    python examples/step_share.py                 # ~10M-param MLP, batch 256, on the CPU
     python examples/step_share.py --width 2048 --depth 4 --batch 64
+    python examples/step_share.py --device cuda --width 4096 --depth 8 --batch 1024
 
 `rmsprop bench` times the step alone. Here each iteration is forward, backward, step and
 zero_grad on one model; the optimizers are timed interleaved (blocks of iterations, median
@@ -27,16 +28,21 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--iters", type=int, default=5, help="timed iterations per block")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (the host waits for the "
+                    "GPU after backward and after the step, so each part is timed whole)")
     args = ap.parse_args()
+    device = torch.device(args.device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
     torch.manual_seed(0)
     layers: list[torch.nn.Module] = [torch.nn.Linear(256, args.width), torch.nn.ReLU()]
     for _ in range(args.depth - 1):
         layers += [torch.nn.Linear(args.width, args.width), torch.nn.ReLU()]
     layers.append(torch.nn.Linear(args.width, 10))
-    model = torch.nn.Sequential(*layers)
+    model = torch.nn.Sequential(*layers).to(device)
     n = sum(p.numel() for p in model.parameters())
-    x, y = torch.randn(args.batch, 256), torch.randint(0, 10, (args.batch,))
+    x = torch.randn(args.batch, 256, device=device)
+    y = torch.randint(0, 10, (args.batch,), device=device)
     params = list(model.parameters())
     opts = {
         "rmsprop (default, checked)": RMSprop(params, lr=1e-4),
@@ -48,11 +54,14 @@ def main() -> None:
     st: dict[str, list[float]] = {k: [] for k in opts}
 
     def iteration(opt: torch.optim.Optimizer) -> tuple[float, float]:
+        sync()
         t0 = time.perf_counter()
         loss = torch.nn.functional.cross_entropy(model(x), y)
         loss.backward()
+        sync()
         t1 = time.perf_counter()
         opt.step()
+        sync()
         t2 = time.perf_counter()
         opt.zero_grad(set_to_none=True)
         return t1 - t0, t2 - t1
@@ -64,8 +73,10 @@ def main() -> None:
                 a, b = iteration(opt)
                 fb[name].append(a)
                 st[name].append(b)
-    print(f"MLP of {n / 1e6:.1f}M params, batch {args.batch}, {torch.get_num_threads()} "
-          f"threads; medians of {args.rounds * args.iters} iterations each")
+    where = (torch.cuda.get_device_name(device) if device.type == "cuda"
+             else f"CPU, {torch.get_num_threads()} threads")
+    print(f"MLP of {n / 1e6:.1f}M params, batch {args.batch}, {where}; medians of "
+          f"{args.rounds * args.iters} iterations each")
     print(f"{'optimizer':28s} {'fwd+bwd ms':>10s} {'step ms':>8s} {'step share':>10s}")
     for name in opts:
         a, b = statistics.median(fb[name]), statistics.median(st[name])
