@@ -120,6 +120,51 @@ def test_forloop_and_foreach_bit_identical(config):
             assert torch.equal(value, ob.state[y][key])
 
 
+@pytest.mark.parametrize("config", GRID, ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_foreach_batches_change_no_bit(config, dtype, monkeypatch):
+    """The foreach path cut into batches of 5 elements (tensors split across batches, a
+    non-contiguous param kept whole) against the for-loop path: bit-identical params and
+    state. (16-bit params: float copies per batch, rounded back once, as unbatched.)"""
+    import rmsprop.torch.optimizer as impl
+
+    monkeypatch.setitem(impl._FOREACH_BATCH, "cpu", 5)
+    shapes = SHAPES + [(3, 7)]
+    grads = _grads(shapes, 30, dtype, seed=6)
+
+    def params():
+        ps = [torch.ones(s, dtype=dtype) for s in shapes[:-1]]
+        return ps + [torch.ones(7, 3, dtype=dtype).t()]  # non-contiguous (3, 7)
+
+    a, b = params(), params()
+    oa = _run(RMSprop, a, grads, lr=0.02, foreach=False, fused=False, **config)
+    ob = _run(RMSprop, b, grads, lr=0.02, foreach=True, fused=False, **config)
+    for x, y in zip(a, b):
+        assert torch.equal(x, y)
+        for key, value in oa.state[x].items():
+            assert torch.equal(value, ob.state[y][key]), key
+
+
+def test_foreach_batches_bound_the_temporaries(monkeypatch):
+    """bfloat16 params on the foreach path: float32 copies of params and gradients and the
+    denominator are made per batch, so the step's peak extra memory follows the batch, not
+    the model (unbatched: ~12 bytes per element)."""
+    import rmsprop.torch.optimizer as impl
+    from rmsprop.cli.bench import peak_extra_bytes
+
+    n, batch = 1 << 18, 1 << 12
+    p = torch.zeros(n, dtype=torch.bfloat16, requires_grad=True)
+    p.grad = torch.randn(n, dtype=torch.bfloat16)
+    opt = RMSprop([p], foreach=True, fused=False)
+    opt.step()
+    monkeypatch.setitem(impl._FOREACH_BATCH, "cpu", 1 << 40)
+    whole, _ = peak_extra_bytes(opt.step)
+    monkeypatch.setitem(impl._FOREACH_BATCH, "cpu", batch)
+    batched, _ = peak_extra_bytes(opt.step)
+    assert whole >= 12 * n
+    assert batched <= 16 * batch + 256 * 1024, (batched, whole)
+
+
 def test_first_step_closed_form():
     g = torch.tensor([2.0, -0.5, 1e-3], dtype=torch.float64)
     p = torch.zeros(3, dtype=torch.float64, requires_grad=True)

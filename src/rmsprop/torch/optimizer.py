@@ -29,6 +29,9 @@ _NONFINITE = ("raise", "skip", "ignore")
 _HALF = (torch.float16, torch.bfloat16)
 _STATE_KEYS = ("square_avg", "grad_avg", "momentum_buffer")
 _GRAD = operator.attrgetter("grad")
+# Elements per batch of the foreach path (see RMSprop._apply_unfused): on the CPU a batch's
+# arrays fit the last-level cache; on a GPU a batch is large enough that launches stay few.
+_FOREACH_BATCH = {"cpu": 1 << 20, "cuda": 1 << 26}
 
 
 class NonFiniteGradientError(FloatingPointError):
@@ -645,22 +648,47 @@ class RMSprop(Optimizer):
                        sdtype: torch.dtype, path: str) -> None:
         """The for-loop or foreach path. The math runs in the spec's dtype (float64 for float64
         params, float32 otherwise): params, gradients and state in another dtype are
-        computed on as float copies and rounded back once."""
+        computed on as float copies and rounded back once.
+
+        The foreach path runs over batches of at most ``_FOREACH_BATCH[device]`` elements
+        (long tensors cut into flat slices): its temporaries (the denominator, and the float
+        copies of 16-bit params and gradients) then stay bounded instead of model-sized, and
+        on the CPU a batch's passes run in cache. Every operation is elementwise, so the
+        result does not depend on the batching."""
         r = self._real
-        pdtype = r(ps[0]).dtype
-        math_dtype = torch.float64 if pdtype == torch.float64 else torch.float32
+        keys = [key for key, on in (("square_avg", True), ("grad_avg", h.centered),
+                                    ("momentum_buffer", h.momentum > 0)) if on]
+        columns = [[r(p) for p in ps], [r(p.grad) for p in ps]] + [
+            [r(st[key]) for st in sts] for key in keys]
+        if path != "foreach" or torch.compiler.is_compiling():
+            return self._unfused(columns, keys, h, path)
+        limit = _FOREACH_BATCH.get(columns[0][0].device.type, _FOREACH_BATCH["cuda"])
+        batch: list[list[Tensor]] = [[] for _ in columns]
+        size = 0
+        for row in zip(*columns):
+            n = row[0].numel()
+            parts = [row]
+            if n > limit and all(t.is_contiguous() for t in row):
+                parts = [tuple(t.view(-1)[lo:lo + limit] for t in row)
+                         for lo in range(0, n, limit)]
+            for part in parts:
+                if size and size + part[0].numel() > limit:
+                    self._unfused(batch, keys, h, path)
+                    batch, size = [[] for _ in columns], 0
+                for col, t in zip(batch, part):
+                    col.append(t)
+                size += part[0].numel()
+        if batch[0]:
+            self._unfused(batch, keys, h, path)
 
-        def up(ts: Optional[list[Tensor]]) -> Optional[list[Tensor]]:
-            if ts is None or ts[0].dtype == math_dtype:
-                return ts
-            return [t.to(math_dtype) for t in ts]
-
-        params = [r(p) for p in ps]
-        states = {key: [r(st[key]) for st in sts] for key, on in
-                  (("square_avg", True), ("grad_avg", h.centered),
-                   ("momentum_buffer", h.momentum > 0)) if on}
-        pw, gw = up(params), up([r(p.grad) for p in ps])
-        sw = {key: up(ts) for key, ts in states.items()}
+    @staticmethod
+    def _unfused(columns: list[list[Tensor]], keys: list[str], h: Hyper, path: str) -> None:
+        """The rule over ``columns`` = [params, grads, *states named by keys] (real tensors)."""
+        math_dtype = torch.float64 if columns[0][0].dtype == torch.float64 else torch.float32
+        work = [ts if ts[0].dtype == math_dtype else [t.to(math_dtype) for t in ts]
+                for ts in columns]
+        pw, gw = work[0], work[1]
+        sw = dict(zip(keys, work[2:]))
         vs, ms, bs = sw["square_avg"], sw.get("grad_avg"), sw.get("momentum_buffer")
         if path == "foreach":
             _paths.foreach_step(pw, gw, vs, ms, bs, h)
@@ -668,9 +696,9 @@ class RMSprop(Optimizer):
             for i in range(len(pw)):
                 _paths.single_tensor_step(pw[i], gw[i], vs[i], ms[i] if ms else None,
                                           bs[i] if bs else None, h)
-        for originals, work in [(params, pw)] + [(states[k], sw[k]) for k in states]:
-            if work is not originals:
-                for t, w in zip(originals, work):
+        for i, (originals, copies) in enumerate(zip(columns, work)):
+            if i != 1 and copies is not originals:  # the gradients are only read
+                for t, w in zip(originals, copies):
                     t.copy_(w)
 
     def _apply_fused(self, ps: list[Tensor], sts: list[dict], h: Hyper,
