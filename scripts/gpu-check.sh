@@ -2,7 +2,8 @@
 # The CUDA check of the Triton path, as run on a lent GPU machine (see README, "GPU"):
 # the kernel tests compiled on CUDA, then `rmsprop bench --device cuda`.
 # Uses the python3 that holds torch+triton there; the package runs from src/ (no install).
-# Results land in $OUT (default /tmp/gpu-check): gpu.txt, tests.log, bench.log, bench_cuda.json.
+# Results land in $OUT (default /tmp/gpu-check): gpu.txt, tests.log, bench.log, bench_cuda.json,
+# compile.log (a training step under torch.compile, ours against torch's, both modes).
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu-check}
 mkdir -p "$OUT"
@@ -16,3 +17,5 @@ timeout "${TEST_TIMEOUT:-240}" python3 -m pytest tests/test_triton.py -q -p no:c
   -k "not interpreter" 2>&1 | tee "$OUT/tests.log"
 timeout "${BENCH_TIMEOUT:-300}" python3 -m rmsprop.cli bench --device cuda --no-progress \
   --json "$OUT/bench_cuda.json" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log"
+timeout "${COMPILE_TIMEOUT:-240}" python3 scripts/gpu_compile_check.py 2>&1 \
+  | grep -E "^(default|reduce-overhead) " | tee "$OUT/compile.log"

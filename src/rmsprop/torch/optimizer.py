@@ -38,6 +38,17 @@ class NonFiniteGradientError(FloatingPointError):
     """A gradient holds inf or NaN and ``nonfinite="raise"``: no parameter or state changed."""
 
 
+def _all_finite(grads: list[Tensor]) -> Tensor:
+    """A 0-d bool tensor: every element of every gradient is finite (for a compiled step).
+    max |g| is inf or NaN exactly when an element is (sum(g * 0) would be folded to 0 by
+    inductor). On CUDA as one _foreach_norm: per-tensor amax reductions crashed torch 2.11's
+    inductor while fusing them with the update (measured on an H200); on the CPU per-tensor
+    amax, which inductor compiles to a step 3-4x cheaper than _foreach_norm's."""
+    if grads[0].is_cuda:
+        return torch.stack(torch._foreach_norm(grads, float("inf"))).isfinite().all()
+    return torch.stack([g.abs().amax() for g in grads]).isfinite().all()
+
+
 def _fused_kernel(device_type: str):
     """The fused kernel module for a device type, or ``None`` if there is none here."""
     try:
@@ -393,7 +404,7 @@ class RMSprop(Optimizer):
             return "foreach"
         return "forloop"
 
-    def _hyper(self, group: dict, t: int) -> Hyper:
+    def _hyper(self, group: dict, t: int, inv_scale: Optional[float] = None) -> Hyper:
         lr = group["lr"]
         if isinstance(lr, Tensor):
             lr = float(lr.detach().reshape(()))  # one sync: the paths take a Python scalar
@@ -406,7 +417,8 @@ class RMSprop(Optimizer):
                      nesterov=bool(group["nesterov"]) and group["momentum"] > 0,
                      decoupled_weight_decay=bool(group["decoupled_weight_decay"]),
                      c=(1.0 - alpha ** t) if group["bias_correction"] else 1.0,
-                     inv_scale=getattr(self, "_inv_scale", 1.0))
+                     inv_scale=getattr(self, "_inv_scale", 1.0) if inv_scale is None
+                     else inv_scale)
 
     def step(self, closure: Optional[Callable[[], float]] = None) -> Optional[float]:
         """Perform one optimization step. ``closure`` re-evaluates the model and returns the
@@ -515,8 +527,9 @@ class RMSprop(Optimizer):
                                              version=self._version)
 
     def _step(self, inv_scale: float = 1.0, scaler_checked: bool = False) -> None:
-        self._inv_scale = inv_scale
         compiling = torch.compiler.is_compiling()
+        if not compiling:  # dynamo (torch 2.11 on CUDA) refuses attribute writes here
+            self._inv_scale = inv_scale
         checked = scaler_checked
         if self._mesh_groups() and not checked:
             # Sharded params: every rank must agree (and run the same collectives) before
@@ -555,7 +568,7 @@ class RMSprop(Optimizer):
                   if self.track_stats else None)
         for (group, params), path in zip(work, paths):
             if params:
-                self._apply(group, params, path)
+                self._apply(group, params, path, inv_scale)
         if self.track_stats:
             self._record_stats(work, before)
         if not compiling:
@@ -569,12 +582,13 @@ class RMSprop(Optimizer):
         if not checked:
             return None
         if torch.compiler.is_compiling():
-            # No host sync inside a graph: an async assert fails the step instead.
+            # Inside a graph: no host sync, so an async assert fails the step before any
+            # write; it cannot name the parameter, and "skip" raises too. (A check between two
+            # graphs would guard the second on gradients that zero_grad frees: a recompile at
+            # every step.)
             grads = [self._real(p.grad) for _, ps in checked for p in ps if p.grad.numel()]
             if grads:
-                # max |g| is inf or NaN exactly when an element is. Not _foreach_norm: on
-                # CPU it costs 3-4x as much under inductor. Not sum(g * 0): inductor folds it.
-                ok = torch.stack([g.abs().amax() for g in grads]).isfinite().all()
+                ok = _all_finite(grads)
                 torch._assert_async(ok, "rmsprop: non-finite gradient (inf or NaN)")
             return None
         labels = [self._check_finite([(g, ps)]) for g, ps in checked]
@@ -617,7 +631,8 @@ class RMSprop(Optimizer):
             for gs in self._stats.get("groups", []):
                 gs["skipped_steps"] = self.skipped_steps
 
-    def _apply(self, group: dict, params: list[Tensor], path: str) -> None:
+    def _apply(self, group: dict, params: list[Tensor], path: str,
+               inv_scale: float = 1.0) -> None:
         states = [self._init_state(p, group) for p in params]
         torch._foreach_add_([st["step"] for st in states], 1)
         # Tensors that share dtype, state dtype and step count go to the paths together.
@@ -627,7 +642,7 @@ class RMSprop(Optimizer):
                    int(st["step"].item()) if group["bias_correction"] else 0)
             buckets.setdefault(key, []).append(i)
         for (device, dtype, sdtype, t), idx in buckets.items():
-            h = self._hyper(group, t)
+            h = self._hyper(group, t, inv_scale)
             ps = [params[i] for i in idx]
             sts = [states[i] for i in idx]
             if path == "fused":
@@ -726,6 +741,9 @@ class RMSprop(Optimizer):
 
     # -- health statistics --------------------------------------------------------------------
 
+    # Eager even inside a compiled step: traced, its per-parameter bookkeeping breaks the
+    # graph at every .item() and recompiles on each new value (past dynamo's limit of 8).
+    @torch.compiler.disable
     @torch.no_grad()
     def _record_stats(self, work: list[tuple[dict, list[Tensor]]],
                       before: Optional[list[list[Tensor]]],
