@@ -372,7 +372,8 @@ class RMSprop(Optimizer):
         """Create the state of the group's params that have a gradient, listing them in
         ``params_with_grad``. torch.optim's name for this hook: under torch.compile, dynamo
         runs it eagerly instead of tracing it, so the graph is traced over state that
-        already exists and is not compiled again once the first step has created it."""
+        already exists and is not compiled again once the first step has created it. Returns
+        True (dynamo turns the result into a constant of the graph)."""
         for p in group["params"]:
             if p.grad is not None:
                 self._init_state(p, group)
@@ -648,7 +649,7 @@ class RMSprop(Optimizer):
             if path == "fused":
                 self._apply_fused(ps, sts, h, device)
             else:
-                self._apply_unfused(ps, sts, h, sdtype, path)
+                self._apply_unfused(ps, sts, h, path)
 
     @staticmethod
     def _real(t: Optional[Tensor]) -> Optional[Tensor]:
@@ -659,8 +660,7 @@ class RMSprop(Optimizer):
         t = _local(t)
         return torch.view_as_real(t) if t.is_complex() else t
 
-    def _apply_unfused(self, ps: list[Tensor], sts: list[dict], h: Hyper,
-                       sdtype: torch.dtype, path: str) -> None:
+    def _apply_unfused(self, ps: list[Tensor], sts: list[dict], h: Hyper, path: str) -> None:
         """The for-loop or foreach path. The math runs in the spec's dtype (float64 for float64
         params, float32 otherwise): params, gradients and state in another dtype are
         computed on as float copies and rounded back once.
@@ -736,8 +736,7 @@ class RMSprop(Optimizer):
                 nesterov=h.nesterov, decoupled_weight_decay=h.decoupled_weight_decay,
                 bias_correction=h.c, grad_scale=None if h.inv_scale == 1.0 else 1.0 / h.inv_scale)
         if rest:  # non-contiguous views: the for-loop path computes the same rule
-            self._apply_unfused([ps[i] for i in rest], [sts[i] for i in rest], h,
-                                r(sts[rest[0]]["square_avg"]).dtype, "forloop")
+            self._apply_unfused([ps[i] for i in rest], [sts[i] for i in rest], h, "forloop")
 
     # -- health statistics --------------------------------------------------------------------
 
