@@ -787,32 +787,37 @@ class RMSprop(Optimizer):
         if self.track_stats == "params":
             self._stats["params"] = params_out
 
-    def _denominator_of(self, group: dict, p: Tensor) -> tuple[Tensor, Tensor, Hyper]:
-        st = self.state[p]
-        h = self._hyper(group, int(st["step"]))
-        v = self._real(st["square_avg"]).to(torch.float64)
-        s = v / h.c
-        if h.centered:
-            m = self._real(st["grad_avg"]).to(torch.float64)
-            s = (s - (m / h.c).square()).clamp(min=0)
-        d = (s + h.eps).sqrt() if h.eps_in_sqrt else s.sqrt() + h.eps
-        return s, d, h
-
     def _stats_row(self, group: dict, p: Tensor, old: Tensor) -> Tensor:
-        s, d, h = self._denominator_of(group, p)
-        new, old = self._real(p.detach()).to(torch.float64), self._real(old).to(torch.float64)
-        g = self._real(p.grad).to(torch.float64) * h.inv_scale
-        g = -g if h.maximize else g
+        """One parameter's row of this step's statistics (sum g^2, sum u^2, sum p^2, min lr/d,
+        max lr/d, count of eps-dominated elements) as a float64 tensor on its device: no
+        host sync per value. Computed in the param's math dtype (float64 for float64 params,
+        float32 otherwise, as the fused kernels do): float64 copies of float32 tensors cost
+        more than the step itself on the CPU."""
+        st, r = self.state[p], self._real
+        h = self._hyper(group, int(st["step"]))
+        f = torch.float64 if r(p).dtype == torch.float64 else torch.float32
+        s = r(st["square_avg"]).to(f)
+        s = s / h.c if h.c != 1.0 else s
+        if h.centered:
+            m = r(st["grad_avg"]).to(f)
+            s = (s - (m / h.c if h.c != 1.0 else m).square()).clamp(min=0)
+        sq = (s + h.eps).sqrt() if h.eps_in_sqrt else s.sqrt()
+        d = sq if h.eps_in_sqrt else sq + h.eps
+        new, old = r(p.detach()).to(f), r(old).to(f)
+        g = r(p.grad).to(f)
+        g = g * h.inv_scale if h.inv_scale != 1.0 else g  # the sign does not change g^2
         if h.weight_decay and not h.decoupled_weight_decay:
-            g = g + h.weight_decay * old
-        eps_dom = (h.eps > s) if h.eps_in_sqrt else (h.eps > s.sqrt())
-        step = h.lr / d
-        empty = new.numel() == 0
-        return torch.tensor([float(g.square().sum()), float((old - new).square().sum()),
-                             float(new.square().sum()),
-                             math.inf if empty else float(step.min()),
-                             -math.inf if empty else float(step.max()),
-                             float(eps_dom.sum())], dtype=torch.float64)
+            g = (-g if h.maximize else g) + h.weight_decay * old
+        dom = (h.eps > s) if h.eps_in_sqrt else (h.eps > sq)
+        row = [x.square().sum().to(torch.float64) for x in (g, old - new, new)]
+        if new.numel():
+            # lr/d is monotone in d and correctly rounded: its extremes are lr over d's
+            dmin, dmax = torch.aminmax(d)
+            row += [(h.lr / dmax).to(torch.float64), (h.lr / dmin).to(torch.float64)]
+        else:
+            row += [torch.tensor(v, dtype=torch.float64, device=new.device)
+                    for v in (math.inf, -math.inf)]
+        return torch.stack(row + [dom.sum().to(torch.float64)])
 
     def _step_sizes(self, group: dict, p: Tensor, limit: int = 4096) -> np.ndarray:
         """``lr/d`` on a strided sample of at most ``limit`` elements (for the median)."""
