@@ -128,7 +128,7 @@ def _rec(opt, phase, seed, losses, diverged=False, lr=0.01, trial=None, problem=
 
 
 def test_aggregate_against_hand_computed_values():
-    from rmsprop.report import aggregate, select_best
+    from rmsprop.tools.report import aggregate, select_best
 
     # saddle: f* = -1, tau = 1e-3, l0 = 1 -> target -1 + 1e-3 * 2 = -0.998
     recs = [_rec("rmsprop", "tune", 0, [1.0, -1.0, -1.0], lr=0.01, trial=0),
@@ -162,7 +162,7 @@ def test_aggregate_against_hand_computed_values():
 
 @pytest.mark.parametrize("adam_final, verdict", [(0.305, "tie"), (0.32, "rmsprop")])
 def test_data_problem_margin_is_one_percent_of_initial_loss(adam_final, verdict):
-    from rmsprop.report import aggregate
+    from rmsprop.tools.report import aggregate
 
     recs = []
     for s in (1, 2, 3):
@@ -177,7 +177,7 @@ def test_data_problem_margin_is_one_percent_of_initial_loss(adam_final, verdict)
 
 
 def test_missing_optional_package_is_a_clear_error(tmp_path, monkeypatch, capsys):
-    from rmsprop import problems
+    from rmsprop.tools import problems
 
     prob = problems.get("mlp-mnist1d")
     monkeypatch.setattr(type(prob), "missing", lambda self: list(self.requires))

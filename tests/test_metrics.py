@@ -1,10 +1,10 @@
-"""rmsprop.metrics against hand-computed cases (every expected value worked out by hand)."""
+"""rmsprop.tools.metrics against hand-computed cases (every expected value worked out by hand)."""
 
 import math
 
 import pytest
 
-from rmsprop import metrics as M
+from rmsprop.tools import metrics as M
 
 inf = math.inf
 

@@ -9,8 +9,8 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from rmsprop import problems  # noqa: E402
-from rmsprop.problems import optimizers as O  # noqa: E402
+from rmsprop.tools import problems  # noqa: E402
+from rmsprop.tools.problems import optimizers as O  # noqa: E402
 
 S2 = math.sqrt(2.0)
 

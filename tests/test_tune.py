@@ -194,9 +194,9 @@ def test_grid_visits_exactly_the_grid_and_reports(toy, capsys):
 
 def test_default_spaces_follow_the_protocol():
     """RMSProp and Adam get the same 2-D space: lr 5 points per decade, decay grid of five."""
-    problems = pytest.importorskip("rmsprop.problems")
-    from rmsprop import tuning
-    from rmsprop.problems import optimizers
+    problems = pytest.importorskip("rmsprop.tools.problems")
+    from rmsprop.tools import tuning
+    from rmsprop.tools.problems import optimizers
 
     for name, decay in (("rmsprop", "alpha"), ("adam", "beta2")):
         space = tuning.build_space(optimizers.resolve(name))
@@ -240,7 +240,7 @@ def test_random_sampler_reproducible_from_seed(toy, capsys):
     # `rmsprop compare --search random` tunes with exactly these points (tuning.suggest).
     import importlib
 
-    from rmsprop.tuning import suggest
+    from rmsprop.tools.tuning import suggest
     spec = importlib.import_module("tune_toy_mod").SPEC
     got = suggest(spec, 6, sampler="random", seed=3)
     assert [(g["lr"], round(1 - g["alpha"], 12)) for g in got] == \
@@ -262,7 +262,7 @@ def test_sobol_sampler_covers_the_space(toy, capsys):
 @pytest.mark.filterwarnings("ignore:Heartbeat of storage")
 def test_heartbeat_fails_and_requeues_a_stale_trial(toy):
     tmp, _ = toy
-    from rmsprop import tuning
+    from rmsprop.tools import tuning
     import tune_toy_mod as m
 
     made = []
@@ -446,9 +446,9 @@ def test_bad_input_is_one_line_and_leaves_the_study_alone(toy, capsys):
 
 
 def test_programmatic_tune_in_memory_picks_the_oracle_best(toy):
-    """``rmsprop.tuning.tune`` (for ``rmsprop compare``): no storage, nothing written."""
+    """``rmsprop.tools.tuning.tune`` (for ``rmsprop compare``): no storage, nothing written."""
     tmp, _ = toy
-    from rmsprop import tuning
+    from rmsprop.tools import tuning
 
     res = tuning.tune("tune_toy_mod:PROBLEM", "tune_toy_mod:SPEC", sampler="random", trials=6,
                       seed=1)
@@ -460,7 +460,7 @@ def test_programmatic_tune_in_memory_picks_the_oracle_best(toy):
 
 
 def test_steps_to_target_objective_and_divergence_penalty(toy):
-    from rmsprop import tuning
+    from rmsprop.tools import tuning
     import tune_toy_mod as m
 
     branches = set()

@@ -5,7 +5,7 @@ Protocol (issue 4; benchmarks.md section 9): every optimizer runs once at its li
 is the defaults, the rest a Latin-hypercube sample of its search space; or an lr grid); the best
 trial's configuration and the defaults are then re-run on fresh seeds 1..n with common random
 numbers (seed k gives every optimizer the same initial point, data order and noise). Results:
-one JSON per run, an aggregated CSV and ``report.md`` with PNG plots (see :mod:`rmsprop.report`).
+one JSON per run, an aggregated CSV and ``report.md`` with PNG plots (see :mod:`rmsprop.tools.report`).
 
 Ctrl-C keeps every finished run (each JSON is written atomically); running again with the same
 ``--out`` skips them.
@@ -128,8 +128,8 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
     """
     import torch
 
-    from rmsprop import problems
-    from rmsprop.problems.optimizers import ours_available, resolve, with_schedule
+    from rmsprop.tools import problems
+    from rmsprop.tools.problems.optimizers import ours_available, resolve, with_schedule
 
     torch.set_num_threads(1)  # tiny models: one thread per run, runs in parallel instead
     prob = problems.get(job["problem"])
@@ -177,7 +177,7 @@ def _cross_check(prob: Any, theirs: Any, job: dict[str, Any]) -> dict[str, Any]:
     bit-identical): our for-loop path (``fused=False``) must match bit for bit; our default path
     (the fused kernel where it applies) may differ in the last bit, which chaotic problems grow.
     """
-    from rmsprop.problems.optimizers import ours_available, resolve, with_schedule
+    from rmsprop.tools.problems.optimizers import ours_available, resolve, with_schedule
 
     out: dict[str, Any] = {"ours_available": ours_available()}
     if not ours_available():
@@ -281,8 +281,8 @@ class _Runner:
 
 def plan(args: argparse.Namespace) -> dict[str, Any]:
     """Validate the arguments and fix problems, optimizers, seeds, trials and configurations."""
-    from rmsprop import problems
-    from rmsprop.problems.optimizers import resolve
+    from rmsprop.tools import problems
+    from rmsprop.tools.problems.optimizers import resolve
 
     suite = args.suite
     explicit = _split(args.problem)
@@ -334,7 +334,7 @@ def plan(args: argparse.Namespace) -> dict[str, Any]:
 
 def tuning_configs(spec: Any, trials: int, search: str) -> list[dict[str, Any]]:
     """The ``trials`` configurations tried for one optimizer (same sampler seed for all)."""
-    from rmsprop.problems.optimizers import grid, sample
+    from rmsprop.tools.problems.optimizers import grid, sample
 
     if trials == 0:
         return []
@@ -344,7 +344,7 @@ def tuning_configs(spec: Any, trials: int, search: str) -> list[dict[str, Any]]:
     # than the defaults on the tuning seed, whatever the sampler draws
     first = {k: spec.defaults[k] for k in spec.search_space if k in spec.defaults}
     if search in ("random", "sobol"):
-        from rmsprop.tuning import suggest
+        from rmsprop.tools.tuning import suggest
 
         return [first] + suggest(spec, trials - 1, sampler=search, seed=0)
     return [first] + sample(spec.search_space, trials - 1, seed=0, method=search)
@@ -357,7 +357,7 @@ def run(args: argparse.Namespace) -> int:
                                    datetime.now().strftime("compare-%Y%m%d-%H%M%S"))
     if os.path.exists(out) and not os.path.isdir(out):
         raise CLIError(f"--out {out!r} exists and is not a folder")
-    from rmsprop.problems.optimizers import ours_available, resolve
+    from rmsprop.tools.problems.optimizers import ours_available, resolve
 
     os.makedirs(out, exist_ok=True)
     for d, _, files in os.walk(os.path.join(out, "runs")):
@@ -403,7 +403,7 @@ def run(args: argparse.Namespace) -> int:
         records = runner.run(phase1)
         tuned_jobs = []
         if cfg["trials"]:
-            from rmsprop.report import select_best
+            from rmsprop.tools.report import select_best
 
             for p in cfg["problems"]:
                 for o in specs:
@@ -421,7 +421,7 @@ def run(args: argparse.Namespace) -> int:
     runner.close()
     elapsed = time.perf_counter() - t_start
 
-    from rmsprop.report import write_report
+    from rmsprop.tools.report import write_report
 
     summary = write_report(out, records, cfg, versions=versions, elapsed=elapsed,
                            plots=not args.no_plots)

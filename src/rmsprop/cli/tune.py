@@ -70,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
     from rmsprop.cli import CLIError
 
     try:
-        from rmsprop import tuning
+        from rmsprop.tools import tuning
     except ImportError as e:  # optuna/tqdm missing
         raise CLIError(f"tune needs the cli extra (pip install 'rmsprop[cli]'): {e}") from None
 

@@ -2,7 +2,7 @@
 
 Input: the per-run records written by :mod:`rmsprop.cli.compare` (phases ``tune`` at seed 0,
 ``default`` and ``tuned`` at seeds 1..n). Every number in the report is defined in
-:mod:`rmsprop.metrics`; the conventions fixed here:
+:mod:`rmsprop.tools.metrics`; the conventions fixed here:
 
 - losses are shown as the excess ``l - f*`` over the known minimum (analytic problems) or as is
   (data problems, ``f* = 0``); selection and comparison use the final *validation* loss;
@@ -58,8 +58,8 @@ def _num(x: Any) -> float:
 def aggregate(records: Iterable[dict[str, Any]], cfg: dict[str, Any]) -> dict[str, Any]:
     """All metrics per problem and optimizer. Returns ``{"rows": [...], "problems": {...},
     "profiles": {...}, "h2h": {...}, "cross_check": {...}}``."""
-    from rmsprop import problems
-    from rmsprop.problems.optimizers import on_edge, resolve
+    from rmsprop.tools import problems
+    from rmsprop.tools.problems.optimizers import on_edge, resolve
 
     recs = list(records)
     by: dict[tuple, list[dict]] = defaultdict(list)
@@ -331,7 +331,7 @@ def h2h_table(agg: dict[str, Any]) -> str:
 
 def claims_section(agg: dict[str, Any], cfg: dict[str, Any]) -> str:
     """Plain statements of what the numbers say about the seed's four claims."""
-    from rmsprop import problems
+    from rmsprop.tools import problems
 
     base = agg["base"]
     if base != "rmsprop":
@@ -382,7 +382,7 @@ def claims_section(agg: dict[str, Any], cfg: dict[str, Any]) -> str:
 
 
 def search_space_table(cfg: dict[str, Any]) -> str:
-    from rmsprop.problems.optimizers import resolve
+    from rmsprop.tools.problems.optimizers import resolve
 
     lines = ["| optimizer | defaults (one-shot) | search space |", "|---|---|---|"]
     for o in cfg["optimizers"]:
@@ -519,7 +519,7 @@ def plot_all(out: str, agg: dict[str, Any], cfg: dict[str, Any]) -> list[str]:
         files.append("performance_profile.png")
 
     # 2-D trajectories over contours
-    from rmsprop import problems
+    from rmsprop.tools import problems
 
     two_d = [p for p in probs if getattr(problems.get(p), "bounds", None) is not None
              and problems.get(p).dim == 2]
@@ -584,7 +584,7 @@ def write_report(out: str, records: list[dict[str, Any]], cfg: dict[str, Any], *
                  versions: dict[str, str] | None = None, elapsed: float | None = None,
                  plots: bool = True) -> str:
     """Write ``results.csv``, ``report.md`` and the PNGs into ``out``; return the summary table."""
-    from rmsprop.problems.optimizers import ours_available
+    from rmsprop.tools.problems.optimizers import ours_available
 
     agg = aggregate(records, cfg)
     write_csv(os.path.join(out, "results.csv"), agg["rows"])

@@ -291,7 +291,7 @@ def resolve_problem(name: str) -> Any:
     if ":" in name:
         obj = _import_path(name)
         return obj() if isinstance(obj, type) else obj
-    from rmsprop import problems
+    from rmsprop.tools import problems
 
     known = problems.names()
     if name not in known and "-" in name:
@@ -312,7 +312,7 @@ def resolve_optimizer(name: str) -> Any:
         obj = _import_path(name)
         if hasattr(obj, "factory") and hasattr(obj, "search_space"):
             return obj  # an OptimizerSpec-like object
-    from rmsprop.problems import optimizers
+    from rmsprop.tools.problems import optimizers
 
     try:
         return optimizers.resolve(name)
@@ -900,7 +900,7 @@ def _unvisited_grid(study: Any, cfg: TuneConfig) -> bool:
 
 
 def _worker_main(argv: Sequence[str]) -> int:
-    """Entry point of a worker subprocess: ``python -m rmsprop.tuning --worker CONFIG_JSON``."""
+    """Entry point of a worker subprocess: ``python -m rmsprop.tools.tuning --worker CONFIG_JSON``."""
     cfg = TuneConfig.from_json(argv[1])
     try:
         run_worker(cfg)
@@ -999,7 +999,7 @@ def _run_processes(cfg: TuneConfig, study: Any, bar: Any) -> None:
     for i in range(cfg.jobs):
         f = open(logdir / f"worker-{i}.log", "w")
         logs.append(f)
-        procs.append(subprocess.Popen([sys.executable, "-m", "rmsprop.tuning", "--worker",
+        procs.append(subprocess.Popen([sys.executable, "-m", "rmsprop.tools.tuning", "--worker",
                                        wcfg.to_json()], stdout=f, stderr=subprocess.STDOUT,
                                       env=env))
     try:
@@ -1437,5 +1437,5 @@ def _readme(cfg: TuneConfig, result: TuneResult, importances: dict[str, float] |
 if __name__ == "__main__":
     if len(sys.argv) == 3 and sys.argv[1] == "--worker":
         sys.exit(_worker_main(sys.argv[1:]))
-    print("usage: python -m rmsprop.tuning --worker CONFIG_JSON (internal)", file=sys.stderr)
+    print("usage: python -m rmsprop.tools.tuning --worker CONFIG_JSON (internal)", file=sys.stderr)
     sys.exit(2)

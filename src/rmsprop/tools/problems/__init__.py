@@ -1,6 +1,6 @@
 """Offline benchmark problems shared by ``rmsprop compare`` and ``rmsprop tune``.
 
->>> from rmsprop import problems
+>>> from rmsprop.tools import problems
 >>> p = problems.get("rosenbrock")
 >>> r = p.run(lambda params: torch.optim.Adam(params, lr=1e-2), seed=1)   # doctest: +SKIP
 >>> r.final_eval_loss, r.diverged                                         # doctest: +SKIP
