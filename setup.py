@@ -18,21 +18,28 @@ from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
 HERE = Path(__file__).resolve().parent
-SOURCE = HERE / "src" / "rmsprop" / "kernels" / "cpu.c"
-LOADER = HERE / "src" / "rmsprop" / "kernels" / "cpu.py"
+KERNELS = HERE / "src" / "rmsprop" / "kernels"
+LOADER = KERNELS / "cpu.py"
 
 
-def _cflags() -> tuple[str, ...]:
-    """CFLAGS as written in cpu.py, so the install-time build and the loader agree on the
-    build identity (source hash) without importing the package."""
-    m = re.search(r"^CFLAGS = (\(.*?\))\n", LOADER.read_text(), re.M | re.S)
+def _constant(name: str) -> tuple[str, ...]:
+    """A tuple constant as written in cpu.py (CFLAGS, SOURCES), so the install-time build and
+    the loader agree on the build identity (source hash) without importing the package."""
+    m = re.search(rf"^{name} = (\(.*?\))\n", LOADER.read_text(), re.M | re.S)
     if not m:
-        raise RuntimeError("CFLAGS not found in src/rmsprop/kernels/cpu.py")
+        raise RuntimeError(f"{name} not found in src/rmsprop/kernels/cpu.py")
     return tuple(ast.literal_eval(m.group(1)))
 
 
+def _cflags() -> tuple[str, ...]:
+    return _constant("CFLAGS")
+
+
 def _source_hash(cflags: tuple[str, ...]) -> str:
-    h = hashlib.sha256(SOURCE.read_bytes())
+    """cpu.source_hash(): the sources in order, then the flags."""
+    h = hashlib.sha256()
+    for name in _constant("SOURCES"):
+        h.update((KERNELS / name).read_bytes())
     h.update(" ".join(cflags).encode())
     return h.hexdigest()[:16]
 
@@ -68,6 +75,8 @@ class BuildKernel(build_ext):
 
 setup(
     ext_modules=[Extension("rmsprop.kernels._cpu", sources=["src/rmsprop/kernels/cpu.c"],
+                           depends=[f"src/rmsprop/kernels/{name}"
+                                    for name in _constant("SOURCES")[1:]],
                            optional=True)],
     cmdclass={"build_ext": BuildKernel},
 )

@@ -122,6 +122,7 @@ def build(mode: str, args, device):
     ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
     if mode == "zero":
         from torch.distributed.optim import ZeroRedundancyOptimizer
+
         from rmsprop.presets import resolve_preset
         opts = resolve_preset(args.preset, {"lr": args.lr})
         return ddp, ZeroRedundancyOptimizer(ddp.parameters(), optimizer_class=RMSprop, **opts)
@@ -132,10 +133,12 @@ def checkpoint(mode: str, model, opt, path: str, load: bool) -> bool:
     """Save or load model + optimizer with torch.distributed.checkpoint (each rank writes and
     reads only its shards). Returns whether a checkpoint was loaded."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import (get_model_state_dict,
-                                                         get_optimizer_state_dict,
-                                                         set_model_state_dict,
-                                                         set_optimizer_state_dict)
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict,
+        get_optimizer_state_dict,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
     if mode == "zero":  # ZeRO has its own consolidate_state_dict; DCP covers ddp and fsdp
         return False
     where = os.path.join(path, mode)

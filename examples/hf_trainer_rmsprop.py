@@ -10,10 +10,17 @@ returns ``{"loss": ...}``; any ``PreTrainedModel`` works the same way.
 
 from __future__ import annotations
 
+import sys
 import tempfile
 
 import torch
-from transformers import Trainer, TrainingArguments
+
+try:  # the Trainer needs accelerate too, but imports it only when it builds its arguments
+    import accelerate  # noqa: F401
+    from transformers import Trainer, TrainingArguments
+except ModuleNotFoundError:
+    sys.exit("examples/hf_trainer_rmsprop.py needs Hugging Face transformers and accelerate: "
+             "pip install transformers accelerate")
 
 from rmsprop.torch import RMSprop
 

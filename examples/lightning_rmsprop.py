@@ -8,8 +8,14 @@ Lightning's mixed precision (``precision="bf16-mixed"``) and its LR schedulers.
 
 from __future__ import annotations
 
-import lightning as L
+import sys
+
 import torch
+
+try:
+    import lightning as L
+except ModuleNotFoundError:
+    sys.exit("examples/lightning_rmsprop.py needs PyTorch Lightning: pip install lightning")
 
 from rmsprop.torch import RMSprop
 

@@ -14,10 +14,12 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from conftest import ALL_PATHS  # noqa: E402
 from rmsprop.torch import RMSprop  # noqa: E402
 
-PATHS = {"forloop": dict(foreach=False, fused=False), "foreach": dict(foreach=True, fused=False),
-         "fused": dict(fused=None)}  # fused=None: the fused kernel wherever it applies
+# the shared table (tests/conftest.py), with the default choice for "fused": fused=None takes
+# the fused kernel wherever it applies, and foreach under torch.compile
+PATHS = {**ALL_PATHS, "fused": dict(fused=None)}
 OPTS = dict(lr=0.01, alpha=0.9, momentum=0.9, centered=True, weight_decay=0.01)
 STEPS = 6
 OVERFLOW_AT = 2  # this step's scaled gradient gets an inf: the scaler must skip it
@@ -211,12 +213,18 @@ def test_compiled_step_raises_on_a_nonfinite_gradient_and_changes_nothing():
 def test_compiled_step_matches_eager_inductor(path):
     torch._dynamo.reset()
     model, ref = make_model(), make_model()
+    start = [p.detach().clone() for p in ref.parameters()]
     times = _train(model, RMSprop(model.parameters(), **OPTS, **PATHS[path]),
                    lambda f: torch.compile(f), steps=4)
     _train(ref, RMSprop(ref.parameters(), **OPTS, **PATHS[path]), None, 4)
     torch._dynamo.reset()
     print(f"torch.compile (inductor), {path}: first step {times[0]:.2f} s, "
           f"later {', '.join(f'{t:.3f}' for t in times[1:])} s")
-    for a, b in zip(model.parameters(), ref.parameters()):
-        # inductor may fuse and reorder float32 arithmetic: a few ulps over 4 steps
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    for a, b, a0 in zip(model.parameters(), ref.parameters(), start):
+        # Inductor fuses and reorders float32 arithmetic, a few ulps per operation, and the
+        # centered denominator sqrt(v - m^2) amplifies them by v / (v - m^2): bound the
+        # difference by a small share of how far the run moved the tensor (a wrong
+        # operation would move it by a share of order 1).
+        moved = float((b.detach() - a0).abs().max())
+        assert moved > 0
+        assert float((a.detach() - b.detach()).abs().max()) <= 1e-3 * moved

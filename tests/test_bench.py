@@ -69,6 +69,26 @@ def test_bench_rejects_bad_arguments(capsys):
     assert "invalid choice: 'tpu'" in capsys.readouterr().err
 
 
+def test_bench_refuses_an_unwritable_json_path_before_running(tmp_path, capsys):
+    """A folder, a missing folder or a read-only file as --json: one line on stderr, exit 2,
+    before any row is timed (nothing on stdout, the file untouched)."""
+    import os
+    ro = tmp_path / "ro.json"
+    ro.write_text("keep")
+    ro.chmod(0o444)
+    cases = [(str(tmp_path), "is a folder"),
+             (str(tmp_path / "missing" / "b.json"), "does not exist")]
+    if os.geteuid() != 0:  # root writes through permissions
+        cases.append((str(ro), "not writable"))
+    for path, why in cases:
+        assert main(["bench", "--quick", "--no-progress", "--json", path]) == 2
+        out, err = capsys.readouterr()
+        assert why in err and err.count("\n") == 1 and "Traceback" not in err, err
+        assert out == ""
+    assert ro.read_text() == "keep"
+    assert list(tmp_path.iterdir()) == [ro]
+
+
 def test_step_share_example_runs_and_reports_every_optimizer():
     """examples/step_share.py (quoted in the README), shrunk: one line per optimizer with
     forward+backward and step times, and the step's share of their sum."""

@@ -22,6 +22,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from conftest import ALL_PATHS, FUSED_UNAVAILABLE  # noqa: E402
 from rmsprop import PRESETS  # noqa: E402
 from rmsprop.torch import RMSprop  # noqa: E402
 from rmsprop.torch.checkpoint import (CheckpointError, load_checkpoint,  # noqa: E402
@@ -30,8 +31,7 @@ from rmsprop.torch.checkpoint import (CheckpointError, load_checkpoint,  # noqa:
 # ------------------------------------------------------------------------------------------
 # helpers
 
-_PATHS = {"forloop": dict(foreach=False, fused=False), "foreach": dict(foreach=True, fused=False),
-          "fused": dict(foreach=False, fused=True)}
+_PATHS = ALL_PATHS  # the shared table (tests/conftest.py)
 
 # every preset, plus combinations that switch on every state buffer and option
 _CONFIGS = {f"preset-{name}": ("preset", name) for name in PRESETS}
@@ -64,11 +64,7 @@ def _build(kind_arg, params, path: str, **extra) -> RMSprop:
 
 
 def _fused_skip_reason() -> str | None:
-    try:
-        RMSprop([torch.nn.Parameter(torch.zeros(2))], fused=True)
-    except (RuntimeError, TypeError, ValueError) as e:
-        return f"fused path unavailable here: {e}"
-    return None
+    return FUSED_UNAVAILABLE
 
 
 def _set_grads(params, t: int) -> None:

@@ -27,6 +27,8 @@ torch = pytest.importorskip("torch")
 import torch.distributed as dist  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
 
+from conftest import ALL_PATHS  # noqa: E402
+
 if not dist.is_available() or not dist.is_gloo_available():
     pytest.skip("torch.distributed with gloo is not available", allow_module_level=True)
 
@@ -39,10 +41,9 @@ BATCH = 8  # full batch; each rank takes BATCH // WORLD rows
 OPTS = dict(lr=0.01, alpha=0.9, momentum=0.9, centered=True, weight_decay=0.01)
 # for the checkpoint: the step count matters (bias correction), momentum must be restored
 DCP_OPTS = dict(lr=0.01, alpha=0.9, momentum=0.9, bias_correction=True, eps_in_sqrt=True)
-FSDP_PATHS = {"forloop": dict(foreach=False, fused=False), "foreach": dict(foreach=True,
-                                                                           fused=False),
-              "fused": dict(fused=True)}
-SCENARIOS = ["ddp", "zero", "fsdp_nonfinite", "dcp"] + [f"fsdp_{k}" for k in FSDP_PATHS]
+FSDP_PATHS = ALL_PATHS  # the shared table (tests/conftest.py)
+SCENARIOS = ["ddp", "zero", "fsdp_nonfinite", "dcp", "dcp_from_torch"] + [
+    f"fsdp_{k}" for k in FSDP_PATHS]
 WORKER_TIMEOUT_S = 240
 
 
@@ -187,6 +188,41 @@ def scenario_dcp(rank, mesh, out):
     train(model2, opt2, 2, rank, start=2)
     b = [_full(p).detach().clone() for p in model2.parameters()]
     return {"resumed": a, "restored": b, "steps_after_load": steps}
+
+
+def scenario_dcp_from_torch(rank, mesh, out):
+    """A DCP checkpoint of torch.optim.RMSprop (sharded by FSDP2) after 2 steps, loaded into
+    ours on every path through DCP's own template (built from our optimizer), 2 more steps;
+    the oracle: torch's optimizer continuing its own run."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (get_model_state_dict,
+                                                         get_optimizer_state_dict,
+                                                         set_model_state_dict,
+                                                         set_optimizer_state_dict)
+    from rmsprop.torch import RMSprop
+    ckpt = os.path.join(out, "dcp_torch_ckpt")
+    model = _sharded(make_model(), mesh)
+    opt = torch.optim.RMSprop(model.parameters(), **OPTS)
+    train(model, opt, 2, rank)
+    dcp.save({"model": get_model_state_dict(model),
+              "optim": get_optimizer_state_dict(model, opt)}, checkpoint_id=ckpt)
+    train(model, opt, 2, rank, start=2)
+    result = {"torch": [_full(p).detach().clone() for p in model.parameters()]}
+    for path, kwargs in FSDP_PATHS.items():
+        torch.manual_seed(123)  # a different init: everything must come from the checkpoint
+        model2 = _sharded(torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(),
+                                              torch.nn.Linear(16, 3)).double(), mesh)
+        opt2 = RMSprop(model2.parameters(), **OPTS, **kwargs)
+        state = {"model": get_model_state_dict(model2),
+                 "optim": get_optimizer_state_dict(model2, opt2)}
+        dcp.load(state, checkpoint_id=ckpt)
+        set_model_state_dict(model2, state["model"])
+        set_optimizer_state_dict(model2, opt2, state["optim"])
+        for group in opt2.param_groups:  # the file's foreach=None: keep the path asked for
+            group.update(kwargs)
+        train(model2, opt2, 2, rank, start=2)
+        result[path] = [_full(p).detach().clone() for p in model2.parameters()]
+    return result
 
 
 def _worker(rank, world, initfile, out, names):
@@ -335,6 +371,16 @@ def test_dcp_save_restore_resumes_on_the_same_trajectory(runs):
                                              Options(**DCP_OPTS))
     for got, want in zip(r0["restored"], params):
         torch.testing.assert_close(got, torch.from_numpy(want), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("path", list(FSDP_PATHS))
+def test_dcp_checkpoint_of_torch_rmsprop_loads_into_ours(runs, path):
+    for r in result(runs, "dcp_from_torch"):
+        for ours, theirs in zip(r[path], r["torch"]):
+            if path == "fused":  # the kernel's single pass rounds on its own
+                torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-12)
+            else:  # torch's op sequence: bit-identical
+                assert torch.equal(ours, theirs)
 
 
 def test_example_runs_under_torchrun(tmp_path):

@@ -31,6 +31,7 @@ hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
+from conftest import PATHS  # noqa: E402
 from rmsprop import spec  # noqa: E402
 from rmsprop.options import RULE_OPTIONS, Options  # noqa: E402
 from rmsprop.torch import NonFiniteGradientError, RMSprop  # noqa: E402
@@ -61,17 +62,7 @@ _TINY = {torch.float64: 5e-324, torch.float32: 1.4e-45, torch.float16: 6e-8,
          torch.bfloat16: 9.2e-41}
 
 
-def _fused_available() -> bool:
-    try:
-        RMSprop([torch.nn.Parameter(torch.zeros(2))], fused=True)
-        return True
-    except RuntimeError:
-        return False
-
-
-_PATHS = {"forloop": dict(foreach=False, fused=False), "foreach": dict(foreach=True, fused=False)}
-if _fused_available():
-    _PATHS["fused"] = dict(foreach=False, fused=True)
+_PATHS = PATHS  # the shared table (tests/conftest.py): the paths that run here
 
 
 def _real_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -81,10 +81,17 @@ def test_lr_band_width():
     lrs = [1e-4, 1e-3, 1e-2, 1e-1]
     finals = [1.0, 0.105, 0.1, inf]
     # best 0.1, l0 1.1: cut = 0.1 + 0.01 * 1.0 = 0.11 -> lrs 1e-3 and 1e-2 -> one decade
-    lo, hi, width = M.lr_band(lrs, finals, l0=1.1)
-    assert (lo, hi) == (1e-3, 1e-2)
-    assert width == pytest.approx(1.0)
-    assert M.lr_band([1e-2], [0.3], l0=1.0)[2] == 0.0
+    band = M.lr_band(lrs, finals, l0=1.1)
+    assert (band.lo, band.hi, band.n_good, band.n_total) == (1e-3, 1e-2, 2, 4)
+    assert band.decades == pytest.approx(1.0)
+    assert M.lr_band([1e-2], [0.3], l0=1.0).decades == 0.0
+    # a negative minimum (the saddle's -1): progress from l0 = 1 is 2; 1 % of it is 0.02
+    band = M.lr_band([1e-3, 1e-2, 1e-1], [-0.985, -1.0, -0.97], l0=1.0)
+    assert (band.lo, band.hi) == (1e-3, 1e-2)
+    # every trial diverged: no band
+    assert math.isnan(M.lr_band([1e-2, 1e-1], [inf, math.nan], l0=1.0).decades)
+    with pytest.raises(ValueError, match="2 learning rates but 1 final"):
+        M.lr_band([1e-2, 1e-1], [0.3], l0=1.0)
 
 
 def test_default_tuned_gap():
@@ -103,3 +110,15 @@ def test_paired_bootstrap_and_verdict():
     assert M.verdict([1, 2, 3], [0, 1, 2], margin=2.0, names=("a", "b"))[0] == "tie"
     # mixed signs: the CI covers 0
     assert M.verdict([1, 0, 1, 0], [0, 1, 0, 1], margin=0.0, names=("a", "b"))[0] == "tie"
+
+
+@pytest.mark.parametrize("n, closed_form", [
+    (1, 1.0),            # one difference: the bootstrap CI is a point, never covering 0
+    (3, 2 / 2**3),       # all three differences share a sign
+    (5, 2 / 2**5),       # all five (four of five leave >= 5.8 % of resampled medians <= 0)
+    (7, 2 * 8 / 2**7),   # six or seven of seven (six leave 1 %, under the 2.5 % tail)
+])
+def test_null_winner_rate_against_the_sign_pattern_closed_form(n, closed_form):
+    # for odd n, the resampled median's sign is the majority sign of the resample, so whether
+    # the 95 % CI excludes 0 depends only on how many of the n differences are positive
+    assert M.null_winner_rate(n) == pytest.approx(closed_form, abs=0.05)

@@ -6,8 +6,11 @@ Oracles (never our own code):
 * ``optax``: ``optax.rmsprop`` (jax, float64 via ``jax.enable_x64``);
 * ``timm``: timm's ``RMSpropTF``, loaded from ``timm/optim/rmsprop_tf.py`` by file path (the
   ``timm`` package itself needs torchvision, which this project does not install);
-* ``tf1``, ``hinton2012``, ``graves2013``: NumPy transcriptions written here from the original
-  equations (cited at each one), independent of :mod:`rmsprop.spec`.
+* ``sb3``: Stable-Baselines3's ``RMSpropTFLike``, loaded from
+  ``stable_baselines3/common/sb2_compat/rmsprop_tf_like.py`` by file path (the file needs only
+  torch), and a transcription of that file where SB3 is not installed;
+* ``tf1``, ``hinton2012``, ``graves2013``, ``dqn2015``: NumPy transcriptions written here from
+  the original equations or code (cited at each one), independent of :mod:`rmsprop.spec`.
 
 Each comparison runs both ``rmsprop.torch.RMSprop.from_preset`` and
 ``rmsprop.numpy.RMSprop.from_preset`` for 120 steps on a small noisy quadratic (three params
@@ -24,7 +27,8 @@ import os
 import sys
 import types
 import warnings
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 import pytest
@@ -125,6 +129,7 @@ def run_ours_torch(preset: str, overrides: dict, group_overrides: Sequence[dict]
     ``schedule`` the group lr is set to ``lr_at(t, group)`` before step ``t``. ``path`` picks
     the implementation (``{}``: the default, the fused kernel on CPU where it is built)."""
     import torch
+
     from rmsprop.torch import RMSprop
 
     tdtype = getattr(torch, dtype)
@@ -134,8 +139,11 @@ def run_ours_torch(preset: str, overrides: dict, group_overrides: Sequence[dict]
         for k, g in enumerate(groups):
             g["lr"] = lr_at(0, k)
     with warnings.catch_warnings():
-        # hinton2012's eps=0 warning (its slide has no epsilon), asserted in its own test.
+        # hinton2012's eps=0 warning (its slide has no epsilon), asserted in its own test; the
+        # centered + bias_correction warning of optax's richest case, asserted in
+        # test_optax_centered_bias_correction_warns.
         warnings.filterwarnings("ignore", "eps=0", RuntimeWarning)
+        warnings.filterwarnings("ignore", "centered=True with bias_correction", RuntimeWarning)
         opt = RMSprop.from_preset(preset, groups, **overrides, **(path or {}))
         return _drive_torch(opt, params, tdtype, schedule, with_none)
 
@@ -172,6 +180,7 @@ def run_ours_numpy(preset: str, overrides: dict, group_overrides: Sequence[dict]
     traj = np.empty((STEPS, sum(a.size for a in arrays)))
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", "eps=0", RuntimeWarning)
+        warnings.filterwarnings("ignore", "centered=True with bias_correction", RuntimeWarning)
         opt = RMSprop.from_preset(preset, groups, **overrides)
         for t in range(STEPS):
             if schedule:
@@ -543,6 +552,23 @@ def test_optax_preset_matches_optax_rmsprop(optax, case):
     _both_backends("optax", {"lr": BASE_LR[0]}, (ours0, ours1), ref, 1e-12, f"optax {case}")
 
 
+@pytest.mark.parametrize("backend", ["torch", "numpy"])
+def test_optax_centered_bias_correction_warns(backend):
+    """The case above that combines centered and bias_correction (as optax allows) is run on
+    purpose: building it warns that the first step is lr*g/eps."""
+    import torch
+
+    from rmsprop.numpy import RMSprop as NumpyRMSprop
+    from rmsprop.torch import RMSprop as TorchRMSprop
+
+    kw = {"lr": 0.01, "centered": True, "bias_correction": True}
+    with pytest.warns(RuntimeWarning, match="centered=True with bias_correction=True"):
+        if backend == "torch":
+            TorchRMSprop.from_preset("optax", [torch.zeros(2, requires_grad=True)], **kw)
+        else:
+            NumpyRMSprop.from_preset("optax", [np.zeros(2)], **kw)
+
+
 def test_optax_preset_matches_optax_rmsprop_constant_lr(optax):
     """A plain float learning_rate (no schedule), optax's other defaults."""
     ref = run_optax(optax, ({"learning_rate": 0.01},) * 2, schedule=False)
@@ -644,6 +670,7 @@ def _check_defaults(name: str, expected: dict) -> None:
         assert eff[key] == value, f"preset {name!r}: {key} = {eff[key]!r}, original has {value!r}"
     # Both optimizers built from the bare preset hold the same values in their param group.
     import torch
+
     from rmsprop.numpy import RMSprop as NumpyRMSprop
     from rmsprop.torch import RMSprop as TorchRMSprop
 
@@ -743,6 +770,7 @@ def test_paper_presets_use_the_papers_constants():
 def test_hinton2012_preset_warns_that_eps_is_zero():
     """The slide has no epsilon; the preset keeps it at 0 and says what that risks."""
     import torch
+
     from rmsprop.torch import RMSprop
 
     with pytest.warns(RuntimeWarning, match="eps=0"):
@@ -755,6 +783,7 @@ def test_presets_without_a_default_lr_require_lr(name, backend):
     """The originals have no default learning rate (TF1's RMSPropOptimizer(learning_rate, ...),
     optax.rmsprop(learning_rate, ...), the slide gives none): from_preset without lr raises."""
     import torch
+
     from rmsprop.numpy import RMSprop as NumpyRMSprop
     from rmsprop.torch import RMSprop as TorchRMSprop
 
@@ -803,13 +832,227 @@ def _richest_case(preset: str, request) -> tuple[dict, Sequence[dict], np.ndarra
     if preset == "hinton2012":
         ref = hinton2012_transcription([{}, {}], with_none=True)
         return {"lr": BASE_LR[0]}, ({}, {}), ref, {"with_none": True}
+    if preset == "dqn2015":
+        hp = {"wc": 0.05}
+        return ({"weight_decay": 0.05}, ({}, {}), dqn2015_transcription([hp, hp], with_none=True),
+                {"with_none": True})
+    if preset == "sb3":
+        ours, sb3_kw = SB3_CASES["centered-momentum-wd"]
+        return ours, ({}, {}), sb3_transcription([sb3_kw, sb3_kw], with_none=True), {
+            "with_none": True}
     assert preset == "graves2013"
     return {}, ({}, {}), graves2013_transcription([{}, {}], with_none=True), {"with_none": True}
 
 
-@pytest.mark.parametrize("preset", ["keras", "optax", "timm", "tf1", "hinton2012", "graves2013"])
+@pytest.mark.parametrize("preset", ["keras", "optax", "timm", "tf1", "hinton2012", "graves2013",
+                                    "dqn2015", "sb3"])
 def test_every_torch_path_matches_the_original(preset, request):
     ours, groups, ref, run_kw = _richest_case(preset, request)
     for path, flags in TORCH_PATHS.items():
         traj = run_ours_torch(preset, ours, groups, path=flags, **run_kw)
         assert_trajectories_close(traj, ref, 1e-12, f"{preset} [torch {path}]")
+
+
+# ============================================================================================
+# dqn2015: DeepMind's DQN (Mnih et al., Nature 2015), transcribed from its Lua code.
+
+def dqn2015_transcription(hp_per_group, schedule=True, with_none=False):
+    """nql:qLearnMinibatch in dqn/NeuralQLearner.lua (github.com/deepmind/dqn, commit 9d9b1d1),
+    float64. ``network:backward(s, targets)`` with targets = the TD error r + gamma max Q' - Q,
+    i.e. minus dL/dQ of L = delta^2/2, so ``dw`` is the *negated* loss gradient:
+        dw:add(-wc, w)                              -- L2 weight cost (wc = 0 in run_gpu)
+        g:mul(0.95):add(0.05, dw)
+        tmp:cmul(dw, dw);  g2:mul(0.95):add(0.05, tmp)
+        tmp:cmul(g, g);  tmp:mul(-1);  tmp:add(g2);  tmp:add(0.01);  tmp:sqrt()
+        deltas:mul(0):addcdiv(lr, dw, tmp)
+        w:add(deltas)
+    g, g2 and deltas start at zeros (``dw:clone():fill(0)``); lr = 0.00025 (run_gpu;
+    lr_end = lr, so it stays constant) unless the schedule sets it."""
+    def init(w, hp):
+        return {"g": np.zeros_like(w), "g2": np.zeros_like(w), "deltas": np.zeros_like(w)}
+
+    def step(w, grad, s, hp):
+        dw = -grad
+        dw = dw + (-hp.get("wc", 0.0)) * w
+        s["g"] = s["g"] * 0.95 + 0.05 * dw
+        s["g2"] = s["g2"] * 0.95 + 0.05 * (dw * dw)
+        tmp = np.sqrt(-(s["g"] * s["g"]) + s["g2"] + 0.01)
+        s["deltas"] = s["deltas"] * 0 + hp.get("lr", 0.00025) * dw / tmp
+        return w + s["deltas"]
+
+    return _run_transcription(step, init, hp_per_group, schedule, with_none)
+
+
+@pytest.mark.parametrize("case", ["paper", "lr-schedule", "weight-cost"])
+def test_dqn2015_preset_matches_neuralqlearner_lua(case):
+    """The preset alone (lr 2.5e-4 constant), under an lr schedule, and with the Lua weight
+    cost ``wc`` as our ``weight_decay``: float64 to 1e-12."""
+    hp = {"wc": 0.1} if case == "weight-cost" else {}
+    ours = {"weight_decay": 0.1} if case == "weight-cost" else {}
+    schedule = case != "paper"
+    ref = dqn2015_transcription([hp, hp], schedule=schedule, with_none=True)
+    _both_backends("dqn2015", ours, ({}, {}), ref, 1e-12, f"dqn2015 {case}",
+                   schedule=schedule, with_none=True)
+
+
+def test_dqn2015_preset_uses_the_papers_constants():
+    # Mnih et al. 2015, Extended Data Table 1: learning rate 0.00025, gradient momentum 0.95,
+    # squared gradient momentum 0.95, min squared gradient 0.01 (added inside the sqrt of the
+    # centered second moment in NeuralQLearner.lua); no momentum on the update (deltas:mul(0)).
+    _check_defaults("dqn2015", {"lr": 2.5e-4, "alpha": 0.95, "eps": 0.01, "centered": True,
+                                "eps_in_sqrt": True, "momentum": 0.0, "initial_square_avg": 0.0,
+                                "weight_decay": 0.0, "decoupled_weight_decay": False})
+
+
+def test_dqn2015_coincides_with_graves2013_without_momentum():
+    """The presets table says so: dqn2015 is graves2013 with momentum 0, eps 0.01, lr 2.5e-4."""
+    ref = dqn2015_transcription([{}, {}], schedule=False, with_none=True)
+    for name, run in BACKENDS.items():
+        ours = run("graves2013", {"momentum": 0.0, "eps": 0.01, "lr": 2.5e-4}, ({}, {}),
+                   schedule=False, with_none=True)
+        assert_trajectories_close(ours, ref, 1e-12, f"graves2013 as dqn2015 [{name}]")
+
+
+# ============================================================================================
+# sb3: Stable-Baselines3's RMSpropTFLike, from its file (it imports only torch), and a
+# transcription of that file for machines without SB3.
+
+def load_sb3_rmsprop_tf_like():
+    """SB3's ``RMSpropTFLike``: ``(class, None)`` or ``(None, reason)``; the package itself is
+    not imported (its ``__init__`` pulls gymnasium and every algorithm)."""
+    spec = importlib.util.find_spec("stable_baselines3")
+    if spec is None or not spec.submodule_search_locations:
+        return None, "stable-baselines3 is not installed"
+    path = os.path.join(list(spec.submodule_search_locations)[0], "common", "sb2_compat",
+                        "rmsprop_tf_like.py")
+    if not os.path.exists(path):
+        return None, f"stable-baselines3 has no {path}"
+    file_spec = importlib.util.spec_from_file_location("_rmsprop_peer_sb3_rmsprop_tf_like", path)
+    module = importlib.util.module_from_spec(file_spec)
+    try:
+        file_spec.loader.exec_module(module)
+    except Exception as exc:  # pragma: no cover - depends on the SB3 version
+        return None, f"{path} cannot be loaded: {exc!r}"
+    return module.RMSpropTFLike, None
+
+
+@pytest.fixture(scope="module")
+def RMSpropTFLike():
+    cls, reason = load_sb3_rmsprop_tf_like()
+    if cls is None:
+        pytest.skip(reason)
+    return cls
+
+
+def sb3_transcription(hp_per_group, schedule=True, with_none=False):
+    """RMSpropTFLike.step (stable_baselines3/common/sb2_compat/rmsprop_tf_like.py, SB3 2.9.2):
+        square_avg starts at ones, momentum_buffer and grad_avg at zeros
+        grad = grad + weight_decay * p                         [weight_decay != 0]
+        square_avg = alpha * square_avg + (1 - alpha) * grad^2
+        grad_avg = alpha * grad_avg + (1 - alpha) * grad          [centered]
+        avg = sqrt(square_avg - grad_avg^2 + eps)   [centered; else sqrt(square_avg + eps)]
+        buf = momentum * buf + grad / avg;  p -= lr * buf       [momentum > 0]
+        p -= lr * grad / avg                                    [momentum = 0]
+    Defaults lr=1e-2, alpha=0.99, eps=1e-8."""
+    def init(p, hp):
+        return {"sq": np.ones_like(p), "ga": np.zeros_like(p), "buf": np.zeros_like(p)}
+
+    def step(p, grad, s, hp):
+        lr, alpha, eps = hp.get("lr", 1e-2), hp.get("alpha", 0.99), hp.get("eps", 1e-8)
+        mom, wd = hp.get("momentum", 0.0), hp.get("weight_decay", 0.0)
+        if wd != 0:
+            grad = grad + wd * p
+        s["sq"] = s["sq"] * alpha + (1 - alpha) * grad * grad
+        if hp.get("centered", False):
+            s["ga"] = s["ga"] * alpha + (1 - alpha) * grad
+            avg = np.sqrt(s["sq"] - s["ga"] * s["ga"] + eps)
+        else:
+            avg = np.sqrt(s["sq"] + eps)
+        if mom > 0:
+            s["buf"] = s["buf"] * mom + grad / avg
+            return p - lr * s["buf"]
+        return p - lr * grad / avg
+
+    return _run_transcription(step, init, hp_per_group, schedule, with_none)
+
+
+def run_sb3(RMSpropTFLike, kwargs: dict, schedule: bool = True,
+            with_none: bool = False) -> np.ndarray:
+    import torch
+
+    params = [torch.tensor(p, dtype=torch.float64, requires_grad=True) for p in INIT]
+    groups = _group_dicts(lambda i: params[i], ({}, {}))
+    if schedule:
+        for k, g in enumerate(groups):
+            g["lr"] = lr_at(0, k)
+    opt = RMSpropTFLike(groups, **kwargs)
+    return _drive_torch(opt, params, torch.float64, schedule, with_none)
+
+
+# (ours, SB3's kwargs); the same names in both, as SB3 keeps torch's.
+SB3_CASES = {
+    "plain": ({}, {}),
+    "momentum": ({"momentum": 0.9}, {"momentum": 0.9}),
+    "centered-momentum-wd": ({"centered": True, "momentum": 0.9, "weight_decay": 0.05},
+                             {"centered": True, "momentum": 0.9, "weight_decay": 0.05}),
+    "a2c-eps": ({"eps": 1e-5, "alpha": 0.99}, {"eps": 1e-5, "alpha": 0.99}),
+    "centered-alpha": ({"centered": True, "alpha": 0.9, "eps": 1e-6},
+                       {"centered": True, "alpha": 0.9, "eps": 1e-6}),
+}
+
+
+@pytest.mark.parametrize("case", list(SB3_CASES))
+def test_sb3_preset_matches_rmsproptflike(RMSpropTFLike, case):
+    """SB3's own class: 120 steps under an lr schedule (where a buffer of ``g/d`` with lr after
+    differs from TF1's ``lr*g/d``), two groups, param 1 without a grad every 9th step."""
+    ours_kw, sb3_kw = SB3_CASES[case]
+    ref = run_sb3(RMSpropTFLike, sb3_kw, with_none=True)
+    _both_backends("sb3", ours_kw, ({}, {}), ref, 1e-12, f"sb3 {case}", with_none=True)
+    # the transcription below is faithful to the file it transcribes
+    assert_trajectories_close(sb3_transcription([sb3_kw, sb3_kw], with_none=True), ref, 1e-12,
+                              f"sb3 transcription {case}")
+
+
+@pytest.mark.parametrize("case", list(SB3_CASES))
+def test_sb3_preset_matches_rmsproptflike_transcription(case):
+    ours_kw, sb3_kw = SB3_CASES[case]
+    ref = sb3_transcription([sb3_kw, sb3_kw], with_none=True)
+    _both_backends("sb3", ours_kw, ({}, {}), ref, 1e-12, f"sb3 transcription {case}",
+                   with_none=True)
+
+
+def test_sb3_preset_defaults_are_rmsproptflike_defaults(RMSpropTFLike):
+    d = _signature_defaults(RMSpropTFLike)
+    _check_defaults("sb3", {"lr": d["lr"], "alpha": d["alpha"], "eps": d["eps"],
+                            "weight_decay": d["weight_decay"], "momentum": d["momentum"],
+                            "centered": d["centered"],
+                            # rmsprop_tf_like.py: square_avg = ones_like(p), avg =
+                            # sqrt(square_avg + eps), buf = momentum*buf + grad/avg, p -= lr*buf.
+                            "initial_square_avg": 1.0, "eps_in_sqrt": True,
+                            "lr_in_momentum": False, "decoupled_weight_decay": False,
+                            "nesterov": False, "bias_correction": False, "maximize": False})
+
+
+def test_sb3_coincides_with_tf1_at_constant_lr_and_differs_under_a_schedule():
+    """What the presets table says: with TF1's alpha and eps, sb3 is TF1's rule at a constant
+    lr (``lr*g/d`` in the buffer and ``g/d`` times lr after are the same sums); once lr decays
+    with momentum 0.9 they part (the buffer keeps old steps at their old lr in TF1)."""
+    hp = {"decay": 0.9, "momentum": 0.9, "epsilon": 1e-10, "lr": 0.01}
+    ref = tf1_transcription([hp, hp], schedule=False, with_none=True)
+    for name, run in BACKENDS.items():
+        ours = run("sb3", {"alpha": 0.9, "eps": 1e-10, "momentum": 0.9}, ({}, {}),
+                   schedule=False, with_none=True)
+        assert_trajectories_close(ours, ref, 1e-12, f"sb3 as tf1, constant lr [{name}]")
+    sb3 = sb3_transcription([{"alpha": 0.9, "eps": 1e-10, "momentum": 0.9}] * 2)
+    tf1 = tf1_transcription([hp, hp])
+    assert _relative(sb3, tf1).max() > 1e-3
+
+
+def test_sb3_rmsproptflike_is_timm_rmsproptf_with_lr_outside_the_buffer(RMSpropTFLike, RMSpropTF):
+    """The two originals against each other (the presets table's claim): SB3's class is timm's
+    with ``lr_in_momentum=False`` at SB3's alpha and eps."""
+    kw = {"momentum": 0.9, "centered": True, "weight_decay": 0.05}
+    sb3 = run_sb3(RMSpropTFLike, kw, with_none=True)
+    timm = run_timm(RMSpropTF, {**kw, "alpha": 0.99, "eps": 1e-8, "lr_in_momentum": False},
+                    with_none=True)
+    assert_trajectories_close(sb3, timm, 1e-12, "sb3 vs timm lr_in_momentum=False")

@@ -22,8 +22,8 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
-# Global minimizers and minima from the literature (Jamil & Yang 2013; benchmarks.md section 5),
-# not from our code. Himmelblau's three irrational minima are known to 6 decimals.
+# Global minimizers and minima from the literature (Jamil & Yang 2013), not from our code.
+# Himmelblau's three irrational minima are known to 6 decimals.
 OPTIMA = {
     "rosenbrock": ([(1.0, 1.0)], 0.0, 1e-12),
     "rosenbrock-noisy": ([(1.0, 1.0)], 0.0, 1e-12),
@@ -99,14 +99,19 @@ def test_data_problem_learns(name):
         assert 0.0 <= r.final_eval_metric <= 1.0 and r.final_eval_metric > 0.2  # chance: 0.1
 
 
-def test_common_random_numbers():
-    prob = problems.get("mlp-digits")
+@pytest.mark.parametrize("name", ["mlp-digits", "a2c-cartpole", "charlm-stdlib-small"])
+def test_common_random_numbers(name):
+    prob = problems.get(name)
+    if prob.missing():
+        pytest.skip(f"needs {prob.missing()}")
     a = prob.run(_adam(), seed=3, steps=3)
     b = prob.run(lambda ps: torch.optim.SGD(ps, lr=0.1), seed=3, steps=3)
     c = prob.run(_adam(), seed=4, steps=3)
-    # same seed: same initial weights and same first minibatch, whatever the optimizer
+    # same seed: same initial weights and same first minibatch (rollout), whatever the optimizer
     assert a.eval_loss[0] == b.eval_loss[0] and a.train_loss[0] == b.train_loss[0]
-    assert a.eval_loss[0] != c.eval_loss[0]
+    assert a.train_loss[0] != c.train_loss[0]
+    # the same run twice is the same run
+    assert prob.run(_adam(), seed=3, steps=3).train_loss == a.train_loss
     # and the run does not disturb torch's global RNG
     torch.manual_seed(0)
     x = torch.rand(1)
@@ -131,6 +136,168 @@ def test_divergence_stops_the_run():
     assert r.final_eval_loss == math.inf or r.final_eval_loss > 10 * r.eval_loss[0]
     d = problems.RunResult.from_dict(r.to_dict())
     assert d.diverged and d.final_eval_loss == r.final_eval_loss
+
+
+# -- reinforcement learning: A2C on CartPole -----------------------------------------------------
+
+def _needs_gymnasium():
+    if problems.get("a2c-cartpole").missing():
+        pytest.skip("needs gymnasium")
+    import gymnasium
+
+    return gymnasium
+
+
+class _Controller(torch.nn.Module):
+    """A fixed linear controller as a 2-logit policy: push right when k . obs > 0."""
+
+    def __init__(self, k):
+        super().__init__()
+        self.k = torch.tensor(k)
+
+    def forward(self, obs):
+        u = (obs * self.k).sum(-1)
+        return torch.stack([-u, u], -1)
+
+
+def test_cartpole_greedy_returns_match_gymnasiums_single_env():
+    """Oracle: Gymnasium's own (non-vector) CartPole-v1 with its TimeLimit, started from the same
+    initial states and played with the same policy, counts the same returns."""
+    gymnasium = _needs_gymnasium()
+    from rmsprop.tools.problems.rl import greedy_returns
+
+    n, seed = 6, 11
+    policy = _Controller([0.0, 0.0, 0.0, 1.0])  # balances for a while, then falls or drifts
+    vec = gymnasium.make_vec("CartPole-v1", num_envs=n, vectorization_mode="vector_entry_point")
+    vec.reset(seed=seed)
+    starts = np.array(vec.unwrapped.state).T.copy()  # float64 (4, n) -> (n, 4)
+    expected = []
+    for x0 in starts:
+        env = gymnasium.make("CartPole-v1")
+        env.reset(seed=0)
+        env.unwrapped.state = x0.copy()
+        obs, total, done = x0.astype(np.float32), 0.0, False
+        while not done:
+            a = int(policy(torch.from_numpy(np.asarray(obs, np.float32))).argmax())
+            obs, r, term, trunc, _ = env.step(a)
+            total += r
+            done = term or trunc
+        expected.append(total)
+    got = greedy_returns(policy, n, seed)
+    assert got == expected
+    assert len(set(got)) > 1 and max(got) < 500  # the check is not vacuous
+    # a balancing controller reaches the 500-step time limit in every episode
+    assert greedy_returns(_Controller([0.0, 0.0, 1.0, 0.5]), n, seed) == [500.0] * n
+
+
+def test_n_step_returns_closed_form():
+    """Discounted sums written out by hand: an uncut rollout bootstraps once at its end, a
+    terminated episode stops, a truncated one bootstraps from the critic at its last state."""
+    from rmsprop.tools.problems.rl import n_step_returns
+
+    g = 0.5
+    rew = torch.tensor([[1.0, 1.0, 1.0], [2.0, 1.0, 1.0], [4.0, 1.0, 1.0]])  # (T=3, 3 envs)
+    no = torch.zeros(3, 3, dtype=torch.bool)
+    term, trunc = no.clone(), no.clone()
+    term[1, 1] = True   # env 1 ends at t=1 (t=2 is the autoreset step)
+    trunc[0, 2] = True  # env 2 is cut by the time limit at t=0
+    v = torch.tensor([[10.0, 20.0, 30.0], [11.0, 21.0, 31.0], [12.0, 22.0, 32.0]])
+    r = n_step_returns(rew, term, trunc, v, g)
+    # env 0: 1 + g*2 + g^2*4 + g^3*V(s_3)
+    assert r[0, 0] == 1 + g * 2 + g**2 * 4 + g**3 * 12 and r[2, 0] == 4 + g * 12
+    # env 1: terminated at t=1, so R_1 = r_1 and R_0 = r_0 + g r_1
+    assert r[1, 1] == 1.0 and r[0, 1] == 1 + g * 1
+    # env 2: truncated at t=0: R_0 = r_0 + g V(s_1)
+    assert r[0, 2] == 1 + g * 30
+
+
+def test_a2c_cartpole_learns_and_scores_the_shortfall():
+    _needs_gymnasium()
+    from rmsprop.tools.problems.rl import MAX_RETURN
+
+    prob = problems.get("a2c-cartpole")
+    r = prob.run(_adam(3e-3), seed=2, steps=100)
+    assert not r.diverged and len(r.train_loss) == 100
+    # loss = 500 - mean greedy return, the metric the mean return
+    for loss, ret in zip(r.eval_loss, r.eval_metric):
+        assert loss == pytest.approx(MAX_RETURN - ret) and 0 < ret <= MAX_RETURN
+    assert max(r.eval_metric) > 3 * r.eval_metric[0]  # the initial greedy policy returns ~10
+    assert r.test_metric is not None and 0 < r.test_metric <= MAX_RETURN
+    assert prob.env_steps_per_update == prob.n_envs * prob.n_steps
+    assert "a2c-cartpole" in problems.names("standard")
+
+
+# -- language model: characters of the standard library ------------------------------------------
+
+def test_charlm_vocabulary_and_corpus():
+    """The fixed vocabulary (newline, printable ASCII, one index for the rest) and the split by
+    file, read here independently from the standard-library directory."""
+    import sysconfig
+
+    from rmsprop.tools.problems import lm
+
+    assert lm.encode("a\n\t~ \u00e9").tolist() == [ord("a") - 30, 1, 0, ord("~") - 30, 2, 0]
+    assert lm.VOCAB_SIZE == 2 + (126 - 32 + 1)
+    root = sysconfig.get_paths()["stdlib"]
+    seen = set()
+    for split, files in lm.SPLIT_FILES.items():
+        assert not seen & set(files)  # no module in two splits
+        seen |= set(files)
+        texts = []
+        for f in files:
+            with open(f"{root}/{f}", encoding="utf-8") as fh:
+                texts.append(fh.read())
+        assert lm.corpus(split) == "\n".join(texts)
+    assert len(lm.corpus("train")) > 5 * len(lm.corpus("valid")) > 0
+    assert len(lm.corpus_digest()) == 16
+
+
+def test_charlm_missing_sources_fail_naming_the_file(monkeypatch, tmp_path):
+    from rmsprop.tools.problems import lm
+
+    for f in lm.SPLIT_FILES["valid"][1:]:
+        (tmp_path / f).write_text("x = 1\n")
+    monkeypatch.setattr(lm, "stdlib_dir", lambda: str(tmp_path))
+    lm.corpus.cache_clear()
+    try:
+        with pytest.raises(FileNotFoundError, match=lm.SPLIT_FILES["valid"][0]):
+            lm.corpus("valid")
+        with pytest.raises(FileNotFoundError, match="standard-library sources"):
+            problems.get("charlm-stdlib-small").run(_adam(), seed=1, steps=1)
+    finally:
+        lm.corpus.cache_clear()
+
+
+def test_charlm_model_is_causal():
+    """Changing a character never changes the predictions for the positions before it."""
+    from rmsprop.tools.problems import lm
+
+    torch.manual_seed(0)
+    net = lm._gpt(lm.VOCAB_SIZE, 16, 32, 2, 4)
+    x = torch.randint(0, lm.VOCAB_SIZE, (2, 16))
+    y = x.clone()
+    y[:, 9] = (y[:, 9] + 1) % lm.VOCAB_SIZE
+    with torch.no_grad():
+        a, b = net(x), net(y)
+    torch.testing.assert_close(a[:, :9], b[:, :9], rtol=0, atol=0)
+    assert not torch.allclose(a[:, 9:], b[:, 9:])
+
+
+@pytest.mark.parametrize("name", ["charlm-stdlib-small", "charlm-stdlib"])
+def test_charlm_beats_the_unigram_model(name):
+    """Validation loss in nats per character starts near ln(97) (uniform) and, after 60 Adam
+    steps, is below the cross-entropy of the training text's character frequencies on the
+    validation text (computed here with NumPy): the model uses the context."""
+    from rmsprop.tools.problems import lm
+
+    counts = np.bincount(lm.encode(lm.corpus("train")), minlength=lm.VOCAB_SIZE) + 1.0
+    valid = lm.encode(lm.corpus("valid"))
+    unigram = float(-np.log(counts / counts.sum())[valid].mean())
+    assert 2.5 < unigram < math.log(lm.VOCAB_SIZE)
+    r = problems.get(name).run(_adam(3e-3), seed=1, steps=60)
+    assert abs(r.eval_loss[0] - math.log(lm.VOCAB_SIZE)) < 0.8
+    assert r.eval_loss[-1] < unigram and r.test_loss < unigram
+    assert not r.diverged
 
 
 def test_bad_names_and_split():
@@ -164,11 +331,34 @@ def test_registry_defaults_are_the_libraries_defaults():
 
 
 def test_rmsprop_entry_is_ours():
-    rt = pytest.importorskip("rmsprop.torch")
-    if not hasattr(rt, "RMSprop"):
-        pytest.skip("rmsprop.torch.RMSprop not available")
-    opt = O.OPTIMIZERS["rmsprop-centered"].make([torch.nn.Parameter(torch.zeros(2))])
-    assert type(opt) is rt.RMSprop and opt.param_groups[0]["centered"] is True
+    from rmsprop.torch import RMSprop
+
+    assert O.ours_available()
+    for name in ("rmsprop", "rmsprop-centered", "rmsprop-momentum"):
+        opt = O.resolve(name).make([torch.nn.Parameter(torch.zeros(2))])
+        assert type(opt) is RMSprop and O.OPTIMIZERS[name].ours
+    assert O.OPTIMIZERS["rmsprop-centered"].make(
+        [torch.nn.Parameter(torch.zeros(2))]).param_groups[0]["centered"] is True
+    assert type(O.resolve("torch-rmsprop").make([torch.nn.Parameter(torch.zeros(2))])) is (
+        torch.optim.RMSprop)
+
+
+def test_no_torch_rmsprop_under_our_name_when_ours_does_not_import(monkeypatch):
+    """A broken install must not turn 'rmsprop' into torch.optim.RMSprop: resolving fails with
+    the reason, building fails, and torch's own entry still works."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, "rmsprop.torch", None)  # makes the import raise
+    assert not O.ours_available()
+    with pytest.raises(ValueError, match="'rmsprop-momentum' is rmsprop.torch.RMSprop, which "
+                                         "does not import.*never run in its place"):
+        O.resolve("rmsprop-momentum")
+    p = torch.nn.Parameter(torch.ones(2))
+    with pytest.raises(O.OursUnavailableError, match="does not import"):
+        O.OPTIMIZERS["rmsprop"].make([p])
+    assert type(O.resolve("torch-rmsprop").make([p])) is torch.optim.RMSprop
+    monkeypatch.undo()
+    assert O.ours_available()
 
 
 def test_resolve_import_path_and_errors():
@@ -211,3 +401,21 @@ def test_cosine_schedule_anneals_lr_to_zero():
     assert O.with_schedule(len, "constant", 5) is len
     with pytest.raises(ValueError, match="valid schedules"):
         O.with_schedule(len, "step", 5)
+
+
+def test_readme_problem_table_is_the_registry():
+    """The README's problem table lists exactly the registered problems, each with the suites
+    that really contain it."""
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    lines = text[text.index("<!-- problem-table"):].splitlines()[3:]
+    rows = {}
+    for line in lines:
+        if not line.startswith("| `"):
+            break
+        name, _, suites = (c.strip() for c in line.strip("|").split("|"))
+        rows[name.strip("`")] = suites.split(", ")
+    assert list(rows) == problems.names()
+    for name, suites in rows.items():
+        assert suites == [s for s in problems.SUITES if name in problems.SUITES[s]], name

@@ -10,34 +10,14 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import FUSED, GRID, PATH_NAMES, TORCH_GRID
+from conftest import PATHS as PATHS_BY_NAME
 from rmsprop import Options, spec
 from rmsprop.torch import NonFiniteGradientError, RMSprop
-from rmsprop.torch.optimizer import _fused_kernel
 
-FUSED = _fused_kernel("cpu") is not None
-PATHS = [dict(foreach=False, fused=False), dict(foreach=True, fused=False)] + (
-    [dict(fused=True)] if FUSED else [])
-PATH_IDS = ["forloop", "foreach"] + (["fused"] if FUSED else [])
-
-# One row per option (and a few combinations): the table the parity tests run over.
-GRID = [
-    dict(),
-    dict(momentum=0.9),
-    dict(centered=True),
-    dict(weight_decay=0.1),
-    dict(maximize=True),
-    dict(eps_in_sqrt=True),
-    dict(initial_square_avg=1.0),
-    dict(momentum=0.9, lr_in_momentum=True),
-    dict(momentum=0.9, nesterov=True),
-    dict(momentum=0.9, nesterov=True, lr_in_momentum=True),
-    dict(bias_correction=True),
-    # at t=1 bias-corrected v - m^2 is 0 up to rounding: eps inside the sqrt keeps it well-posed
-    dict(bias_correction=True, centered=True, eps_in_sqrt=True, eps=1e-3),
-    dict(weight_decay=0.1, decoupled_weight_decay=True),
-    dict(centered=True, momentum=0.5, weight_decay=0.05, maximize=True, eps_in_sqrt=True),
-]
-TORCH_GRID = [c for c in GRID if set(c) <= {"momentum", "centered", "weight_decay", "maximize"}]
+# the shared table (tests/conftest.py), as lists for parametrize
+PATH_IDS = PATH_NAMES
+PATHS = [PATHS_BY_NAME[n] for n in PATH_NAMES]
 
 
 def _grads(shapes, steps, dtype, seed=0):
@@ -290,17 +270,27 @@ def test_mismatched_state_dict_changes_nothing():
 
 
 def test_foreign_state_dict_without_our_flags_loads():
-    p = torch.zeros(3)
+    # A torch state dict describes torch's rule: the rule options it lacks take their
+    # torch-behaviour defaults (eps_in_sqrt off), how ours runs (nonfinite) stays the live
+    # one's; the next step is then torch's own next step.
+    p = torch.randn(3, generator=torch.Generator().manual_seed(0))
+    q = p.clone()
     torch_opt = torch.optim.RMSprop([p], lr=0.02)
     p.grad = torch.ones(3)
     torch_opt.step()
     sd = torch_opt.state_dict()
     for key in ("eps_in_sqrt", "nonfinite", "state_dtype"):
         assert key not in sd["param_groups"][0]
-    opt = RMSprop([p.clone()], nesterov=False, eps_in_sqrt=True)
+    q.copy_(p)
+    opt = RMSprop([q], nesterov=False, eps_in_sqrt=True, nonfinite="skip", foreach=False)
     opt.load_state_dict(sd)
-    assert opt.param_groups[0]["eps_in_sqrt"] is True  # ours, from defaults
-    assert opt.param_groups[0]["nonfinite"] == "raise"
+    assert opt.param_groups[0]["eps_in_sqrt"] is False  # the file's rule: torch's
+    assert opt.param_groups[0]["nonfinite"] == "skip"  # the live optimizer's machinery
+    p.grad = torch.full((3,), 0.5)
+    q.grad = p.grad.clone()
+    torch_opt.step()
+    opt.step()
+    assert torch.equal(p, q)
 
 
 def test_grad_none_skipped_state_untouched_and_closure():

@@ -96,7 +96,11 @@ def _state(rng, p, o, dtype):
 @pytest.mark.parametrize("opts", COMBOS)
 def test_matches_spec(tk, dev, dtype, opts):
     rng = np.random.default_rng(7)
-    o = Options(lr=0.01, alpha=0.9, eps=1e-3, **opts)
+    if opts.get("centered") and opts.get("bias_correction"):
+        with pytest.warns(RuntimeWarning, match="centered=True with bias_correction=True"):
+            o = Options(lr=0.01, alpha=0.9, eps=1e-3, **opts)
+    else:
+        o = Options(lr=0.01, alpha=0.9, eps=1e-3, **opts)
     ps = [rng.standard_normal(s).astype(dtype) for s in SHAPES]
     gs = [rng.standard_normal(s).astype(dtype) for s in SHAPES]
     sts = [_state(rng, p, o, dtype) for p in ps]
@@ -117,6 +121,52 @@ def test_matches_spec(tk, dev, dtype, opts):
         if o.momentum:
             np.testing.assert_allclose(tb[i].cpu().numpy(), st_ref["momentum_buffer"], rtol=tol,
                                        atol=tol)
+
+
+TORCH_COMBOS = [{}, dict(weight_decay=0.1, momentum=0.9), dict(centered=True, maximize=True),
+                dict(centered=True, momentum=0.9, weight_decay=0.1), dict(alpha=0.3, centered=True)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("opts", TORCH_COMBOS)
+def test_torch_options_same_bits_as_the_cpu_kernel(tk, dev, dtype, opts):
+    """With torch's options both kernels perform torch.optim.RMSprop's operations with the
+    same roundings (the CPU kernel is tested bit for bit against torch itself in
+    test_kernels.py), so the Triton step gives the CPU kernel's bits, sizes ending in every
+    tail included."""
+    from rmsprop.kernels import cpu
+    if not cpu.available():
+        pytest.skip(cpu.unavailable_reason())
+    gen = torch.Generator().manual_seed(3)
+    sizes = (37, 63, 1000)
+    o = dict(lr=0.01, alpha=0.99, eps=1e-8, weight_decay=0.0, momentum=0.0, centered=False,
+             maximize=False, eps_in_sqrt=False, lr_in_momentum=False, nesterov=False,
+             decoupled_weight_decay=False, bias_correction=1.0)
+    o.update(opts)
+    p0 = [torch.randn(n, generator=gen, dtype=dtype) for n in sizes]
+    state0 = [[torch.rand(n, generator=gen, dtype=dtype) for n in sizes],
+              [torch.randn(n, generator=gen, dtype=dtype) * 0.1 for n in sizes],
+              [torch.randn(n, generator=gen, dtype=dtype) * 0.1 for n in sizes]]
+    grads = [[torch.randn(n, generator=gen, dtype=dtype) for n in sizes] for _ in range(2)]
+    want = [t.clone() for t in p0]
+    wv, wm, wb = ([t.clone() for t in ts] for ts in state0)
+    got = [t.to(dev) for t in p0]
+    gv, gm, gb = ([t.to(dev) for t in ts] for ts in state0)
+    for gs in grads:
+        cpu.fused_step(want, gs, wv, wm, wb, **o)
+        tk.fused_step(got, [g.to(dev) for g in gs], gv, gm, gb, **o)
+    for a, b in zip(want + wv + wm + wb, got + gv + gm + gb):
+        assert torch.equal(a, b.cpu()), opts
+
+
+def test_one_minus_alpha_rounded_once(tk, dev):
+    """v after one step from 0 with g = 1 is 1 - alpha: the float64 1 - 0.99 rounded once to
+    float32 (0.0099999998), not 1 - float32(0.99) (0.0099999905)."""
+    p, g, v = (_on(dev, np.zeros(8, np.float32)), _on(dev, np.ones(8, np.float32)),
+               _on(dev, np.zeros(8, np.float32)))
+    tk.fused_step([p], [g], [v], None, None, **_kw(Options(alpha=0.99), 1, np.float32))
+    assert (v.cpu().numpy() == np.float32(1 - 0.99)).all()
+    assert np.float32(1 - 0.99) != np.float32(1) - np.float32(0.99)
 
 
 @pytest.mark.parametrize("pdtype,state", [("bfloat16", torch.float32),

@@ -1,15 +1,19 @@
-"""Tests of ``rmsprop tune`` (src/rmsprop/tuning.py, src/rmsprop/cli/tune.py).
+"""Tests of ``rmsprop tune`` (src/rmsprop/tools/{search_space,storage,study,objective,worker,
+tune_report,tuning}.py, src/rmsprop/cli/tune.py).
 
-The searches run on a toy problem written to a temporary module: a 2-D quadratic trained by a
-few lines of NumPy RMSProp, so each trial costs microseconds and its outcome is known
-independently of the tuning code (the oracle below recomputes it).
+The searches run on a toy problem written to a temporary module: a 2-D quadratic (a real
+``Problem``, loaded through the user-problem loader as ``--problem tune_toy_mod:PROBLEM``) trained
+by ``torch.optim.RMSprop``, so each trial costs milliseconds and its outcome is known
+independently of the tuning code (the oracle below trains it directly).
 Oracles: the grid is rebuilt from its definition (10**(k/5) lattice x {0.9, 0.95, 0.99, 0.995,
 0.999}); the best configuration is the argmin of the toy evaluated directly; resume/parallel
-tests count trial states straight from the Optuna storage.
+tests count trial states straight from the Optuna storage; the workers' command lines are read
+from /proc while they run.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import math
@@ -30,57 +34,48 @@ from optuna.trial import TrialState  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 
 TOY = textwrap.dedent('''
-    """A toy problem and optimizer for the tune tests (NumPy only)."""
-    import math, os, time
+    """A toy problem and optimizer for the tune tests."""
+    import os, time
     from types import SimpleNamespace
-    import numpy as np
 
-    H = np.array([1.0, 10.0])
+    import torch
 
-    class RMS:
-        def __init__(self, params, lr=0.01, alpha=0.99, eps=1e-8):
-            self.p, self.lr, self.alpha, self.eps = params[0], lr, alpha, eps
-            self.v = np.zeros_like(self.p)
-        def step(self, g):
-            self.v = self.alpha * self.v + (1 - self.alpha) * g * g
-            self.p -= self.lr * g / (np.sqrt(self.v) + self.eps)
+    from rmsprop.tools.problems.base import Problem, Task
 
-    def _make(params, **hp):
-        return RMS(params, **hp)
+    H = torch.tensor([1.0, 10.0], dtype=torch.float64)
 
-    SPEC = SimpleNamespace(name="toy-rms", factory=_make, defaults={"lr": 0.01, "alpha": 0.99},
+    def make(params, lr=0.01, alpha=0.99):
+        return torch.optim.RMSprop(params, lr=lr, alpha=alpha)
+
+    SPEC = SimpleNamespace(name="toy-rms", factory=make, defaults={"lr": 0.01, "alpha": 0.99},
                            search_space={"lr": ("log", 1e-4, 1.0),
                                          "alpha": ("log1m", 0.9, 0.9999)},
-                           make=lambda params, **hp: _make(params, **hp))
+                           make=make)
 
-    def loss(x):
-        return float(0.5 * np.sum(H * x * x))
+    class Toy(Problem):
+        def build(self, seed):
+            x = torch.nn.Parameter(torch.tensor([1.0, 1.0], dtype=torch.float64) + 0.01 * seed)
+            f = lambda: 0.5 * (H * x * x).sum()
+            def evaluate(split):
+                with torch.no_grad():
+                    return float(f()), None
+            return Task(params=[x], train_loss=f, evaluate=evaluate)
 
-    class Toy:
-        name = "toy"
         def run(self, factory, *, seed, steps=None, split="valid"):
             time.sleep(float(os.environ.get("TOY_SLEEP", "0")))
-            x = np.array([1.0, 1.0]) + 0.01 * seed
-            opt = factory([x])
-            l0, ev_s, ev_l, diverged = loss(x), [0], [loss(x)], False
-            for t in range(1, (steps or 40) + 1):
-                opt.step(H * x)
-                if t % 10 == 0:
-                    ev_s.append(t); ev_l.append(loss(x))
-                    if not math.isfinite(ev_l[-1]) or ev_l[-1] > 10 * l0:
-                        diverged = True
-                        break
-            return SimpleNamespace(final_eval_loss=ev_l[-1], final_eval_metric=None,
-                                   eval_steps=ev_s, eval_loss=ev_l, diverged=diverged,
-                                   seconds_per_step=1e-6, test_loss=ev_l[-1], test_metric=None)
+            return super().run(factory, seed=seed, steps=steps, split=split)
 
-    PROBLEM = Toy()
+    PROBLEM = Toy(name="toy", description="2-D quadratic", steps=40, eval_every=10,
+                  batch_size=None, known_min=0.0)
 
     class Broken(Toy):
         def run(self, factory, *, seed, steps=None, split="valid"):
             raise RuntimeError("boom\\nsecond line")
 
-    BROKEN = Broken()
+    BROKEN = Broken(name="broken", description="raises", steps=40, eval_every=10,
+                    batch_size=None, known_min=0.0)
+
+    NOT_A_PROBLEM = 42
 ''')
 
 DECAYS = [0.9, 0.95, 0.99, 0.995, 0.999]
@@ -151,9 +146,10 @@ def complete_params(study):
 
 def toy_value(lr, alpha):
     """Independent oracle: evaluate the toy directly (no tuning code involved)."""
+    import torch
     import tune_toy_mod as m
 
-    r = m.PROBLEM.run(lambda ps: m.RMS(ps, lr=lr, alpha=alpha), seed=0)
+    r = m.PROBLEM.run(lambda ps: torch.optim.RMSprop(ps, lr=lr, alpha=alpha), seed=0)
     return math.inf if r.diverged else r.final_eval_loss
 
 
@@ -207,7 +203,11 @@ def test_default_spaces_follow_the_protocol():
         assert [lr.value(x) for x in lr.grid()] == pytest.approx(
             [10 ** (k / 5) for k in range(k0, k1 + 1)], rel=1e-9)
         assert sorted(dec.value(x) for x in dec.grid()) == pytest.approx(DECAYS, abs=1e-12)
-    assert tuning.resolve_problem("digits-mlp") is problems.get("mlp-digits")
+    assert tuning.resolve_problem("mlp-digits") is problems.get("mlp-digits")
+    # One name: the suite's. The dataset-model order is refused with the right name.
+    with pytest.raises(tuning.TuneError, match=r"unknown problem 'digits-mlp' \(did you mean "
+                                               r"mlp-digits\?\)"):
+        tuning.resolve_problem("digits-mlp")
 
 
 def test_edge_of_range_is_flagged(toy, capsys):
@@ -237,10 +237,10 @@ def test_random_sampler_reproducible_from_seed(toy, capsys):
     for p in runs["a"] + runs["c"]:
         assert 1e-4 <= p["lr"] <= 1.0 and 1e-4 <= p["one_minus_alpha"] <= 0.1
     assert len({p["lr"] for p in runs["a"]}) == 6
-    # `rmsprop compare --search random` tunes with exactly these points (tuning.suggest).
+    # `rmsprop compare --search random` tunes with exactly these points (search_space.suggest).
     import importlib
 
-    from rmsprop.tools.tuning import suggest
+    from rmsprop.tools.search_space import suggest
     spec = importlib.import_module("tune_toy_mod").SPEC
     got = suggest(spec, 6, sampler="random", seed=3)
     assert [(g["lr"], round(1 - g["alpha"], 12)) for g in got] == \
@@ -259,36 +259,6 @@ def test_sobol_sampler_covers_the_space(toy, capsys):
     assert [int(x * 8) for x in u] == list(range(8))
 
 
-@pytest.mark.filterwarnings("ignore:Heartbeat of storage")
-def test_heartbeat_fails_and_requeues_a_stale_trial(toy):
-    tmp, _ = toy
-    from rmsprop.tools import tuning
-    import tune_toy_mod as m
-
-    made = []
-    for url in (f"sqlite:///{tmp / 'h.db'}", f"journal:{tmp / 'h.log'}"):
-        cfg = tuning.TuneConfig(problem="tune_toy_mod:PROBLEM", optimizer="tune_toy_mod:SPEC",
-                                space=tuning.build_space(m.SPEC), sampler="random", trials=3,
-                                storage=url, heartbeat=1, grace=2, progress=False)
-        storage = tuning.make_storage(url, heartbeat=1, grace=2)
-        study = tuning.open_study(cfg, storage)
-        trial = study.ask()  # a worker on another machine starts a trial...
-        lr = trial.suggest_float("lr", 1e-4, 1.0, log=True)
-        if url.startswith("sqlite"):
-            storage.record_heartbeat(trial._trial_id)
-        else:
-            storage.set_trial_system_attr(trial._trial_id, "rmsprop:heartbeat", time.time())
-        made.append((study, trial.number, lr))
-    time.sleep(3.3)  # ...and dies: no heartbeat for longer than the grace period (SQLite's
-    # clock has 1 s resolution)
-    for study, number, lr in made:
-        tuning.reap_stale(study, 2)
-        st = {t.number: t for t in study.get_trials()}
-        assert st[number].state == TrialState.FAIL
-        waiting = [t for t in st.values() if t.state == TrialState.WAITING]
-        assert len(waiting) == 1 and waiting[0].params["lr"] == lr
-
-
 def _wait_for(pred, timeout=60.0):
     t0 = time.time()
     while time.time() - t0 < timeout:
@@ -296,6 +266,58 @@ def _wait_for(pred, timeout=60.0):
             return True
         time.sleep(0.1)
     return False
+
+
+def _running(url, name):
+    try:
+        return load(url, name).get_trials(states=(TrialState.RUNNING,))
+    except Exception:
+        return []
+
+
+@pytest.mark.slow
+def test_heartbeat_fails_and_requeues_a_stale_trial(toy, monkeypatch):
+    """A worker on 'another machine' dies mid-trial: its trial is failed once its heartbeat is
+    older than the grace period (Optuna's for SQLite, the worker's own for a journal), and its
+    parameters are re-queued."""
+    tmp, env = toy
+    import tune_toy_mod as m
+
+    from rmsprop.tools import storage as storage_mod
+    from rmsprop.tools import study as study_mod
+    from rmsprop.tools import worker
+    from rmsprop.tools.search_space import build_space
+
+    urls = {"h-sql": f"sqlite:///{tmp / 'h.db'}", "h-jnl": f"journal:{tmp / 'h.log'}"}
+    procs = {name: spawn([*BASE, "--sampler", "random", "--trials", "3", "--storage", url,
+                          "--study", name, "--out", str(tmp / name), "--heartbeat", "1",
+                          "--grace", "2"], {**env, "TOY_SLEEP": "60"})
+             for name, url in urls.items()}
+    for name, url in urls.items():
+        assert _wait_for(lambda u=url, n=name: len(_running(u, n)) == 1), \
+            procs[name].communicate()
+    for p in procs.values():
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+    # From here on the dead worker's host is not ours: only the heartbeat can tell it is gone.
+    monkeypatch.setattr(worker, "HOST", "another-machine/boot")
+    for name, url in urls.items():
+        cfg = study_mod.TuneConfig(problem="tune_toy_mod:PROBLEM",
+                                   optimizer="tune_toy_mod:SPEC",
+                                   space=build_space(m.SPEC),
+                                   sampler="random", trials=3, storage=url, study=name,
+                                   heartbeat=1, grace=2, progress=False)
+        storage = storage_mod.open_storage(url, heartbeat=1, grace=2)
+        study = study_mod.open_study(cfg, storage)
+        (killed,) = study.get_trials(states=(TrialState.RUNNING,))
+        time.sleep(3.3)  # no heartbeat for longer than the grace period (SQLite: 1 s clock)
+        worker.reap_stale(study, storage, 2)
+        st = {t.number: t for t in study.get_trials()}
+        assert st[killed.number].state == TrialState.FAIL, name
+        waiting = [t for t in st.values() if t.state == TrialState.WAITING]
+        assert len(waiting) == 1 and waiting[0].params == killed.params, name
+
+
 
 
 @pytest.mark.slow
@@ -341,19 +363,40 @@ def test_resume_after_killed_worker_ends_with_exactly_n(toy):
 
 
 @pytest.mark.slow
-def test_two_processes_share_a_journal_file(toy):
+def test_two_processes_share_a_journal_file(toy, capsys, monkeypatch):
+    """--jobs 2 on a journal file: exactly 8 trials, both workers busy; each worker gets its
+    configuration on stdin (nothing on its command line); a re-run keeps the earlier logs."""
     tmp, env = toy
+    from rmsprop.tools import worker
+
+    monkeypatch.setenv("PYTHONPATH", env["PYTHONPATH"])
+    monkeypatch.setenv("TOY_SLEEP", "0.3")
+    argvs = []
+    real_popen = subprocess.Popen
+
+    def recording_popen(args, *a, **kw):
+        argvs.append(list(args))
+        return real_popen(args, *a, **kw)
+
+    monkeypatch.setattr(worker.subprocess, "Popen", recording_popen)
     url = f"journal:{tmp / 'j.log'}"
     args = [*BASE, "--sampler", "random", "--trials", "8", "--jobs", "2", "--storage", url,
             "--study", "j", "--out", str(tmp / "j"), "--confirm-seeds", "0"]
-    r = subprocess.run([sys.executable, "-c", SHIM, *args], env={**env, "TOY_SLEEP": "0.3"},
-                       capture_output=True, text=True, timeout=180)
-    assert r.returncode == 0, r.stderr
+    rc, out = cli(args, capsys)
+    assert rc == 0, out.err
     study = load(url, "j")
     assert states(study) == {TrialState.COMPLETE: 8}
     assert len(set(complete_params(study))) == 8
-    pids = {t.system_attrs["rmsprop:worker"][1] for t in study.get_trials()}
+    pids = {t.user_attrs["worker"][1] for t in study.get_trials()}
     assert len(pids) == 2  # both workers ran trials
+    assert argvs == [[sys.executable, "-m", "rmsprop.tools.worker"]] * 2
+    first = {f.name: f.read_text() for f in (tmp / "j" / "worker-logs" / "run-1").iterdir()}
+    assert sorted(first) == ["worker-0.log", "worker-1.log"]
+
+    assert cli(args, capsys)[0] == 0  # the finished study: workers start and end at once
+    logs = tmp / "j" / "worker-logs"
+    assert sorted(d.name for d in logs.iterdir()) == ["run-1", "run-2"]
+    assert {f.name: f.read_text() for f in (logs / "run-1").iterdir()} == first
 
 
 def _pg_url(pgdir):
@@ -370,6 +413,40 @@ def _pg_url(pgdir):
     return r.stdout.strip().splitlines()[-1], script
 
 
+def _descendants(pid):
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            for task in os.listdir(f"/proc/{p}/task"):
+                kids = Path(f"/proc/{p}/task/{task}/children").read_text().split()
+                out += [int(k) for k in kids]
+                todo += [int(k) for k in kids]
+        except OSError:
+            continue
+    return out
+
+
+def _command_lines_while(procs):
+    """Every command line of the descendants of ``procs`` (the processes they start, not the
+    commands the user typed), sampled until they end. A child between fork and exec still shows
+    its parent's command line: those samples are the user's command, not a worker's."""
+    def cmdline(pid):
+        try:
+            return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(
+                errors="replace")
+        except OSError:
+            return None
+
+    typed = {cmdline(p.pid) for p in procs}
+    seen = set()
+    while any(p.poll() is None for p in procs):
+        for p in procs:
+            seen |= {cmdline(pid) for pid in _descendants(p.pid)}
+        time.sleep(0.05)
+    return seen - typed - {None}
+
+
 @pytest.mark.slow
 def test_two_workers_share_a_postgresql_study(toy):
     tmp, env = toy
@@ -378,21 +455,36 @@ def test_two_workers_share_a_postgresql_study(toy):
     # Directly under the temp root: the server may run as `postgres`, which must reach it.
     pgdir = tempfile.mkdtemp(prefix="rmsprop-pg-")
     url, script = _pg_url(pgdir)
+    # The test server trusts loopback connections, so any password is accepted: enough to see
+    # where a password would travel.
+    secret = "Zq8-not-shown"
+    url_pw = url.replace("postgres@", f"postgres:{secret}@", 1)
     try:
         args = [*BASE, "--sampler", "grid", "--range", "lr=1e-2:1e-1", "--range",
-                "alpha=0.9:0.99", "--storage", url, "--study", "pg", "--confirm-seeds", "0"]
-        # Two independent commands, as on two machines: they race to create the same study.
-        procs = [spawn([*args, "--out", str(tmp / f"pg{i}")], {**env, "TOY_SLEEP": "0.2"})
-                 for i in range(2)]
+                "alpha=0.9:0.99", "--storage", url_pw, "--study", "pg", "--confirm-seeds", "0"]
+        # Two independent commands, as on two machines: they race to create the same study;
+        # the second one runs its trials in two worker processes.
+        procs = [spawn([*args, "--out", str(tmp / f"pg{i}"), "--jobs", str(i + 1)],
+                       {**env, "TOY_SLEEP": "0.2"}) for i in range(2)]
+        seen = _command_lines_while(procs)
+        outputs = []
         for p in procs:
             out, err = p.communicate(timeout=180)
             assert p.returncode == 0, err
+            outputs += [out, err]
+        assert any("rmsprop.tools.worker" in c for c in seen), seen  # workers were seen
+        assert not [c for c in seen if secret in c]
+        assert not [o for o in outputs if secret in o]
+        assert "postgres:***@" in outputs[0]
+        for f in tmp.glob("pg*/**/*"):
+            if f.is_file() and f.suffix in (".json", ".md", ".csv", ".log"):
+                assert secret not in f.read_text(), f
         study = load(url, "pg")
         st = states(study)
         # lr lattice 1e-2..1e-1 (6 points) x alpha {0.9, 0.95, 0.99}
         assert st[TrialState.COMPLETE] == 18 and TrialState.RUNNING not in st
         assert len(set(complete_params(study))) == 18
-        assert len({t.system_attrs["rmsprop:worker"][1] for t in study.get_trials()}) == 2
+        assert len({t.user_attrs["worker"][1] for t in study.get_trials()}) >= 2
     finally:
         subprocess.run(["bash", str(script), "--stop", "--dir", pgdir],
                        capture_output=True, timeout=60)
@@ -410,8 +502,17 @@ BAD = [
     (["--range", "eps=1e-8:1e-6"], "'eps' is not searched"),
     (["--tune", "nesterov"], "cannot tune 'nesterov'"),
     (["--trials", "0"], "--trials must be >= 1"),
+    (["--steps", "-3"], "--steps must be >= 1, got -3"),
+    (["--steps", "0"], "--steps must be >= 1, got 0"),
+    (["--out", "{tmp}/a-file"], "exists and is not a folder"),
+    (["--range", "lr=1e-5,1"], "expected NAME=LOW:HIGH (LOW:HIGH with a colon)"),
+    (["--problem", "digits-mlp"], "(did you mean mlp-digits?)"),
+    (["--problem", "tune_toy_mod:NOT_A_PROBLEM"], "neither a Problem nor a function"),
+    (["--problem", "tune_toy_mod:missing"], "has no attribute 'missing'"),
     (["--objective", "steps"], "needs --target"),
     (["--storage", "postgresql+psycopg2://nobody@127.0.0.1:1/none"], "cannot open storage"),
+    (["--storage", "postgresql+psycopg2://nobody:Zq8-secret@127.0.0.1:1/none"],
+     "cannot open storage postgresql+psycopg2://nobody:***@127.0.0.1:1/none"),
     (["--storage", "journal:/no/such/dir/x.log"], "does not exist"),
     (["--storage", "not-a-url"], "bad storage URL"),
     (["--sampler", "grid"], "exists with a different sampler"),
@@ -427,9 +528,10 @@ def test_bad_input_is_one_line_and_leaves_the_study_alone(toy, capsys):
     assert cli(ok, capsys)[0] == 0
     before = [(t.number, t.state, t.params) for t in load(db, "base").get_trials()]
     attrs = load(db, "base").user_attrs
+    (tmp / "a-file").write_text("not a folder")
     for extra, needle in BAD:
         args = list(ok)
-        flag, value = extra
+        flag, value = extra[0], extra[1].format(tmp=tmp)
         if flag in args and flag != "--range":
             args[args.index(flag) + 1] = value
         else:
@@ -439,7 +541,8 @@ def test_bad_input_is_one_line_and_leaves_the_study_alone(toy, capsys):
         lines = out.err.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("rmsprop: error: "), (extra, out.err)
         assert needle in lines[0], (extra, lines[0])
-        assert "Traceback" not in out.err
+        assert "Traceback" not in out.err and "Zq8-secret" not in out.err
+        assert out.out == "", (extra, out.out)  # the error comes before any banner
         # no study corrupted: same trials, same configuration
         assert [(t.number, t.state, t.params) for t in load(db, "base").get_trials()] == before
         assert load(db, "base").user_attrs == attrs
@@ -460,12 +563,15 @@ def test_programmatic_tune_in_memory_picks_the_oracle_best(toy):
 
 
 def test_steps_to_target_objective_and_divergence_penalty(toy):
-    from rmsprop.tools import tuning
+    import torch
     import tune_toy_mod as m
+
+    from rmsprop.tools import tuning
 
     branches = set()
     for lr, alpha in ((0.05, 0.9), (0.001, 0.99), (100.0, 0.9)):
-        r = m.PROBLEM.run(lambda ps: m.RMS(ps, lr=lr, alpha=alpha), seed=0)
+        r = m.PROBLEM.run(lambda ps, lr=lr, alpha=alpha: torch.optim.RMSprop(
+            ps, lr=lr, alpha=alpha), seed=0)
         ev = tuning.evaluate(m.PROBLEM, m.SPEC, {"lr": lr, "alpha": alpha}, seed=0,
                              objective="steps", target=1e-3)
         hits = [s for s, v in zip(r.eval_steps, r.eval_loss) if v <= 1e-3]
@@ -491,3 +597,127 @@ def test_a_crashing_run_is_one_line_and_requeued(toy, capsys):
     trials = load(db, "x").get_trials()
     assert [t.state for t in trials] == [TrialState.FAIL, TrialState.WAITING]
     assert trials[1].params == trials[0].params  # the grid point is not lost
+
+
+def test_missing_postgresql_driver_is_named_before_any_banner(toy, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "psycopg2", None)  # `import psycopg2` raises ImportError
+    rc, out = cli([*BASE, "--storage", "postgresql+psycopg2://u:Zq8-secret@127.0.0.1:1/db"],
+                  capsys)
+    assert rc == 2 and out.out == ""
+    (line,) = out.err.strip().splitlines()
+    assert "driver 'psycopg2'" in line and "pip install 'rmsprop[postgres]'" in line, line
+    assert "Zq8-secret" not in line and "u:***@" in line
+
+
+def test_edge_hints_round_and_stay_in_the_valid_domain():
+    """The widened range a warning proposes: one decade further (10x lr, 10x more 1 - alpha),
+    rounded, never outside the domain (a decay in [0, 1), a learning rate > 0)."""
+    from rmsprop.tools.search_space import Param
+    from rmsprop.tools.study import TuneConfig
+    from rmsprop.tools.tune_report import edge_flags
+
+    space = [Param("lr", "log", 1e-4, 1.0, per_decade=5), Param("alpha", "log1m", 0.9, 0.9999)]
+    cfg = TuneConfig(problem="p", optimizer="o", space=space, sampler="random", storage=None)
+    cases = [({"lr": 1e-4, "alpha": 0.9}, ["--range lr=1e-05:1", "--range alpha=0:0.9999"]),
+             ({"lr": 1.0, "alpha": 0.9999}, ["--range lr=0.0001:10",
+                                             "--range alpha=0.9:0.99999"])]
+    for best, hints in cases:
+        flags = edge_flags(cfg, best)
+        assert len(flags) == 2, flags
+        for flag, hint in zip(flags, hints):
+            assert flag.endswith(hint), (flag, hint)
+            name, _, rng = hint.split()[1].partition("=")
+            lo, hi = (float(x) for x in rng.split(":"))
+            Param(name, "log1m" if name == "alpha" else "log", lo, hi)  # a valid range
+    # Already at the end of the domain: nothing wider to propose.
+    whole = [Param("lr", "log", 1e-4, 1.0), Param("alpha", "log1m", 0.0, 0.9999)]
+    cfg = TuneConfig(problem="p", optimizer="o", space=whole, sampler="random", storage=None)
+    assert not [f for f in edge_flags(cfg, {"lr": 0.01, "alpha": 0.0}) if "alpha" in f]
+
+
+def test_a_surplus_trial_is_pruned_and_reported_as_such(toy, monkeypatch):
+    """Two workers start a trial for the last slot at once: the later one is pruned before it
+    samples or trains, counted as surplus (not as a killed worker), and leaves nothing queued."""
+    import threading
+
+    import tune_toy_mod as m
+
+    from rmsprop.tools import tuning, worker
+    from rmsprop.tools.tune_report import trial_rows, trial_tally
+
+    tmp, _ = toy
+    url = f"journal:{tmp / 'sp.log'}"
+    space = tuning.build_space(m.SPEC)
+    cfg1 = tuning.TuneConfig(problem="tune_toy_mod:PROBLEM", optimizer="tune_toy_mod:SPEC",
+                             space=space, trials=1, storage=url, study="sp", progress=False,
+                             confirm_seeds=0)
+    tuning.run_tune(cfg1)
+    cfg = dataclasses.replace(cfg1, trials=2)
+    ready = tuning.prepare(cfg)
+    other = ready.study.ask()  # another worker's trial, alive (this process), still running
+    other.set_user_attr("worker", [worker.HOST, os.getpid()])
+    real_counts = worker.counts
+    calls = []
+
+    def stale_counts(study):  # the first look predates the other worker's ask
+        c = real_counts(study)
+        if not calls:
+            c["RUNNING"] -= 1
+        calls.append(1)
+        return c
+
+    monkeypatch.setattr(worker, "counts", stale_counts)
+    finisher = threading.Timer(1.0, lambda: ready.study.tell(other.number, 0.5))
+    finisher.start()
+    try:
+        worker.run_worker(cfg, storage=ready.storage)
+    finally:
+        finisher.join()
+    st = states(load(url, "sp"))
+    assert st == {TrialState.COMPLETE: 2, TrialState.PRUNED: 1}, st
+    tally = trial_tally(trial_rows(ready.study, space))
+    assert (tally.surplus, tally.failed, tally.waiting) == (1, 0, 0)
+    text = tally.describe()
+    assert "1 surplus" in text and "failed" not in text and "re-queued" not in text
+
+
+@pytest.mark.slow
+def test_ctrl_c_requeues_the_trial_without_a_traceback(toy):
+    tmp, env = toy
+    for jobs, url in ((1, f"sqlite:///{tmp / 'c1.db'}"), (2, f"journal:{tmp / 'c2.log'}")):
+        name = f"c{jobs}"
+        p = spawn([*BASE, "--sampler", "random", "--trials", "4", "--storage", url, "--study",
+                   name, "--out", str(tmp / name), "--jobs", str(jobs)],
+                  {**env, "TOY_SLEEP": "30"})
+        assert _wait_for(lambda u=url, n=name, k=jobs: len(_running(u, n)) == k), \
+            p.communicate()
+        running = {t.number: t.params for t in _running(url, name)}
+        p.send_signal(signal.SIGINT)
+        out, err = p.communicate(timeout=120)
+        assert p.returncode == 130, err
+        assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
+        assert err.strip().splitlines()[-1] == "rmsprop: interrupted", err
+        for log in (tmp / name).glob("worker-logs/*/*.log"):
+            assert "Traceback" not in log.read_text(), log
+        study = load(url, name)
+        st = {t.number: t for t in study.get_trials()}
+        waiting = [t.params for t in st.values() if t.state == TrialState.WAITING]
+        for number, params in running.items():
+            assert st[number].state == TrialState.FAIL  # the interrupted trial...
+            assert st[number].user_attrs.get("interrupted") is True
+            assert params in waiting  # ...is queued again with the same parameters
+        assert len(waiting) == jobs
+
+
+def test_an_accurate_classifier_is_not_labelled_diverged():
+    """A tune trial at > 90 % validation accuracy was labelled diverged and scored 1e9: an
+    over-confident classifier's validation cross-entropy ends above 10x its start (28.4 vs
+    2.34 here) although training never blew up."""
+    problems = pytest.importorskip("rmsprop.tools.problems")
+    from rmsprop.tools import tuning
+    from rmsprop.tools.problems import optimizers
+
+    ev = tuning.evaluate(problems.get("mlp-digits"), optimizers.resolve("rmsprop"),
+                         {"lr": 0.1, "alpha": 0.99}, seed=0)
+    assert ev.attrs["final_eval_metric"] > 0.9
+    assert not ev.diverged and ev.value == ev.final_eval_loss != tuning.PENALTY

@@ -11,11 +11,12 @@ Example::
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 import numpy as np
 
-from . import spec
+from . import codecs, spec
 from .options import RULE_OPTIONS, Options, validate
 from .presets import resolve_preset
 
@@ -27,16 +28,29 @@ class RMSprop:
 
     ``params`` is a sequence of arrays or of dicts ``{"params": [...], **options}``; options are
     those of :class:`rmsprop.options.Options` (same names and defaults as the torch optimizer).
-    Change a group's ``"lr"`` between steps to follow a schedule. ``state_dtype`` sets the dtype
-    of the state arrays (default: the param's real dtype).
+    Change a group's ``"lr"`` between steps to follow a schedule. ``state_dtype`` sets the
+    storage of the state arrays: the param's real dtype (default), a float dtype, or ``"8bit"``
+    / ``"4bit"`` quantized state (:mod:`rmsprop.codecs`). ``stochastic_rounding=True`` rounds
+    new ``bfloat16``/``float16`` params stochastically, from ``seed`` (param ``k`` in flat order
+    uses :func:`rmsprop.codecs.param_seed(seed, k) <rmsprop.codecs.param_seed>`).
     """
 
-    def __init__(self, params: Iterable[Any], *, state_dtype: Any = None, **options: Any) -> None:
+    def __init__(self, params: Iterable[Any], *, state_dtype: Any = None,
+                 stochastic_rounding: bool = False, seed: int = 0, **options: Any) -> None:
         unknown = set(options) - set(RULE_OPTIONS)
         if unknown:
             raise TypeError(f"unknown option(s): {', '.join(sorted(unknown))}")
         self.defaults = Options(**options).as_dict()
+        if state_dtype is not None:
+            codecs.init_entry("square_avg", (1,), 0.0, state_dtype, np.float32)  # validates
+        if not isinstance(stochastic_rounding, bool):
+            raise ValueError(f"Invalid stochastic_rounding value: {stochastic_rounding!r} "
+                             "(expected True or False)")
+        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2 ** 32:
+            raise ValueError(f"Invalid seed: {seed!r} (an integer in [0, 2**32))")
         self.state_dtype = state_dtype
+        self.stochastic_rounding = stochastic_rounding
+        self.seed = seed
         params = list(params)
         if not params:
             raise ValueError("optimizer got an empty parameter list")
@@ -47,7 +61,7 @@ class RMSprop:
             self.add_param_group(group)
 
     @classmethod
-    def from_preset(cls, name: str, params: Iterable[Any], **overrides: Any) -> "RMSprop":
+    def from_preset(cls, name: str, params: Iterable[Any], **overrides: Any) -> RMSprop:
         """Build with the options of ``rmsprop.PRESETS[name]``, updated by ``overrides``."""
         params = list(params)
         return cls(params, **resolve_preset(name, overrides, params))
@@ -58,7 +72,8 @@ class RMSprop:
         for a in arrays:
             if not isinstance(a, np.ndarray):
                 raise TypeError(f"params must be numpy arrays, got {type(a).__name__}")
-            if not (np.issubdtype(a.dtype, np.floating) or np.issubdtype(a.dtype, np.complexfloating)):
+            if not (np.issubdtype(a.dtype, np.floating) or a.dtype.name == "bfloat16"
+                    or np.issubdtype(a.dtype, np.complexfloating)):
                 raise TypeError(f"params must be floating point or complex, got {a.dtype}")
         unknown = set(group) - set(RULE_OPTIONS)
         if unknown:
@@ -67,7 +82,7 @@ class RMSprop:
         self.param_groups.append({**self.defaults, **group, "params": arrays})
         self.state.append([None] * len(arrays))
 
-    def step(self, grads: Sequence[np.ndarray | None] | Sequence[Sequence[np.ndarray | None]]) -> None:
+    def step(self, grads: Sequence[np.ndarray | None]) -> None:
         """Apply one step. ``grads`` lists one gradient per param (``None`` skips that param and
         leaves its state untouched), flat across groups in order. Nothing changes if any
         gradient's shape does not fit."""
@@ -88,12 +103,15 @@ class RMSprop:
                     raise ValueError(f"gradient {i - 1} has shape {g.shape}, param has {p.shape}")
                 pairs.append((gi, pi, p, g))
         results = []
+        offsets = np.cumsum([0] + [len(g["params"]) for g in self.param_groups])
         for gi, pi, p, g in pairs:
             group = self.param_groups[gi]
             options = Options.quiet(**{k: group[k] for k in RULE_OPTIONS})
             state = self.state[gi][pi]
             if state is None:
-                state = spec.init_state(p, options, state_dtype=self.state_dtype)
+                seed = (codecs.param_seed(self.seed, int(offsets[gi]) + pi)
+                        if self.stochastic_rounding else None)
+                state = spec.init_state(p, options, state_dtype=self.state_dtype, seed=seed)
             results.append((gi, pi, p, *spec.step(p, g, state, options)))
         for gi, pi, p, new_p, new_state in results:  # write only after every step succeeded
             p[...] = new_p

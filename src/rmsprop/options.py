@@ -8,11 +8,18 @@ validates them here, so an option has one meaning and one error message everywhe
 from __future__ import annotations
 
 import math
+import numbers
 import warnings
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Mapping
 
-__all__ = ["Options", "validate", "RULE_OPTIONS"]
+__all__ = ["Options", "validate", "RULE_OPTIONS", "OptionTypeError"]
+
+
+class OptionTypeError(TypeError, ValueError):
+    """A hyperparameter that is not a number (``lr="0.01"``). A ``TypeError`` as in
+    ``torch.optim``; also a ``ValueError``, so code that catches invalid options as
+    ``ValueError`` (every other invalid value) catches this one too."""
 
 
 @dataclass(frozen=True)
@@ -80,20 +87,26 @@ _FLAGS = ("centered", "maximize", "eps_in_sqrt", "lr_in_momentum", "nesterov", "
 
 
 def _number(name: str, value: Any) -> float:
-    if hasattr(value, "numel"):  # a torch Tensor lr
+    """``value`` as a float: a real number, or a 1-element tensor (``lr``); anything else
+    raises :class:`OptionTypeError` naming the option."""
+    if hasattr(value, "numel") and hasattr(value, "detach"):  # a torch Tensor lr
         if value.numel() != 1:
             raise ValueError("Tensor lr must be 1-element")
-        value = float(value.detach().reshape(()).item())
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        try:
-            value = float(value)
-        except (TypeError, ValueError):
-            raise ValueError(f"Invalid {name} value: {value!r} (expected a real number)") from None
+        value = value.detach().reshape(()).item()  # a complex one fails the check below
+    if not isinstance(value, numbers.Real):
+        raise OptionTypeError(f"Invalid {name} value: {value!r} (expected a real number, got "
+                              f"{type(value).__name__})")
     return float(value)
 
 
+#: Options whose value must be finite: an infinite one makes every step inf or NaN.
+_FINITE = ("lr", "eps", "weight_decay", "initial_square_avg")
+
+
 def validate(hp: Mapping[str, Any], *, warn: bool = True) -> None:
-    """Raise ``ValueError`` naming the first invalid option in ``hp`` (NaN is always invalid).
+    """Raise ``ValueError`` naming the first invalid option in ``hp`` (NaN and infinity are
+    always invalid; a value that is not a number raises :class:`OptionTypeError`, a
+    ``TypeError`` as in ``torch.optim``).
 
     Only keys present in ``hp`` are checked, so a backend can validate a partial param group.
     ``eps == 0`` is accepted with a ``RuntimeWarning`` (unless ``warn=False``: backends warn at
@@ -116,6 +129,8 @@ def validate(hp: Mapping[str, Any], *, warn: bool = True) -> None:
         x = _number(name, hp[name])
         if math.isnan(x) or not ok(x):
             raise ValueError(message.format(hp[name]))
+        if name in _FINITE and math.isinf(x):
+            raise ValueError(message.format(hp[name]) + " (must be finite)")
     for name in _FLAGS:
         if name in hp and not isinstance(hp[name], bool):
             raise ValueError(f"Invalid {name} value: {hp[name]!r} (expected True or False)")

@@ -7,9 +7,10 @@ rule of :mod:`rmsprop.spec` into the original. Tests compare each one against th
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 __all__ = ["Preset", "PRESETS", "resolve_preset"]
 
@@ -95,6 +96,32 @@ _PRESETS = [
         "section 4, eqs. (38)-(41), p. 23: aleph=0.95, beth=0.9, gimel=1e-4, k=1e-4",
         notes="centered, eps inside the sqrt, lr inside the momentum term; the paper does not "
               "state initial values, zeros are used as in its re-implementations.",
+    ),
+    Preset(
+        "dqn2015",
+        dict(lr=2.5e-4, alpha=0.95, eps=0.01, momentum=0.0, centered=True, eps_in_sqrt=True,
+             initial_square_avg=0.0, lr_in_momentum=False, weight_decay=0.0,
+             decoupled_weight_decay=False),
+        "Mnih et al., 'Human-level control through deep reinforcement learning', Nature 518 "
+        "(2015), Extended Data Table 1 (learning rate 0.00025, gradient momentum 0.95, squared "
+        "gradient momentum 0.95, min squared gradient 0.01); DeepMind's code "
+        "github.com/deepmind/dqn@9d9b1d1, dqn/NeuralQLearner.lua, nql:qLearnMinibatch: "
+        "g = 0.95 g + 0.05 dw; g2 = 0.95 g2 + 0.05 dw^2; w += lr dw / sqrt(g2 - g^2 + 0.01)",
+        notes="the centered rule of graves2013 without momentum, eps=0.01 inside the sqrt; g and "
+              "g2 start at zeros (fill(0)); dw is the negated gradient; the Lua weight cost wc "
+              "(dw -= wc w) is coupled L2, our weight_decay; run_gpu keeps lr constant.",
+    ),
+    Preset(
+        "sb3",
+        dict(lr=1e-2, alpha=0.99, eps=1e-8, momentum=0.0, centered=False, eps_in_sqrt=True,
+             initial_square_avg=1.0, lr_in_momentum=False, weight_decay=0.0,
+             decoupled_weight_decay=False),
+        "stable_baselines3.common.sb2_compat.rmsprop_tf_like.RMSpropTFLike, Stable-Baselines3 "
+        "2.9.2 (stable_baselines3/common/sb2_compat/rmsprop_tf_like.py)",
+        notes="TF1's rule (eps inside the sqrt, square_avg starts at ones) with torch's momentum: "
+              "the buffer holds g/d and lr is applied after it; torch's defaults alpha=0.99, "
+              "eps=1e-8, lr=1e-2; coupled L2 weight decay. SB3's A2C on Atari (RL Zoo) uses it "
+              "with eps=1e-5.",
     ),
 ]
 

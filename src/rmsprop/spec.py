@@ -30,17 +30,38 @@ The centered variant clamps ``v - m^2`` at 0 *before* ``eps`` is added: in exact
 a tiny negative number, and ``sqrt`` of it is NaN (torch, optax, Keras and TF do not clamp).
 
 Precision: the arithmetic runs in ``float64`` for ``float64`` params and in ``float32``
-otherwise (one rounding to a ``float16``/``bfloat16`` param at the end). State is kept in the
-dtype it was created with (:func:`init_state`'s ``state_dtype``). Complex params are treated
-as pairs of reals (``v`` per component), as ``torch.optim`` does.
+otherwise (one rounding to a ``float16``/``bfloat16`` param at the end: to nearest, or
+stochastic when the state holds a ``seed``, see :mod:`rmsprop.codecs`). State is kept in the
+format it was created with (:func:`init_state`'s ``state_dtype``: a float dtype, or
+``"8bit"``/``"4bit"`` quantized state): each state array is decoded to the math dtype, the
+step above runs on the decoded values and uses the fresh ``v``, ``m``, ``b`` it computes, and
+only then are they encoded for the next step. Complex params are treated as pairs of reals
+(``v`` per component), as ``torch.optim`` does.
+
+Rounding order: each line above is evaluated as ``torch.optim.RMSprop`` evaluates it, so that
+float32 results (and the quantized codes computed from them) are torch's bit for bit. Scalar
+constants (``1 - alpha``, ``1 - lr*weight_decay``, ``1 - alpha^t``, ``lr*momentum``) are
+computed in double and rounded once; ``fma(a, b, c)`` is ``a*b + c`` rounded once::
+
+    g = fma(weight_decay, p, g)                     v = fma((1 - alpha)*g, g, alpha*v)
+    m = fma(1 - alpha, g - m, m)     (alpha > 1/2; else fma(-(g - m), 1 - (1 - alpha), g))
+    s = max(fma(-m/c, m/c, v/c), 0)                 b = momentum*b + (k*g)/d
+    p = fma(-lr, b, p)   (nesterov: fma(-lr*momentum, b, p) + (-lr*g)/d; lr_in_momentum: 1
+                          in place of lr)           no momentum: p = p + (-lr*g)/d
+
+In float32 the fma is exact (its float64 product, an error-free sum and one rounding); in
+float64 it is ``a*b + c`` with two roundings (within an ulp of torch's).
 """
 
 from __future__ import annotations
 
-from typing import Any, Mapping, TypedDict
+from collections.abc import Mapping
+from typing import Any, TypedDict
 
 import numpy as np
 
+from . import codecs
+from .codecs import Entry
 from .options import Options
 
 __all__ = ["State", "init_state", "step", "math_dtype"]
@@ -48,9 +69,10 @@ __all__ = ["State", "init_state", "step", "math_dtype"]
 
 class State(TypedDict, total=False):
     step: int
-    square_avg: np.ndarray
-    grad_avg: np.ndarray
-    momentum_buffer: np.ndarray
+    square_avg: Entry
+    grad_avg: Entry
+    momentum_buffer: Entry
+    seed: int  # present: the 16-bit param is rounded stochastically with this seed
 
 
 def _real(x: np.ndarray) -> np.ndarray:
@@ -68,19 +90,32 @@ def math_dtype(dtype: Any) -> np.dtype:
 
 
 def init_state(param: np.ndarray, options: Options | Mapping[str, Any], *,
-               state_dtype: Any = None) -> State:
+               state_dtype: Any = None, seed: int | None = None) -> State:
     """The state before the first step: ``v`` filled with ``initial_square_avg``, ``m`` and
-    ``b`` with zeros (only when centered / momentum > 0), ``step = 0``."""
+    ``b`` with zeros (only when centered / momentum > 0), ``step = 0``.
+
+    ``state_dtype``: ``None`` (the param's real dtype), a float dtype (``"bfloat16"`` too), or
+    ``"8bit"``/``"4bit"`` (:data:`rmsprop.codecs.QUANTIZED`). ``seed`` (a uint32) turns on
+    stochastic rounding of a ``bfloat16``/``float16`` param; other params ignore it."""
     o = options if isinstance(options, Options) else Options(**options)
-    shape = _real(np.asarray(param)).shape
-    dtype = np.dtype(state_dtype) if state_dtype is not None else _real(np.asarray(param)).dtype
-    state: State = {"step": 0,
-                    "square_avg": np.full(shape, o.initial_square_avg, dtype=dtype)}
+    real = _real(np.asarray(param))
+    shape, dtype = real.shape, real.dtype
+    state: State = {"step": 0, "square_avg": codecs.init_entry(
+        "square_avg", shape, o.initial_square_avg, state_dtype, dtype)}
     if o.centered:
-        state["grad_avg"] = np.zeros(shape, dtype=dtype)
+        state["grad_avg"] = codecs.init_entry("grad_avg", shape, 0.0, state_dtype, dtype)
     if o.momentum > 0:
-        state["momentum_buffer"] = np.zeros(shape, dtype=dtype)
+        state["momentum_buffer"] = codecs.init_entry("momentum_buffer", shape, 0.0,
+                                                     state_dtype, dtype)
+    if seed is not None and _is_half(dtype):
+        if not 0 <= int(seed) < 2 ** 32:
+            raise ValueError(f"Invalid seed: {seed!r} (an integer in [0, 2**32))")
+        state["seed"] = int(seed)
     return state
+
+
+def _is_half(dtype: np.dtype) -> bool:
+    return dtype == np.float16 or dtype.name == "bfloat16"
 
 
 def step(param: np.ndarray, grad: np.ndarray, state: State,
@@ -96,52 +131,104 @@ def step(param: np.ndarray, grad: np.ndarray, state: State,
     g = _real(np.asarray(grad)).astype(f)
     if g.shape != p.shape:
         raise ValueError(f"grad shape {g.shape} does not match param shape {p.shape}")
-    v = state["square_avg"].astype(f)
+    v = codecs.load(state["square_avg"], f)
+    joint = _joint(state)
+    if joint:  # square_avg holds w = v - m^2 (see rmsprop.codecs): v = w + m^2
+        m_old = codecs.load(state["grad_avg"], f)
+        v = v + m_old * m_old
     t = int(state.get("step", 0)) + 1
     lr, alpha, eps, wd, mu = (f.type(o.lr), f.type(o.alpha), f.type(o.eps),
                               f.type(o.weight_decay), f.type(o.momentum))
     one = f.type(1)
+    # per-step constants in double, rounded once to the math dtype (as torch passes them)
+    oma, decay = f.type(1.0 - o.alpha), f.type(1.0 - o.lr * o.weight_decay)
 
+    fma = _fma32 if f == np.float32 else _fma64
     if o.maximize:
         g = -g
     if wd != 0:
         if o.decoupled_weight_decay:
-            p = p * (one - lr * wd)
+            p = p * decay
         else:
-            g = g + wd * p
-    v = alpha * v + (one - alpha) * g * g
+            g = fma(wd, p, g)
+    v = fma(oma * g, g, alpha * v)
     new: State = {"step": t}
-    c = (one - alpha ** t) if o.bias_correction else one
+    c = f.type(1.0 - o.alpha ** t) if o.bias_correction else one
     if o.centered:
         m = state.get("grad_avg")
-        m = np.zeros_like(p) if m is None else m.astype(f)
-        m = alpha * m + (one - alpha) * g
-        s = np.maximum(v / c - (m / c) * (m / c), f.type(0))
-        new["grad_avg"] = m.astype(_dtype_of(state, "grad_avg", state["square_avg"]))
+        m = np.zeros_like(p) if m is None else codecs.load(m, f)
+        if oma < f.type(0.5):
+            m = fma(oma, g - m, m)
+        else:
+            m = fma(-(g - m), one - oma, g)
+        vc, mc = (v / c, m / c) if c != one else (v, m)
+        s = np.maximum(fma(-mc, mc, vc), f.type(0))
+        new["grad_avg"] = _store(m, state, "grad_avg")
     else:
-        s = v / c
+        s = v / c if c != one else v
     d = np.sqrt(s + eps) if o.eps_in_sqrt else np.sqrt(s) + eps
-    n = g / d
+    neg_lr = f.type(-o.lr)
     if mu > 0:
         b = state.get("momentum_buffer")
-        b = np.zeros_like(p) if b is None else b.astype(f)
+        b = np.zeros_like(p) if b is None else codecs.load(b, f)
         k = lr if o.lr_in_momentum else one
-        b = mu * b + k * n
-        u = mu * b + k * n if o.nesterov else b
-        if not o.lr_in_momentum:
-            u = lr * u
-        new["momentum_buffer"] = b.astype(_dtype_of(state, "momentum_buffer",
-                                                    state["square_avg"]))
+        b = mu * b + (k * g) / d
+        scale = 1.0 if o.lr_in_momentum else o.lr
+        if o.nesterov:
+            p = fma(f.type(-scale * o.momentum), b, p) + (neg_lr * g) / d
+        else:
+            p = fma(f.type(-scale), b, p)
+        new["momentum_buffer"] = _store(b, state, "momentum_buffer")
     else:
-        u = lr * n
-    p = p - u
-    new["square_avg"] = v.astype(state["square_avg"].dtype)
-    out = p.astype(p_real.dtype)
+        p = p + (neg_lr * g) / d
+    if isinstance(state["square_avg"], codecs.Quantized) and "grad_avg" in new:
+        m_new = codecs.load(new["grad_avg"], f)  # as the next step decodes it
+        new["square_avg"] = codecs.store(np.maximum(v - m_new * m_new, f.type(0)),
+                                         state["square_avg"])
+    else:
+        new["square_avg"] = codecs.store(v, state["square_avg"])
+    if "seed" in state and _is_half(p_real.dtype):
+        new["seed"] = state["seed"]
+        r = codecs.random_bits(state["seed"], t, p.size).reshape(p.shape)
+        out = codecs.stochastic_round(p.astype(np.float32), p_real.dtype, r)
+    else:
+        out = p.astype(p_real.dtype)
     if np.iscomplexobj(param):
         out = out.view(param.dtype).reshape(param.shape)
     return out, new
 
 
-def _dtype_of(state: State, key: str, fallback: np.ndarray) -> np.dtype:
-    x = state.get(key)
-    return (x if x is not None else fallback).dtype
+def _fma64(a: Any, b: Any, c: Any) -> np.ndarray:
+    return np.asarray(a * b + c)
+
+
+def _fma32(a: Any, b: Any, c: Any) -> np.ndarray:
+    """float32 ``a*b + c`` rounded once: the float64 product is exact (24 + 24 bits), the sum's
+    rounding error is recovered exactly (Knuth's two-sum) and, where nonzero, moves the float64
+    sum one ulp toward the exact value, so that rounding it to float32 rounds the exact sum."""
+    a, b, c = (np.asarray(x, dtype=np.float64) for x in (a, b, c))
+    prod = a * b
+    total = prod + c
+    bb = total - prod
+    err = (prod - (total - bb)) + (c - bb)
+    with np.errstate(invalid="ignore"):
+        nudged = np.where(err != 0, np.nextafter(total, np.where(err > 0, np.inf, -np.inf)),
+                          total)
+    return nudged.astype(np.float32)
+
+
+def _joint(state: State) -> bool:
+    """Quantized ``square_avg`` beside a ``grad_avg``: it stores the centered moment."""
+    return isinstance(state["square_avg"], codecs.Quantized) and "grad_avg" in state
+
+
+def _store(value: np.ndarray, state: State, key: str) -> Entry:
+    """``value`` in the format of ``state[key]``, or (a buffer switched on mid-run) in the
+    format family of ``square_avg``."""
+    entry = state.get(key)
+    if entry is not None:
+        return codecs.store(value, entry)
+    like = state["square_avg"]
+    if isinstance(like, codecs.Quantized):
+        return codecs.store(value, like, key)
+    return codecs.store(value, like)

@@ -9,6 +9,9 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from typing import NoReturn
+
+from .. import __version__
 
 __all__ = ["main", "CLIError"]
 
@@ -20,13 +23,14 @@ class CLIError(Exception):
 
 
 class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line, no usage dump
+    def error(self, message: str) -> NoReturn:  # one line, no usage dump
         tool = self.prog.removeprefix("rmsprop").strip()  # "compare" for a subcommand
         raise CLIError(f"{tool}: {message}" if tool else message)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="rmsprop", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"rmsprop {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="{" + ",".join(TOOLS) + "}",
                                 parser_class=_Parser)
     sub.required = True

@@ -1,6 +1,6 @@
 """``rmsprop bench``: CPU step time of the fused RMSProp step against torch, and the floor.
 
-Protocol (issue 7; research notes perf-baseline.md "Method"): every candidate of a row steps
+Protocol: every candidate of a row steps
 its own optimizer over the same parameters and gradients. Candidates are timed interleaved,
 in round-robin blocks (one warm-up call, then ``k`` timed calls each) for ``--repeats`` rounds,
 and the median call is reported; the ratios (``%floor``, ``x foreach``) are medians over rounds
@@ -21,8 +21,8 @@ in place (read p, g, v[, m, b]; write p, v[, m, b]) with trivial arithmetic. Col
 
 Beside the floor, each row prints STREAM-style copy (8 B/element) and triad (12 B/element)
 bandwidth over float32 arrays with the row's element count. ``torch.compile`` rows report the
-first call (trace + compile) separately; compiling 1000 tensors takes minutes (research notes:
-45-176 s), so rows of more than 200 tensors skip it unless ``--compile-all``.
+first call (trace + compile) separately; compiling a thousand tensors takes minutes, so rows of
+more than 200 tensors skip it unless ``--compile-all``.
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 from typing import Any, Callable
 
 from . import CLIError
@@ -440,8 +441,8 @@ def bench_row(row: dict, args: argparse.Namespace, names: list[str], bar: Any,
         compile_ok, note = False, "skipped (--no-compile)" if args.no_compile else \
             "skipped (--quick)"
     elif ntensors > 200 and not args.compile_all:
-        compile_ok, note = False, (f"skipped: compiling {ntensors} tensors takes minutes "
-                                   "(research notes: 45-176 s for 1000); --compile-all")
+        compile_ok, note = False, (f"skipped: compiling {ntensors} tensors takes minutes; "
+                                   "--compile-all")
     if "torch.compile" in names and compile_ok:
         log(f"[{row['name']}] compiling torch's step with torch.compile ...")
     cands = make_candidates(names, params, row["opts"], compile_ok, note, log)
@@ -598,6 +599,22 @@ def format_row(r: dict) -> str:
     return "\n".join(lines)
 
 
+def _check_output(path: str) -> None:
+    """Refuse an output path the results could not be written to, before any timing: a
+    folder, a missing folder, or one (or a file) without write permission."""
+    out = Path(path)
+    if out.is_dir():
+        raise CLIError(f"bench: --json {path} is a folder; give a file name, e.g. "
+                       f"{out / 'bench.json'}")
+    parent = out.parent if str(out.parent) else Path(".")
+    if not parent.is_dir():
+        raise CLIError(f"bench: --json {path}: the folder {parent} does not exist")
+    if out.exists() and not os.access(out, os.W_OK):
+        raise CLIError(f"bench: --json {path}: the file is not writable")
+    if not out.exists() and not os.access(parent, os.W_OK):
+        raise CLIError(f"bench: --json {path}: the folder {parent} is not writable")
+
+
 def run(args: argparse.Namespace) -> int:
     """Run the benchmark; print one table per row (and write --json)."""
     if args.repeats < 1:
@@ -606,6 +623,8 @@ def run(args: argparse.Namespace) -> int:
         raise CLIError("bench: --calls must be >= 1")
     if args.threads is not None and args.threads < 1:
         raise CLIError("bench: --threads must be >= 1")
+    if args.json:
+        _check_output(args.json)
     rows = build_rows(args)
     if args.list:
         for r in rows:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import Any
 
 DESCRIPTION = """\
 Search an optimizer's learning rate and decay rate on a problem with Optuna.
@@ -25,7 +26,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("tune", help="grid/random/Sobol search of lr and decay (Optuna)",
                               description=DESCRIPTION,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--problem", required=True, help="problem name (e.g. digits-mlp) or module:attr")
+    p.add_argument("--problem", required=True,
+                   help="suite problem (e.g. mlp-digits) or pkg.module:make_problem (your own)")
     p.add_argument("--optimizer", default="rmsprop",
                    help="optimizer name (rmsprop, adam, sgd...) or module:attr (default rmsprop)")
     p.add_argument("--sampler", default="random", help="grid, random or sobol (default random)")
@@ -66,7 +68,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run the search and print the result; user errors become one-line CLIErrors."""
+    """Check everything, print the study header, run the search, print the result.
+
+    Every user error (options, problem, optimizer, storage, a mismatched resume) is a one-line
+    CLIError raised before the header, so a wrong command prints nothing else.
+    """
     from rmsprop.cli import CLIError
 
     try:
@@ -75,48 +81,45 @@ def run(args: argparse.Namespace) -> int:
         raise CLIError(f"tune needs the cli extra (pip install 'rmsprop[cli]'): {e}") from None
 
     try:
-        if args.sampler not in tuning.SAMPLERS:
-            raise tuning.TuneError(f"unknown sampler {args.sampler!r}; "
-                                   f"choose {', '.join(tuning.SAMPLERS)}")
-        tuning.resolve_problem(args.problem)
         spec = tuning.resolve_optimizer(args.optimizer)
         ranges = [tuning.parse_range(r) for r in args.range]
         space = tuning.build_space(spec, args.tune.split(","), ranges)
         cfg = tuning.TuneConfig(
             problem=args.problem, optimizer=args.optimizer, space=space, sampler=args.sampler,
             trials=args.trials, seed=args.seed, study=args.study,
-            storage=args.storage or tuning.DEFAULT_STORAGE, jobs=args.jobs, out=None,
+            storage=args.storage or tuning.DEFAULT_STORAGE, jobs=args.jobs, out=args.out,
             objective=args.objective, target=args.target, steps=args.steps,
             train_seed=args.train_seed, confirm_seeds=args.confirm_seeds,
             heartbeat=args.heartbeat, grace=args.grace, progress=not args.no_progress,
             plots=not args.no_plots)
-        cfg.out = args.out or f"tune-{cfg.study}"
+        if cfg.out is None:
+            cfg.out = f"tune-{cfg.study}"
+        ready = tuning.prepare(cfg)
         _print_header(cfg)
-        result = tuning.run_tune(cfg, log=lambda s: print(s, file=sys.stderr))
-    except tuning.TuneError as e:
+        result = tuning.run_tune(cfg, log=lambda s: print(s, file=sys.stderr), prepared=ready)
+    except tuning.USER_ERRORS as e:
         raise CLIError(str(e)) from None
     _print_result(cfg, result)
     return 0
 
 
-def _print_header(cfg) -> None:  # noqa: ANN001
-    print(f"study {cfg.study} in {cfg.storage}: {cfg.trials} trials, sampler {cfg.sampler} "
-          f"(seed {cfg.seed}), {cfg.jobs} worker(s)")
+def _print_header(cfg: Any) -> None:
+    from rmsprop.tools.storage import redact
+    from rmsprop.tools.tune_report import grid_line
+
+    print(f"study {cfg.study} in {redact(str(cfg.storage))}: {cfg.trials} trials, sampler "
+          f"{cfg.sampler} (seed {cfg.seed}), {cfg.jobs} worker(s)")
     print("search space:")
     for p in cfg.space:
-        line = f"  {p.describe()}"
-        if cfg.sampler == "grid":
-            line += "; grid: " + ", ".join(f"{p.value(x):g}" for x in sorted(
-                p.grid(), reverse=p.scale == "log1m"))
-        print(line)
+        print(f"  {grid_line(p, cfg.sampler)}")
     sys.stdout.flush()
 
 
-def _print_result(cfg, result) -> None:  # noqa: ANN001
+def _print_result(cfg: Any, result: Any) -> None:
+    from rmsprop.tools.tune_report import band_line
+
     hp = ", ".join(f"{k}={v:g}" for k, v in result.best_hp.items())
-    s = result.summary
-    print(f"trials: {s['complete']} complete, {s['diverged']} diverged, "
-          f"{s['failed']} failed/re-queued")
+    print(f"trials: {result.summary['tally']}")
     c = result.confirm
     if c.get("seeds"):
         print(f"best: {hp}  (trial {result.best_trial}: {result.best_value:.5g}; "
@@ -129,12 +132,10 @@ def _print_result(cfg, result) -> None:  # noqa: ANN001
         print(f"best (not re-run): {hp}  (trial {result.best_trial}: {result.best_value:.5g})")
     for e in result.edges:
         print(f"warning: {e}")
-    g = s["good_region"].get("0.1", {})
-    if "lr_decades" in g:
-        print(f"good region (within 10 % of best): {g['count']} configs "
-              f"({100 * g['fraction']:.0f} %), lr {g['lr_min']:g}..{g['lr_max']:g} "
-              f"({g['lr_decades']:.1f} decades)")
+    band = band_line(result.summary)
+    if band:
+        print(band)
     import os
 
-    files = sorted(f for f in os.listdir(cfg.out) if not f.startswith("worker-"))
+    files = sorted(f for f in os.listdir(cfg.out) if f != "worker-logs")
     print(f"report: {cfg.out}/ ({', '.join(files)})")

@@ -6,33 +6,41 @@
  *
  *   g = grad * gmul                      gmul = (maximize ? -1 : 1) * (1/grad_scale)
  *   coupled wd:   g += wd * p            decoupled wd: p *= 1 - lr*wd
- *   v = alpha*v + (1-alpha)*g*g          m = alpha*m + (1-alpha)*g            (centered)
+ *   v = alpha*v + (1-alpha)*g*g          m = lerp(m, g, 1-alpha)              (centered)
  *   s = v/c  or  max(v/c - (m/c)^2, 0)   c = 1 - alpha^t (bias correction) or 1
  *   d = sqrt(s + eps_in) + eps_out       (eps_in, eps_out) = (eps, 0) or (0, eps)
- *   n = g/d
- *   momentum: b = mu*b + k*n; u = (nesterov ? mu*b + k*n : b) * post
+ *   momentum: b = mu*b + k*g/d; u = (nesterov ? mu*b + k*g/d : b) * post
  *             (k, post) = (lr, 1) if lr_in_momentum else (1, lr)
- *   else      u = lr*n
+ *   else      u = lr*g/d
  *   p -= u
+ *
+ * with torch.optim.RMSprop's operations and roundings (cpu_step.h lists them), so that with
+ * torch's options the step is torch's, bit for bit, except where torch's own sqrt is not
+ * correctly rounded (this kernel's is). Every per-step constant is computed in double and
+ * rounded once to T (make_hyp below).
  *
  * Every input is read once and every output written once; 16-bit values are converted to
  * float (in the update loop with float state and no stats: AVX2/F16C intrinsics on the
  * x86-64-v3 build, auto-vectorised bit operations for bfloat16 on the baseline one; through
  * short L1-resident blocks otherwise) and rounded once (round-to-nearest-even) when stored.
  *
- * Layout of this file: it includes itself twice more. The first pass (RMS_PART undefined)
- * holds the ABI and the threading driver; RMS_PART 1 is compiled once per instruction set
- * (baseline x86-64 / any CPU, and x86-64-v3 = AVX2+FMA+F16C, chosen at run time); RMS_PART 2
- * is the arithmetic, compiled once per math type inside each instruction set.
- * Build: cc -O3 -fno-math-errno -fno-trapping-math -fopenmp-simd -pthread -fPIC -shared cpu.c
+ * Layout: this file holds the ABI, the scalar helpers and the threading driver. The
+ * arithmetic is generated from two template headers, each included with macros that name
+ * what it generates:
+ *   cpu_isa.h    once per instruction set (RMS_ISA = base: any x86-64 CPU; v3: AVX2, FMA,
+ *                F16C, chosen at run time): block conversions, the floor, the inf/NaN scan,
+ *                and cpu_step.h once per math type;
+ *   cpu_step.h   once per (instruction set, math type): the state codecs, the update loops
+ *                and seg_<isa>_<f|d>, the step over one run of elements (cpu_step16.h: its
+ *                AVX2 loop for 16-bit params).
+ * Build: cc -O3 -fno-math-errno -fno-trapping-math -ffp-contract=off -fopenmp-simd -pthread
+ *        -fPIC -shared cpu.c
  * (-fno-math-errno lets sqrt vectorise: without it gcc keeps a scalar call for errno;
- * -fopenmp-simd only enables the `omp simd` loop pragmas, no OpenMP runtime is linked.)
+ * -ffp-contract=off keeps every multiply and add rounded on its own except the explicit
+ * fused multiply-adds; -fopenmp-simd only enables the `omp simd` loop pragmas, no OpenMP
+ * runtime is linked.)
  */
 
-#ifndef RMS_PART
-/* ===================================================================================== */
-/*                                 ABI and threading driver                              */
-/* ===================================================================================== */
 #include <stdint.h>
 #include <stddef.h>
 #include <stdlib.h>
@@ -64,15 +72,26 @@ enum {
 /* hyper[] indices shared with cpu.py */
 enum { H_LR = 0, H_ALPHA, H_EPS, H_WD, H_MU, H_C, H_INV_SCALE, H_COUNT };
 
-/* Per-step constants in the math type, each computed the way spec.py computes it. */
+/* Per-step constants in the math type T, each the double value of its expression rounded
+ * once to T (make_hyp). lerp_w is the weight of the centered average's lerp in torch's
+ * form: 1-alpha when |1-alpha| < 0.5 (lerp_small: m + w*(g-m)), else (1-alpha) - 1
+ * (g + w*(g-m)). */
+#define RMS_HYP_STRUCT(T)                                                                    \
+    struct {                                                                                 \
+        T lr, alpha, oma, eps, eps_in, eps_out, wd, pdecay, mu, k, post, invc, gmul, lerp_w;  \
+        int nesterov, eps_in_sqrt, lerp_small;                                               \
+    }
+typedef RMS_HYP_STRUCT(float) rms_hyp_f;
+typedef RMS_HYP_STRUCT(double) rms_hyp_d;
+
+/* Streams of one segment: element 0 of each, and the block scales of a block-scaled state
+ * format (NULL for the float formats, which have none). */
 typedef struct {
-    float lr, alpha, oma, eps, eps_in, eps_out, wd, pdecay, mu, k, post, invc, gmul;
-    int nesterov, eps_in_sqrt;
-} rms_hyp_f;
-typedef struct {
-    double lr, alpha, oma, eps, eps_in, eps_out, wd, pdecay, mu, k, post, invc, gmul;
-    int nesterov, eps_in_sqrt;
-} rms_hyp_d;
+    char *p;
+    const char *g;
+    char *v, *m, *b;
+    float *vs, *ms, *bs;
+} rms_streams;
 
 static inline float rms_bits2f(uint32_t u) { float f; memcpy(&f, &u, 4); return f; }
 static inline uint32_t rms_f2bits(float f) { uint32_t u; memcpy(&u, &f, 4); return u; }
@@ -112,8 +131,8 @@ static inline uint16_t rms_f2h(float f) {
     return (uint16_t)(r | sign);
 }
 
-typedef void (*rms_seg_fn)(int pdt, int sdt, int spec, int64_t n, char *p, const char *g,
-                           char *v, char *m, char *b, const void *hyp, double *acc);
+typedef void (*rms_seg_fn)(int pdt, int sdt, int spec, int64_t n, const rms_streams *s,
+                           const void *hyp, double *acc);
 typedef void (*rms_floor_fn)(int psz, int ssz, int64_t n, char *p, const char *g, char *v,
                              char *m, char *b, uint64_t zero);
 typedef int (*rms_nonfinite_fn)(int dt, const char *x, int64_t n);
@@ -127,10 +146,9 @@ typedef struct {
 
 static size_t rms_dtsize(int dt) { return dt == DT_F64 ? 8 : dt == DT_F32 ? 4 : 2; }
 
-/* Per-ISA parts. */
-#define RMS_PART 1
+/* The arithmetic, once per instruction set (see cpu_isa.h). */
 #define RMS_ISA base
-#include "cpu.c"
+#include "cpu_isa.h"
 #undef RMS_ISA
 
 #if defined(RMS_X86) && (defined(__GNUC__) || defined(__clang__))
@@ -143,7 +161,7 @@ static size_t rms_dtsize(int dt) { return dt == DT_F64 ? 8 : dt == DT_F32 ? 4 : 
 #endif
 #define RMS_ISA v3
 #define RMS_F16C 1
-#include "cpu.c"
+#include "cpu_isa.h"
 #undef RMS_F16C
 #undef RMS_ISA
 #if defined(__clang__)
@@ -152,7 +170,6 @@ static size_t rms_dtsize(int dt) { return dt == DT_F64 ? 8 : dt == DT_F32 ? 4 : 
 #pragma GCC pop_options
 #endif
 #endif
-#undef RMS_PART
 
 static const rms_isa rms_isa_base = {seg_base_f, seg_base_d, floor_base, nonfinite_base, "x86-64"};
 #ifdef RMS_HAVE_V3
@@ -201,12 +218,12 @@ RMS_API int rms_set_isa(int which) {
 /* ------------------------------- thread pool --------------------------------------- */
 /* A small pool instead of OpenMP. Work is cut into chunks that threads claim from one atomic
  * counter; the calling thread works too and, when the chunks run out, waits only for chunks
- * other threads have already claimed. A helper that is not running (a busy neighbour on a
- * small shared machine, or a forked child where helpers do not exist) therefore never holds
- * up a step: at worst the caller does everything, at single-thread speed. An OpenMP region
+ * other threads have already claimed. A helper that is not running (descheduled because
+ * another process holds its core, or absent in a forked child) therefore never holds up a
+ * step: at worst the caller does everything, at single-thread speed. An OpenMP region
  * instead waits at its closing barrier for every thread to be scheduled, which costs whole
- * scheduler quanta (~8 ms) per step when cores are shared. Also: no OpenMP runtime to link,
- * so no clash with the one torch bundles. */
+ * scheduler quanta per step when cores are shared. Also: no OpenMP runtime to link, so no
+ * clash with the one torch bundles. */
 typedef void (*rms_chunk_fn)(void *ctx, int64_t chunk);
 
 #if !defined(_WIN32)
@@ -390,13 +407,15 @@ static void run_segment(const rms_job *J, int64_t t, int64_t off, int64_t len, v
                         void *const *G, void *const *V, void *const *M, void *const *B,
                         double *acc) {
     size_t ps = (size_t)J->psz, ss = (size_t)J->ssz;
-    char *p = (char *)P[t] + off * ps;
-    const char *g = (const char *)G[t] + off * ps;
-    char *v = (char *)V[t] + off * ss;
-    char *m = M ? (char *)M[t] + off * ss : NULL;
-    char *b = B ? (char *)B[t] + off * ss : NULL;
-    if (J->kind == 0) J->seg(J->pdt, J->sdt, J->spec, len, p, g, v, m, b, J->hyp, acc);
-    else J->floor(J->psz, J->ssz, len, p, g, v, m, b, J->zero);
+    rms_streams S;
+    S.p = (char *)P[t] + off * ps;
+    S.g = (const char *)G[t] + off * ps;
+    S.v = (char *)V[t] + off * ss;
+    S.m = M ? (char *)M[t] + off * ss : NULL;
+    S.b = B ? (char *)B[t] + off * ss : NULL;
+    S.vs = S.ms = S.bs = NULL; /* no block-scaled state format yet */
+    if (J->kind == 0) J->seg(J->pdt, J->sdt, J->spec, len, &S, J->hyp, acc);
+    else J->floor(J->psz, J->ssz, len, S.p, S.g, S.v, S.m, S.b, J->zero);
 }
 
 static void job_chunk(void *vctx, int64_t c) {
@@ -455,28 +474,32 @@ static int run_job(const rms_job *J, int64_t nt, const int64_t *numel, void *con
     return 0;
 }
 
+/* The per-step constants in T from the double hyperparameters (hyper: see H_*): every
+ * expression is evaluated in double and rounded once to T, as torch rounds the Python float
+ * it is given (1 - alpha for addcmul and lerp; the scalar of every other operation). */
+#define RMS_MAKE_HYP(T, h, flags, o)                                                         \
+    do {                                                                                     \
+        const double lr_ = (h)[H_LR], alpha_ = (h)[H_ALPHA], eps_ = (h)[H_EPS];              \
+        const double wd_ = (h)[H_WD], w_ = 1.0 - alpha_;                                     \
+        const int lim_ = ((flags) & FL_LR_IN_MOMENTUM) != 0;                                 \
+        const int eis_ = ((flags) & FL_EPS_IN_SQRT) != 0;                                    \
+        (o)->lr = (T)lr_; (o)->alpha = (T)alpha_; (o)->oma = (T)w_; (o)->eps = (T)eps_;      \
+        (o)->eps_in = eis_ ? (T)eps_ : (T)0; (o)->eps_out = eis_ ? (T)0 : (T)eps_;           \
+        (o)->wd = (T)wd_;                                                                    \
+        (o)->pdecay = ((flags) & FL_DECOUPLED) && wd_ != 0.0 ? (T)(1.0 - lr_ * wd_) : (T)1;  \
+        (o)->mu = (T)(h)[H_MU];                                                              \
+        (o)->k = lim_ ? (T)lr_ : (T)1; (o)->post = lim_ ? (T)1 : (T)lr_;                     \
+        (o)->invc = (T)(1.0 / (h)[H_C]);                                                     \
+        (o)->gmul = (T)((h)[H_INV_SCALE] * (((flags) & FL_MAXIMIZE) ? -1.0 : 1.0));          \
+        (o)->lerp_small = (o)->oma < (T)0.5 && (o)->oma > (T)-0.5;                           \
+        (o)->lerp_w = (o)->lerp_small ? (o)->oma : (o)->oma - (T)1;                          \
+        (o)->nesterov = ((flags) & FL_NESTEROV) != 0; (o)->eps_in_sqrt = eis_;               \
+    } while (0)
 static void make_hyp_f(const double *h, int flags, rms_hyp_f *o) {
-    float lr = (float)h[H_LR], alpha = (float)h[H_ALPHA], eps = (float)h[H_EPS];
-    float wd = (float)h[H_WD], mu = (float)h[H_MU], c = (float)h[H_C];
-    int lim = (flags & FL_LR_IN_MOMENTUM) != 0, eis = (flags & FL_EPS_IN_SQRT) != 0;
-    o->lr = lr; o->alpha = alpha; o->oma = 1.0f - alpha; o->eps = eps;
-    o->eps_in = eis ? eps : 0.0f; o->eps_out = eis ? 0.0f : eps;
-    o->wd = wd; o->pdecay = (flags & FL_DECOUPLED) && wd != 0.0f ? 1.0f - lr * wd : 1.0f;
-    o->mu = mu; o->k = lim ? lr : 1.0f; o->post = lim ? 1.0f : lr;
-    o->invc = 1.0f / c;
-    o->gmul = (float)h[H_INV_SCALE] * ((flags & FL_MAXIMIZE) ? -1.0f : 1.0f);
-    o->nesterov = (flags & FL_NESTEROV) != 0; o->eps_in_sqrt = eis;
+    RMS_MAKE_HYP(float, h, flags, o);
 }
 static void make_hyp_d(const double *h, int flags, rms_hyp_d *o) {
-    double lr = h[H_LR], alpha = h[H_ALPHA], eps = h[H_EPS], wd = h[H_WD], mu = h[H_MU];
-    int lim = (flags & FL_LR_IN_MOMENTUM) != 0, eis = (flags & FL_EPS_IN_SQRT) != 0;
-    o->lr = lr; o->alpha = alpha; o->oma = 1.0 - alpha; o->eps = eps;
-    o->eps_in = eis ? eps : 0.0; o->eps_out = eis ? 0.0 : eps;
-    o->wd = wd; o->pdecay = (flags & FL_DECOUPLED) && wd != 0.0 ? 1.0 - lr * wd : 1.0;
-    o->mu = mu; o->k = lim ? lr : 1.0; o->post = lim ? 1.0 : lr;
-    o->invc = 1.0 / h[H_C];
-    o->gmul = h[H_INV_SCALE] * ((flags & FL_MAXIMIZE) ? -1.0 : 1.0);
-    o->nesterov = (flags & FL_NESTEROV) != 0; o->eps_in_sqrt = eis;
+    RMS_MAKE_HYP(double, h, flags, o);
 }
 
 /* One fused RMSProp step over nt tensors. P, G, V (and M if centered, B if momentum) are
@@ -532,8 +555,8 @@ static void nf_chunk(void *vctx, int64_t c) {
     rms_nf_ctx *C = (rms_nf_ctx *)vctx;
     const int64_t *prefix = C->prefix;
     /* Last chunk first: the step that follows starts at the front, which the scan then
-     * leaves in the last-level cache, so part of the gradients is not read from DRAM twice
-     * (measured ~10% off the scan at 10M). Which tensor is reported does not depend on the
+     * leaves in the last-level cache, so part of the gradients is not read from DRAM twice.
+     * Which tensor is reported does not depend on the
      * order: `found` keeps the lowest index. */
     c = (C->total + C->chunk - 1) / C->chunk - 1 - c;
     int64_t lo = c * C->chunk, hi = lo + C->chunk;
@@ -631,579 +654,3 @@ static int rms_parallel_impl(void) {
 
 /* Lets a setuptools-built copy link on platforms whose build_ext exports a module init. */
 RMS_API void *PyInit__cpu(void) { return NULL; }
-
-#elif RMS_PART == 1
-/* ===================================================================================== */
-/*                         Per instruction set: dtype conversion, floor                  */
-/* ===================================================================================== */
-#define RMS_CAT_(a, b) a##_##b
-#define RMS_CAT(a, b) RMS_CAT_(a, b)
-#define ISA_NAME(x) RMS_CAT(x, RMS_ISA)
-
-/* Block length of the stats partial sums when every stream is in the math type. */
-#define RMS_BLK 1024
-/* Block length for 16-bit / mixed-precision streams (see TNAME(seg)): short enough that every
- * stream is touched often, long enough to amortise the per-block work. */
-#define RMS_CVT_BLK 256
-
-static void ISA_NAME(h2f_block)(const uint16_t *restrict s, float *restrict d, int64_t n) {
-    int64_t i = 0;
-#ifdef RMS_F16C
-    for (; i + 8 <= n; i += 8)
-        _mm256_storeu_ps(d + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(s + i))));
-#endif
-    for (; i < n; i++) d[i] = rms_h2f(s[i]);
-}
-static void ISA_NAME(f2h_block)(const float *restrict s, uint16_t *restrict d, int64_t n) {
-    int64_t i = 0;
-#ifdef RMS_F16C
-    for (; i + 8 <= n; i += 8)
-        _mm_storeu_si128((__m128i *)(d + i),
-                         _mm256_cvtps_ph(_mm256_loadu_ps(s + i), _MM_FROUND_TO_NEAREST_INT));
-#endif
-    for (; i < n; i++) d[i] = rms_f2h(s[i]);
-}
-static void ISA_NAME(bf2f_block)(const uint16_t *restrict s, float *restrict d, int64_t n) {
-#pragma omp simd
-    for (int64_t i = 0; i < n; i++) d[i] = rms_bf2f(s[i]);
-}
-static void ISA_NAME(f2bf_block)(const float *restrict s, uint16_t *restrict d, int64_t n) {
-#pragma omp simd
-    for (int64_t i = 0; i < n; i++) d[i] = rms_f2bf(s[i]);
-}
-
-/* Math-type parts. */
-#undef RMS_PART
-#define RMS_PART 2
-#define RMS_T float
-#define RMS_TN f
-#define RMS_TCODE DT_F32
-#define RMS_IS_F32 1 /* for #if: RMS_TCODE is an enum, 0 to the preprocessor */
-#define RMS_SQRT sqrtf
-#define RMS_HYP rms_hyp_f
-#include "cpu.c"
-#undef RMS_T
-#undef RMS_TN
-#undef RMS_TCODE
-#undef RMS_IS_F32
-#undef RMS_SQRT
-#undef RMS_HYP
-#define RMS_T double
-#define RMS_TN d
-#define RMS_TCODE DT_F64
-#define RMS_IS_F32 0
-#define RMS_SQRT sqrt
-#define RMS_HYP rms_hyp_d
-#include "cpu.c"
-#undef RMS_T
-#undef RMS_TN
-#undef RMS_TCODE
-#undef RMS_IS_F32
-#undef RMS_SQRT
-#undef RMS_HYP
-#undef RMS_PART
-#define RMS_PART 1
-
-#define RMS_FLOOR_LOOP(PT, ST, HAS_M, HAS_B)                                                 \
-    do {                                                                                     \
-        PT *restrict p_ = (PT *)p; const PT *restrict g_ = (const PT *)g;                    \
-        ST *restrict v_ = (ST *)v; ST *restrict m_ = (ST *)m; ST *restrict b_ = (ST *)b;     \
-        PT zp = (PT)zero; ST zs = (ST)zero;                                                  \
-        _Pragma("omp simd")                                                                  \
-        for (int64_t i = 0; i < n; i++) {                                                    \
-            p_[i] = p_[i] + (g_[i] & zp);                                                    \
-            v_[i] = v_[i] + zs;                                                              \
-            if (HAS_M) m_[i] = m_[i] + zs;                                                   \
-            if (HAS_B) b_[i] = b_[i] + zs;                                                   \
-        }                                                                                    \
-    } while (0)
-
-#define RMS_FLOOR_MB(PT, ST)                                                                 \
-    do {                                                                                     \
-        if (m && b) RMS_FLOOR_LOOP(PT, ST, 1, 1);                                            \
-        else if (m) RMS_FLOOR_LOOP(PT, ST, 1, 0);                                            \
-        else if (b) { m = b; RMS_FLOOR_LOOP(PT, ST, 1, 0); }                                 \
-        else RMS_FLOOR_LOOP(PT, ST, 0, 0);                                                   \
-    } while (0)
-
-static void ISA_NAME(floor)(int psz, int ssz, int64_t n, char *p, const char *g, char *v,
-                            char *m, char *b, uint64_t zero) {
-    if (psz == 4 && ssz == 4) RMS_FLOOR_MB(uint32_t, uint32_t);
-    else if (psz == 8 && ssz == 8) RMS_FLOOR_MB(uint64_t, uint64_t);
-    else if (psz == 8 && ssz == 4) RMS_FLOOR_MB(uint64_t, uint32_t);
-    else if (psz == 2 && ssz == 4) RMS_FLOOR_MB(uint16_t, uint32_t);
-    else if (psz == 2 && ssz == 2) RMS_FLOOR_MB(uint16_t, uint16_t);
-}
-
-/* Inf/NaN scan. A value is non-finite iff its exponent bits are all ones, i.e. iff adding
- * one unit of the exponent's lowest bit to its magnitude carries into the sign bit: one and,
- * one add and one or per element, OR-accumulated in the element's own width (full vector
- * lanes) and tested once per round. A single sequential read stream is limited by how many
- * cache lines one core's prefetcher keeps in flight (about 10-15 GB/s per core on the
- * 2-core AMD EPYC dev machine, against ~23 GB/s for the step's five streams), so a segment
- * is cut into RMS_NF_STREAMS equal parts scanned side by side: the prefetcher then tracks
- * that many streams at once, which measured ~1.8x the bandwidth of one stream. A round reads
- * RMS_NF_ROUND bytes of each part, so the early exit costs one branch per 32 KiB. */
-#define RMS_NF_STREAMS 8
-#define RMS_NF_ROUND 4096
-
-#define RMS_NF_SCAN(U, ABS, LSB, SIGN)                                                       \
-    do {                                                                                     \
-        const U *u = (const U *)x;                                                           \
-        const int64_t bl = RMS_NF_ROUND / (int64_t)sizeof(U);                                \
-        const int64_t per = n >= RMS_NF_STREAMS * bl ? n / RMS_NF_STREAMS : 0;               \
-        for (int64_t lo = 0; lo < per; lo += bl) {                                           \
-            int64_t hi = per - lo < bl ? per : lo + bl;                                      \
-            U any = 0;                                                                       \
-            _Pragma("omp simd reduction(| : any)")                                           \
-            for (int64_t i = lo; i < hi; i++)                                                \
-                for (int s = 0; s < RMS_NF_STREAMS; s++)                                     \
-                    any |= (U)((U)(u[s * per + i] & (ABS)) + (LSB));                         \
-            if (any & (SIGN)) return 1;                                                      \
-        }                                                                                    \
-        for (int64_t lo = per * RMS_NF_STREAMS; lo < n; lo += bl) { /* short ones, tail */   \
-            int64_t hi = n - lo < bl ? n : lo + bl;                                          \
-            U any = 0;                                                                       \
-            _Pragma("omp simd reduction(| : any)")                                           \
-            for (int64_t i = lo; i < hi; i++) any |= (U)((U)(u[i] & (ABS)) + (LSB));         \
-            if (any & (SIGN)) return 1;                                                      \
-        }                                                                                    \
-        return 0;                                                                            \
-    } while (0)
-
-static int ISA_NAME(nonfinite)(int dt, const char *x, int64_t n) {
-    if (dt == DT_F32) RMS_NF_SCAN(uint32_t, 0x7fffffffu, 0x00800000u, 0x80000000u);
-    if (dt == DT_F64)
-        RMS_NF_SCAN(uint64_t, 0x7fffffffffffffffull, 0x0010000000000000ull,
-                    0x8000000000000000ull);
-    if (dt == DT_F16) RMS_NF_SCAN(uint16_t, 0x7fffu, 0x0400u, 0x8000u);
-    RMS_NF_SCAN(uint16_t, 0x7fffu, 0x0080u, 0x8000u); /* bfloat16 */
-}
-
-#undef ISA_NAME
-#undef RMS_CAT
-#undef RMS_CAT_
-
-#elif RMS_PART == 2
-/* ===================================================================================== */
-/*                   Per instruction set and math type: the fused update                 */
-/* ===================================================================================== */
-#define TN_NAME_(a, b, c) a##_##b##_##c
-#define TN_NAME2(a, b, c) TN_NAME_(a, b, c)
-#define TNAME(x) TN_NAME2(x, RMS_ISA, RMS_TN)
-#define T RMS_T
-
-/* The update for n elements whose streams are all in the math type T. The const int
- * parameters are literals at every call site, so each specialisation is its own vector loop
- * with no per-element branches on options. Options that cost nothing when off are folded
- * into multipliers that are exactly 1 (gmul, pdecay, invc, k/post) or addends that are
- * exactly 0 (eps_in/eps_out). */
-static inline __attribute__((always_inline)) void TNAME(core)(
-    int64_t n, void *restrict pv, const void *restrict gv, T *restrict v, T *restrict m,
-    T *restrict b, const RMS_HYP *h, double *acc, const int CEN, const int MOM, const int WD,
-    const int ST, const int BF16) {
-    /* p and g are T, or bfloat16 when BF16 (only with T = float) */
-    T *restrict p = (T *)pv;
-    const T *restrict g = (const T *)gv;
-    uint16_t *restrict p16 = (uint16_t *)pv;
-    const uint16_t *restrict g16 = (const uint16_t *)gv;
-    const T lr = h->lr, alpha = h->alpha, oma = h->oma, eps = h->eps, eps_in = h->eps_in,
-            eps_out = h->eps_out, wd = h->wd, pdecay = h->pdecay, mu = h->mu, k = h->k,
-            post = h->post, invc = h->invc, gmul = h->gmul;
-    const int nest = h->nesterov, eis = h->eps_in_sqrt;
-    T sg = 0, su = 0, sp = 0, cnt = 0, mn = (T)INFINITY, mx = -(T)INFINITY;
-#pragma omp simd reduction(+ : sg, su, sp, cnt) reduction(min : mn) reduction(max : mx)
-    for (int64_t i = 0; i < n; i++) {
-        T gi = (BF16 ? (T)rms_bf2f(g16[i]) : g[i]) * gmul;
-        T pi = BF16 ? (T)rms_bf2f(p16[i]) : p[i];
-        if (WD) gi = gi + wd * pi;
-        pi = pi * pdecay;
-        T vi = alpha * v[i] + oma * gi * gi;
-        v[i] = vi;
-        T s;
-        if (CEN) {
-            T mi = alpha * m[i] + oma * gi;
-            m[i] = mi;
-            T mc = mi * invc;
-            s = vi * invc - mc * mc;
-            s = s < 0 ? (T)0 : s; /* keeps NaN: NaN < 0 is false */
-        } else {
-            s = vi * invc;
-        }
-        T sq = RMS_SQRT(s + eps_in);
-        T d = sq + eps_out;
-        T nn = gi / d;
-        T u;
-        if (MOM) {
-            T bi = mu * b[i] + k * nn;
-            b[i] = bi;
-            T un = mu * bi + k * nn;
-            u = (nest ? un : bi) * post;
-        } else {
-            u = lr * nn;
-        }
-        pi = pi - u;
-        if (BF16) p16[i] = rms_f2bf((float)pi);
-        else p[i] = pi;
-        if (ST) {
-            sg += gi * gi;
-            su += u * u;
-            sp += pi * pi;
-            T r = lr / d;
-            mn = r < mn ? r : mn;
-            mx = r > mx ? r : mx;
-            /* Select the compared value, not the comparison: gcc (12) cannot vectorise a
-             * choice between two vector masks on a scalar condition, and that one statement
-             * kept every stats loop scalar (4-5x slower). */
-            T dom = eis ? s : sq;
-            cnt += eps > dom ? (T)1 : (T)0;
-        }
-    }
-    if (ST) {
-        acc[0] += (double)sg; acc[1] += (double)su; acc[2] += (double)sp;
-        if ((double)mn < acc[3]) acc[3] = (double)mn;
-        if ((double)mx > acc[4]) acc[4] = (double)mx;
-        acc[5] += (double)cnt;
-    }
-}
-
-static void TNAME(load)(int dt, const char *src, int64_t n, T *restrict dst) {
-    if (dt == DT_F32) {
-        const float *s = (const float *)src;
-#pragma omp simd
-        for (int64_t i = 0; i < n; i++) dst[i] = (T)s[i];
-    } else if (dt == DT_F64) {
-        const double *s = (const double *)src;
-#pragma omp simd
-        for (int64_t i = 0; i < n; i++) dst[i] = (T)s[i];
-    } else {
-        float tmp[RMS_CVT_BLK];
-        float *f = sizeof(T) == sizeof(float) ? (float *)(void *)dst : tmp;
-        if (dt == DT_F16) ISA_NAME(h2f_block)((const uint16_t *)src, f, n);
-        else ISA_NAME(bf2f_block)((const uint16_t *)src, f, n);
-        if (f != (float *)(void *)dst)
-            for (int64_t i = 0; i < n; i++) dst[i] = (T)f[i];
-    }
-}
-
-static void TNAME(store)(int dt, char *dstc, int64_t n, const T *restrict src) {
-    if (dt == DT_F32) {
-        float *d = (float *)dstc;
-#pragma omp simd
-        for (int64_t i = 0; i < n; i++) d[i] = (float)src[i];
-    } else if (dt == DT_F64) {
-        double *d = (double *)dstc;
-#pragma omp simd
-        for (int64_t i = 0; i < n; i++) d[i] = (double)src[i];
-    } else {
-        float tmp[RMS_CVT_BLK];
-        const float *f = (const float *)(const void *)src;
-        if (sizeof(T) != sizeof(float)) {
-            for (int64_t i = 0; i < n; i++) tmp[i] = (float)src[i];
-            f = tmp;
-        }
-        if (dt == DT_F16) ISA_NAME(f2h_block)(f, (uint16_t *)dstc, n);
-        else ISA_NAME(f2bf_block)(f, (uint16_t *)dstc, n);
-    }
-}
-
-#define RMS_CORE_CASE(S, BF)                                                                 \
-    case S:                                                                                  \
-        TNAME(core)(n, p, g, v, m, b, h, acc, (S)&1, ((S) >> 1) & 1, ((S) >> 2) & 1,         \
-                    ((S) >> 3) & 1, BF);                                                     \
-        break;
-#define RMS_CORE_CASES(BF)                                                                   \
-    RMS_CORE_CASE(0, BF) RMS_CORE_CASE(1, BF) RMS_CORE_CASE(2, BF) RMS_CORE_CASE(3, BF)      \
-    RMS_CORE_CASE(4, BF) RMS_CORE_CASE(5, BF) RMS_CORE_CASE(6, BF) RMS_CORE_CASE(7, BF)      \
-    RMS_CORE_CASE(8, BF) RMS_CORE_CASE(9, BF) RMS_CORE_CASE(10, BF) RMS_CORE_CASE(11, BF)    \
-    RMS_CORE_CASE(12, BF) RMS_CORE_CASE(13, BF) RMS_CORE_CASE(14, BF) RMS_CORE_CASE(15, BF)
-
-static void TNAME(dispatch)(int spec, int64_t n, void *p, const void *g, T *v, T *m, T *b,
-                            const RMS_HYP *h, double *acc) {
-    switch (spec) {
-        RMS_CORE_CASES(0)
-    default: break;
-    }
-}
-
-#if RMS_IS_F32
-/* bfloat16 params and gradients, float state, no stats: bfloat16 <-> float is integer work
- * that vectorises inside the update loop itself, so every stream advances together as in the
- * float32 step (measured 15-20% faster at 10M than converting through buffers). Used by the
- * baseline build, and for the last n % 16 elements on x86-64-v3 (dispatch16 does the rest).
- * float16 on the baseline build keeps the buffers: gcc 12 does not vectorise its
- * conversions. The stats variants (opt-in) keep the buffers too: each auto-vectorised
- * specialisation adds ~0.4 s to the build, which is paid at install or on first use. */
-static void TNAME(dispatch_bf16)(int spec, int64_t n, void *p, const void *g, T *v, T *m,
-                                 T *b, const RMS_HYP *h, double *acc) {
-    switch (spec) {
-        RMS_CORE_CASE(0, 1) RMS_CORE_CASE(1, 1) RMS_CORE_CASE(2, 1) RMS_CORE_CASE(3, 1)
-        RMS_CORE_CASE(4, 1) RMS_CORE_CASE(5, 1) RMS_CORE_CASE(6, 1) RMS_CORE_CASE(7, 1)
-    default: break;
-    }
-}
-#endif
-#undef RMS_CORE_CASES
-#undef RMS_CORE_CASE
-
-#if RMS_IS_F32 && defined(RMS_F16C)
-/* float16 / bfloat16 params and gradients with float state, no stats, on the x86-64-v3
- * build: the update written with AVX2/F16C intrinsics, 16 elements per iteration, the 16-bit
- * values converted in registers (vcvtph2ps / vcvtps2ph for float16; a byte shuffle and an
- * integer rounding for bfloat16). gcc 12 does not vectorise `_Float16` conversions, so float16
- * went through L1 buffers, and its auto-vectorised bfloat16 loop (dispatch_bf16, still used
- * by the baseline build) spends twice the instructions on packing and rounding: with the
- * divider already busy with sqrt and div, either ran at ~2x the time per element of the
- * float32 step in cache, and ~59% of the bandwidth floor at 10M. The operations are those of
- * TNAME(core), in the same order, each separately rounded (no FMA), so the results are
- * bit-identical to the baseline build and to the stats path (which keeps the buffers). */
-/* 8 floats from 8 float16 / bfloat16 values. bfloat16: broadcast-load 16 bytes and
- * byte-shuffle each value into the top half of its lane (one shuffle; a zero-extend plus a
- * shift is two, and shuffle/shift ports are what this loop runs short of on Zen 3). */
-static inline __attribute__((always_inline)) __m256 TNAME(ld16)(const uint16_t *s,
-                                                               const int F16) {
-    __m128i x = _mm_loadu_si128((const __m128i *)(const void *)s);
-    if (F16) return _mm256_cvtph_ps(x);
-    const __m256i sh = _mm256_setr_epi8(-128, -128, 0, 1, -128, -128, 2, 3, -128, -128, 4, 5,
-                                        -128, -128, 6, 7, -128, -128, 8, 9, -128, -128, 10, 11,
-                                        -128, -128, 12, 13, -128, -128, 14, 15);
-    return _mm256_castsi256_ps(_mm256_shuffle_epi8(_mm256_broadcastsi128_si256(x), sh));
-}
-
-/* bfloat16 round to nearest even as rms_f2bf for non-NaN x, left in the top half of each
- * 32-bit lane: add 0x7fff plus the kept value's lowest bit (subtracting the all-ones
- * compare mask saves a shift). */
-static inline __attribute__((always_inline)) __m256i TNAME(bfround)(__m256 x) {
-    __m256i u = _mm256_castps_si256(x);
-    const __m256i bit16 = _mm256_set1_epi32(0x10000);
-    __m256i odd = _mm256_cmpeq_epi32(_mm256_and_si256(u, bit16), bit16);
-    return _mm256_sub_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7fff)), odd);
-}
-/* NaN lanes of x: its top half with the quiet bit set (as rms_f2bf); others from r. */
-static inline __attribute__((always_inline)) __m256i TNAME(bfnan)(__m256i r, __m256 x) {
-    __m256i q = _mm256_or_si256(_mm256_castps_si256(x), _mm256_set1_epi32(0x400000));
-    __m256 nan = _mm256_cmp_ps(x, x, _CMP_UNORD_Q);
-    return _mm256_castps_si256(
-        _mm256_blendv_ps(_mm256_castsi256_ps(r), _mm256_castsi256_ps(q), nan));
-}
-
-/* Round and store 16 values (a: the first 8, b: the next 8). The bfloat16 rounding matches
- * rms_f2bf for all 2^32 inputs (checked exhaustively); NaN lanes take a branch that is
- * predicted not taken. */
-static inline __attribute__((always_inline)) void TNAME(st16)(uint16_t *d, __m256 a, __m256 b,
-                                                             const int F16) {
-    if (F16) {
-        _mm_storeu_si128((__m128i *)(void *)d, _mm256_cvtps_ph(a, _MM_FROUND_TO_NEAREST_INT));
-        _mm_storeu_si128((__m128i *)(void *)(d + 8),
-                         _mm256_cvtps_ph(b, _MM_FROUND_TO_NEAREST_INT));
-        return;
-    }
-    __m256i ra = TNAME(bfround)(a), rb = TNAME(bfround)(b);
-    __m256 anynan = _mm256_cmp_ps(a, b, _CMP_UNORD_Q); /* lane: a or b is NaN */
-    if (__builtin_expect(!_mm256_testz_ps(anynan, anynan), 0)) {
-        ra = TNAME(bfnan)(ra, a);
-        rb = TNAME(bfnan)(rb, b);
-    }
-    /* top halves of a to bytes 0-7 of each 128-bit lane, of b to bytes 8-15; then the
-     * middle two 64-bit quarters swap places */
-    const __m256i sa = _mm256_setr_epi8(2, 3, 6, 7, 10, 11, 14, 15, -128, -128, -128, -128, -128,
-                                        -128, -128, -128, 2, 3, 6, 7, 10, 11, 14, 15, -128,
-                                        -128, -128, -128, -128, -128, -128, -128);
-    const __m256i sb = _mm256_setr_epi8(-128, -128, -128, -128, -128, -128, -128, -128, 2, 3, 6,
-                                        7, 10, 11, 14, 15, -128, -128, -128, -128, -128, -128,
-                                        -128, -128, 2, 3, 6, 7, 10, 11, 14, 15);
-    __m256i x = _mm256_or_si256(_mm256_shuffle_epi8(ra, sa), _mm256_shuffle_epi8(rb, sb));
-    _mm256_storeu_si256((__m256i *)(void *)d, _mm256_permute4x64_epi64(x, 0xd8));
-}
-
-typedef struct {
-    __m256 lr, alpha, oma, eps_in, eps_out, wd, pdecay, mu, k, post, invc, gmul, zero;
-} TNAME(vhyp);
-
-/* The new parameter value for elements i..i+7 (state written back). */
-static inline __attribute__((always_inline)) __m256 TNAME(upd8)(
-    int64_t i, const uint16_t *restrict p, const uint16_t *restrict g, float *restrict v,
-    float *restrict m, float *restrict b, const TNAME(vhyp) *c, int nest, const int CEN,
-    const int MOM, const int WD, const int F16, const int ONE) {
-    __m256 gi = TNAME(ld16)(g + i, F16);
-    if (!ONE) gi = _mm256_mul_ps(gi, c->gmul);
-    __m256 pi = TNAME(ld16)(p + i, F16);
-    if (WD) gi = _mm256_add_ps(gi, _mm256_mul_ps(c->wd, pi));
-    if (!ONE) pi = _mm256_mul_ps(pi, c->pdecay);
-    __m256 vi = _mm256_add_ps(_mm256_mul_ps(c->alpha, _mm256_loadu_ps(v + i)),
-                              _mm256_mul_ps(_mm256_mul_ps(c->oma, gi), gi));
-    _mm256_storeu_ps(v + i, vi);
-    __m256 s;
-    if (CEN) {
-        __m256 mi = _mm256_add_ps(_mm256_mul_ps(c->alpha, _mm256_loadu_ps(m + i)),
-                                  _mm256_mul_ps(c->oma, gi));
-        _mm256_storeu_ps(m + i, mi);
-        __m256 mc = _mm256_mul_ps(mi, c->invc);
-        s = _mm256_sub_ps(_mm256_mul_ps(vi, c->invc), _mm256_mul_ps(mc, mc));
-        s = _mm256_max_ps(c->zero, s); /* (0 > s) ? 0 : s: NaN stays NaN, as in core */
-    } else {
-        s = _mm256_mul_ps(vi, c->invc);
-    }
-    __m256 d = _mm256_add_ps(_mm256_sqrt_ps(_mm256_add_ps(s, c->eps_in)), c->eps_out);
-    __m256 nn = _mm256_div_ps(gi, d);
-    __m256 u;
-    if (MOM) {
-        __m256 kn = _mm256_mul_ps(c->k, nn);
-        __m256 bi = _mm256_add_ps(_mm256_mul_ps(c->mu, _mm256_loadu_ps(b + i)), kn);
-        _mm256_storeu_ps(b + i, bi);
-        __m256 un = _mm256_add_ps(_mm256_mul_ps(c->mu, bi), kn);
-        u = _mm256_mul_ps(nest ? un : bi, c->post);
-    } else {
-        u = _mm256_mul_ps(c->lr, nn);
-    }
-    return _mm256_sub_ps(pi, u);
-}
-
-/* Software prefetch RMS_PF16 elements ahead, one cache line of each 16-bit stream and two
- * of each float stream per 32 elements: the hardware prefetchers alone left the loop waiting
- * on memory (measured 3-10% faster at 10M with it, on the 2-core EPYC dev machine).
- * Addresses are formed as integers since they may point past the end (a prefetch never
- * faults). */
-#define RMS_PF16 1024
-static inline __attribute__((always_inline)) void TNAME(pf)(const void *base, int64_t byte) {
-    _mm_prefetch((const char *)(uintptr_t)((uintptr_t)base + (uintptr_t)byte), _MM_HINT_T0);
-}
-
-static inline __attribute__((always_inline)) void TNAME(pf16)(
-    int64_t i, const uint16_t *p, const uint16_t *g, const float *v, const float *m,
-    const float *b, const int CEN, const int MOM) {
-    const int64_t j = i + RMS_PF16;
-    TNAME(pf)(g, 2 * j);
-    TNAME(pf)(p, 2 * j);
-    TNAME(pf)(v, 4 * j);
-    TNAME(pf)(v, 4 * j + 64);
-    if (CEN) { TNAME(pf)(m, 4 * j); TNAME(pf)(m, 4 * j + 64); }
-    if (MOM) { TNAME(pf)(b, 4 * j); TNAME(pf)(b, 4 * j + 64); }
-}
-
-static inline __attribute__((always_inline)) void TNAME(core16)(
-    int64_t n, uint16_t *restrict p, const uint16_t *restrict g, float *restrict v,
-    float *restrict m, float *restrict b, const rms_hyp_f *h, const int CEN, const int MOM,
-    const int WD, const int F16) {
-    /* gmul and pdecay are exactly 1 unless maximize, a gradient scale or decoupled weight
-     * decay is set; x * 1 == x bit for bit (a signalling NaN comes out quiet either way,
-     * from the next operation), so the common case skips two multiplies per element. */
-    const int one = h->gmul == 1.0f && h->pdecay == 1.0f;
-    const TNAME(vhyp) c = {
-        _mm256_set1_ps(h->lr),     _mm256_set1_ps(h->alpha),  _mm256_set1_ps(h->oma),
-        _mm256_set1_ps(h->eps_in), _mm256_set1_ps(h->eps_out), _mm256_set1_ps(h->wd),
-        _mm256_set1_ps(h->pdecay), _mm256_set1_ps(h->mu),     _mm256_set1_ps(h->k),
-        _mm256_set1_ps(h->post),   _mm256_set1_ps(h->invc),   _mm256_set1_ps(h->gmul),
-        _mm256_setzero_ps()};
-    const int nest = h->nesterov;
-    if (one) {
-        for (int64_t i = 0; i + 16 <= n; i += 16) {
-            if ((i & 31) == 0) TNAME(pf16)(i, p, g, v, m, b, CEN, MOM);
-            __m256 a = TNAME(upd8)(i, p, g, v, m, b, &c, nest, CEN, MOM, WD, F16, 1);
-            __m256 z = TNAME(upd8)(i + 8, p, g, v, m, b, &c, nest, CEN, MOM, WD, F16, 1);
-            TNAME(st16)(p + i, a, z, F16);
-        }
-    } else {
-        for (int64_t i = 0; i + 16 <= n; i += 16) {
-            if ((i & 31) == 0) TNAME(pf16)(i, p, g, v, m, b, CEN, MOM);
-            __m256 a = TNAME(upd8)(i, p, g, v, m, b, &c, nest, CEN, MOM, WD, F16, 0);
-            __m256 z = TNAME(upd8)(i + 8, p, g, v, m, b, &c, nest, CEN, MOM, WD, F16, 0);
-            TNAME(st16)(p + i, a, z, F16);
-        }
-    }
-}
-
-#define RMS_C16_CASE(S, F)                                                                   \
-    case S:                                                                                  \
-        TNAME(core16)(n, p, g, v, m, b, h, (S)&1, ((S) >> 1) & 1, ((S) >> 2) & 1, F);        \
-        break;
-#define RMS_C16_CASES(F)                                                                     \
-    RMS_C16_CASE(0, F) RMS_C16_CASE(1, F) RMS_C16_CASE(2, F) RMS_C16_CASE(3, F)              \
-    RMS_C16_CASE(4, F) RMS_C16_CASE(5, F) RMS_C16_CASE(6, F) RMS_C16_CASE(7, F)
-/* The first n & ~15 elements; the caller does the rest. */
-static void TNAME(dispatch16)(int spec, int f16, int64_t n, uint16_t *p, const uint16_t *g,
-                              float *v, float *m, float *b, const rms_hyp_f *h) {
-    if (f16) {
-        switch (spec) { RMS_C16_CASES(1) default: break; }
-    } else {
-        switch (spec) { RMS_C16_CASES(0) default: break; }
-    }
-}
-#undef RMS_C16_CASES
-#undef RMS_C16_CASE
-#endif
-
-/* A contiguous run of n elements of one tensor. Streams already in T are used in place;
- * 16-bit params with float state and no stats are converted inside the update loop
- * (dispatch16 on x86-64-v3, then dispatch_bf16 for bfloat16 on the baseline build and for
- * the tail); other streams (float16 on the baseline build or with stats, 16-bit state,
- * float32 state under float64 params) go through L1-resident buffers in short blocks
- * (RMS_CVT_BLK): the passes over a block touch one stream at a time, and a stream left alone
- * for long lets its hardware prefetcher fall behind, so with 1024-element blocks the 16-bit
- * step paid memory latency and compute one after the other (~50% of the bandwidth floor;
- * ~70% at 256). With stats on, blocks also bound the length of the T-precision partial
- * sums. */
-static void TNAME(seg)(int pdt, int sdt, int spec, int64_t n, char *p, const char *g, char *v,
-                       char *m, char *b, const void *hyp, double *acc) {
-    const RMS_HYP *h = (const RMS_HYP *)hyp;
-    int cen = spec & 1, mom = (spec >> 1) & 1, st = (spec >> 3) & 1;
-    int pdir = pdt == RMS_TCODE, sdir = sdt == RMS_TCODE;
-    if (pdir && sdir && !st) {
-        TNAME(dispatch)(spec, n, p, g, (T *)v, (T *)m, (T *)b, h, acc);
-        return;
-    }
-#if RMS_IS_F32 && defined(RMS_F16C)
-    if ((pdt == DT_F16 || pdt == DT_BF16) && sdir && !st) {
-        int64_t n8 = n & ~(int64_t)15;
-        TNAME(dispatch16)(spec, pdt == DT_F16, n8, (uint16_t *)(void *)p,
-                          (const uint16_t *)(const void *)g, (T *)(void *)v,
-                          cen ? (T *)(void *)m : NULL, mom ? (T *)(void *)b : NULL, h);
-        if (n8 == n) return;
-        n -= n8; p += 2 * n8; g += 2 * n8; v += 4 * n8; /* the tail, as below */
-        if (cen) m += 4 * n8;
-        if (mom) b += 4 * n8;
-    }
-#endif
-#if RMS_IS_F32
-    if (pdt == DT_BF16 && sdir && !st) {
-        TNAME(dispatch_bf16)(spec, n, p, g, (T *)v, (T *)m, (T *)b, h, acc);
-        return;
-    }
-#endif
-
-    size_t ps = rms_dtsize(pdt), ss = rms_dtsize(sdt);
-    const int64_t blk = pdir && sdir ? RMS_BLK : RMS_CVT_BLK;
-    T bp[RMS_CVT_BLK], bg[RMS_CVT_BLK], bv[RMS_CVT_BLK], bm[RMS_CVT_BLK], bb[RMS_CVT_BLK];
-    for (int64_t lo = 0; lo < n; lo += blk) {
-        int64_t len = n - lo < blk ? n - lo : blk;
-        char *pc = p + lo * ps, *vc = v + lo * ss;
-        char *mc = cen ? m + lo * ss : NULL, *bc = mom ? b + lo * ss : NULL;
-        const char *gc = g + lo * ps;
-        T *pp, *vp, *mp = NULL, *bpp = NULL;
-        const T *gp;
-        if (pdir) { pp = (T *)pc; gp = (const T *)gc; }
-        else { TNAME(load)(pdt, pc, len, bp); TNAME(load)(pdt, gc, len, bg); pp = bp; gp = bg; }
-        if (sdir) {
-            vp = (T *)vc;
-            if (cen) mp = (T *)mc;
-            if (mom) bpp = (T *)bc;
-        } else {
-            TNAME(load)(sdt, vc, len, bv); vp = bv;
-            if (cen) { TNAME(load)(sdt, mc, len, bm); mp = bm; }
-            if (mom) { TNAME(load)(sdt, bc, len, bb); bpp = bb; }
-        }
-        TNAME(dispatch)(spec, len, pp, gp, vp, mp, bpp, h, acc);
-        if (!pdir) TNAME(store)(pdt, pc, len, bp);
-        if (!sdir) {
-            TNAME(store)(sdt, vc, len, bv);
-            if (cen) TNAME(store)(sdt, mc, len, bm);
-            if (mom) TNAME(store)(sdt, bc, len, bb);
-        }
-    }
-}
-
-#undef T
-#undef TNAME
-#undef TN_NAME2
-#undef TN_NAME_
-#endif

@@ -17,8 +17,6 @@ Writes go through raw pointers, so autograd's version counters are not bumped: c
 
 from __future__ import annotations
 
-from . import state_flags
-
 import array
 import ctypes
 import hashlib
@@ -33,20 +31,24 @@ import threading
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from . import state_flags
+
 __all__ = ["available", "unavailable_reason", "fused_step", "first_nonfinite", "floor",
            "floor_call",
            "stream_copy", "stream_triad", "isa", "set_isa", "library_path", "build"]
 
 _HERE = Path(__file__).resolve().parent
 _SOURCE = _HERE / "cpu.c"
+#: Every file the build reads: cpu.c and the template headers it includes.
+SOURCES = ("cpu.c", "cpu_isa.h", "cpu_step.h", "cpu_step16.h")
 _ABI_VERSION = 1  # must match RMS_ABI_VERSION in cpu.c
 
 #: Flags every build uses; -fno-math-errno is what lets sqrt vectorise (see cpu.c);
 #: -fopenmp-simd only enables `omp simd` loop pragmas (no OpenMP runtime: cpu.c has its own
-#: thread pool); -ffp-contract=off keeps every multiply and add separately rounded, as the
-#: spec computes them: otherwise gcc fuses them differently in differently specialised loops,
-#: and collecting statistics (or the AVX2 build against the baseline) would change results
-#: by an ulp (costs ~1.5 % at 10M, ~8 % at the cache-resident 1M).
+#: thread pool); -ffp-contract=off keeps every multiply and add not written as a fused
+#: multiply-add separately rounded, as torch's kernels round them: otherwise gcc fuses them
+#: differently in differently specialised loops, and collecting statistics (or the AVX2 build
+#: against the baseline) would change results by an ulp.
 CFLAGS = ("-O3", "-fno-math-errno", "-fno-trapping-math", "-ffp-contract=off", "-fopenmp-simd",
           "-pthread", "-fPIC", "-shared")
 
@@ -65,8 +67,11 @@ _tried = False
 
 
 def source_hash() -> str:
-    """SHA-256 (first 16 hex digits) of ``cpu.c`` plus the compile flags: the build identity."""
-    h = hashlib.sha256(_SOURCE.read_bytes())
+    """SHA-256 (first 16 hex digits) of the kernel's sources (:data:`SOURCES`, in order)
+    plus the compile flags: the build identity."""
+    h = hashlib.sha256()
+    for name in SOURCES:
+        h.update((_HERE / name).read_bytes())
     h.update(" ".join(CFLAGS).encode())
     return h.hexdigest()[:16]
 
@@ -177,8 +182,9 @@ def _load() -> ctypes.CDLL | None:
 def _find() -> tuple[ctypes.CDLL | None, Path | None, str | None]:
     if os.environ.get("RMSPROP_CPU_KERNEL", "1").strip() in ("0", "false", "no", "off"):
         return None, None, "disabled by RMSPROP_CPU_KERNEL=0"
-    if not _SOURCE.exists():
-        return None, None, f"kernel source {_SOURCE} is missing"
+    missing = [name for name in SOURCES if not (_HERE / name).exists()]
+    if missing:
+        return None, None, f"kernel source {_HERE / missing[0]} is missing"
     want = source_hash()
     problems = []
     for pattern in ("_cpu*.so", "_cpu*.pyd", "_cpu*.dylib"):
@@ -315,7 +321,7 @@ def fused_step(params: Sequence[Any], grads: Sequence[Any], square_avgs: Sequenc
     Math: float32 for float32/float16/bfloat16 params, float64 for float64; 16-bit values
     are rounded once, when stored. No memory proportional to the model is allocated.
     """
-    lib = _need()
+    _need()
     n = len(params)
     centered, use_mom = state_flags("CPU", centered, grad_avgs, momentum, momentum_buffers)
     if stats is not None:
@@ -336,31 +342,24 @@ def fused_step(params: Sequence[Any], grads: Sequence[Any], square_avgs: Sequenc
                         f"({pdtype}) or torch.float32")
     if grad_scale is not None and not (grad_scale > 0):
         raise ValueError(f"fused CPU step: grad_scale must be > 0, got {grad_scale}")
+    # checked here, before any pointer is taken: a wrong list would corrupt memory
     numels = [t.numel() for t in params]
-    P = _table(params, "params", n, pdtype, numels)
+    _table(params, "params", n, pdtype, numels)
     G = _table(grads, "grads", n, pdtype, numels)
-    V = _table(square_avgs, "square_avgs", n, sdtype, numels)
-    M = _table(grad_avgs, "grad_avgs", n, sdtype, numels) if centered else None
-    B = _table(momentum_buffers, "momentum_buffers", n, sdtype, numels) if use_mom else None
-    flags = ((_FL_CENTERED if centered else 0) | (_FL_MOMENTUM if use_mom else 0)
-             | (_FL_WD_COUPLED if weight_decay != 0 and not decoupled_weight_decay else 0)
-             | (_FL_NESTEROV if nesterov and use_mom else 0)
-             | (_FL_EPS_IN_SQRT if eps_in_sqrt else 0)
-             | (_FL_LR_IN_MOMENTUM if lr_in_momentum else 0)
-             | (_FL_DECOUPLED if decoupled_weight_decay else 0)
-             | (_FL_MAXIMIZE if maximize else 0))
-    inv_scale = 1.0 if grad_scale is None else 1.0 / float(grad_scale)
-    hyper = array.array("d", [float(lr), float(alpha), float(eps), float(weight_decay),
-                              float(momentum), float(bias_correction), inv_scale])
-    ne = array.array("q", numels)
-    import torch
-    rc = lib.rms_fused_step(n, _addr(ne), _addr(P), _addr(G), _addr(V),
-                            _addr(M) if M is not None else None,
-                            _addr(B) if B is not None else None, pdt, sdt, _addr(hyper), flags,
-                            stats.data_ptr() if stats is not None else None,
-                            torch.get_num_threads())
-    if rc != 0:
-        raise RuntimeError(f"fused CPU step failed with code {rc}")
+    _table(square_avgs, "square_avgs", n, sdtype, numels)
+    if centered:
+        _table(grad_avgs, "grad_avgs", n, sdtype, numels)  # type: ignore[arg-type]
+    if use_mom:
+        _table(momentum_buffers, "momentum_buffers", n, sdtype, numels)  # type: ignore[arg-type]
+    # the one way to the kernel: a one-shot plan over these tensors
+    from ..torch._plan import CpuPlan, hyper_of
+    plan = CpuPlan(params, square_avgs, grad_avgs if centered else None,
+                   momentum_buffers if use_mom else None)
+    plan.run(G, hyper_of(lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay,
+                         momentum=momentum, centered=centered, maximize=maximize,
+                         eps_in_sqrt=eps_in_sqrt, lr_in_momentum=lr_in_momentum,
+                         nesterov=nesterov, decoupled_weight_decay=decoupled_weight_decay,
+                         bias_correction=bias_correction, grad_scale=grad_scale), stats)
 
 
 def first_nonfinite(grads: Sequence[Any]) -> int:

@@ -9,15 +9,18 @@ results agree with the CPU kernel to a few ulp. Every option of the rule is a co
 constant, so each combination is its own specialised kernel.
 
 Hyperparameters travel in a small float64 tensor on the device (not as kernel arguments, which
-Triton would narrow to float32) and are rounded to the math precision inside the kernel, as
-``spec.step`` does. With ``TRITON_INTERPRET=1`` the kernel also runs on CPU tensors (tests).
+Triton would narrow to float32); every per-step constant (``1 - alpha``, ``1/c``,
+``1 - lr*wd``) is computed from them in float64 inside the kernel and rounded once to the
+math precision, and the update follows torch.optim.RMSprop's operations (fused multiply-adds
+where ATen uses them), as the CPU kernel does. With ``TRITON_INTERPRET=1`` the kernel also runs
+on CPU tensors (tests).
 """
 from __future__ import annotations
 
-from . import state_flags
-
 import os
 from typing import Any, Sequence
+
+from . import state_flags
 
 __all__ = ["available", "unavailable_reason", "fused_step", "first_nonfinite", "floor_call",
            "Table", "launch", "check_into", "hyper_values", "constexpr_flags"]
@@ -140,17 +143,27 @@ if triton is not None:
             T = tl.float64
         else:
             T = tl.float32
-        # hyper: lr, alpha, eps, wd, mu, c, gmul (sign / grad_scale), each rounded to T once
-        lr = tl.load(hyper_ptr + 0).to(T)
-        alpha = tl.load(hyper_ptr + 1).to(T)
+        # hyper: lr, alpha, eps, wd, mu, c, gmul (sign / grad_scale), float64. Every per-step
+        # constant is its expression evaluated in float64 and rounded once to T, as torch
+        # rounds the Python float it is given (1 - alpha above all: 0.99 -> 0.0099999998,
+        # where 1 - float32(0.99) would be 0.0099999905).
+        lr64 = tl.load(hyper_ptr + 0)
+        alpha64 = tl.load(hyper_ptr + 1)
+        wd64 = tl.load(hyper_ptr + 3)
+        lr = lr64.to(T)
+        alpha = alpha64.to(T)
         eps = tl.load(hyper_ptr + 2).to(T)
-        wd = tl.load(hyper_ptr + 3).to(T)
+        wd = wd64.to(T)
         mu = tl.load(hyper_ptr + 4).to(T)
-        c = tl.load(hyper_ptr + 5).to(T)
+        invc = (1.0 / tl.load(hyper_ptr + 5)).to(T)
         gmul = tl.load(hyper_ptr + 6).to(T)
+        pdecay = (1.0 - lr64 * wd64).to(T)
+        oma = (1.0 - alpha64).to(T)
         one = tl.full((), 1.0, T)
-        oma = one - alpha
-        invc = _div(one, c, MATH64)
+        # the centered average as torch's lerp(m, g, w): m + w*(g - m) for |w| < 0.5, else
+        # g + (w - 1)*(g - m), each one fused multiply-add
+        lerp_small = (oma < 0.5) & (oma > -0.5)
+        lerp_w = tl.where(lerp_small, oma, oma - one)
         if STATS:
             acc_g = tl.full((BLOCK,), 0.0, T)
             acc_u = tl.full((BLOCK,), 0.0, T)
@@ -165,17 +178,19 @@ if triton is not None:
             mask = offs < end
             g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(T) * gmul
             p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(T)
+            # torch.optim.RMSprop's operations and roundings (see cpu_step.h for the table)
             if WD_COUPLED:
-                g = g + wd * p
+                g = tl.fma(wd, p, g)
             if DECOUPLED:
-                p = p * (one - lr * wd)
-            v = alpha * tl.load(v_ptr + offs, mask=mask, other=0.0).to(T) + oma * g * g
+                p = p * pdecay
+            v = tl.fma(oma * g, g, alpha * tl.load(v_ptr + offs, mask=mask, other=0.0).to(T))
             _store(v_ptr + offs, v, mask)
             if CENTERED:
-                mm = alpha * tl.load(m_ptr + offs, mask=mask, other=0.0).to(T) + oma * g
+                mo = tl.load(m_ptr + offs, mask=mask, other=0.0).to(T)
+                mm = tl.fma(lerp_w, g - mo, tl.where(lerp_small, mo, g))
                 _store(m_ptr + offs, mm, mask)
                 mc = mm * invc
-                s = v * invc - mc * mc
+                s = tl.fma(-mc, mc, v * invc)
                 s = tl.where(s < 0, 0.0, s)  # NaN < 0 is false: NaN is kept
             else:
                 s = v * invc
@@ -185,8 +200,8 @@ if triton is not None:
             else:
                 sq = _sqrt(s, MATH64)
                 d = sq + eps
-            nrm = _div(g, d, MATH64)
             if MOMENTUM:
+                nrm = _div(g, d, MATH64)
                 if LR_IN_MOMENTUM:
                     k = lr
                 else:
@@ -197,11 +212,14 @@ if triton is not None:
                     u = mu * b + k * nrm
                 else:
                     u = b
-                if not LR_IN_MOMENTUM:
-                    u = lr * u
+                if LR_IN_MOMENTUM:
+                    p = p - u
+                else:
+                    p = tl.fma(-lr, u, p)
+                    u = lr * u  # the update, for the statistics
             else:
-                u = lr * nrm
-            p = p - u
+                u = _div(lr * g, d, MATH64)
+                p = p - u
             _store(p_ptr + offs, p, mask)
             if STATS:
                 acc_g += tl.where(mask, g * g, 0.0)
@@ -373,10 +391,13 @@ def launch(table: Table, grads: Any, hyper: Any, p_like: Any, s_like: Any, flags
         st, sb = stats, stats.view(__import__("torch").int64)
     else:
         st = sb = hyper
+    # no contraction of the kernel's separate multiplies and adds into fused multiply-adds:
+    # the rounding of each operation is part of the rule (the interpreter never contracts)
+    exact = {} if _interpret() else {"enable_fp_fusion": False}
     _rmsprop_kernel[(table.nchunks,)](table.static, grads, hyper, st, sb,
                                       hyper if gate is None else gate, table.n,
                                       table.nchunks, p_like, s_like, GATED=gate is not None,
-                                      **flags, CHUNK=CHUNK, BLOCK=BLOCK)
+                                      **flags, CHUNK=CHUNK, BLOCK=BLOCK, **exact)
 
 
 def check_into(table: Table, grads: Any, g_like: Any, gate: Any) -> None:
@@ -445,20 +466,24 @@ def fused_step(params: Sequence[Any], grads: Sequence[Any], square_avgs: Sequenc
                          f"shape ({n}, 6) on {device}")
     if grad_scale is not None and not (grad_scale > 0):
         raise ValueError(f"fused Triton step: grad_scale must be > 0, got {grad_scale}")
+    # checked here, before any pointer is taken: a wrong list would corrupt memory
     numels = [t.numel() for t in params]
-    P = _check(params, "params", n, pdtype, numels, device)
+    _check(params, "params", n, pdtype, numels, device)
     G = _check(grads, "grads", n, pdtype, numels, device)
-    V = _check(square_avgs, "square_avgs", n, sdtype, numels, device)
-    M = _check(grad_avgs, "grad_avgs", n, sdtype, numels, device) if centered else V
-    B = (_check(momentum_buffers, "momentum_buffers", n, sdtype, numels, device)
-         if use_mom else V)
-    table = Table((P, V, M, B), numels, device)
-    gdev, hyper = table.upload(G, hyper_values(lr, alpha, eps, weight_decay, momentum,
-                                               bias_correction, grad_scale, maximize))
-    flags = constexpr_flags(centered, use_mom, weight_decay, decoupled_weight_decay, nesterov,
-                            eps_in_sqrt, lr_in_momentum, stats is not None,
-                            pdtype == torch.float64)
-    launch(table, gdev, hyper, params[0], square_avgs[0], flags, stats)
+    _check(square_avgs, "square_avgs", n, sdtype, numels, device)
+    if centered:
+        _check(grad_avgs, "grad_avgs", n, sdtype, numels, device)  # type: ignore[arg-type]
+    if use_mom:
+        _check(momentum_buffers, "momentum_buffers", n, sdtype, numels, device)  # type: ignore[arg-type]
+    # the one way to the kernel: a one-shot plan over these tensors
+    from ..torch._plan import CudaPlan, hyper_of
+    plan = CudaPlan(params, square_avgs, grad_avgs if centered else None,
+                    momentum_buffers if use_mom else None)
+    plan.run(G, hyper_of(lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay,
+                         momentum=momentum, centered=centered, maximize=maximize,
+                         eps_in_sqrt=eps_in_sqrt, lr_in_momentum=lr_in_momentum,
+                         nesterov=nesterov, decoupled_weight_decay=decoupled_weight_decay,
+                         bias_correction=bias_correction, grad_scale=grad_scale), stats)
 
 
 def first_nonfinite(grads: Sequence[Any]) -> int:

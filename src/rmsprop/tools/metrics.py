@@ -1,8 +1,8 @@
-"""Metric definitions used by ``rmsprop compare`` (and the README's metric table).
+"""Metric definitions used by ``rmsprop compare`` and ``rmsprop tune`` (and the README's table).
 
 All functions are pure NumPy/Python; lower loss is better throughout. Definitions follow
-benchmarks.md section 9.3, i.e. DeepOBS (Schneider et al. 2019), "Descending through a Crowded
-Valley" (Schmidt et al. 2021), AlgoPerf (Dahl et al. 2023) and Moré & Wild (2009):
+DeepOBS (Schneider et al. 2019), "Descending through a Crowded Valley" (Schmidt et al. 2021),
+AlgoPerf (Dahl et al. 2023) and Moré & Wild (2009):
 
 - final performance: median and IQR over seeds (:func:`median_iqr`);
 - relative target ``l_L + tau (l_0 - l_L)`` (:func:`relative_target`) and censored
@@ -14,24 +14,29 @@ Valley" (Schmidt et al. 2021), AlgoPerf (Dahl et al. 2023) and Moré & Wild (200
 - divergence (:func:`is_diverged`), oscillation on the tail of the log excess loss
   (:func:`oscillation`), lr-sensitivity band (:func:`lr_band`), default-vs-tuned gap
   (:func:`default_tuned_gap`), paired bootstrap and the winner-or-tie rule
-  (:func:`paired_bootstrap`, :func:`verdict`).
+  (:func:`paired_bootstrap`, :func:`verdict`) and how often that rule names a winner between
+  two equal optimizers (:func:`null_winner_rate`).
 """
 
 from __future__ import annotations
 
 import math
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
 __all__ = [
     "median_iqr", "relative_target", "steps_to_target", "success_rate", "median_steps",
     "performance_ratios", "performance_profile", "profile_score", "is_diverged", "oscillation",
-    "lr_band", "default_tuned_gap", "paired_bootstrap", "verdict", "TAU_MAX",
+    "lr_band", "LrBand", "BAND_DELTA", "default_tuned_gap", "paired_bootstrap", "verdict",
+    "null_winner_rate", "TAU_MAX",
 ]
 
 #: AlgoPerf integrates the performance profile up to a ratio of 4.
 TAU_MAX = 4.0
+#: a "good" trial made at least 1 - BAND_DELTA of the best trial's progress (:func:`lr_band`)
+BAND_DELTA = 0.01
 
 
 def median_iqr(values: Sequence[float]) -> tuple[float, float, float]:
@@ -170,23 +175,40 @@ def oscillation(losses: Sequence[float], floor: float, delta: float,
     return (float(np.mean(dy > 1e-9)), float(np.mean(np.abs(dy))))
 
 
-def lr_band(lrs: Sequence[float], finals: Sequence[float], l0: float,
-            delta: float = 0.01) -> tuple[float, float, float]:
-    """The band of learning rates whose final loss is within ``delta`` of the best progress.
+@dataclass(frozen=True)
+class LrBand:
+    """The good learning rates of a set of trials: ``lo`` to ``hi``, ``decades`` wide
+    (``log10(hi / lo)``; 0 for a single good trial; ``nan`` when no trial ended finite), and how
+    many of the ``n_total`` trials were good."""
 
-    A config is *good* when ``final <= best + delta * (l0 - best)``, i.e. it made at least
-    ``1 - delta`` of the best run's progress from ``l0``. Returns ``(lr_min, lr_max, width)`` of
-    the good configs, width in decades ``log10(lr_max / lr_min)`` (0 for a single good config;
-    larger = easier to tune). Non-finite finals are never good.
+    lo: float
+    hi: float
+    decades: float
+    n_good: int
+    n_total: int
+
+
+def lr_band(lrs: Sequence[float], finals: Sequence[float], l0: float,
+            delta: float = BAND_DELTA) -> LrBand:
+    """The band of learning rates whose trials came within ``delta`` of the best progress.
+
+    A trial is *good* when ``final <= best + delta * (l0 - best)``, i.e. it made at least
+    ``1 - delta`` of the best trial's progress from the initial loss ``l0`` (a relative rule
+    that also holds for negative minima, where ``best * (1 + delta)`` would not). Non-finite
+    finals (diverged trials) are never good. Larger ``decades`` = easier to tune (the DeepOBS
+    good-band width). This is the one definition ``compare`` and ``tune`` share.
     """
-    pairs = [(lr, f) for lr, f in zip(lrs, finals) if f is not None and math.isfinite(f)]
+    if len(lrs) != len(finals):
+        raise ValueError(f"lr_band: {len(lrs)} learning rates but {len(finals)} final losses")
+    pairs = [(float(lr), float(f)) for lr, f in zip(lrs, finals)
+             if f is not None and math.isfinite(f)]
     if not pairs:
-        return (math.nan, math.nan, math.nan)
+        return LrBand(math.nan, math.nan, math.nan, 0, len(lrs))
     best = min(f for _, f in pairs)
     cut = best + delta * max(l0 - best, 0.0)
     good = [lr for lr, f in pairs if f <= cut]
     lo, hi = min(good), max(good)
-    return (lo, hi, math.log10(hi / lo))
+    return LrBand(lo, hi, math.log10(hi / lo), len(good), len(lrs))
 
 
 def default_tuned_gap(default: float, tuned: float, l0: float) -> float:
@@ -229,3 +251,20 @@ def verdict(a: Sequence[float], b: Sequence[float], margin: float, names: tuple[
     if lo > 0 and med > margin:
         return names[1], (med, lo, hi)
     return "tie", (med, lo, hi)
+
+
+def null_winner_rate(n: int, level: float = 0.95, n_sim: int = 400, seed: int = 0) -> float:
+    """How often :func:`paired_bootstrap`'s ``level`` CI excludes 0 when the two optimizers are
+    equally good (paired differences i.i.d. N(0, 1)), with ``n`` seeds; estimated from
+    ``n_sim`` simulated comparisons. Well calibrated, it would be ``1 - level``; with few seeds
+    the percentile bootstrap is much thinner (3 seeds: the CI excludes 0 exactly when all three
+    differences share a sign, 2/8 = 25 % of the time)."""
+    if n < 1:
+        raise ValueError(f"null_winner_rate: n must be >= 1, got {n}")
+    rng = np.random.default_rng(seed)
+    hits = 0
+    for _ in range(n_sim):
+        d = rng.standard_normal(n)
+        _, lo, hi = paired_bootstrap(d, np.zeros(n), level=level, seed=int(rng.integers(2**31)))
+        hits += lo > 0 or hi < 0
+    return hits / n_sim

@@ -7,6 +7,11 @@ from typing import Any
 
 from .optimizer import NonFiniteGradientError, RMSprop
 
+try:  # registers the quantized state formats ("8bit", "4bit") with the codec registry
+    from . import _quantized  # noqa: F401
+except ImportError:
+    pass
+
 __all__ = ["RMSprop", "NonFiniteGradientError", "save_checkpoint", "load_checkpoint",
            "read_checkpoint_header", "CheckpointError"]
 

@@ -1,12 +1,20 @@
-"""The fused CPU path's per-group plan: what can be decided once is decided once.
+"""Plans: the only way to a fused kernel. What can be decided once is decided once.
 
-A step over a model of a thousand small tensors is dominated by Python, not arithmetic: every
-attribute read per tensor costs ~0.1-0.3 us. The plan caches, per param group, the pointer
-tables of the params and their state (they never move), the dtype codes, and a single tensor
-holding every param's ``step`` (each ``state["step"]`` is a 0-d view into it, so the state
-dict keeps torch's layout while one ``add_`` advances them all). Per step only the gradients'
-pointers are read. A plan is rebuilt whenever something it caches could have changed (a param
-without a gradient, options that add state, ``load_state_dict``).
+A plan holds the pointer tables of a list of real tensors (params and their state) of one
+device, one param dtype and one float state codec, and runs the kernel over them with the
+step's gradients. :class:`CpuPlan` calls the C kernel (:mod:`rmsprop.kernels.cpu`, imported
+when the first CPU plan is built: a CUDA user never loads the ctypes module) and
+:class:`CudaPlan` the Triton kernel; both are siblings of :class:`Plan`.
+
+The optimizer keeps one plan per param group (:meth:`Plan.bind`): a step over a model of a
+thousand small tensors is dominated by Python, not arithmetic, so the cached plan also holds
+one tensor with every param's ``step`` (each ``state["step"]`` is a 0-d view into it: the
+state dict keeps torch's layout while one ``add_`` advances them all), and per step only the
+gradients' pointers are read. ``kernels.cpu.fused_step`` and ``kernels.triton.fused_step``
+build a one-shot plan and run it.
+
+Kernel flags and hyperparameters are packed from a :class:`~rmsprop.torch._paths.Hyper` by
+one function, :func:`pack`.
 """
 
 from __future__ import annotations
@@ -14,107 +22,198 @@ from __future__ import annotations
 import array
 import operator
 from itertools import repeat
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import torch
 from torch import Tensor
 
-from ..kernels import cpu as _cpu
+from ._codecs import Codec, real
+from ._paths import Hyper
 
-__all__ = ["CpuPlan", "CudaPlan", "plan_for"]
+__all__ = ["Plan", "CpuPlan", "CudaPlan", "plan_for", "pack", "hyper_of", "FLAGS"]
+
+#: The kernels' option flags, by name (the C kernel's bit values are in its loader).
+FLAGS = ("CENTERED", "MOMENTUM", "WD_COUPLED", "NESTEROV", "EPS_IN_SQRT", "LR_IN_MOMENTUM",
+         "DECOUPLED", "MAXIMIZE")
 
 
-def _ptrs(tensors: list[Tensor]) -> array.array:
+def pack(h: Hyper) -> tuple[frozenset[str], tuple[float, ...]]:
+    """The kernels' view of a step's options: the set of :data:`FLAGS` that are on and the
+    seven float64 hyperparameters ``(lr, alpha, eps, weight_decay, momentum, c, inv_scale)``
+    (``c = 1 - alpha^t`` or 1.0; ``inv_scale`` multiplies each gradient first)."""
+    mom = h.momentum > 0
+    on = {"CENTERED": h.centered, "MOMENTUM": mom,
+          "WD_COUPLED": h.weight_decay != 0 and not h.decoupled_weight_decay,
+          "NESTEROV": h.nesterov and mom, "EPS_IN_SQRT": h.eps_in_sqrt,
+          "LR_IN_MOMENTUM": h.lr_in_momentum,
+          "DECOUPLED": h.decoupled_weight_decay and h.weight_decay != 0,
+          "MAXIMIZE": h.maximize}
+    return (frozenset(k for k, v in on.items() if v),
+            (float(h.lr), float(h.alpha), float(h.eps), float(h.weight_decay),
+             float(h.momentum), float(h.c), float(h.inv_scale)))
+
+
+def hyper_of(*, lr: float, alpha: float, eps: float, weight_decay: float, momentum: float,
+             centered: bool, maximize: bool, eps_in_sqrt: bool, lr_in_momentum: bool,
+             nesterov: bool, decoupled_weight_decay: bool, bias_correction: float,
+             grad_scale: Optional[float] = None) -> Hyper:
+    """The :class:`Hyper` of a ``fused_step`` call's keyword arguments."""
+    return Hyper(lr=float(lr), alpha=float(alpha), eps=float(eps),
+                 weight_decay=float(weight_decay), momentum=float(momentum),
+                 centered=bool(centered), maximize=bool(maximize),
+                 eps_in_sqrt=bool(eps_in_sqrt), lr_in_momentum=bool(lr_in_momentum),
+                 nesterov=bool(nesterov) and momentum > 0,
+                 decoupled_weight_decay=bool(decoupled_weight_decay), c=float(bias_correction),
+                 inv_scale=1.0 if grad_scale is None else 1.0 / float(grad_scale))
+
+
+def _ptrs(tensors: Sequence[Tensor]) -> array.array:
     # map() is a C-level loop (~2x a comprehension); an array from a list of known length
-    # is ~40 ns per tensor cheaper than one grown from an iterator
+    # is cheaper than one grown from an iterator
     return array.array("Q", list(map(Tensor.data_ptr, tensors)))
 
 
-class CpuPlan:
-    """Pointer tables for one group whose params share dtype and state dtype on the CPU."""
+def _addr(a: array.array) -> int:
+    return a.buffer_info()[0]
 
-    def __init__(self, params: list[Tensor], states: list[dict], *, centered: bool,
-                 momentum: bool, version: int) -> None:
-        self.sharded = any(hasattr(p, "to_local") for p in params)  # FSDP2 DTensors
-        real = [_real(p) for p in params]
-        self.version = version
-        self.params = params
-        self.centered, self.momentum = centered, momentum
+
+class Plan:
+    """Pointer tables over real, contiguous tensors of one device and dtype: ``params`` and
+    their state (``square_avgs``; ``grad_avgs`` if centered, ``momentum_buffers`` if momentum),
+    the state in one float dtype (the params' or float32)."""
+
+    gated = False  # see CudaPlan
+
+    def __init__(self, params: Sequence[Tensor], square_avgs: Sequence[Tensor],
+                 grad_avgs: Optional[Sequence[Tensor]],
+                 momentum_buffers: Optional[Sequence[Tensor]]) -> None:
         self.n = len(params)
-        self.pdt = _cpu._dt(real[0].dtype)
-        sq = [st["square_avg"] for st in states]
-        sq_real = [_real(v) for v in sq]
-        self.sdt = _cpu._dt(sq_real[0].dtype)
-        self.complex = any(p.is_complex() for p in params)
-        self.numel = array.array("q", [p.numel() for p in real])
-        self.P = _ptrs(real)
+        self.centered, self.momentum = grad_avgs is not None, momentum_buffers is not None
+        self.p_dtype = params[0].dtype if self.n else torch.float32
+        self.s_dtype = square_avgs[0].dtype if self.n else self.p_dtype
+        self.numel = array.array("q", [p.numel() for p in params])
+        self.P = _ptrs(params)
         self.P_list = self.P.tolist()  # compared as a list: no array to build per step
-        self.V = _ptrs(sq_real)
-        self.M = self._state_table(states, "grad_avg") if centered else None
-        self.B = self._state_table(states, "momentum_buffer") if momentum else None
-        self.dts = array.array("i", [self.pdt] * self.n)
+        self.V = _ptrs(square_avgs)
+        self.M = _ptrs(grad_avgs) if grad_avgs is not None else None
+        self.B = _ptrs(momentum_buffers) if momentum_buffers is not None else None
+        self.keep = (list(params), list(square_avgs), grad_avgs, momentum_buffers)
+        # set by bind() when the optimizer caches the plan for a group
+        self.steps: Optional[Tensor] = None
+        self.group_params: Optional[list] = None
+        self.version = -1
+        self.convert = False  # gradients need real() (complex or sharded params)
+        self.validated: Optional[tuple] = None  # the group's options when last validated
+
+    @staticmethod
+    def accepts(codec: Codec, p_dtype: torch.dtype) -> Optional[str]:
+        """Why the kernels cannot store state with ``codec`` for params of real dtype
+        ``p_dtype`` (None if they can): they take float state of the params' dtype or
+        float32."""
+        if codec.dtype is None:
+            return f"state_dtype {codec.name!r} has no fused kernel"
+        if codec.dtype not in (p_dtype, torch.float32):
+            return (f"state dtype {codec.dtype} of {p_dtype} params has no fused kernel "
+                    "(the params' dtype or float32)")
+        return None
+
+    # -- the cached plan of a param group ------------------------------------------------------
+
+    def bind(self, group_params: list, states: list[dict], version: int) -> None:
+        """Cache this plan for a group whose params (all with state, in order) it covers:
+        every ``state["step"]`` becomes a view into one tensor that :meth:`step` advances."""
+        self.group_params = group_params
+        self.version = version
+        self.convert = any(p.is_complex() or hasattr(p, "to_local") for p in group_params)
         steps = torch.stack([st["step"].reshape(()).to(torch.float32) for st in states])
         for i, st in enumerate(states):  # views: one add_ advances every param's step
             st["step"] = steps[i]
         self.steps = steps
-        self.keep = (real, sq_real)  # the tables point into these
-        self.validated: Optional[tuple] = None  # the group's options when last validated
-
-    @staticmethod
-    def _state_table(states: list[dict], key: str) -> array.array:
-        ts = [st[key] for st in states]
-        return _ptrs([_real(t) for t in ts])
 
     def valid_for(self, group: dict, version: int) -> bool:
-        return (version == self.version and group["params"] is self.params
-                and len(self.params) == self.n and (group["momentum"] > 0) == self.momentum
+        """The cached plan still describes ``group`` (same params, same state tensors)."""
+        return (version == self.version and group["params"] is self.group_params
+                and len(self.group_params) == self.n
+                and (group["momentum"] > 0) == self.momentum
                 and bool(group["centered"]) == self.centered)
 
-    def tables(self, grads: list[Tensor]) -> Optional[tuple[array.array, array.array]]:
-        """Pointers of the params and gradients, or None when the general path must run: a
+    def gradients(self, grads: list) -> Optional[array.array]:
+        """The gradients' pointer table, or None when the general route must run: a
         gradient that is missing, sparse or not contiguous, or a param whose storage moved
         (``p.data = ...``, ``model.half()``: the plan's dtypes may no longer hold)."""
-        params = self.params
+        params = self.group_params
         try:
-            if self.complex or self.sharded:
+            if self.convert:
                 if any(map(operator.is_, grads, repeat(None))):
                     return None
-                grads = [_real(g) for g in grads]
-                params = [_real(p) for p in params]
+                grads = [real(g) for g in grads]
+                params = [real(p) for p in params]
             if not all(map(Tensor.is_contiguous, grads)):
                 return None
             if list(map(Tensor.data_ptr, params)) != self.P_list:
                 return None
-            return self.P, _ptrs(grads)
-        except (RuntimeError, TypeError):  # sparse gradients have no strides or data pointer;
-            return None                    # a missing one (None) is no Tensor
+            return _ptrs(grads)
+        except (RuntimeError, TypeError, AttributeError):  # sparse gradients have no data
+            return None                                  # pointer; a missing one is None
 
-    gated = False  # see CudaPlan
+    # -- the kernel ----------------------------------------------------------------------------
 
     def new_stats(self) -> Tensor:
         """An uninitialised ``[n, 6]`` float64 tensor for the kernel's statistics."""
+        raise NotImplementedError
+
+    def first_nonfinite(self, G: array.array) -> int:
+        """Index of the first gradient holding inf or NaN, -1 if none."""
+        raise NotImplementedError
+
+    def run(self, G: array.array, h: Hyper, stats: Optional[Tensor] = None,
+            gate: Optional[Tensor] = None) -> None:
+        """The kernel over every tensor with the gradients ``G``."""
+        raise NotImplementedError
+
+    def step(self, G: array.array, h: Hyper, stats: Optional[Tensor] = None,
+             gate: Optional[Tensor] = None) -> None:
+        """:meth:`run`, then advance the bound group's step counts."""
+        self.run(G, h, stats, gate)
+        if self.steps is not None:
+            self.steps.add_(1)
+
+
+class CpuPlan(Plan):
+    """A plan over CPU tensors: one call of the C kernel per step."""
+
+    _bits: Optional[dict[str, int]] = None
+
+    def __init__(self, params: Sequence[Tensor], square_avgs: Sequence[Tensor],
+                 grad_avgs: Optional[Sequence[Tensor]],
+                 momentum_buffers: Optional[Sequence[Tensor]]) -> None:
+        from ..kernels import cpu
+        super().__init__(params, square_avgs, grad_avgs, momentum_buffers)
+        self._cpu = cpu
+        self.pdt = cpu._dt(self.p_dtype)
+        self.sdt = cpu._dt(self.s_dtype)
+        self.dts = array.array("i", [self.pdt] * self.n)
+        if CpuPlan._bits is None:
+            CpuPlan._bits = {name: getattr(cpu, "_FL_" + name) for name in FLAGS}
+
+    def new_stats(self) -> Tensor:
         return torch.empty(self.n, 6, dtype=torch.float64)
 
     def first_nonfinite(self, G: array.array) -> int:
-        lib = _cpu._need()
+        lib = self._cpu._need()
         return int(lib.rms_first_nonfinite(self.n, _addr(self.numel), _addr(G),
                                            _addr(self.dts), torch.get_num_threads()))
 
-    def step(self, P: array.array, G: array.array, h: Any,
-             stats: Optional[Tensor] = None, gate: Optional[Tensor] = None) -> None:
-        lib = _cpu._need()
-        flags = ((_cpu._FL_CENTERED if h.centered else 0)
-                 | (_cpu._FL_MOMENTUM if h.momentum > 0 else 0)
-                 | (_cpu._FL_WD_COUPLED if h.weight_decay != 0
-                    and not h.decoupled_weight_decay else 0)
-                 | (_cpu._FL_NESTEROV if h.nesterov and h.momentum > 0 else 0)
-                 | (_cpu._FL_EPS_IN_SQRT if h.eps_in_sqrt else 0)
-                 | (_cpu._FL_LR_IN_MOMENTUM if h.lr_in_momentum else 0)
-                 | (_cpu._FL_DECOUPLED if h.decoupled_weight_decay else 0)
-                 | (_cpu._FL_MAXIMIZE if h.maximize else 0))
-        hyper = array.array("d", [h.lr, h.alpha, h.eps, h.weight_decay, h.momentum, h.c,
-                                  h.inv_scale])
-        rc = lib.rms_fused_step(self.n, _addr(self.numel), _addr(P), _addr(G),
+    def run(self, G: array.array, h: Hyper, stats: Optional[Tensor] = None,
+            gate: Optional[Tensor] = None) -> None:
+        if self.n == 0:
+            return
+        lib = self._cpu._need()
+        on, values = pack(h)
+        bits = self._bits or {}
+        flags = sum(bits[name] for name in on)
+        hyper = array.array("d", values)
+        rc = lib.rms_fused_step(self.n, _addr(self.numel), _addr(self.P), _addr(G),
                                 _addr(self.V), _addr(self.M) if self.M is not None else None,
                                 _addr(self.B) if self.B is not None else None, self.pdt,
                                 self.sdt, _addr(hyper), flags,
@@ -122,31 +221,32 @@ class CpuPlan:
                                 torch.get_num_threads())
         if rc != 0:
             raise RuntimeError(f"fused CPU step failed with code {rc}")
-        self.steps.add_(1)
 
 
-class CudaPlan(CpuPlan):
-    """The same plan for CUDA params: the pointer tables live in a Triton :class:`Table` on
-    the device, refreshed per step with the gradients' pointers and the hyperparameters in
-    one host-to-device copy; the check and the step are one launch each. The check is
-    *gated*: it raises a device flag (the gate) that the step kernel reads, doing nothing when
-    it is set, so check and step are queued together and the host syncs once, after both,
-    to learn whether the step happened."""
+class CudaPlan(Plan):
+    """A plan over CUDA tensors (CPU tensors under ``TRITON_INTERPRET=1``): the pointer
+    tables live in a Triton :class:`~rmsprop.kernels.triton.Table` on the device, refreshed
+    per step with the gradients' pointers and the hyperparameters in one host-to-device copy;
+    the check and the step are one launch each. The check is *gated*: it raises a device
+    flag (the gate) that the step kernel reads, doing nothing when it is set, so check and
+    step are queued together and the host syncs once, after both, to learn whether the step
+    happened."""
 
     gated = True
 
-    def __init__(self, params: list[Tensor], states: list[dict], *, centered: bool,
-                 momentum: bool, version: int) -> None:
+    def __init__(self, params: Sequence[Tensor], square_avgs: Sequence[Tensor],
+                 grad_avgs: Optional[Sequence[Tensor]],
+                 momentum_buffers: Optional[Sequence[Tensor]]) -> None:
         from ..kernels import triton as tk
-        super().__init__(params, states, centered=centered, momentum=momentum,
-                         version=version)
+        super().__init__(params, square_avgs, grad_avgs, momentum_buffers)
         self._tk = tk
-        real, sq_real = self.keep
-        self.p_like, self.s_like = real[0], sq_real[0]
-        self.device = real[0].device
-        self.math64 = real[0].dtype == torch.float64
-        self.table = tk.Table((self.P, self.V, self.M if centered else self.V,
-                               self.B if momentum else self.V), self.numel, real[0].device)
+        self.p_like = params[0] if self.n else None
+        self.s_like = square_avgs[0] if self.n else None
+        self.device = params[0].device if self.n else torch.device("cpu")
+        self.math64 = self.p_dtype == torch.float64
+        self.table = tk.Table((self.P, self.V, self.M if self.M is not None else self.V,
+                               self.B if self.B is not None else self.V), self.numel,
+                              self.device)
 
     def first_nonfinite(self, G: array.array) -> int:
         gdev, _ = self.table.upload(G)
@@ -164,31 +264,21 @@ class CudaPlan(CpuPlan):
         gdev, _ = self.table.upload(G)
         self._tk.check_into(self.table, gdev, self.p_like, gate)
 
-    def step(self, P: array.array, G: array.array, h: Any,
-             stats: Optional[Tensor] = None, gate: Optional[Tensor] = None) -> None:
+    def run(self, G: array.array, h: Hyper, stats: Optional[Tensor] = None,
+            gate: Optional[Tensor] = None) -> None:
         tk = self._tk
-        gdev, hyper = self.table.upload(G, tk.hyper_values(
-            h.lr, h.alpha, h.eps, h.weight_decay, h.momentum, h.c,
-            None if h.inv_scale == 1.0 else 1.0 / h.inv_scale, h.maximize))
-        flags = tk.constexpr_flags(h.centered, h.momentum > 0, h.weight_decay,
-                                   h.decoupled_weight_decay, h.nesterov, h.eps_in_sqrt,
-                                   h.lr_in_momentum, stats is not None, self.math64)
+        on, values = pack(h)
+        # the kernel folds maximize into the gradient multiplier (its sign is exact)
+        inv = -values[6] if "MAXIMIZE" in on else values[6]
+        gdev, hyper = self.table.upload(G, [*values[:6], inv])
+        flags = dict(CENTERED="CENTERED" in on, MOMENTUM="MOMENTUM" in on,
+                     WD_COUPLED="WD_COUPLED" in on, DECOUPLED="DECOUPLED" in on,
+                     NESTEROV="NESTEROV" in on, EPS_IN_SQRT="EPS_IN_SQRT" in on,
+                     LR_IN_MOMENTUM="LR_IN_MOMENTUM" in on, STATS=stats is not None,
+                     MATH64=self.math64)
         tk.launch(self.table, gdev, hyper, self.p_like, self.s_like, flags, stats, gate)
-        self.steps.add_(1)
 
 
-def plan_for(device_type: str) -> Optional[type]:
-    """The plan class for params on this device type, or None."""
+def plan_for(device_type: str) -> Optional[type[Plan]]:
+    """The plan class for tensors on this device type, or None."""
     return {"cpu": CpuPlan, "cuda": CudaPlan}.get(device_type)
-
-
-def _real(t: Tensor) -> Tensor:
-    """The plain tensor the kernel writes: a DTensor's local shard, complex as real pairs."""
-    to_local = getattr(t, "to_local", None)
-    if to_local is not None:
-        t = to_local()
-    return torch.view_as_real(t) if t.is_complex() else t
-
-
-def _addr(a: array.array) -> int:
-    return a.buffer_info()[0]

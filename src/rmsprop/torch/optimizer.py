@@ -1,34 +1,39 @@
 """``rmsprop.torch.RMSprop``: a drop-in for ``torch.optim.RMSprop`` with every published variant.
 
-The math is :func:`rmsprop.spec.step`; this module owns what torch users expect around it: param
-groups, lazy state with torch's state names, the ``state_dict`` contract, hooks, schedulers, and
-the choice among three paths (for-loop, foreach, fused kernel) that compute the same thing.
+The math is :func:`rmsprop.spec.step`, translated once in :mod:`rmsprop.torch._paths`; this
+module owns what torch users expect around it (param groups, lazy state with torch's state
+names, the ``state_dict`` contract, hooks, schedulers) and the dispatch: one step route from
+collecting the gradients to writing the params, which sends each param group to a cached
+fused-kernel plan (:mod:`rmsprop.torch._plan`), or to the for-loop, foreach or one-shot fused
+path. State is read and written through codecs (:mod:`rmsprop.torch._codecs`); statistics
+live in :mod:`rmsprop.torch._stats`, state-dict validation in
+:mod:`rmsprop.torch._state_dict`.
 """
 
 from __future__ import annotations
 
 import functools
-import math
 import operator
 import warnings
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Optional
 
-import numpy as np
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from ..options import RULE_OPTIONS, Options, validate
+from ..options import RULE_OPTIONS, validate
 from ..presets import resolve_preset
-from . import _paths
+from . import _codecs, _paths, _plan, _state_dict, _stats
+from ._codecs import Codec, math_dtype, real
 from ._paths import Hyper
 
 __all__ = ["RMSprop", "NonFiniteGradientError"]
 
 _NONFINITE = ("raise", "skip", "ignore")
-_HALF = (torch.float16, torch.bfloat16)
-_STATE_KEYS = ("square_avg", "grad_avg", "momentum_buffer")
 _GRAD = operator.attrgetter("grad")
+_REAL = {torch.complex64: torch.float32, torch.complex128: torch.float64,
+         torch.complex32: torch.float16}
 # Elements per batch of the foreach path (see RMSprop._apply_unfused): on the CPU a batch's
 # arrays fit the last-level cache; on a GPU a batch is large enough that launches stay few.
 _FOREACH_BATCH = {"cpu": 1 << 20, "cuda": 1 << 26}
@@ -41,15 +46,15 @@ class NonFiniteGradientError(FloatingPointError):
 def _all_finite(grads: list[Tensor]) -> Tensor:
     """A 0-d bool tensor: every element of every gradient is finite (for a compiled step).
     max |g| is inf or NaN exactly when an element is (sum(g * 0) would be folded to 0 by
-    inductor). On CUDA as one _foreach_norm: per-tensor amax reductions crashed torch 2.11's
-    inductor while fusing them with the update (measured on an H200); on the CPU per-tensor
-    amax, which inductor compiles to a step 3-4x cheaper than _foreach_norm's."""
+    inductor). On CUDA as one _foreach_norm: inductor has crashed fusing per-tensor amax
+    reductions with the update there; on the CPU per-tensor amax, which inductor compiles
+    to a cheaper step than _foreach_norm's."""
     if grads[0].is_cuda:
         return torch.stack(torch._foreach_norm(grads, float("inf"))).isfinite().all()
     return torch.stack([g.abs().amax() for g in grads]).isfinite().all()
 
 
-def _fused_kernel(device_type: str):
+def _fused_kernel(device_type: str) -> Any:
     """The fused kernel module for a device type, or ``None`` if there is none here."""
     try:
         if device_type == "cpu":
@@ -64,10 +69,8 @@ def _fused_kernel(device_type: str):
     return kernel if available is None or available() else None
 
 
-def _local(t: Tensor) -> Tensor:
-    """A DTensor's local shard (raw pointers of a DTensor are not its data), else ``t``."""
-    to_local = getattr(t, "to_local", None)
-    return to_local() if to_local is not None else t
+def _real_dtype(dtype: torch.dtype) -> torch.dtype:
+    return _REAL.get(dtype, dtype)
 
 
 @functools.lru_cache(maxsize=None)
@@ -83,10 +86,34 @@ def _fused_unsupported(device_type: str, dtype: torch.dtype) -> Optional[str]:
             except ImportError as e:
                 why = f": {e}"
         return f"no fused kernel for device {device_type!r}{why}"
-    real = {torch.complex64: torch.float32, torch.complex128: torch.float64}.get(dtype, dtype)
-    if real not in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
+    if _real_dtype(dtype) not in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
         return f"dtype {dtype} is not supported by the fused kernel"
     return None
+
+
+def _check_rounding(stochastic_rounding: Any, seed: Any) -> None:
+    if not isinstance(stochastic_rounding, bool):
+        raise ValueError(f"Invalid stochastic_rounding value: {stochastic_rounding!r} "
+                         "(expected True or False)")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"Invalid seed value: {seed!r} (expected an integer)")
+    if not 0 <= seed < 2 ** 32:
+        raise ValueError(f"Invalid seed value: {seed!r} (an integer in [0, 2**32))")
+
+
+@dataclass
+class _Job:
+    """One param group's work in a step: its params with a gradient and the route they take
+    (a cached plan with its gradient table, or a path)."""
+
+    group: dict
+    params: list
+    path: str
+    plan: Any = None
+    G: Any = None
+    gate: Any = None
+    rows: Any = None
+    before: Optional[list] = field(default=None)
 
 
 class RMSprop(Optimizer):
@@ -111,7 +138,12 @@ class RMSprop(Optimizer):
 
     Args beyond torch's (keyword-only):
         fused: ``None`` (default) uses the fused single-pass kernel where it applies (CPU float
-            tensors, or CUDA with Triton); ``True`` requires it; ``False`` never uses it.
+            tensors, or CUDA with Triton, state in a float codec the kernel takes) when
+            ``foreach`` is also ``None``, as torch chooses its default; ``True`` requires it
+            (raising at ``step()`` where it cannot apply, as torch's fused optimizers do;
+            meta-device params are accepted at construction); ``False`` never uses it. An
+            explicit ``foreach=False`` means the for-loop path, ``foreach=True`` the
+            foreach path.
         eps_in_sqrt, initial_square_avg, lr_in_momentum, nesterov, bias_correction,
             decoupled_weight_decay: see :class:`rmsprop.options.Options`.
         nonfinite: what a step does when a gradient holds inf or NaN. ``"raise"`` (default)
@@ -123,11 +155,18 @@ class RMSprop(Optimizer):
             ``step()`` itself on overflow, so AMP never trips it. ``"skip"`` skips the whole
             step (no param, state or step count changes) and counts it in
             :attr:`skipped_steps`; ``"ignore"`` applies the step as torch does.
-        state_dtype: dtype of ``square_avg``/``grad_avg``/``momentum_buffer``. ``None``
-            (default) means float32 for float16/bfloat16 params (the math then runs in float32
-            with one rounding to the param: fp16's eps underflow and ``g^2`` overflow above
-            ~256 cannot happen; it costs 4 bytes per element per state tensor instead of 2)
-            and the param dtype otherwise.
+        state_dtype: storage of ``square_avg``/``grad_avg``/``momentum_buffer`` (see
+            :mod:`rmsprop.torch._codecs`): a floating ``torch.dtype`` or a registered format
+            name. ``None`` (default) means float32 for float16/bfloat16 params (the math then
+            runs in float32 with one rounding to the param: fp16's eps underflow and ``g^2``
+            overflow above ~256 cannot happen; it costs 4 bytes per element per state tensor
+            instead of 2) and the param dtype otherwise. A format without a fused kernel runs
+            on the foreach path when ``fused`` is ``None``.
+        stochastic_rounding, seed: ``True`` rounds the new values of float16/bfloat16 params
+            stochastically (up or down with probability given by the distance) from a
+            counter-based generator seeded by ``seed`` (param ``k`` in optimizer order uses
+            :func:`rmsprop.codecs.param_seed(seed, k) <rmsprop.codecs.param_seed>`):
+            reproducible and resumable. Runs on the for-loop or foreach path.
         track_stats: ``True`` records per-group health statistics at each step (see
             :meth:`stats`); ``"params"`` also per parameter. Off by default.
 
@@ -147,16 +186,16 @@ class RMSprop(Optimizer):
                  eps_in_sqrt: bool = False, initial_square_avg: float = 0.0,
                  lr_in_momentum: bool = False, nesterov: bool = False,
                  bias_correction: bool = False, decoupled_weight_decay: bool = False,
-                 nonfinite: str = "raise", state_dtype: Optional[torch.dtype] = None,
+                 nonfinite: str = "raise", state_dtype: Optional[torch.dtype | str] = None,
+                 stochastic_rounding: bool = False, seed: int = 0,
                  track_stats: bool | str = False) -> None:
         if isinstance(lr, Tensor) and lr.numel() != 1:
             raise ValueError("Tensor lr must be 1-element")
         if nonfinite not in _NONFINITE:
             raise ValueError(f"Invalid nonfinite value: {nonfinite!r} "
                              f"(choose one of {', '.join(map(repr, _NONFINITE))})")
-        if state_dtype is not None and not (isinstance(state_dtype, torch.dtype)
-                                            and state_dtype.is_floating_point):
-            raise ValueError(f"Invalid state_dtype: {state_dtype!r} (a floating torch.dtype)")
+        _codecs.check_state_dtype(state_dtype)
+        _check_rounding(stochastic_rounding, seed)
         if track_stats not in (False, True, "params"):
             raise ValueError(f"Invalid track_stats value: {track_stats!r} "
                              "(False, True or 'params')")
@@ -173,7 +212,8 @@ class RMSprop(Optimizer):
                         initial_square_avg=initial_square_avg, lr_in_momentum=lr_in_momentum,
                         nesterov=nesterov, bias_correction=bias_correction,
                         decoupled_weight_decay=decoupled_weight_decay,
-                        nonfinite=nonfinite, state_dtype=state_dtype)
+                        nonfinite=nonfinite, state_dtype=state_dtype,
+                        stochastic_rounding=stochastic_rounding, seed=seed)
         validate({k: defaults[k] for k in RULE_OPTIONS})
         self.track_stats = track_stats
         self.skipped_steps = 0
@@ -184,7 +224,9 @@ class RMSprop(Optimizer):
         if fused:
             for group in self.param_groups:
                 for p in group["params"]:
-                    reason = _fused_unsupported(p.device.type, p.dtype)
+                    if p.device.type == "meta":
+                        continue  # as torch's fused optimizers: checked when it steps
+                    reason = self._fused_reason(group, p)
                     if reason:
                         raise RuntimeError(f"fused=True cannot apply: {reason}")
 
@@ -206,6 +248,10 @@ class RMSprop(Optimizer):
             raise ValueError("Nesterov momentum requires a momentum > 0")
         if "nonfinite" in param_group and param_group["nonfinite"] not in _NONFINITE:
             raise ValueError(f"Invalid nonfinite value: {param_group['nonfinite']!r}")
+        if "state_dtype" in param_group:
+            _codecs.check_state_dtype(param_group["state_dtype"])
+        _check_rounding(param_group.get("stochastic_rounding", False),
+                        param_group.get("seed", 0))
         if not isinstance(param_group["params"], (Tensor, set)):
             # a generator (module.parameters()) is read once, here and for the base class
             param_group = {**param_group, "params": list(param_group["params"])}
@@ -223,7 +269,6 @@ class RMSprop(Optimizer):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
-        defaults = RMSprop.__init__.__kwdefaults__
         for group in self.param_groups:
             group.setdefault("momentum", 0)
             group.setdefault("centered", False)
@@ -231,10 +276,8 @@ class RMSprop(Optimizer):
             group.setdefault("maximize", False)
             group.setdefault("differentiable", False)
             group.setdefault("capturable", False)
-            for key, value in defaults.items():
-                if key != "track_stats":
-                    group.setdefault(key, self.defaults.get(key, value)
-                                     if hasattr(self, "defaults") else value)
+        _state_dict.fill(self.param_groups, getattr(self, "defaults", {}), RMSprop)
+        _state_dict.coerce_steps(self.param_groups, self.state)
         self.__dict__.setdefault("track_stats", False)
         self.__dict__.setdefault("skipped_steps", 0)
         self.__dict__.setdefault("_stats", {})
@@ -242,130 +285,70 @@ class RMSprop(Optimizer):
         self._version = self.__dict__.get("_version", 0) + 1
         self._find_mesh()
 
+    def state_dict(self) -> dict[str, Any]:
+        """torch's state dict. Of this class's extra options, those of the rule are written
+        where they differ from their defaults, and ``fused``, ``nonfinite``,
+        ``state_dtype``, ``stochastic_rounding`` and ``seed`` (how it runs, which a load
+        keeps from the live optimizer) not at all: with the options torch has, it holds
+        exactly torch's keys, so ``torch.distributed.checkpoint`` templates built from it
+        load torch checkpoints."""
+        return _state_dict.slim(super().state_dict(), RMSprop)
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a state dict from this class or from ``torch.optim.RMSprop`` (missing options
-        take this optimizer's defaults). Raises ``ValueError`` naming the first entry that does
-        not fit the current params (group count, sizes, state shapes, dtypes); nothing is
-        changed then."""
-        self._check_state_dict(state_dict)
+        """Load a state dict of this class or of ``torch.optim.RMSprop``. As in torch, the
+        options come from the state dict (``lr``, ``momentum``, ``centered``... of the run
+        that saved it replace the current ones). Options it lacks take their defaults: the
+        rule's (``eps_in_sqrt``, ``nesterov``, ...) those of :class:`rmsprop.Options`
+        (torch's rule), ``fused``, ``nonfinite`` and ``state_dtype`` this optimizer's
+        constructor values. A ``step`` saved as a number becomes a tensor, as in torch.
+        Raises ``ValueError`` naming the first entry that does not fit the current params
+        (group count, sizes, state shapes, dtypes, options); nothing is changed then."""
+        _state_dict.check(self.param_groups, state_dict, self._codec)
         self._plans = {}
-        saved_state = state_dict["state"]
-        super().load_state_dict(state_dict)
-        # torch casts floating state to the param dtype; restore float32 state of half params.
-        ids = [i for g in state_dict["param_groups"] for i in g["params"]]
-        params = [p for g in self.param_groups for p in g["params"]]
-        for pid, p in zip(ids, params):
-            if pid not in saved_state:
-                continue
-            group = self._group_of(p)
-            dtype = self._state_dtype(p, group)
-            st = self.state[p]
-            for key in _STATE_KEYS:
-                if key in saved_state[pid]:
-                    st[key] = saved_state[pid][key].to(device=p.device, dtype=dtype, copy=True)
+        super().load_state_dict(_state_dict.with_tensor_steps(state_dict))
+        _state_dict.restore(self.param_groups, self.state, state_dict, self._codec)
 
-    def _check_state_dict(self, state_dict: Any) -> None:
-        if not isinstance(state_dict, dict) or "state" not in state_dict \
-                or "param_groups" not in state_dict:
-            raise ValueError("not an optimizer state dict: expected keys 'state' and "
-                             "'param_groups'")
-        groups, saved = self.param_groups, state_dict["param_groups"]
-        if len(groups) != len(saved):
-            raise ValueError(f"loaded state dict has {len(saved)} parameter groups, the "
-                             f"optimizer has {len(groups)}")
-        for gi, (g, sg) in enumerate(zip(groups, saved)):
-            if len(g["params"]) != len(sg["params"]):
-                raise ValueError(f"parameter group {gi} has {len(g['params'])} params, the "
-                                 f"loaded one has {len(sg['params'])}")
-            rule = {k: sg[k] for k in RULE_OPTIONS if k in sg}
-            try:
-                validate(rule, warn=False)  # warnings were given when the options were chosen
-            except ValueError as e:
-                raise ValueError(f"parameter group {gi} of the state dict: {e}") from None
-            names = g.get("param_names") or [None] * len(g["params"])
-            for p, pid, name in zip(g["params"], sg["params"], names):
-                entry = state_dict["state"].get(pid)
-                if entry is None:
-                    continue
-                label = repr(name) if name else f"group {gi} index {sg['params'].index(pid)}"
-                if not isinstance(entry, dict):
-                    raise ValueError(f"state of parameter {label} is not a dict")
-                for key in _STATE_KEYS:
-                    t = entry.get(key)
-                    if t is None:
-                        continue
-                    if not isinstance(t, Tensor):
-                        raise ValueError(f"state {key!r} of parameter {label} is not a tensor")
-                    if t.shape != p.shape:
-                        raise ValueError(f"state {key!r} of parameter {label} has shape "
-                                         f"{tuple(t.shape)}, the parameter {tuple(p.shape)}")
-                    if t.is_complex() != p.is_complex() or not (t.is_floating_point()
-                                                                  or t.is_complex()):
-                        raise ValueError(f"state {key!r} of parameter {label} has dtype "
-                                         f"{t.dtype}, incompatible with the parameter's "
-                                         f"{p.dtype}")
-                    if not bool(torch.isfinite(t).all()):
-                        raise ValueError(f"state {key!r} of parameter {label} holds inf or "
-                                         "NaN")
-                if "step" in entry and not isinstance(entry["step"], (Tensor, int, float)):
-                    raise ValueError(f"state 'step' of parameter {label} is not a number")
+    # -- where each param's state lives --------------------------------------------------------
 
-    # -- the step -----------------------------------------------------------------------------
+    @staticmethod
+    def _codec(group: dict, p: Tensor) -> Codec:
+        return _codecs.resolve(group.get("state_dtype"), _real_dtype(p.dtype))
 
-    @torch.no_grad()
-    def _check_finite(self, work: list[tuple[dict, list[Tensor]]]) -> Optional[str]:
-        """The name of the first parameter whose gradient is not finite, or ``None``."""
-        for group, params in work:
-            if not params:
-                continue
-            grads = [_local(p.grad) for p in params]
-            kernel = _fused_kernel("cpu") if all(g.device.type == "cpu" and g.is_contiguous()
-                                                 and not g.is_complex() for g in grads) else None
-            if kernel is not None and hasattr(kernel, "first_nonfinite"):
-                bad = kernel.first_nonfinite(grads)
-            else:
-                nonempty = [i for i, g in enumerate(grads) if g.numel()]
-                real = [torch.view_as_real(grads[i]) if grads[i].is_complex() else grads[i]
-                        for i in nonempty]
-                # max |g| never overflows, so it is finite exactly when every element is.
-                maxes = torch._foreach_norm(real, float("inf")) if real else []
-                flags = torch.stack([torch.isfinite(x) for x in maxes]).cpu() if real else None
-                bad = -1 if flags is None or bool(flags.all()) else \
-                    nonempty[int((~flags).nonzero()[0])]
-            if bad >= 0:
-                return self._param_label(group, params[bad])
-        return None
+    def _fused_reason(self, group: dict, p: Tensor) -> Optional[str]:
+        """Why the fused kernel cannot step ``p`` in ``group`` (None if it can)."""
+        return (_fused_unsupported(p.device.type, p.dtype)
+                or _plan.Plan.accepts(self._codec(group, p), _real_dtype(p.dtype))
+                or ("stochastic_rounding needs the for-loop or foreach path"
+                    if self._rounds(group, p) else None))
 
-    def _param_label(self, group: dict, p: Tensor) -> str:
-        index = next(i for i, q in enumerate(group["params"]) if q is p)
-        names = group.get("param_names")
-        if names:
-            return repr(names[index])
-        gi = next(i for i, g in enumerate(self.param_groups) if g is group)  # not ==: tensors
-        return f"group {gi} index {index} (shape {tuple(p.shape)})"
+    @staticmethod
+    def _rounds(group: dict, p: Tensor) -> bool:
+        """Whether ``p``'s new values are rounded stochastically (16-bit params only)."""
+        return bool(group.get("stochastic_rounding")) and _real_dtype(p.dtype) in (
+            torch.float16, torch.bfloat16)
 
-    def _group_of(self, p: Tensor) -> dict:
-        return next(g for g in self.param_groups if any(q is p for q in g["params"]))
-
-    def _state_dtype(self, p: Tensor, group: dict) -> torch.dtype:
-        real = p.real.dtype if p.is_complex() else p.dtype
-        if group.get("state_dtype") is not None:
-            return group["state_dtype"]
-        return torch.float32 if real in _HALF else real
+    def _param_index(self, p: Tensor) -> int:
+        """``p``'s index in optimizer order over every group (its rounding seed's index)."""
+        return next(i for i, q in enumerate(q for g in self.param_groups for q in g["params"])
+                    if q is p)
 
     def _init_state(self, p: Tensor, group: dict) -> dict:
         state = self.state[p]
-        dtype = self._state_dtype(p, group)
+        codec = self._codec(group, p)
         if not state:
             device = p.device if group["capturable"] or group["fused"] else "cpu"
             state["step"] = torch.zeros((), dtype=torch.float32, device=device)
-            state["square_avg"] = self._filled(p, dtype, float(group["initial_square_avg"]))
+            state.update(codec.init("square_avg", p, float(group["initial_square_avg"])))
+            if self._rounds(group, p):
+                from . import _quantized
+                from ..codecs import param_seed
+                _quantized.sr_init(state, p, param_seed(group["seed"], self._param_index(p)))
         # Created lazily so that turning momentum/centered on mid-run (OneCycleLR writes
         # group["momentum"]) starts the new buffer from zero instead of raising KeyError.
-        if group["momentum"] > 0 and "momentum_buffer" not in state:
-            state["momentum_buffer"] = self._filled(p, dtype, 0.0)
-        if group["centered"] and "grad_avg" not in state:
-            state["grad_avg"] = self._filled(p, dtype, 0.0)
+        if group["momentum"] > 0 and codec.names("momentum_buffer")[0] not in state:
+            state.update(codec.init("momentum_buffer", p, 0.0))
+        if group["centered"] and codec.names("grad_avg")[0] not in state:
+            state.update(codec.init("grad_avg", p, 0.0))
         return state
 
     def _init_group(self, group: dict, params_with_grad: list[Tensor]) -> bool:
@@ -380,37 +363,21 @@ class RMSprop(Optimizer):
                 params_with_grad.append(p)
         return True
 
-    @staticmethod
-    def _filled(p: Tensor, dtype: torch.dtype, value: float) -> Tensor:
-        if p.is_complex():
-            dtype = torch.complex128 if dtype == torch.float64 else (
-                torch.complex64 if dtype == torch.float32 else torch.complex32)
-            return torch.full_like(p, complex(value, value), dtype=dtype,
-                                   memory_format=torch.preserve_format)
-        return torch.full_like(p, value, dtype=dtype, memory_format=torch.preserve_format)
-
-    def _path(self, group: dict, params: list[Tensor]) -> str:
-        if group["differentiable"]:
-            return "forloop"
-        if torch.compiler.is_compiling() and not group["fused"] and group["foreach"] is not False:
-            return "foreach"  # the ctypes kernel is opaque to dynamo
-        if group["fused"] is not False and not group["foreach"]:
-            reasons = {_fused_unsupported(p.device.type, p.dtype) for p in params}
-            if reasons == {None}:
-                return "fused"
-            if group["fused"]:
-                raise RuntimeError("fused=True cannot apply: " + next(r for r in reasons if r))
-        if group["foreach"] or (group["foreach"] is None
-                                and all(p.device.type == "cuda" for p in params)):
-            return "foreach"
-        return "forloop"
+    def _param_label(self, group: dict, p: Tensor) -> str:
+        index = next(i for i, q in enumerate(group["params"]) if q is p)
+        names = group.get("param_names")
+        if names:
+            return repr(names[index])
+        gi = next(i for i, g in enumerate(self.param_groups) if g is group)  # not ==: tensors
+        return f"group {gi} index {index} (shape {tuple(p.shape)})"
 
     def _hyper(self, group: dict, t: int, inv_scale: Optional[float] = None) -> Hyper:
         lr = group["lr"]
         if isinstance(lr, Tensor):
             lr = float(lr.detach().reshape(()))  # one sync: the paths take a Python scalar
         alpha = float(group["alpha"])
-        return Hyper(lr=float(lr), alpha=alpha, eps=float(group["eps"]),
+        return Hyper(lr=float(lr), alpha=alpha,
+                     eps=float(group["eps"]),
                      weight_decay=float(group["weight_decay"]),
                      momentum=float(group["momentum"]), centered=bool(group["centered"]),
                      maximize=bool(group["maximize"]), eps_in_sqrt=bool(group["eps_in_sqrt"]),
@@ -420,6 +387,8 @@ class RMSprop(Optimizer):
                      c=(1.0 - alpha ** t) if group["bias_correction"] else 1.0,
                      inv_scale=getattr(self, "_inv_scale", 1.0) if inv_scale is None
                      else inv_scale)
+
+    # -- the step: one route ------------------------------------------------------------------
 
     def step(self, closure: Optional[Callable[[], float]] = None) -> Optional[float]:
         """Perform one optimization step. ``closure`` re-evaluates the model and returns the
@@ -442,138 +411,344 @@ class RMSprop(Optimizer):
             self._step(inv_scale, scaler_checked=found_inf is not None)
         return loss
 
-    def _fast_step(self, scaler_checked: bool) -> bool:
-        """The whole step through cached fused-kernel plans, or False (nothing done) when any
-        group needs the general path: a missing or non-contiguous gradient, a non-finite one
-        (the general path names it), changed options, no plan yet."""
-        jobs = []
-        for group in self.param_groups:
-            if not group["params"]:
-                continue
-            plan = self._plans.get(id(group))
-            if (plan is None or not plan.valid_for(group, self._version)
-                    or group["fused"] is False or group["foreach"] or group["differentiable"]):
-                return False
-            tables = plan.tables(list(map(_GRAD, group["params"])))
-            if tables is None:
-                return False
-            jobs.append((group, plan, tables))
-        hypers = []
-        gates: dict = {}
-        for group, plan, (_, G) in jobs:
+    def _step(self, inv_scale: float = 1.0, scaler_checked: bool = False) -> None:
+        """Collect each group's work, check the gradients, apply: nothing is written before
+        every check has passed."""
+        compiling = torch.compiler.is_compiling()
+        if not compiling:  # dynamo refuses attribute writes inside a compiled step
+            self._inv_scale = inv_scale
+        checked = scaler_checked
+        if self._mesh_groups() and not checked:
+            # Sharded params: every rank must agree (and run the same collectives) before
+            # any path is chosen, or one rank would raise while the others step.
+            found = self._find_nonfinite(self._all_work())
+            if found:
+                return self._reject(*found, stacklevel=4)
+            checked = True
+        if compiling:
+            for group in self.param_groups:
+                self._init_group(group, [])
+        jobs = [self._collect(group, compiling) for group in self.param_groups]
+        if not checked and self._check(jobs, compiling):
+            return
+        if self.track_stats:
+            for job in jobs:
+                if job.plan is None:
+                    job.before = [p.detach().clone() for p in job.params]
+                else:
+                    job.rows = job.plan.new_stats()
+        # Device plans step first, each kernel doing nothing if any check found inf or NaN;
+        # one host sync then reads the verdict before anything else changes.
+        gates = {id(j.gate): j.gate for j in jobs if j.gate is not None}
+        for job in sorted(jobs, key=lambda j: j.gate is None):
+            if gates and job.gate is None:
+                if self._gates_tripped(jobs, gates):
+                    return
+                gates = {}
+            self._run(job, inv_scale)
+        if gates and self._gates_tripped(jobs, gates):
+            return
+        if self.track_stats:
+            self._record_stats(jobs)
+
+    def _all_work(self) -> list[tuple[dict, list[Tensor]]]:
+        return [(g, [p for p in g["params"] if p.grad is not None]) for g in self.param_groups]
+
+    def _collect(self, group: dict, compiling: bool) -> _Job:
+        """A group's job: through its cached plan when the plan still holds (the same
+        params, dense contiguous gradients, unchanged storage), else the general path."""
+        plan = None if compiling else self._plans.get(id(group))
+        if plan is not None and group["fused"] is not False and not group["foreach"] \
+                and not group["differentiable"]:
             # Options are validated when they change (schedulers write lr between steps),
             # not at every step: validation costs more than a small model's whole update.
             opts = tuple(map(group.__getitem__, RULE_OPTIONS))
             if plan.validated is None or opts != plan.validated:
                 validate(dict(zip(RULE_OPTIONS, opts)), warn=False)
                 plan.validated = None if any(isinstance(x, Tensor) for x in opts) else opts
-            if group["nonfinite"] != "ignore" and not scaler_checked:
-                if plan.gated:  # checked on the device; the step kernels read the verdict
-                    gates.setdefault(plan.device, plan.new_gate())
-                    plan.check(G, gates[plan.device])
-                elif plan.first_nonfinite(G) >= 0:
-                    return False
-            t = int(plan.steps[0]) + 1 if group["bias_correction"] else 0
-            hypers.append(self._hyper(group, t))
-        rows = ([plan.new_stats() for _, plan, _ in jobs]
-                if self.track_stats else [None] * len(jobs))
-        todo = list(zip(jobs, hypers, rows))
-        # Device plans step first, each kernel doing nothing if any check found inf or NaN;
-        # one host sync then reads the verdict before any CPU plan changes anything.
-        todo.sort(key=lambda job: not job[0][1].gated)
-        for (group, plan, (P, G)), h, r in todo:
-            if not plan.gated and gates:
-                if any(int(g.item()) for g in gates.values()):
-                    return self._undo_gated(todo)
-                gates = {}
-            plan.step(P, G, h, stats=r, gate=gates.get(getattr(plan, "device", None)))
-        if gates and any(int(g.item()) for g in gates.values()):
-            return self._undo_gated(todo)
-        if self.track_stats:
-            self._record_stats([(g, g["params"]) for g, _, _ in jobs], None, rows)
-        return True
+            if plan.valid_for(group, self._version):
+                G = plan.gradients(list(map(_GRAD, group["params"])))
+                if G is not None:
+                    return _Job(group, group["params"], "plan", plan, G)
+        self._plans.pop(id(group), None)
+        validate({k: group[k] for k in RULE_OPTIONS}, warn=False)
+        params = [p for p in group["params"] if p.grad is not None]
+        for p in params:
+            if p.grad.is_sparse:
+                raise RuntimeError("RMSprop does not support sparse gradients")
+            if p.grad.shape != p.shape:
+                raise RuntimeError(f"gradient of parameter {self._param_label(group, p)} "
+                                   f"has shape {tuple(p.grad.shape)}, the parameter "
+                                   f"{tuple(p.shape)}")
+        path = self._path(group, params) if params else "none"
+        if compiling and path == "fused":  # the ctypes kernel is opaque to dynamo
+            path = "foreach"
+        return _Job(group, params, path)
 
-    @staticmethod
-    def _undo_gated(todo: list) -> bool:
-        """A device check found inf or NaN: the gated kernels changed nothing, so only their
-        step counters go back; the general path then names the parameter (False)."""
-        for (_, plan, _), _, _ in todo:
-            if plan.gated:
-                plan.steps.sub_(1)
+    def _path(self, group: dict, params: list[Tensor]) -> str:
+        """torch's rule: the fused (here) or foreach (torch) default applies only when both
+        ``fused`` and ``foreach`` are None; an explicit choice is followed."""
+        fused, foreach = group["fused"], group["foreach"]
+        if group["differentiable"]:
+            return "forloop"
+        if torch.compiler.is_compiling() and not fused and foreach is not False:
+            return "foreach"
+        if fused or (fused is None and foreach is None):
+            reasons = [self._fused_reason(group, p) for p in params]
+            why = next((r for r in reasons if r), None)
+            if why is None:
+                return "fused"
+            if fused:
+                raise RuntimeError("fused=True cannot apply: " + why)
+        if foreach or (foreach is None and all(p.device.type == "cuda" for p in params)):
+            return "foreach"
+        if foreach is None and fused is None and any(
+                self._codec(group, p).dtype is None or self._rounds(group, p) for p in params):
+            return "foreach"  # a state format or a rounding without a kernel: batched
+        return "forloop"
+
+    def _check(self, jobs: list[_Job], compiling: bool) -> bool:
+        """Check every job's gradients for inf/NaN (groups with ``nonfinite="ignore"``
+        excepted); True when the step was rejected. Device plans only queue their check
+        (see CudaPlan)."""
+        checked = [j for j in jobs if j.params and j.group["nonfinite"] != "ignore"]
+        if not checked:
+            return False
+        if compiling:
+            found = self._find_nonfinite([(j.group, j.params) for j in checked])
+            return bool(found) and self._reject(*found) is None
+        gates: dict = {}
+        for job in checked:
+            plan = job.plan
+            if plan is not None and plan.gated:
+                job.gate = gates.setdefault(plan.device, plan.new_gate())
+                plan.check(job.G, job.gate)
+                continue
+            bad = (plan.first_nonfinite(job.G) >= 0 if plan is not None
+                   else self._check_finite([(job.group, job.params)]) is not None)
+            if bad:
+                found = self._find_nonfinite(self._all_work())  # names the first one
+                if found:
+                    self._reject(*found)
+                    return True
         return False
 
-    def _build_plans(self, work: list[tuple[dict, list[Tensor]]], paths: list[str]) -> None:
-        from ._plan import plan_for
+    def _gates_tripped(self, jobs: list[_Job], gates: dict) -> bool:
+        """Read the device checks' verdict (the step's one host sync). If one found inf or
+        NaN, the gated kernels changed nothing: only their step counts go back, and the
+        step is rejected naming the parameter."""
+        if not any(int(g.item()) for g in gates.values()):
+            return False
+        for job in jobs:
+            if job.gate is not None:
+                job.plan.steps.sub_(1)
+        found = self._find_nonfinite(self._all_work())
+        if found:
+            self._reject(*found)
+        return True
 
-        for (group, params), path in zip(work, paths):
-            self._plans.pop(id(group), None)
-            if path != "fused" or not params or len(params) != len(group["params"]):
-                continue
-            devices = {p.device for p in params}
-            plan_cls = plan_for(params[0].device.type)
-            if len(devices) != 1 or plan_cls is None:
-                continue
-            states = [self.state[p] for p in params]
-            kinds = {(p.dtype, st["square_avg"].dtype) for p, st in zip(params, states)}
-            if len(kinds) != 1 or (group["bias_correction"]
-                                   and len({float(st["step"]) for st in states}) != 1):
-                continue
-            if not all(p.is_contiguous() and all(v.is_contiguous() for k, v in st.items()
-                                                  if k != "step")
-                       for p, st in zip(params, states)):
-                continue
-            self._plans[id(group)] = plan_cls(group["params"], states,
-                                             centered=bool(group["centered"]),
-                                             momentum=group["momentum"] > 0,
-                                             version=self._version)
-
-    def _step(self, inv_scale: float = 1.0, scaler_checked: bool = False) -> None:
-        compiling = torch.compiler.is_compiling()
-        if not compiling:  # dynamo (torch 2.11 on CUDA) refuses attribute writes here
-            self._inv_scale = inv_scale
-        checked = scaler_checked
-        if self._mesh_groups() and not checked:
-            # Sharded params: every rank must agree (and run the same collectives) before
-            # any path is chosen, or one rank would raise while the others step.
-            found = self._find_nonfinite([(g, [p for p in g["params"] if p.grad is not None])
-                                          for g in self.param_groups])
-            if found:
-                return self._reject(*found)
-            checked = True
-        if self._plans and not compiling and self._fast_step(checked):
+    def _run(self, job: _Job, inv_scale: float) -> None:
+        """Apply one job: its cached plan, or its path (a fused group gets its plan here)."""
+        group = job.group
+        if job.plan is not None:
+            t = int(job.plan.steps[0]) + 1 if group["bias_correction"] else 0
+            job.plan.step(job.G, self._hyper(group, t, inv_scale), stats=job.rows, gate=job.gate)
             return
-        if compiling:
-            for group in self.param_groups:
-                self._init_group(group, [])
-        work: list[tuple[dict, list[Tensor]]] = []
-        for group in self.param_groups:
-            validate({k: group[k] for k in RULE_OPTIONS}, warn=False)
-            params = [p for p in group["params"] if p.grad is not None]
-            for p in params:
-                if p.grad.is_sparse:
-                    raise RuntimeError("RMSprop does not support sparse gradients")
-                if p.grad.shape != p.shape:
-                    raise RuntimeError(f"gradient of parameter {self._param_label(group, p)} "
-                                       f"has shape {tuple(p.grad.shape)}, the parameter "
-                                       f"{tuple(p.shape)}")
-            work.append((group, params))
-        paths = [self._path(group, params) for group, params in work]
-        if compiling:  # the ctypes kernel is opaque to dynamo: foreach compiles into one graph
-            paths = ["foreach" if path == "fused" else path for path in paths]
-        if not checked:
-            found = self._find_nonfinite(work)
-            if found:
-                return self._reject(*found)
+        if not job.params:
+            return
+        if job.path == "fused":
+            plan = self._build_plan(group, job.params)
+            if plan is not None:
+                job.plan, job.G = plan, plan.gradients(list(map(_GRAD, group["params"])))
+                if job.G is not None:
+                    if self.track_stats:
+                        job.rows, job.before = plan.new_stats(), None
+                    return self._run(job, inv_scale)
+                self._plans.pop(id(group), None)
+                job.plan = None
+        self._apply(group, job.params, job.path, inv_scale)
 
-        before = ([[p.detach().clone() for p in ps] for _, ps in work]
-                  if self.track_stats else None)
-        for (group, params), path in zip(work, paths):
-            if params:
-                self._apply(group, params, path, inv_scale)
-        if self.track_stats:
-            self._record_stats(work, before)
-        if not compiling:
-            self._build_plans(work, paths)
+    def _build_plan(self, group: dict, params: list[Tensor]) -> Optional[_plan.Plan]:
+        """The cached plan of a fused group whose params all have a gradient, share one
+        device, dtype and codec, are contiguous and (with bias correction) share one step
+        count; None when the group must take the general path."""
+        if len(params) != len(group["params"]) or len({p.device for p in params}) != 1:
+            return None
+        plan_cls = _plan.plan_for(params[0].device.type)
+        if plan_cls is None or len({(p.dtype, self._codec(group, p)) for p in params}) != 1:
+            return None
+        states = [self._init_state(p, group) for p in params]
+        if group["bias_correction"] and len({float(st["step"]) for st in states}) != 1:
+            return None
+        centered, momentum = bool(group["centered"]), group["momentum"] > 0
+        sq = [real(st["square_avg"]) for st in states]
+        ga = [real(st["grad_avg"]) for st in states] if centered else None
+        mb = [real(st["momentum_buffer"]) for st in states] if momentum else None
+        reals = [real(p) for p in params]
+        if not all(t.is_contiguous() for ts in (reals, sq, ga or [], mb or []) for t in ts):
+            return None
+        plan = plan_cls(reals, sq, ga, mb)
+        plan.bind(group["params"], states, self._version)
+        self._plans[id(group)] = plan
+        return plan
+
+    # -- the general path ---------------------------------------------------------------------
+
+    def _apply(self, group: dict, params: list[Tensor], path: str,
+               inv_scale: float = 1.0) -> None:
+        states = [self._init_state(p, group) for p in params]
+        torch._foreach_add_([st["step"] for st in states], 1)
+        # Tensors that share dtype, codec and step count go to the paths together.
+        buckets: dict[tuple, list[int]] = {}
+        for i, (p, st) in enumerate(zip(params, states)):
+            key = (p.device, p.dtype, self._codec(group, p),
+                   int(st["step"].item()) if group["bias_correction"] else 0)
+            buckets.setdefault(key, []).append(i)
+        for (device, _, codec, t), idx in buckets.items():
+            h = self._hyper(group, t, inv_scale)
+            ps = [params[i] for i in idx]
+            sts = [states[i] for i in idx]
+            if path == "fused":
+                self._apply_fused(ps, sts, h, device, codec)
+            else:
+                self._apply_unfused(ps, sts, h, path, codec)
+
+    def _apply_fused(self, ps: list[Tensor], sts: list[dict], h: Hyper,
+                     device: torch.device, codec: Codec) -> None:
+        """A one-shot plan over the contiguous tensors; non-contiguous views take the
+        for-loop path, which computes the same rule."""
+        contiguous = [i for i, p in enumerate(ps) if p.is_contiguous() and p.grad.is_contiguous()
+                      and all(v.is_contiguous() for k, v in sts[i].items() if k != "step")]
+        fast = set(contiguous)
+        rest = [i for i in range(len(ps)) if i not in fast]
+        if contiguous:
+            plan_cls = _plan.plan_for(device.type)
+            plan = plan_cls(
+                [real(ps[i]) for i in contiguous], [real(sts[i]["square_avg"]) for i in contiguous],
+                [real(sts[i]["grad_avg"]) for i in contiguous] if h.centered else None,
+                [real(sts[i]["momentum_buffer"]) for i in contiguous] if h.momentum > 0 else None)
+            plan.run(_plan._ptrs([real(ps[i].grad) for i in contiguous]), h)
+        if rest:
+            self._apply_unfused([ps[i] for i in rest], [sts[i] for i in rest], h, "forloop",
+                                codec)
+
+    def _apply_unfused(self, ps: list[Tensor], sts: list[dict], h: Hyper, path: str,
+                       codec: Codec) -> None:
+        """The for-loop or foreach path. The math runs in the spec's dtype (float64 for float64
+        params, float32 otherwise): params and gradients in another dtype are computed on as
+        float copies and rounded back once; state is decoded and encoded by its codec.
+
+        The foreach path runs over batches of at most ``_FOREACH_BATCH[device]`` elements
+        (long tensors cut into flat slices at multiples of the codec's block): its
+        temporaries (the denominator, and the float copies) then stay bounded instead of
+        model-sized, and on the CPU a batch's passes run in cache. Every operation is
+        elementwise, so the result does not depend on the batching."""
+        keys = [key for key, on in (("square_avg", True), ("grad_avg", h.centered),
+                                    ("momentum_buffer", h.momentum > 0)) if on]
+        # rows of (param, grad, state or a slice of it, offset of the slice in the param)
+        rows = [(real(p), real(p.grad), st, 0) for p, st in zip(ps, sts)]
+        if path != "foreach" or torch.compiler.is_compiling():
+            return self._unfused(rows, keys, h, path, codec)
+        limit = _FOREACH_BATCH.get(rows[0][0].device.type, _FOREACH_BATCH["cuda"])
+        limit = max(codec.block, limit // codec.block * codec.block)
+        batch: list[tuple] = []
+        size = 0
+        for row in rows:
+            p, g, st, _ = row
+            n = p.numel()
+            parts = [row]
+            if n > limit and p.is_contiguous() and g.is_contiguous():
+                cut = [(lo, min(lo + limit, n)) for lo in range(0, n, limit)]
+                subs = [self._slice_state(codec, keys, st, lo, hi) for lo, hi in cut]
+                if all(sub is not None for sub in subs):
+                    parts = [(p.view(-1)[lo:hi], g.view(-1)[lo:hi], sub, lo)
+                             for (lo, hi), sub in zip(cut, subs)]
+            for part in parts:
+                if size and size + part[0].numel() > limit:
+                    self._unfused(batch, keys, h, path, codec)
+                    batch, size = [], 0
+                batch.append(part)
+                size += part[0].numel()
+        if batch:
+            self._unfused(batch, keys, h, path, codec)
+
+    @staticmethod
+    def _slice_state(codec: Codec, keys: list[str], st: dict, lo: int, hi: int
+                     ) -> Optional[dict]:
+        """One dict with every key's entries for elements [lo, hi), or None if one cannot be
+        cut (the step count and a stochastic-rounding seed come along)."""
+        sub = {k: st[k] for k in ("step", "sr_seed") if k in st}
+        for key in keys:
+            part = codec.slice(key, st, lo, hi)
+            if part is None:
+                return None
+            sub.update(part)
+        return sub
+
+    @staticmethod
+    def _unfused(rows: list[tuple], keys: list[str], h: Hyper, path: str,
+                 codec: Codec) -> None:
+        """The rule over ``rows`` of (param, grad, state, offset): params and grads real
+        tensors, the state (a slice of) a state dict read and written through ``codec``."""
+        ps = [r[0] for r in rows]
+        f = math_dtype(ps[0].dtype)
+        pw = [t if t.dtype == f else t.to(f) for t in ps]
+        gw = [r[1] if r[1].dtype == f else r[1].to(f) for r in rows]
+        decode_all = getattr(codec, "decode_all", None)
+        vals = []
+        for p, (_, _, st, _) in zip(ps, rows):
+            d = decode_all(st, keys, f) if decode_all is not None else {
+                key: codec.decode(key, st, f) for key in keys}
+            # a codec may decode to a flat tensor: viewed, in-place math still writes it
+            vals.append({k: v if v.shape == p.shape else v.view(p.shape) for k, v in d.items()})
+        vs = [v["square_avg"] for v in vals]
+        ms = [v["grad_avg"] for v in vals] if h.centered else None
+        bs = [v["momentum_buffer"] for v in vals] if h.momentum > 0 else None
+        if path == "foreach":
+            _paths.foreach_step(pw, gw, vs, ms, bs, h)
+        else:
+            for i in range(len(pw)):
+                _paths.single_tensor_step(pw[i], gw[i], vs[i], ms[i] if ms else None,
+                                          bs[i] if bs else None, h)
+        for (t, _, st, offset), w in zip(rows, pw):
+            if "sr_seed" in st and t.dtype in (torch.float16, torch.bfloat16):
+                from . import _quantized  # the stochastic rounding of 16-bit params
+                _quantized.sr_write_(t, w, int(st["sr_seed"]), int(st["step"]), offset)
+            elif w is not t:
+                t.copy_(w)
+        encode_all = getattr(codec, "encode_all_", None)
+        for (_, _, st, _), val in zip(rows, vals):
+            if encode_all is not None:
+                encode_all(st, val)
+            else:
+                for key in keys:
+                    codec.encode_(key, st, val[key])
+
+    # -- gradient checks ----------------------------------------------------------------------
+
+    @torch.no_grad()
+    def _check_finite(self, work: list[tuple[dict, list[Tensor]]]) -> Optional[str]:
+        """The name of the first parameter whose gradient is not finite, or ``None``."""
+        for group, params in work:
+            if not params:
+                continue
+            grads = [real(p.grad) for p in params]
+            kernel = _fused_kernel("cpu") if all(g.device.type == "cpu" and g.is_contiguous()
+                                                 for g in grads) else None
+            if kernel is not None and hasattr(kernel, "first_nonfinite"):
+                bad = kernel.first_nonfinite(grads)
+            else:
+                nonempty = [i for i, g in enumerate(grads) if g.numel()]
+                # max |g| never overflows, so it is finite exactly when every element is.
+                maxes = torch._foreach_norm([grads[i] for i in nonempty], float("inf")) \
+                    if nonempty else []
+                flags = torch.stack([torch.isfinite(x) for x in maxes]).cpu() if nonempty \
+                    else None
+                bad = -1 if flags is None or bool(flags.all()) else \
+                    nonempty[int((~flags).nonzero()[0])]
+            if bad >= 0:
+                return self._param_label(group, params[bad])
+        return None
 
     def _find_nonfinite(self, work: list[tuple[dict, list[Tensor]]]
                         ) -> Optional[tuple[str, str]]:
@@ -587,7 +762,7 @@ class RMSprop(Optimizer):
             # write; it cannot name the parameter, and "skip" raises too. (A check between two
             # graphs would guard the second on gradients that zero_grad frees: a recompile at
             # every step.)
-            grads = [self._real(p.grad) for _, ps in checked for p in ps if p.grad.numel()]
+            grads = [real(p.grad) for _, ps in checked for p in ps if p.grad.numel()]
             if grads:
                 ok = _all_finite(grads)
                 torch._assert_async(ok, "rmsprop: non-finite gradient (inf or NaN)")
@@ -617,7 +792,9 @@ class RMSprop(Optimizer):
         self._mesh = next((p.device_mesh for g in self.param_groups for p in g["params"]
                            if getattr(p, "device_mesh", None) is not None), None)
 
-    def _reject(self, label: str, mode: str) -> None:
+    def _reject(self, label: str, mode: str, stacklevel: int = 5) -> None:
+        """Raise, or count and skip, a step whose gradients are not finite (``stacklevel``
+        points the warning at the caller of ``step()``)."""
         if mode == "raise":
             raise NonFiniteGradientError(
                 f"non-finite gradient (inf or NaN) in parameter {label}; nothing was "
@@ -627,116 +804,10 @@ class RMSprop(Optimizer):
         if self.skipped_steps == 1:
             warnings.warn(f"rmsprop: skipped a step: non-finite gradient in parameter "
                           f"{label} (counted in optimizer.skipped_steps)", RuntimeWarning,
-                          stacklevel=4)
+                          stacklevel=stacklevel)
         if self.track_stats and self._stats:
             for gs in self._stats.get("groups", []):
                 gs["skipped_steps"] = self.skipped_steps
-
-    def _apply(self, group: dict, params: list[Tensor], path: str,
-               inv_scale: float = 1.0) -> None:
-        states = [self._init_state(p, group) for p in params]
-        torch._foreach_add_([st["step"] for st in states], 1)
-        # Tensors that share dtype, state dtype and step count go to the paths together.
-        buckets: dict[tuple, list[int]] = {}
-        for i, (p, st) in enumerate(zip(params, states)):
-            key = (p.device, p.dtype, self._real(st["square_avg"]).dtype,
-                   int(st["step"].item()) if group["bias_correction"] else 0)
-            buckets.setdefault(key, []).append(i)
-        for (device, dtype, sdtype, t), idx in buckets.items():
-            h = self._hyper(group, t, inv_scale)
-            ps = [params[i] for i in idx]
-            sts = [states[i] for i in idx]
-            if path == "fused":
-                self._apply_fused(ps, sts, h, device)
-            else:
-                self._apply_unfused(ps, sts, h, path)
-
-    @staticmethod
-    def _real(t: Optional[Tensor]) -> Optional[Tensor]:
-        """The plain real tensor the math runs on: a DTensor's local shard (FSDP2 steps on
-        shards, never gathers), complex as (re, im) pairs."""
-        if t is None:
-            return None
-        t = _local(t)
-        return torch.view_as_real(t) if t.is_complex() else t
-
-    def _apply_unfused(self, ps: list[Tensor], sts: list[dict], h: Hyper, path: str) -> None:
-        """The for-loop or foreach path. The math runs in the spec's dtype (float64 for float64
-        params, float32 otherwise): params, gradients and state in another dtype are
-        computed on as float copies and rounded back once.
-
-        The foreach path runs over batches of at most ``_FOREACH_BATCH[device]`` elements
-        (long tensors cut into flat slices): its temporaries (the denominator, and the float
-        copies of 16-bit params and gradients) then stay bounded instead of model-sized, and
-        on the CPU a batch's passes run in cache. Every operation is elementwise, so the
-        result does not depend on the batching."""
-        r = self._real
-        keys = [key for key, on in (("square_avg", True), ("grad_avg", h.centered),
-                                    ("momentum_buffer", h.momentum > 0)) if on]
-        columns = [[r(p) for p in ps], [r(p.grad) for p in ps]] + [
-            [r(st[key]) for st in sts] for key in keys]
-        if path != "foreach" or torch.compiler.is_compiling():
-            return self._unfused(columns, keys, h, path)
-        limit = _FOREACH_BATCH.get(columns[0][0].device.type, _FOREACH_BATCH["cuda"])
-        batch: list[list[Tensor]] = [[] for _ in columns]
-        size = 0
-        for row in zip(*columns):
-            n = row[0].numel()
-            parts = [row]
-            if n > limit and all(t.is_contiguous() for t in row):
-                parts = [tuple(t.view(-1)[lo:lo + limit] for t in row)
-                         for lo in range(0, n, limit)]
-            for part in parts:
-                if size and size + part[0].numel() > limit:
-                    self._unfused(batch, keys, h, path)
-                    batch, size = [[] for _ in columns], 0
-                for col, t in zip(batch, part):
-                    col.append(t)
-                size += part[0].numel()
-        if batch[0]:
-            self._unfused(batch, keys, h, path)
-
-    @staticmethod
-    def _unfused(columns: list[list[Tensor]], keys: list[str], h: Hyper, path: str) -> None:
-        """The rule over ``columns`` = [params, grads, *states named by keys] (real tensors)."""
-        math_dtype = torch.float64 if columns[0][0].dtype == torch.float64 else torch.float32
-        work = [ts if ts[0].dtype == math_dtype else [t.to(math_dtype) for t in ts]
-                for ts in columns]
-        pw, gw = work[0], work[1]
-        sw = dict(zip(keys, work[2:]))
-        vs, ms, bs = sw["square_avg"], sw.get("grad_avg"), sw.get("momentum_buffer")
-        if path == "foreach":
-            _paths.foreach_step(pw, gw, vs, ms, bs, h)
-        else:
-            for i in range(len(pw)):
-                _paths.single_tensor_step(pw[i], gw[i], vs[i], ms[i] if ms else None,
-                                          bs[i] if bs else None, h)
-        for i, (originals, copies) in enumerate(zip(columns, work)):
-            if i != 1 and copies is not originals:  # the gradients are only read
-                for t, w in zip(originals, copies):
-                    t.copy_(w)
-
-    def _apply_fused(self, ps: list[Tensor], sts: list[dict], h: Hyper,
-                     device: torch.device) -> None:
-        kernel = _fused_kernel(device.type)
-        r = self._real
-        contiguous = [i for i, p in enumerate(ps) if p.is_contiguous() and p.grad.is_contiguous()
-                      and all(v.is_contiguous() for k, v in sts[i].items() if k != "step")]
-        fast = set(contiguous)
-        rest = [i for i in range(len(ps)) if i not in fast]
-        if contiguous:
-            kernel.fused_step(
-                [r(ps[i]) for i in contiguous], [r(ps[i].grad) for i in contiguous],
-                [r(sts[i]["square_avg"]) for i in contiguous],
-                [r(sts[i]["grad_avg"]) for i in contiguous] if h.centered else None,
-                [r(sts[i]["momentum_buffer"]) for i in contiguous] if h.momentum > 0 else None,
-                lr=h.lr, alpha=h.alpha, eps=h.eps, weight_decay=h.weight_decay,
-                momentum=h.momentum, centered=h.centered, maximize=h.maximize,
-                eps_in_sqrt=h.eps_in_sqrt, lr_in_momentum=h.lr_in_momentum,
-                nesterov=h.nesterov, decoupled_weight_decay=h.decoupled_weight_decay,
-                bias_correction=h.c, grad_scale=None if h.inv_scale == 1.0 else 1.0 / h.inv_scale)
-        if rest:  # non-contiguous views: the for-loop path computes the same rule
-            self._apply_unfused([ps[i] for i in rest], [sts[i] for i in rest], h, "forloop")
 
     # -- health statistics --------------------------------------------------------------------
 
@@ -744,121 +815,28 @@ class RMSprop(Optimizer):
     # graph at every .item() and recompiles on each new value (past dynamo's limit of 8).
     @torch.compiler.disable
     @torch.no_grad()
-    def _record_stats(self, work: list[tuple[dict, list[Tensor]]],
-                      before: Optional[list[list[Tensor]]],
-                      rows: Optional[list[Tensor]] = None) -> None:
-        """Record the step's statistics. ``rows[g]`` is a float64 ``[n, 6]`` tensor per group,
-        as the fused kernel fills it in its pass (sum g^2, sum u^2, sum p^2, min lr/d,
-        max lr/d, count of eps-dominated elements); without it the rows are computed here from
-        ``before``, the params as they were before the step."""
-        if rows is None:
-            rows = [torch.stack([self._stats_row(group, p, old)
-                                 for p, old in zip(params, before[gi])]) if params else
-                    torch.zeros(0, 6, dtype=torch.float64)
-                    for gi, (group, params) in enumerate(work)]
+    def _record_stats(self, jobs: list[_Job]) -> None:
+        """Record the step's statistics rows: the fused kernels' (filled in their pass), or
+        computed here from the params as they were before the step."""
+        rows = []
+        for job in jobs:
+            if job.rows is not None:
+                rows.append(job.rows)
+            elif job.params:
+                hypers: dict[int, Hyper] = {}
+                out = []
+                for p, old in zip(job.params, job.before or []):
+                    t = int(self.state[p]["step"]) if job.group["bias_correction"] else 0
+                    h = hypers.get(t) or hypers.setdefault(t, self._hyper(job.group, t))
+                    out.append(_stats.row(h, self._codec(job.group, p), p, old, self.state[p]))
+                rows.append(torch.stack(out))
+            else:
+                rows.append(_stats.empty_rows())
         # Summarised when stats() is called: until the next step the state it reads (for the
         # median step size) is the state this step left, and a training loop that reads the
         # statistics every k steps pays for the summary every k steps, not at each one.
         self._stats = {}
-        self._pending = (work, rows)
-
-    @torch.no_grad()
-    def _summarize_pending(self) -> None:
-        work, rows = self.__dict__.pop("_pending")
-        groups_out, params_out = [], {}
-        for gi, (group, params) in enumerate(work):
-            r = rows[gi].cpu()
-            numels = [self._real(p).numel() for p in params]
-            per_param = self.track_stats == "params"
-            # The group's median step size comes from a sample of at most 64 tensors: on a
-            # model of a thousand small tensors per-tensor work would cost more than the step.
-            every = 1 if per_param else max(1, len(params) // 64)
-            samples = [self._step_sizes(group, p) for p in params[::every]]
-            steps = [int(self.state[p]["step"]) for p in params[::every]]
-            out = self._summarize(r, numels, samples, max(steps, default=0))
-            out["skipped_steps"] = self.skipped_steps
-            groups_out.append(out)
-            if per_param:
-                for i, p in enumerate(params):
-                    name = self._param_label(group, p).strip("'")
-                    params_out[name] = self._summarize(r[i:i + 1], numels[i:i + 1],
-                                                       samples[i:i + 1], steps[i])
-        self._stats = {"groups": groups_out}
-        if self.track_stats == "params":
-            self._stats["params"] = params_out
-
-    def _stats_row(self, group: dict, p: Tensor, old: Tensor) -> Tensor:
-        """One parameter's row of this step's statistics (sum g^2, sum u^2, sum p^2, min lr/d,
-        max lr/d, count of eps-dominated elements) as a float64 tensor on its device: no
-        host sync per value. Computed in the param's math dtype (float64 for float64 params,
-        float32 otherwise, as the fused kernels do): float64 copies of float32 tensors cost
-        more than the step itself on the CPU."""
-        st, r = self.state[p], self._real
-        h = self._hyper(group, int(st["step"]))
-        f = torch.float64 if r(p).dtype == torch.float64 else torch.float32
-        s = r(st["square_avg"]).to(f)
-        s = s / h.c if h.c != 1.0 else s
-        if h.centered:
-            m = r(st["grad_avg"]).to(f)
-            s = (s - (m / h.c if h.c != 1.0 else m).square()).clamp(min=0)
-        sq = (s + h.eps).sqrt() if h.eps_in_sqrt else s.sqrt()
-        d = sq if h.eps_in_sqrt else sq + h.eps
-        new, old = r(p.detach()).to(f), r(old).to(f)
-        g = r(p.grad).to(f)
-        g = g * h.inv_scale if h.inv_scale != 1.0 else g  # the sign does not change g^2
-        if h.weight_decay and not h.decoupled_weight_decay:
-            g = (-g if h.maximize else g) + h.weight_decay * old
-        dom = (h.eps > s) if h.eps_in_sqrt else (h.eps > sq)
-        row = [x.square().sum().to(torch.float64) for x in (g, old - new, new)]
-        if new.numel():
-            # lr/d is monotone in d and correctly rounded: its extremes are lr over d's
-            dmin, dmax = torch.aminmax(d)
-            row += [(h.lr / dmax).to(torch.float64), (h.lr / dmin).to(torch.float64)]
-        else:
-            row += [torch.tensor(v, dtype=torch.float64, device=new.device)
-                    for v in (math.inf, -math.inf)]
-        return torch.stack(row + [dom.sum().to(torch.float64)])
-
-    def _step_sizes(self, group: dict, p: Tensor, limit: int = 4096) -> np.ndarray:
-        """``lr/d`` on a strided sample of at most ``limit`` elements (for the median)."""
-        st = self.state[p]
-        sub = {k: st[k] for k in ("square_avg", "grad_avg") if k in st}
-        flat = {k: self._real(v).reshape(-1) for k, v in sub.items()}
-        n = flat["square_avg"].numel()
-        stride = max(1, n // limit + (n % limit > 0))
-        h = self._hyper(group, int(st["step"]))
-        # in NumPy, on the host: a few thousand float64 elements through torch's threaded
-        # kernels can wait milliseconds for a busy second core
-
-        def host(key: str) -> np.ndarray:
-            return flat[key][::stride].detach().to("cpu", torch.float64).numpy() / h.c
-
-        v = host("square_avg")
-        with np.errstate(divide="ignore", invalid="ignore"):
-            if h.centered:
-                m = host("grad_avg")
-                v = np.where(v - m * m < 0, 0.0, v - m * m)  # NaN is kept, as in the rule
-            d = np.sqrt(v + h.eps) if h.eps_in_sqrt else np.sqrt(v) + h.eps
-            return h.lr / d
-
-    @staticmethod
-    def _summarize(rows: Tensor, numels: list[int], samples: list[np.ndarray],
-                   step: int) -> dict[str, float]:
-        n = sum(numels)
-        if n == 0:
-            nan = float("nan")
-            return dict(step=step, grad_rms=nan, update_rms=nan, update_to_param_rms=nan,
-                        step_min=nan, step_median=nan, step_max=nan,
-                        eps_dominated_fraction=nan)
-        sums = rows.sum(dim=0)
-        g2, u2, p2 = (float(x) for x in sums[:3])
-        sample = np.concatenate([x.reshape(-1) for x in samples]) if samples else np.empty(0)
-        return dict(step=step, grad_rms=math.sqrt(g2 / n), update_rms=math.sqrt(u2 / n),
-                    update_to_param_rms=math.sqrt(u2 / p2) if p2 > 0 else math.inf,
-                    step_min=float(rows[:, 3].min()),
-                    step_median=float(np.median(sample)) if sample.size else math.nan,
-                    step_max=float(rows[:, 4].max()),
-                    eps_dominated_fraction=float(sums[5]) / n)
+        self._pending = ([(j.group, j.params) for j in jobs], rows)
 
     def stats(self) -> dict[str, Any]:
         """Health statistics of the last step (needs ``track_stats``).
@@ -878,5 +856,10 @@ class RMSprop(Optimizer):
         if not self.track_stats:
             raise RuntimeError("stats() needs the optimizer built with track_stats=True")
         if "_pending" in self.__dict__:
-            self._summarize_pending()
+            work, rows = self.__dict__.pop("_pending")
+            with torch.no_grad():
+                self._stats = _stats.summarize_groups(
+                    work, rows, self.track_stats == "params",
+                    lambda group, t: self._hyper(group, t), self._codec, self._param_label,
+                    self.state, self.skipped_steps)
         return self._stats

@@ -1,7 +1,7 @@
 """Analytic test functions: classic non-convex 2-D/N-D functions and the DeepOBS noisy quadratic.
 
-Definitions and optima (benchmarks.md section 5; Jamil & Yang 2013, "A literature survey of
-benchmark functions for global optimization problems"):
+Definitions and optima (Jamil & Yang 2013, "A literature survey of benchmark functions for
+global optimization problems"):
 
 - Rosenbrock ``(1-x)^2 + 100 (y-x^2)^2``, minimum 0 at (1, 1); N-D sum form
   ``sum_i 100 (x_{i+1}-x_i^2)^2 + (1-x_i)^2``, minimum 0 at (1, ..., 1).
@@ -26,8 +26,9 @@ differ by start only.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Any
 
 from .base import Problem, Task, stream_seed
 
@@ -168,11 +169,12 @@ class NoisyQuadratic(Problem):
 
         q = torch.tensor(self.hessian(), dtype=torch.float64)
         g_noise = torch.Generator().manual_seed(stream_seed(seed, "noise"))
-        p = torch.nn.Parameter(torch.full((self.dim,), self.theta0, dtype=torch.float64))
+        dim = int(self.dim or 0)
+        p = torch.nn.Parameter(torch.full((dim,), self.theta0, dtype=torch.float64))
         batch = self.batch_size or 128
 
         def train_loss() -> torch.Tensor:
-            x = torch.randn((batch, self.dim), generator=g_noise, dtype=torch.float64)
+            x = torch.randn((batch, dim), generator=g_noise, dtype=torch.float64)
             diff = p - x
             return 0.5 * ((diff @ q) * diff).sum(1).mean()
 
@@ -187,7 +189,7 @@ def analytic_problems() -> list[Problem]:
     """Every analytic problem, in a stable order."""
     s2 = math.sqrt(2.0)
     hb = [(3.0, 2.0), (-2.805118, 3.131312), (-3.779310, -3.283186), (3.584428, -1.848126)]
-    common = dict(steps=1000, eval_every=10, batch_size=None, known_min=0.0)
+    common: dict[str, Any] = dict(steps=1000, eval_every=10, batch_size=None, known_min=0.0)
     return [
         AnalyticProblem("rosenbrock", "2-D Rosenbrock from (-1.5, 2) +- 0.1: curved narrow valley",
                         fn=rosenbrock, start=(-1.5, 2.0), jitter=0.1, optima=[(1.0, 1.0)],
@@ -210,7 +212,8 @@ def analytic_problems() -> list[Problem]:
                         (0.0, -s2)], bounds=[(-1.5, 1.5), (-2.0, 2.0)],
                         **{**common, "known_min": -1.0, "steps": 500}),
         NoisyQuadratic("quadratic-100d", "DeepOBS noisy quadratic, 100-D, batch 128", steps=500,
-                       eval_every=10, batch_size=128, known_min=0.0, target_tau=1e-2, dim=100),
+                       eval_every=10, batch_size=128, known_min=0.0, target_tau=1e-2, dim=100,
+                       convex=True),
         AnalyticProblem("rosenbrock-20d", "20-D Rosenbrock (sum form) from (-1.2, 1, ...) +- 0.1",
                         fn=rosenbrock, start=tuple([-1.2, 1.0] * 10), jitter=0.1,
                         optima=[tuple([1.0] * 20)], **{**common, "steps": 3000, "eval_every": 30}),

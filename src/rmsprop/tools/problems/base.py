@@ -2,6 +2,10 @@
 
 A :class:`Problem` fixes model, loss, batch size, step budget, evaluation interval and data split;
 :meth:`Problem.run` trains it with any ``torch.optim.Optimizer`` and returns a :class:`RunResult`.
+A subclass implements one method, :meth:`Problem.build` (seed -> :class:`Task`: the parameters,
+a closure giving the next minibatch loss, and an evaluation of a split). :class:`ModelProblem`
+is the ready-made subclass for a user's own ``torch.nn.Module`` and data: the protocol behind
+``rmsprop compare --problem mypkg.module:make_problem``.
 
 Seeds follow *common random numbers*: for a given problem, ``seed=k`` gives every optimizer the
 same initial parameters, the same minibatch order and the same gradient noise, so differences
@@ -15,16 +19,17 @@ from __future__ import annotations
 import hashlib
 import math
 import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # torch is imported lazily so that listing problems stays cheap
     import torch
 
-__all__ = ["Problem", "RunResult", "Task", "stream_seed", "DIVERGENCE_FACTOR"]
+__all__ = ["Problem", "ModelProblem", "RunResult", "Task", "stream_seed", "DIVERGENCE_FACTOR"]
 
 #: A run diverges when its loss is non-finite, or its excess over the reference (``known_min``,
-#: else 0) exceeds this multiple of the initial excess (DeepOBS/benchmarks.md section 9.3).
+#: else 0) exceeds this multiple of the initial excess (the DeepOBS convention).
 DIVERGENCE_FACTOR = 10.0
 
 OptimizerFactory = Callable[[list["torch.nn.Parameter"]], "torch.optim.Optimizer"]
@@ -72,7 +77,7 @@ class RunResult:
         return _json_safe(asdict(self))
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "RunResult":
+    def from_dict(cls, d: dict[str, Any]) -> RunResult:
         """Inverse of :meth:`to_dict`; ``None`` inside loss curves reads back as ``nan``."""
         d = dict(d)
         for key in ("train_loss", "eval_loss", "eval_metric"):
@@ -103,8 +108,8 @@ class Task:
     ``evaluate(split)`` returns ``(loss, metric or None)`` on a whole split, without grad.
     """
 
-    params: list["torch.nn.Parameter"]
-    train_loss: Callable[[], "torch.Tensor"]
+    params: list[torch.nn.Parameter]
+    train_loss: Callable[[], torch.Tensor]
     evaluate: Callable[[str], tuple[float, float | None]]
     point: Callable[[], list[float]] | None = None
 
@@ -116,7 +121,10 @@ class Problem:
     Subclasses implement :meth:`build`. ``known_min`` is the global minimum of the evaluation loss
     where it is known in closed form (analytic functions); ``target_tau`` is the Moré–Wild
     tolerance for steps-to-target, ``l_L + tau * (l_0 - l_L)``; ``metric_name`` names
-    ``eval_metric`` (higher is better), ``None`` when there is only a loss.
+    ``eval_metric`` (higher is better), ``None`` when there is only a loss; ``convex`` marks a
+    convex objective (the report's verdict on non-convex problems leaves those out);
+    ``target_loss``, when set, is an absolute target for steps-to-target that replaces the
+    relative one (e.g. a return threshold in RL).
     """
 
     name: str
@@ -132,6 +140,8 @@ class Problem:
     tags: tuple[str, ...] = field(default_factory=tuple)
     #: importable modules the problem needs beyond torch (checked by :meth:`missing`)
     requires: tuple[str, ...] = field(default_factory=tuple)
+    convex: bool = False
+    target_loss: float | None = None
 
     def missing(self) -> list[str]:
         """The modules of :attr:`requires` that cannot be imported here (found without
@@ -162,9 +172,15 @@ class Problem:
     ) -> RunResult:
         """Train for ``steps`` (default :attr:`steps`) updates and evaluate every ``eval_every``.
 
-        The run stops early, with ``diverged=True``, when a training loss is non-finite or an
-        evaluation loss is non-finite or exceeds the reference by more than
-        ``DIVERGENCE_FACTOR`` times its initial excess (reference: ``known_min``, else 0).
+        A run *diverges* when a training or evaluation loss becomes non-finite (the run stops
+        there), or when it ends with the objective's excess over the reference (``known_min``,
+        else 0) above ``DIVERGENCE_FACTOR`` times its initial excess. The objective is the
+        evaluation loss for analytic problems (the noise-free function) and, for data problems,
+        the mean training loss of the last ``max(eval_every, 10)`` steps: a held-out loss can
+        end tenfold above its start while the model still improves (an over-confident
+        classifier at 90 % accuracy pays a huge cross-entropy for its few mistakes), which is
+        over-fitting, not divergence; and a transient spike that training recovers from is
+        not divergence either.
         """
         if split not in ("valid", "test"):
             raise ValueError(f"split must be 'valid' or 'test', got {split!r}")
@@ -192,9 +208,7 @@ class Problem:
                 eval_metric.append(math.nan if metric is None else metric)
             if traj is not None:
                 traj.append(task.point())
-            if not math.isfinite(loss):
-                return True
-            return (loss - ref) > DIVERGENCE_FACTOR * max(eval_loss[0] - ref, 0.0) and t > 0
+            return not math.isfinite(loss)
 
         diverged = do_eval(0)
         t = 0
@@ -219,6 +233,11 @@ class Problem:
         if diverged and (not eval_steps or eval_steps[-1] != t):
             # the point where it blew up, so curves end there rather than at the last good eval
             do_eval(t)
+        if not diverged and t > 0:
+            limit = DIVERGENCE_FACTOR * max(eval_loss[0] - ref, 0.0)
+            recent = train[-max(self.eval_every, 10):]
+            end = eval_loss[-1] if self.kind == "analytic" else sum(recent) / len(recent)
+            diverged = (end - ref) > limit
 
         test_loss = test_metric = None
         if self.kind != "analytic":
@@ -246,8 +265,113 @@ class Problem:
         )
 
 
+def _batch_size(batch: Any) -> int:
+    """Examples in ``batch``: the length of its first tensor (a tensor, or one inside a tuple,
+    list or dict); 1 when it holds none (then batches are weighted equally)."""
+    items = batch.values() if isinstance(batch, dict) else (
+        batch if isinstance(batch, (tuple, list)) else (batch,))
+    for x in items:
+        shape = getattr(x, "shape", None)
+        if shape is not None and len(shape) > 0:
+            return int(shape[0])
+    return 1
+
+
+@dataclass(kw_only=True)
+class ModelProblem(Problem):
+    """A user's own ``torch.nn.Module`` and data, trained by the same driver as the suite.
+
+    ``ModelProblem(name, steps, model=..., loss=..., train_batches=..., eval_batches=...)``; the
+    four callables are the protocol:
+
+    - ``model()`` returns a fresh ``torch.nn.Module``. It is called with torch's global RNG seeded
+      from the run seed's ``init`` stream (and restored after), so seed ``k`` gives every
+      optimizer the same initial weights;
+    - ``train_batches(generator)`` returns an iterator of training batches (anything ``loss``
+      accepts) that does not run out within ``steps``. ``generator`` is a ``torch.Generator``
+      seeded from the seed's ``order`` stream: draw the minibatch order from it so that seed
+      ``k`` gives every optimizer the same data (common random numbers). Dropout and other
+      noise inside the model draw from the seed's ``noise`` stream;
+    - ``loss(model, batch)`` returns the minibatch loss to minimize, a scalar tensor;
+    - ``eval_batches(split)`` returns an iterable of batches of ``"valid"`` (tuning and the
+      report) or ``"test"`` (reported once, at the end). The evaluation loss is the mean of
+      ``loss`` over them weighted by batch size (the length of a batch's first tensor), in
+      ``model.eval()`` mode without gradients;
+    - ``metric(model, batch)`` (optional) returns a float where higher is better (e.g.
+      accuracy), averaged like the loss and named ``metric_name``.
+
+    ``steps`` is the budget, ``eval_every`` the evaluation interval (also the resolution of
+    steps-to-target), ``target_tau`` the Moré–Wild tolerance of the target (0.1 by default, as
+    for the suite's data problems: within 10 % of the gap between the initial loss and the best
+    loss any run reached).
+    """
+
+    description: str = ""
+    eval_every: int = 10
+    batch_size: int | None = None
+    target_tau: float = 0.1
+    model: Callable[[], Any] = field(repr=False)
+    loss: Callable[[Any, Any], Any] = field(repr=False)
+    train_batches: Callable[[Any], Iterable[Any]] = field(repr=False)
+    eval_batches: Callable[[str], Iterable[Any]] = field(repr=False)
+    metric: Callable[[Any, Any], float] | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        self.kind = "data"
+        if self.metric is not None and self.metric_name is None:
+            self.metric_name = "metric"
+        if self.metric is None:
+            self.metric_name = None
+
+    def build(self, seed: int) -> Task:
+        """The model under the ``init`` stream, batches from the ``order`` stream."""
+        import torch
+
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(stream_seed(seed, "init"))
+            net = self.model()
+            # the model's own randomness (dropout) gets a stream of its own, kept across steps
+            torch.manual_seed(stream_seed(seed, "noise"))
+            noise = [torch.get_rng_state()]
+        order = torch.Generator().manual_seed(stream_seed(seed, "order"))
+        batches = iter(self.train_batches(order))
+        name, loss_fn, metric_fn = self.name, self.loss, self.metric
+
+        def train_loss() -> torch.Tensor:
+            try:
+                batch = next(batches)
+            except StopIteration:
+                raise ValueError(f"problem {name!r}: train_batches ran out of batches; it must "
+                                 "yield at least `steps` batches (loop over epochs)") from None
+            with torch.random.fork_rng(devices=[]):
+                torch.set_rng_state(noise[0])
+                out = loss_fn(net, batch)
+                noise[0] = torch.get_rng_state()
+            return out
+
+        def evaluate(split: str) -> tuple[float, float | None]:
+            total = weight = metric_total = 0.0
+            was_training = net.training
+            net.eval()
+            try:
+                with torch.no_grad():
+                    for batch in self.eval_batches(split):
+                        n = _batch_size(batch)
+                        total += n * float(loss_fn(net, batch))
+                        if metric_fn is not None:
+                            metric_total += n * float(metric_fn(net, batch))
+                        weight += n
+            finally:
+                net.train(was_training)
+            if weight == 0:
+                raise ValueError(f"problem {name!r}: eval_batches({split!r}) gave no batches")
+            return total / weight, (metric_total / weight if metric_fn is not None else None)
+
+        return Task([p for p in net.parameters() if p.requires_grad], train_loss, evaluate)
+
+
 def epoch_batches(n: int, batch_size: int,
-                  generator: "torch.Generator") -> Iterator["torch.Tensor"]:
+                  generator: torch.Generator) -> Iterator[torch.Tensor]:
     """Endless minibatch index tensors: a fresh permutation each epoch, the last partial batch
     dropped so every step sees ``batch_size`` examples."""
     import torch

@@ -19,8 +19,9 @@ initial weights its ``init`` stream (common random numbers across optimizers).
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from .base import Problem, Task, epoch_batches, split_indices, stream_seed
 
@@ -30,7 +31,7 @@ SPLIT_SEED = 0
 FRACTIONS = (0.6, 0.2, 0.2)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def load(name: str) -> dict[str, Any]:
     """Standardized float32 arrays ``{x,y}_{train,valid,test}`` for one bundled data set."""
     import numpy as np
@@ -38,7 +39,7 @@ def load(name: str) -> dict[str, Any]:
     if name == "mnist1d":
         x_tr, y_tr, x_te, y_te = _mnist1d()
         n = len(y_tr)
-        tr, va = split_indices(n, (0.8, 0.2), SPLIT_SEED, stratify=y_tr)
+        tr, va = split_indices(n, (0.8, 0.2), SPLIT_SEED, stratify=y_tr.tolist())
         parts = {"train": (x_tr[tr], y_tr[tr]), "valid": (x_tr[va], y_tr[va]),
                  "test": (x_te, y_te)}
         regression = False
@@ -50,7 +51,7 @@ def load(name: str) -> dict[str, Any]:
         bunch = loader()
         x, y = np.asarray(bunch.data, dtype=np.float64), np.asarray(bunch.target)
         regression = name == "diabetes"
-        idx = split_indices(len(y), FRACTIONS, SPLIT_SEED, stratify=None if regression else y)
+        idx = split_indices(len(y), FRACTIONS, SPLIT_SEED, stratify=None if regression else y.tolist())
         parts = {k: (x[i], y[i]) for k, i in zip(("train", "valid", "test"), idx)}
     mu = parts["train"][0].mean(0)
     sd = parts["train"][0].std(0)
@@ -237,8 +238,10 @@ def data_problems() -> list[Problem]:
     return [
         DataProblem("logreg-cancer", "logistic regression on breast cancer (convex control)",
                     steps=300, eval_every=10, batch_size=32, target_tau=0.1,
-                    dataset="breast_cancer", model=_mlp((30, 2)), requires=("sklearn",)),
-        DataProblem("mlp-digits", "MLP 64-64-10 (ReLU) on digits 8x8", steps=500, eval_every=25,
+                    dataset="breast_cancer", model=_mlp((30, 2)), requires=("sklearn",),
+                    convex=True),
+        # evaluated every step: steps-to-target on it drives the quick suite's profile scores
+        DataProblem("mlp-digits", "MLP 64-64-10 (ReLU) on digits 8x8", steps=500, eval_every=1,
                     batch_size=64, target_tau=0.1, dataset="digits", model=_mlp((64, 64, 10)),
                     requires=("sklearn",)),
         DataProblem("cnn-digits", "2-conv CNN on digits 8x8", steps=500, eval_every=25,

@@ -17,12 +17,13 @@ from __future__ import annotations
 import importlib
 import inspect
 import math
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 __all__ = [
-    "OptimizerSpec", "OPTIMIZERS", "resolve", "ours_available", "sample", "grid", "to_unit",
-    "from_unit", "on_edge", "with_schedule", "SCHEDULES",
+    "OptimizerSpec", "OPTIMIZERS", "OursUnavailableError", "resolve", "ours_available", "sample",
+    "grid", "to_unit", "from_unit", "on_edge", "with_schedule", "SCHEDULES",
 ]
 
 #: learning-rate schedules :func:`with_schedule` can attach
@@ -31,36 +32,60 @@ SCHEDULES = ("constant", "cosine")
 
 @dataclass
 class OptimizerSpec:
-    """A named optimizer: ``factory(params, **hp)``, ``defaults`` and ``search_space``."""
+    """A named optimizer: ``factory(params, **hp)``, ``defaults`` and ``search_space``.
+
+    ``ours`` marks the entries that are :class:`rmsprop.torch.RMSprop`: they refuse to resolve
+    when it does not import, rather than run another optimizer under its name.
+    """
 
     name: str
     factory: Callable[..., Any] = field(repr=False)
-    defaults: dict[str, float]
+    defaults: dict[str, Any]
     search_space: dict[str, tuple]
     description: str = ""
+    ours: bool = False
 
-    def make(self, params: Sequence[Any], **hp: float) -> Any:
+    def make(self, params: Sequence[Any], **hp: Any) -> Any:
         """Build the optimizer with ``defaults`` overridden by ``hp``."""
         return self.factory(params, **{**self.defaults, **hp})
 
 
-def _ours() -> Any:
-    """Our ``rmsprop.torch.RMSprop``; ``torch.optim.RMSprop`` while ours does not import yet."""
+class OursUnavailableError(ImportError):
+    """``rmsprop.torch.RMSprop`` does not import, so no ``rmsprop*`` optimizer can run."""
+
+
+def _import_error() -> str | None:
+    """Why ``rmsprop.torch.RMSprop`` cannot be imported, or ``None`` when it can."""
     try:
-        from rmsprop.torch import RMSprop  # type: ignore[attr-defined]
+        from rmsprop.torch import RMSprop  # noqa: F401
+    except ImportError as e:
+        return f"{type(e).__name__}: {e}"
+    return None
 
-        return RMSprop
-    except ImportError:
-        import torch
 
-        return torch.optim.RMSprop
+def _ours() -> Any:
+    """Our ``rmsprop.torch.RMSprop``; :class:`OursUnavailableError` when it does not import.
+
+    Never ``torch.optim.RMSprop`` in its place: a comparison labelled ``rmsprop`` must measure
+    this library's optimizer, or nothing.
+    """
+    try:
+        from rmsprop.torch import RMSprop
+    except ImportError as e:
+        raise OursUnavailableError(_unavailable_message("rmsprop", f"{type(e).__name__}: {e}")
+                                   ) from e
+    return RMSprop
+
+
+def _unavailable_message(name: str, why: str) -> str:
+    return (f"optimizer {name!r} is rmsprop.torch.RMSprop, which does not import ({why}); "
+            "torch.optim.RMSprop is never run in its place: reinstall rmsprop with its torch "
+            "extra, or use 'torch-rmsprop'")
 
 
 def ours_available() -> bool:
-    """Whether ``rmsprop`` names our own optimizer (False: the torch stand-in is used)."""
-    import torch
-
-    return _ours() is not torch.optim.RMSprop
+    """Whether :class:`rmsprop.torch.RMSprop` imports (the ``rmsprop*`` entries can run)."""
+    return _import_error() is None
 
 
 def _rmsprop(params: Any, **hp: Any) -> Any:
@@ -95,13 +120,13 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
     for s in [
         OptimizerSpec("rmsprop", _rmsprop, dict(_RMS_DEFAULTS),
                       {"lr": _LR_ADAPTIVE, "alpha": _ALPHA},
-                      "rmsprop.torch.RMSprop, PyTorch defaults"),
+                      "rmsprop.torch.RMSprop, PyTorch defaults", ours=True),
         OptimizerSpec("rmsprop-centered", _rmsprop, {**_RMS_DEFAULTS, "centered": True},
                       {"lr": _LR_ADAPTIVE, "alpha": _ALPHA},
-                      "rmsprop.torch.RMSprop(centered=True) (Graves 2013)"),
+                      "rmsprop.torch.RMSprop(centered=True) (Graves 2013)", ours=True),
         OptimizerSpec("rmsprop-momentum", _rmsprop, {**_RMS_DEFAULTS, "momentum": 0.9},
                       {"lr": _LR_ADAPTIVE, "alpha": _ALPHA},
-                      "rmsprop.torch.RMSprop(momentum=0.9)"),
+                      "rmsprop.torch.RMSprop(momentum=0.9)", ours=True),
         OptimizerSpec("torch-rmsprop", _torch_rmsprop, dict(_RMS_DEFAULTS),
                       {"lr": _LR_ADAPTIVE, "alpha": _ALPHA},
                       "torch.optim.RMSprop (cross-check: must coincide with rmsprop)"),
@@ -120,10 +145,16 @@ def resolve(name_or_path: str) -> OptimizerSpec:
 
     For an import path the defaults are the class's float keyword defaults (``lr`` = 1e-3 when it
     has none) and the search space is the learning rate, log-uniform in [1e-4, 1].
-    Raises ``ValueError`` with the valid names when it cannot resolve.
+    Raises ``ValueError`` with the valid names when it cannot resolve, and for our own entries
+    when :class:`rmsprop.torch.RMSprop` does not import.
     """
     if name_or_path in OPTIMIZERS:
-        return OPTIMIZERS[name_or_path]
+        spec = OPTIMIZERS[name_or_path]
+        if spec.ours:
+            why = _import_error()
+            if why is not None:
+                raise ValueError(_unavailable_message(name_or_path, why))
+        return spec
     if ":" not in name_or_path:
         raise ValueError(f"unknown optimizer {name_or_path!r}; valid optimizers: "
                          f"{', '.join(OPTIMIZERS)}, or an import path 'pkg.module:Class'")

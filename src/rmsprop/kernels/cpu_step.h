@@ -1,0 +1,301 @@
+/*
+ * The fused update for one instruction set and one math type (a template: see cpu.c).
+ *
+ * cpu_isa.h includes this header once per math type, with
+ *   RMS_T      the math type (float or double), RMS_TN its suffix (f, d),
+ *   RMS_TCODE  its dtype code (DT_F32, DT_F64) and RMS_IS_F32 (1 or 0, for #if),
+ *   RMS_SQRT   sqrtf or sqrt, RMS_FMA the matching fused multiply-add,
+ *   RMS_HYP    the per-step constants in T (rms_hyp_f, rms_hyp_d),
+ * and ISA_NAME/RMS_ISA from cpu_isa.h. It defines seg_<isa>_<tn>: the step over one
+ * contiguous run of elements of one tensor, and what seg needs (codecs, loops).
+ *
+ * The arithmetic per element follows torch.optim.RMSprop's for-loop step operation by
+ * operation (torch/optim/rmsprop.py over ATen's CPU kernels), so that with torch's options
+ * (lr, alpha, eps, weight_decay, momentum, centered, maximize) the results are the same bits:
+ *
+ *   torch                                     here
+ *   grad.add(param, alpha=wd)                 g = fma(wd, p, g)          (ATen: fmadd)
+ *   square_avg.mul_(alpha)                    a = alpha * v
+ *     .addcmul_(grad, grad, value=1-alpha)    v = fma(oma * g, g, a)     (contracted)
+ *   grad_avg.lerp_(grad, 1-alpha)             m = fma(w, g - m, m) if |w| < 0.5,
+ *                                                 fma(w - 1, g - m, g) otherwise
+ *   square_avg.addcmul(grad_avg, grad_avg,    s = fma(-m, m, v)
+ *     value=-1)
+ *   .sqrt().add_(eps)                         d = sqrt(s) + eps
+ *   param.addcdiv_(grad, avg, value=-lr)      p = p - (lr * g) / d
+ *   buf.mul_(momentum).addcdiv_(grad, avg)    b = mu * b + g / d
+ *   param.add_(buf, alpha=-lr)                p = fma(-lr, b, p)         (ATen: fmadd)
+ *
+ * Every constant is the double value of its expression rounded once to T (make_hyp in
+ * cpu.c), as torch rounds a Python float scalar once to the tensor's type. The options
+ * torch lacks keep the rule of rmsprop.spec.step around these operations: the bias
+ * correction scales v and m by invc = 1/c (exactly 1 without it), eps_in_sqrt moves eps
+ * under the root, decoupled weight decay scales p by 1 - lr*wd first, lr_in_momentum puts
+ * lr into the buffer (b = mu*b + lr*n, p = p - b), Nesterov uses mu*b + k*n, and the
+ * centered variance is clamped at 0 (torch takes the root of a negative rounding residue,
+ * a NaN). Nothing else is contracted: cpu.c is compiled with -ffp-contract=off, so the
+ * baseline and x86-64-v3 builds, and the loops with and without statistics, agree bit for
+ * bit.
+ */
+
+#define TN_NAME_(a, b, c) a##_##b##_##c
+#define TN_NAME2(a, b, c) TN_NAME_(a, b, c)
+#define TNAME(x) TN_NAME2(x, RMS_ISA, RMS_TN)
+#define T RMS_T
+
+/* ------------------------------------ state codecs ---------------------------------- */
+/* Every stream that is not stored in T (16-bit params and gradients; state in another
+ * format than T) is read through decode and written through encode, one block of at most
+ * RMS_CVT_BLK elements at a time: decode(fmt, src, scale, n, dst) turns n stored values into
+ * T, encode(fmt, dst, scale, n, src) rounds n values of T once into the format. `scale` is
+ * the block's scale for a block-scaled format and NULL for the float formats below, which
+ * need none. A new state format is a new format code, one case in each of the two functions
+ * and its scale table; the update loops do not change. */
+static void TNAME(decode)(int fmt, const char *src, const float *scale, int64_t n,
+                          T *restrict dst) {
+    (void)scale;
+    if (fmt == DT_F32) {
+        const float *s = (const float *)src;
+#pragma omp simd
+        for (int64_t i = 0; i < n; i++) dst[i] = (T)s[i];
+    } else if (fmt == DT_F64) {
+        const double *s = (const double *)src;
+#pragma omp simd
+        for (int64_t i = 0; i < n; i++) dst[i] = (T)s[i];
+    } else {
+        float tmp[RMS_CVT_BLK];
+        float *f = sizeof(T) == sizeof(float) ? (float *)(void *)dst : tmp;
+        if (fmt == DT_F16) ISA_NAME(h2f_block)((const uint16_t *)src, f, n);
+        else ISA_NAME(bf2f_block)((const uint16_t *)src, f, n);
+        if (f != (float *)(void *)dst)
+            for (int64_t i = 0; i < n; i++) dst[i] = (T)f[i];
+    }
+}
+
+static void TNAME(encode)(int fmt, char *dstc, float *scale, int64_t n,
+                          const T *restrict src) {
+    (void)scale;
+    if (fmt == DT_F32) {
+        float *d = (float *)dstc;
+#pragma omp simd
+        for (int64_t i = 0; i < n; i++) d[i] = (float)src[i];
+    } else if (fmt == DT_F64) {
+        double *d = (double *)dstc;
+#pragma omp simd
+        for (int64_t i = 0; i < n; i++) d[i] = (double)src[i];
+    } else {
+        float tmp[RMS_CVT_BLK];
+        const float *f = (const float *)(const void *)src;
+        if (sizeof(T) != sizeof(float)) {
+            for (int64_t i = 0; i < n; i++) tmp[i] = (float)src[i];
+            f = tmp;
+        }
+        if (fmt == DT_F16) ISA_NAME(f2h_block)(f, (uint16_t *)dstc, n);
+        else ISA_NAME(f2bf_block)(f, (uint16_t *)dstc, n);
+    }
+}
+
+/* ------------------------------------- the update ----------------------------------- */
+/* The update for n elements whose streams are all in T (or, when BF16, bfloat16 params
+ * and gradients with T = float). The const int parameters are literals at every call site,
+ * so each specialisation is its own vector loop with no per-element branches on options.
+ * Options that cost nothing when off are folded into multipliers that are exactly 1 (gmul,
+ * pdecay, invc, k, post) or addends that are exactly 0 (eps_in, eps_out): x * 1 and x + 0
+ * are x bit for bit. */
+static inline __attribute__((always_inline)) void TNAME(core)(
+    int64_t n, void *restrict pv, const void *restrict gv, T *restrict v, T *restrict m,
+    T *restrict b, const RMS_HYP *h, double *acc, const int CEN, const int MOM, const int WD,
+    const int ST, const int BF16) {
+    T *restrict p = (T *)pv;
+    const T *restrict g = (const T *)gv;
+    uint16_t *restrict p16 = (uint16_t *)pv;
+    const uint16_t *restrict g16 = (const uint16_t *)gv;
+    const T lr = h->lr, alpha = h->alpha, oma = h->oma, eps = h->eps, eps_in = h->eps_in,
+            eps_out = h->eps_out, wd = h->wd, pdecay = h->pdecay, mu = h->mu, k = h->k,
+            post = h->post, npost = -h->post, invc = h->invc, gmul = h->gmul,
+            lerp_w = h->lerp_w;
+    const int nest = h->nesterov, eis = h->eps_in_sqrt, lsmall = h->lerp_small;
+    T sg = 0, su = 0, sp = 0, cnt = 0, mn = (T)INFINITY, mx = -(T)INFINITY;
+#pragma omp simd reduction(+ : sg, su, sp, cnt) reduction(min : mn) reduction(max : mx)
+    for (int64_t i = 0; i < n; i++) {
+        T gi = (BF16 ? (T)rms_bf2f(g16[i]) : g[i]) * gmul;
+        T pi = BF16 ? (T)rms_bf2f(p16[i]) : p[i];
+        if (WD) gi = RMS_FMA(wd, pi, gi);
+        pi = pi * pdecay;
+        T vi = RMS_FMA(oma * gi, gi, alpha * v[i]);
+        v[i] = vi;
+        T s;
+        if (CEN) {
+            T mo = m[i];
+            T mi = RMS_FMA(lerp_w, gi - mo, lsmall ? mo : gi);
+            m[i] = mi;
+            T mc = mi * invc;
+            s = RMS_FMA(-mc, mc, vi * invc);
+            s = s < 0 ? (T)0 : s; /* keeps NaN: NaN < 0 is false */
+        } else {
+            s = vi * invc;
+        }
+        T sq = RMS_SQRT(s + eps_in);
+        T d = sq + eps_out;
+        T u;
+        if (MOM) {
+            T nn = gi / d;
+            T bi = mu * b[i] + k * nn;
+            b[i] = bi;
+            T ub = nest ? mu * bi + k * nn : bi;
+            pi = RMS_FMA(npost, ub, pi);
+            u = ST ? ub * post : ub; /* the update, for the statistics only */
+        } else {
+            u = (lr * gi) / d;
+            pi = pi - u;
+        }
+        if (BF16) p16[i] = rms_f2bf((float)pi);
+        else p[i] = pi;
+        if (ST) {
+            sg += gi * gi;
+            su += u * u;
+            sp += pi * pi;
+            T r = lr / d;
+            mn = r < mn ? r : mn;
+            mx = r > mx ? r : mx;
+            /* Select the compared value, not the comparison: gcc (12) cannot vectorise a
+             * choice between two vector masks on a scalar condition, and that one statement
+             * would keep every stats loop scalar. */
+            T dom = eis ? s : sq;
+            cnt += eps > dom ? (T)1 : (T)0;
+        }
+    }
+    if (ST) {
+        acc[0] += (double)sg; acc[1] += (double)su; acc[2] += (double)sp;
+        if ((double)mn < acc[3]) acc[3] = (double)mn;
+        if ((double)mx > acc[4]) acc[4] = (double)mx;
+        acc[5] += (double)cnt;
+    }
+}
+
+#define RMS_CORE_CASE(S, BF)                                                                 \
+    case S:                                                                                  \
+        TNAME(core)(n, p, g, v, m, b, h, acc, (S)&1, ((S) >> 1) & 1, ((S) >> 2) & 1,         \
+                    ((S) >> 3) & 1, BF);                                                     \
+        break;
+#define RMS_CORE_CASES(BF)                                                                   \
+    RMS_CORE_CASE(0, BF) RMS_CORE_CASE(1, BF) RMS_CORE_CASE(2, BF) RMS_CORE_CASE(3, BF)      \
+    RMS_CORE_CASE(4, BF) RMS_CORE_CASE(5, BF) RMS_CORE_CASE(6, BF) RMS_CORE_CASE(7, BF)      \
+    RMS_CORE_CASE(8, BF) RMS_CORE_CASE(9, BF) RMS_CORE_CASE(10, BF) RMS_CORE_CASE(11, BF)    \
+    RMS_CORE_CASE(12, BF) RMS_CORE_CASE(13, BF) RMS_CORE_CASE(14, BF) RMS_CORE_CASE(15, BF)
+
+/* spec bits: 1 centered, 2 momentum, 4 coupled weight decay, 8 statistics. */
+static void TNAME(dispatch)(int spec, int64_t n, void *p, const void *g, T *v, T *m, T *b,
+                            const RMS_HYP *h, double *acc) {
+    switch (spec) {
+        RMS_CORE_CASES(0)
+    default: break;
+    }
+}
+
+#if RMS_IS_F32
+/* bfloat16 params and gradients, float state, no stats: bfloat16 <-> float is integer work
+ * that vectorises inside the update loop itself, so every stream advances together as in
+ * the float32 step, instead of through buffers. Used by the baseline build, and for the last
+ * n % 16 elements on x86-64-v3 (dispatch16 does the rest). float16 on the baseline build
+ * keeps the buffers: gcc does not vectorise its conversions. The stats variants keep the
+ * buffers too: each auto-vectorised specialisation adds build time, paid at install or on
+ * first use, for a loop that is opt-in. */
+static void TNAME(dispatch_bf16)(int spec, int64_t n, void *p, const void *g, T *v, T *m,
+                                 T *b, const RMS_HYP *h, double *acc) {
+    switch (spec) {
+        RMS_CORE_CASE(0, 1) RMS_CORE_CASE(1, 1) RMS_CORE_CASE(2, 1) RMS_CORE_CASE(3, 1)
+        RMS_CORE_CASE(4, 1) RMS_CORE_CASE(5, 1) RMS_CORE_CASE(6, 1) RMS_CORE_CASE(7, 1)
+    default: break;
+    }
+}
+#endif
+#undef RMS_CORE_CASES
+#undef RMS_CORE_CASE
+
+#if RMS_IS_F32 && defined(RMS_F16C)
+#include "cpu_step16.h"
+#endif
+
+/* ----------------------------------- one segment ------------------------------------ */
+/* A contiguous run of n elements of one tensor. Streams already in T are used in place;
+ * 16-bit params with float state and no stats are converted inside the update loop
+ * (dispatch16 on x86-64-v3, then dispatch_bf16 for bfloat16 on the baseline build and for
+ * the tail); every other stream (float16 on the baseline build or with stats, 16-bit state,
+ * float32 state under float64 params) goes through the codecs into L1-resident buffers in
+ * short blocks (RMS_CVT_BLK): the passes over a block touch one stream at a time, and a
+ * stream left alone for long lets its hardware prefetcher fall behind, so short blocks keep
+ * memory latency and compute overlapped. With stats on, blocks also bound the length of the
+ * T-precision partial sums. */
+static void TNAME(seg)(int pdt, int sdt, int spec, int64_t n, const rms_streams *S,
+                       const void *hyp, double *acc) {
+    const RMS_HYP *h = (const RMS_HYP *)hyp;
+    int cen = spec & 1, mom = (spec >> 1) & 1, st = (spec >> 3) & 1;
+    int pdir = pdt == RMS_TCODE, sdir = sdt == RMS_TCODE && !S->vs;
+    char *p = S->p, *v = S->v, *m = S->m, *b = S->b;
+    const char *g = S->g;
+    if (pdir && sdir && !st) {
+        TNAME(dispatch)(spec, n, p, g, (T *)v, (T *)m, (T *)b, h, acc);
+        return;
+    }
+#if RMS_IS_F32 && defined(RMS_F16C)
+    if ((pdt == DT_F16 || pdt == DT_BF16) && sdir && !st) {
+        int64_t n16 = n & ~(int64_t)15;
+        TNAME(dispatch16)(spec, pdt == DT_F16, n16, (uint16_t *)(void *)p,
+                          (const uint16_t *)(const void *)g, (T *)(void *)v,
+                          cen ? (T *)(void *)m : NULL, mom ? (T *)(void *)b : NULL, h);
+        if (n16 == n) return;
+        n -= n16; p += 2 * n16; g += 2 * n16; v += 4 * n16; /* the tail, as below */
+        if (cen) m += 4 * n16;
+        if (mom) b += 4 * n16;
+    }
+#endif
+#if RMS_IS_F32
+    if (pdt == DT_BF16 && sdir && !st) {
+        TNAME(dispatch_bf16)(spec, n, p, g, (T *)v, (T *)m, (T *)b, h, acc);
+        return;
+    }
+#endif
+
+    size_t ps = rms_dtsize(pdt), ss = rms_dtsize(sdt);
+    const int64_t blk = pdir && sdir ? RMS_BLK : RMS_CVT_BLK;
+    T bp[RMS_CVT_BLK], bg[RMS_CVT_BLK], bv[RMS_CVT_BLK], bm[RMS_CVT_BLK], bb[RMS_CVT_BLK];
+    for (int64_t lo = 0; lo < n; lo += blk) {
+        int64_t len = n - lo < blk ? n - lo : blk;
+        char *pc = p + lo * ps, *vc = v + lo * ss;
+        char *mc = cen ? m + lo * ss : NULL, *bc = mom ? b + lo * ss : NULL;
+        const char *gc = g + lo * ps;
+        /* the block's scales (block-scaled formats only; blk is one scale block then) */
+        float *vsc = S->vs ? S->vs + lo / RMS_CVT_BLK : NULL;
+        float *msc = S->ms ? S->ms + lo / RMS_CVT_BLK : NULL;
+        float *bsc = S->bs ? S->bs + lo / RMS_CVT_BLK : NULL;
+        T *pp, *vp, *mp = NULL, *bpp = NULL;
+        const T *gp;
+        if (pdir) { pp = (T *)pc; gp = (const T *)gc; }
+        else {
+            TNAME(decode)(pdt, pc, NULL, len, bp); TNAME(decode)(pdt, gc, NULL, len, bg);
+            pp = bp; gp = bg;
+        }
+        if (sdir) {
+            vp = (T *)vc;
+            if (cen) mp = (T *)mc;
+            if (mom) bpp = (T *)bc;
+        } else {
+            TNAME(decode)(sdt, vc, vsc, len, bv); vp = bv;
+            if (cen) { TNAME(decode)(sdt, mc, msc, len, bm); mp = bm; }
+            if (mom) { TNAME(decode)(sdt, bc, bsc, len, bb); bpp = bb; }
+        }
+        TNAME(dispatch)(spec, len, pp, gp, vp, mp, bpp, h, acc);
+        if (!pdir) TNAME(encode)(pdt, pc, NULL, len, bp);
+        if (!sdir) {
+            TNAME(encode)(sdt, vc, vsc, len, bv);
+            if (cen) TNAME(encode)(sdt, mc, msc, len, bm);
+            if (mom) TNAME(encode)(sdt, bc, bsc, len, bb);
+        }
+    }
+}
+
+#undef T
+#undef TNAME
+#undef TN_NAME2
+#undef TN_NAME_

@@ -1,0 +1,397 @@
+"""Quantized state for the torch optimizer: ``state_dtype="8bit"`` and ``"4bit"``, and
+stochastic rounding of 16-bit params.
+
+The formats are :mod:`rmsprop.codecs`' (the NumPy definition, with every formula); this module
+is their torch translation, operation for operation, so that the codes a torch path writes are
+the spec's bit for bit. A quantized state tensor is stored as two plain tensors in the param's
+state: ``key`` (``uint8`` codes, flat over the real view) and ``key + "_scale"`` (``float32``,
+one per block), so ``torch.save``/``torch.load(weights_only=True)`` carry them. Tensors below
+:data:`rmsprop.codecs.MIN_QUANTIZED` elements keep one full-precision tensor, as
+``torch.optim.RMSprop`` does.
+
+Importing this module registers both names with :mod:`rmsprop.torch._codecs`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .. import codecs as spec_codecs
+from ._codecs import STATE_KEYS, FloatCodec, real, register
+
+__all__ = ["QuantizedCodec", "encode", "decode", "nearest_sqrt", "full_precision_state_dict",
+           "random_bits", "stochastic_round_", "sr_init", "sr_write_"]
+
+_TABLES: dict[tuple[str, torch.device], Tensor] = {}
+
+
+def _table(fmt: str, device: torch.device) -> Tensor:
+    """The decode table of ``fmt`` (``U`` or ``S`` of the spec) on ``device``."""
+    key = (fmt, device)
+    if key not in _TABLES:
+        f = spec_codecs.FORMATS[fmt]
+        t = spec_codecs.signed_table(f.bits) if f.signed else spec_codecs.unsigned_table(f.levels)
+        _TABLES[key] = torch.from_numpy(t).to(device)
+    return _TABLES[key]
+
+
+def _scales(mag: Tensor, block: int) -> Tensor:
+    n = mag.numel()
+    nb = -(-n // block)
+    if n != nb * block:
+        mag = torch.cat([mag, mag.new_zeros(nb * block - n)])
+    return mag.view(nb, block).amax(dim=1) if nb else mag.new_zeros(0)
+
+
+def encode(x: Tensor, fmt: str) -> tuple[Tensor, Tensor]:
+    """``(codes, scales)`` of a real tensor in format ``fmt``: the spec's
+    :func:`rmsprop.codecs.encode`, the same float32 operations."""
+    f = spec_codecs.FORMATS[fmt]
+    flat = x.detach().reshape(-1).to(torch.float32)
+    mag = flat.abs() if f.signed else flat.clamp_min(0)
+    scales = _scales(mag, f.block)
+    n = flat.numel()
+    s = scales.repeat_interleave(f.block)[:n]
+    positive = s > 0
+    u = torch.where(positive, mag / torch.where(positive, s, torch.ones_like(s)),
+                    torch.zeros_like(s))
+    if f.signed:
+        k = torch.round(u * f.levels).to(torch.int16)
+        k = torch.where(flat < 0, -k, k)
+        codes = (k & ((1 << f.bits) - 1)).to(torch.uint8)
+    else:
+        q = nearest_sqrt(u * float(f.levels * f.levels)) - 1
+        codes = q.clamp_(0, f.levels - 1).to(torch.uint8)
+    if f.bits == 4:
+        codes = codes[0::2] | (codes[1::2] << 4)
+    return codes, scales
+
+
+def nearest_sqrt(y: Tensor) -> Tensor:
+    """:func:`rmsprop.codecs.nearest_sqrt`: the integer nearest ``sqrt(y)``, ties to even,
+    exact whatever the rounding of this device's ``sqrt`` (int16 tensor)."""
+    k = torch.round(y.sqrt())
+    hi = (k + 0.5) * (k + 0.5)  # exact: k < 2^11
+    lo = (k - 0.5) * (k - 0.5)
+    ki = k.to(torch.int16)
+    odd = (ki & 1) == 1
+    up = (y > hi) | ((y == hi) & odd)
+    down = (y < lo) | ((y == lo) & odd)
+    return torch.where(up, ki + 1, torch.where(down, ki - 1, ki))
+
+
+def decode(codes: Tensor, scales: Tensor, fmt: str) -> Tensor:
+    """The float32 values of ``codes`` and ``scales`` (flat): ``s * table[code]``."""
+    f = spec_codecs.FORMATS[fmt]
+    if f.bits == 4:
+        codes = torch.stack([codes & 0x0F, codes >> 4], dim=1).reshape(-1)
+    n = codes.numel()
+    s = scales.to(torch.float32).repeat_interleave(f.block)[:n]
+    return s * _table(fmt, codes.device)[codes.long()]
+
+
+def _size(p: Tensor) -> int:
+    return real(p).numel()
+
+
+class QuantizedCodec:
+    """The ``"8bit"`` / ``"4bit"`` storage of :mod:`rmsprop.codecs` behind the codec seam
+    (its contract: :mod:`rmsprop.torch._codecs`). Small tensors (and, in 4 bits, odd ones)
+    are stored by a :class:`FloatCodec` of the param's math dtype; every method first looks
+    at what is stored. With ``grad_avg`` present, ``square_avg`` holds ``w = max(v - m'^2,
+    0)`` (see :mod:`rmsprop.codecs`), so :meth:`decode_all`/:meth:`encode_all_` handle the
+    keys together."""
+
+    dtype = None
+
+    def __init__(self, name: str, param_dtype: torch.dtype) -> None:
+        if param_dtype not in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
+            raise ValueError(f"state_dtype={name!r} cannot store the state of {param_dtype} "
+                             "params")
+        self.name = name
+        self.formats = spec_codecs.QUANTIZED[name]
+        self.block = spec_codecs.FORMATS[self.formats["square_avg"]].block
+        full = torch.float64 if param_dtype == torch.float64 else torch.float32
+        self.full = FloatCodec(full)
+        # v of a square_avg stored before its grad_avg in the same step, by codes address
+        self._pending: dict[int, Tensor] = {}
+
+    def __repr__(self) -> str:
+        return f"QuantizedCodec({self.name})"
+
+    def names(self, key: str) -> tuple[str, ...]:
+        return (key, key + "_scale")
+
+    def quantizes(self, p: Tensor) -> bool:
+        return spec_codecs.quantizes(_size(p), self.name)
+
+    @staticmethod
+    def _is_codes(state: dict, key: str) -> bool:
+        t = state.get(key)
+        return t is not None and t.dtype == torch.uint8
+
+    def init(self, key: str, p: Tensor, fill: float) -> dict[str, Tensor]:
+        if not self.quantizes(p):
+            return self.full.init(key, p, fill)
+        r = real(p)
+        codes, scales = encode(torch.full((r.numel(),), fill, dtype=torch.float32,
+                                          device=r.device), self.formats[key])
+        return {key: codes, key + "_scale": scales}
+
+    # -- decode / encode ----------------------------------------------------------------------
+
+    def _decode_one(self, key: str, state: dict) -> Tensor:
+        return decode(state[key], state[key + "_scale"], self.formats[key])
+
+    def decode(self, key: str, state: dict, dtype: torch.dtype) -> Tensor:
+        """A flat tensor of the real view (the caller views it as the param's shape); for
+        ``square_avg`` beside ``grad_avg``, ``v = w + m'^2``."""
+        if not self._is_codes(state, key):
+            return self.full.decode(key, state, dtype)
+        x = self._decode_one(key, state)
+        if key == "square_avg" and self._is_codes(state, "grad_avg"):
+            m = self._decode_one("grad_avg", state)
+            x = x + m * m
+        return x if x.dtype == dtype else x.to(dtype)
+
+    def decode_all(self, state: dict, keys: list[str], dtype: torch.dtype) -> dict[str, Tensor]:
+        return {key: self.decode(key, state, dtype) for key in keys}
+
+    def _write(self, key: str, state: dict, value: Tensor) -> None:
+        codes, scales = encode(value, self.formats[key])
+        state[key].copy_(codes)
+        state[key + "_scale"].copy_(scales)
+
+    def _write_w(self, state: dict, v: Tensor) -> None:
+        """``square_avg`` as ``w = max(v - m'^2, 0)`` against the stored ``grad_avg``."""
+        m = self._decode_one("grad_avg", state).to(v.dtype).view_as(v)
+        self._write("square_avg", state, (v - m * m).clamp_min(0))
+
+    def _joint(self, state: dict) -> bool:
+        return self._is_codes(state, "grad_avg") and self._is_codes(state, "square_avg")
+
+    def encode_(self, key: str, state: dict, value: Tensor) -> None:
+        """Store ``value``. ``square_avg`` beside ``grad_avg`` is stored as ``w`` against the
+        ``grad_avg`` stored now, and its ``v`` kept until ``grad_avg`` is stored in the same
+        step, when ``w`` is written again against the new ``m'`` (the spec's order; a step
+        that leaves ``grad_avg`` unchanged needs nothing more). :meth:`encode_all_` stores
+        both in one pass and keeps nothing."""
+        if not self._is_codes(state, key):
+            return self.full.encode_(key, state, value)
+        if key == "square_avg" and self._joint(state):
+            self._pending[state["square_avg"].data_ptr()] = value
+            return self._write_w(state, value)
+        self._write(key, state, value)
+        if key == "grad_avg" and self._joint(state):
+            v = self._pending.pop(state["square_avg"].data_ptr(), None)
+            if v is not None:
+                self._write_w(state, v)
+
+    def encode_all_(self, state: dict, values: dict[str, Tensor]) -> None:
+        """Store one step's new values: ``grad_avg`` first, then ``square_avg`` (as ``w``
+        against the ``m'`` just stored, the spec's order)."""
+        for key in ("grad_avg", "momentum_buffer"):
+            if key in values:
+                self.encode_(key, state, values[key])
+        v = values.get("square_avg")
+        if v is None:
+            return
+        if self._is_codes(state, "square_avg") and self._joint(state):
+            self._write_w(state, v)
+        else:
+            self.encode_("square_avg", state, v)
+
+    def slice(self, key: str, state: dict, lo: int, hi: int) -> dict[str, Tensor]:
+        """Views of elements ``[lo, hi)``; for ``square_avg`` and ``grad_avg`` stored together
+        the slice holds both (each is read with the other)."""
+        if not self._is_codes(state, key):
+            return self.full.slice(key, state, lo, hi)
+        b = self.block
+        per_byte = 2 if spec_codecs.FORMATS[self.formats[key]].bits == 4 else 1
+        keys = [key]
+        if key in ("square_avg", "grad_avg") and self._is_codes(state, "grad_avg") \
+                and self._is_codes(state, "square_avg"):
+            keys = ["square_avg", "grad_avg"]
+        out = {}
+        for k in keys:
+            out[k] = state[k][lo // per_byte: -(-hi // per_byte)]
+            out[k + "_scale"] = state[k + "_scale"][lo // b: -(-hi // b)]
+        return out
+
+    # -- state dicts --------------------------------------------------------------------------
+
+    def _saved_format(self, key: str, entry: dict, p: Tensor) -> tuple[str | None, str | None]:
+        """(the quantized format of a saved entry, or None for full precision; why not)."""
+        t = entry.get(key)
+        if t.dtype != torch.uint8:
+            return None, None
+        n = _size(p)
+        scale = entry.get(key + "_scale")
+        if scale is None:
+            return None, f"holds codes but no {key + '_scale'!r}"
+        if not isinstance(scale, Tensor) or scale.dtype != torch.float32 or scale.dim() != 1:
+            return None, f"has a {key + '_scale'!r} that is not a 1-d float32 tensor"
+        for name, fmts in spec_codecs.QUANTIZED.items():
+            f = spec_codecs.FORMATS[fmts[key]]
+            if spec_codecs.quantizes(n, name) and t.dim() == 1 \
+                    and t.numel() * (8 // f.bits) == n \
+                    and scale.numel() == -(-n // f.block):
+                if not bool(torch.isfinite(scale).all()) or bool((scale < 0).any()):
+                    return None, "has scales that are negative, inf or NaN"
+                return name, None
+        return None, (f"holds {t.numel()} codes and {scale.numel()} scales, which fit no "
+                      f"quantized format of the parameter's {n} elements")
+
+    def check(self, key: str, entry: dict, p: Tensor) -> str | None:
+        t = entry.get(key)
+        if t is None:
+            return None
+        if not isinstance(t, Tensor):
+            return "is not a tensor"
+        if t.dtype == torch.uint8:
+            return self._saved_format(key, entry, p)[1]
+        return self.full.check(key, entry, p)
+
+    def _saved_value(self, key: str, entry: dict, p: Tensor) -> Tensor:
+        """A saved entry's values as a flat float tensor (``v`` itself for square_avg)."""
+        t = entry[key]
+        name, _ = self._saved_format(key, entry, p)
+        if name is None:
+            return real(t.detach()).reshape(-1).to(device=real(p).device,
+                                                   dtype=self.full.dtype)
+        fmt = spec_codecs.QUANTIZED[name][key]
+        x = decode(t.to(real(p).device), entry[key + "_scale"].to(real(p).device), fmt)
+        if key == "square_avg" and isinstance(entry.get("grad_avg"), Tensor) \
+                and entry["grad_avg"].dtype == torch.uint8:
+            m = decode(entry["grad_avg"].to(x.device),
+                       entry["grad_avg_scale"].to(x.device),
+                       spec_codecs.QUANTIZED[name]["grad_avg"])
+            x = x + m * m
+        return x.to(self.full.dtype)
+
+    def load(self, key: str, entry: dict, p: Tensor) -> dict[str, Tensor]:
+        if entry.get(key) is None:
+            return {}
+        if not self.quantizes(p):
+            if entry[key].dtype == torch.uint8:
+                value = self._saved_value(key, entry, p).view_as(real(p))
+                if p.is_complex():
+                    value = torch.view_as_complex(value.contiguous())
+                return self.full.load(key, {key: value}, p)
+            return self.full.load(key, entry, p)
+        name, _ = self._saved_format(key, entry, p)
+        if name == self.name:  # our own format: the codes as saved, bit for bit
+            return {key: entry[key].to(real(p).device, copy=True),
+                    key + "_scale": entry[key + "_scale"].to(real(p).device, copy=True)}
+        value = self._saved_value(key, entry, p)
+        out = {key: value, key + "_scale": value}  # placeholders, replaced below
+        if key == "square_avg" and entry.get("grad_avg") is not None:
+            m = self._saved_value("grad_avg", entry, p)
+            m_stored = decode(*encode(m, self.formats["grad_avg"]), self.formats["grad_avg"])
+            value = (value - m_stored.to(value.dtype) ** 2).clamp_min(0)
+        codes, scales = encode(value, self.formats[key])
+        out = {key: codes, key + "_scale": scales}
+        return out
+
+
+def _factory(name: str):
+    return lambda param_dtype: QuantizedCodec(name, param_dtype)
+
+
+for _name in spec_codecs.QUANTIZED:
+    register(_name, _factory(_name))
+
+
+def full_precision_state_dict(optimizer: Any) -> dict[str, Any]:
+    """``optimizer.state_dict()`` with every quantized state tensor decoded to a float32
+    tensor shaped like its param (complex params: complex64) and the ``*_scale`` entries
+    dropped: what ``torch.optim.RMSprop.load_state_dict`` accepts."""
+    sd = optimizer.state_dict()
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    ids = [i for g in sd["param_groups"] for i in g["params"]]
+    state = {}
+    for pid, p in zip(ids, params):
+        entry = sd["state"].get(pid)
+        if entry is None:
+            continue
+        out = {k: v for k, v in entry.items() if not k.endswith("_scale")}
+        helper = QuantizedCodec(next(iter(spec_codecs.QUANTIZED)), torch.float32)
+        for key in STATE_KEYS:
+            t = entry.get(key)
+            if isinstance(t, Tensor) and t.dtype == torch.uint8:
+                x = helper._saved_value(key, entry, p).to(torch.float32)
+                x = x.view(real(p).shape)
+                out[key] = torch.view_as_complex(x.contiguous()) if p.is_complex() else x
+        state[pid] = out
+    return {"state": state, "param_groups": sd["param_groups"]}
+
+
+# -- stochastic rounding -----------------------------------------------------------------------
+
+_M32 = 0xFFFFFFFF
+
+
+def _fmix32(h: Tensor) -> Tensor:
+    """MurmurHash3's finalizer on int64 tensors holding uint32 values (products wrap mod 2^64,
+    whose low 32 bits are the uint32 product)."""
+    h = h ^ (h >> 16)
+    h = (h * 0x85EBCA6B) & _M32
+    h = h ^ (h >> 13)
+    h = (h * 0xC2B2AE35) & _M32
+    return h ^ (h >> 16)
+
+
+def random_bits(seed: int, step: int, n: int, device: Any = "cpu", offset: int = 0) -> Tensor:
+    """``r[i]`` of :func:`rmsprop.codecs.random_bits` for ``i`` in ``[offset, offset + n)``
+    (int64 tensor of uint32 values)."""
+    key = int(spec_codecs.fmix32((int(seed) ^ ((int(step) * 0x85EBCA77) & _M32)) & _M32))
+    i = torch.arange(offset, offset + n, dtype=torch.int64, device=device)
+    return _fmix32((key + (i * 0x9E3779B9 & _M32)) & _M32)
+
+
+def stochastic_round_(out: Tensor, x: Tensor, r: Tensor) -> None:
+    """Write float32 ``x`` into the bfloat16/float16 tensor ``out`` rounded stochastically with
+    the bits ``r`` (shaped like ``x``), exactly as :func:`rmsprop.codecs.stochastic_round`."""
+    x = x.to(torch.float32)
+    bits = x.view(torch.int32).to(torch.int64) & _M32
+    if out.dtype == torch.bfloat16:
+        y_bits = (((bits + (r & 0xFFFF)) >> 16) << 16) & _M32
+        y = _as_float(y_bits)
+    elif out.dtype == torch.float16:
+        a = x.abs()
+        ab = a.view(torch.int32).to(torch.int64) & _M32
+        y_normal = _as_float((ab + (r & 0x1FFF)) & 0xFFFFE000)
+        t = a * 2.0 ** 24
+        n = torch.floor(t)
+        up = ((r >> 8).to(torch.float32) < (t - n) * 2.0 ** 24).to(torch.float32)
+        y = torch.where(a >= 2.0 ** -14, y_normal, (n + up) * 2.0 ** -24)
+        y = torch.copysign(y, x)
+    else:
+        raise ValueError(f"stochastic rounding is defined for bfloat16 and float16, not "
+                         f"{out.dtype}")
+    y = torch.where(torch.isnan(x), x, y)
+    out.copy_(y.view_as(out))
+
+
+def _as_float(bits: Tensor) -> Tensor:
+    """int64 tensor of uint32 bit patterns -> float32 values."""
+    signed = torch.where(bits >= 2 ** 31, bits - 2 ** 32, bits)
+    return signed.to(torch.int32).view(torch.float32)
+
+
+def sr_init(state: dict, p: Tensor, seed: int) -> None:
+    """Give a 16-bit param's new state its rounding seed (a plain int: it survives
+    ``load_state_dict``'s dtype casts and ``torch.load(weights_only=True)``)."""
+    if not 0 <= int(seed) < 2 ** 32:
+        raise ValueError(f"Invalid seed: {seed!r} (an integer in [0, 2**32))")
+    state["sr_seed"] = int(seed)
+
+
+def sr_write_(p_real: Tensor, value: Tensor, seed: int, step: int, offset: int = 0) -> None:
+    """Write the float32 new param ``value`` into the 16-bit ``p_real`` (its real view, or a
+    flat slice starting at element ``offset``) with stochastic rounding for ``step``."""
+    r = random_bits(seed, step, value.numel(), value.device, offset).view(value.shape)
+    stochastic_round_(p_real, value, r)

@@ -1,0 +1,178 @@
+"""The optimizer's state dict: validation before a load, and what a load takes from the file.
+
+As in ``torch.optim``, a loaded state dict brings its options with it (a scheduler's ``lr``,
+``momentum`` or ``centered`` of the run that saved it). Options the file does not hold take
+the defaults: the rule's options (``eps_in_sqrt``, ``nesterov``...) their
+:class:`rmsprop.options.Options` defaults, which are ``torch.optim.RMSprop``'s rule, so a
+torch state dict runs torch's rule; how the optimizer runs (``fused``, ``nonfinite``,
+``state_dtype``) keeps the live optimizer's constructor values.
+
+:func:`slim` writes this class's extra rule options into a state dict only where they
+differ from those defaults, and the others not at all, so a state dict of the options torch
+has holds exactly torch's keys:
+``torch.distributed.checkpoint`` builds its load template from the live optimizer's state
+dict, and a template with keys a torch checkpoint lacks could not load it.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from typing import Any, Optional
+
+import torch
+from torch import Tensor
+
+from ..options import RULE_OPTIONS, Options, validate
+from ._codecs import STATE_KEYS, Codec
+
+__all__ = ["check", "restore", "slim", "fill", "coerce_steps", "torch_keys",
+           "with_tensor_steps"]
+
+_RULE_DEFAULTS = Options().as_dict()
+
+
+@functools.lru_cache(maxsize=None)
+def torch_keys() -> frozenset[str]:
+    """The option names ``torch.optim.RMSprop`` itself saves in its param groups."""
+    names = inspect.signature(torch.optim.RMSprop.__init__).parameters
+    return frozenset(names) - {"self", "params"}
+
+
+def class_defaults(cls: type) -> dict[str, Any]:
+    """The option defaults of the optimizer class's signature, ``lr`` included."""
+    sig = inspect.signature(cls.__init__).parameters
+    return {k: v.default for k, v in sig.items()
+            if k not in ("self", "params", "track_stats")
+            and v.default is not inspect.Parameter.empty}
+
+
+def slim(state_dict: dict[str, Any], cls: type) -> dict[str, Any]:
+    """Drop from each saved param group this class's extra options: those of the rule
+    where they hold their defaults, and always those of how it runs (``fused``,
+    ``nonfinite``, ``state_dtype``...), which a load takes from the live optimizer anyway
+    (:func:`fill`)."""
+    defaults = {**class_defaults(cls), **_RULE_DEFAULTS}
+    ours = set(defaults) - torch_keys()
+    for group in state_dict["param_groups"]:
+        for key in ours:
+            if key in group and (key not in _RULE_DEFAULTS
+                                 or _same(group[key], defaults[key])):
+                del group[key]
+    return state_dict
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, Tensor) or isinstance(b, Tensor):
+        return False
+    if isinstance(a, bool) or isinstance(b, bool) or a is None or b is None:
+        return a is b
+    return bool(a == b)
+
+
+def fill(groups: list[dict], live: dict[str, Any], cls: type) -> None:
+    """Give each group the options it lacks: the rule's take their :class:`Options`
+    defaults, the others the live optimizer's constructor values (``live``), else the class
+    signature's defaults."""
+    sig = class_defaults(cls)
+    for group in groups:
+        for key, value in sig.items():
+            if key in group:
+                continue
+            if key in _RULE_DEFAULTS:
+                group[key] = _RULE_DEFAULTS[key]
+            else:
+                group[key] = live.get(key, value)
+
+
+def coerce_steps(groups: list[dict], state: Any) -> None:
+    """A ``step`` saved as a Python number (older torch versions, or a state dict edited by
+    hand) becomes a float32 tensor, as ``torch.optim.RMSprop`` converts it on load: on the
+    param's device for capturable and fused groups, else on the CPU."""
+    for group in groups:
+        on_device = bool(group.get("capturable")) or bool(group.get("fused"))
+        for p in group["params"]:
+            st = state.get(p)
+            if st and "step" in st and not isinstance(st["step"], Tensor):
+                st["step"] = torch.tensor(float(st["step"]), dtype=torch.float32,
+                                          device=p.device if on_device else None)
+
+
+def with_tensor_steps(state_dict: dict[str, Any]) -> dict[str, Any]:
+    """``state_dict`` with every ``step`` saved as a number as a float32 CPU tensor (a
+    shallow copy; the caller's dict is not changed): torch's load moves tensor steps of
+    capturable and fused groups to the param's device, and cannot move a number."""
+    state = state_dict["state"]
+    if all(not isinstance(e, dict) or isinstance(e.get("step", None), (Tensor, type(None)))
+           for e in state.values()):
+        return state_dict
+    fixed = {pid: ({**e, "step": torch.tensor(float(e["step"]), dtype=torch.float32)}
+                   if isinstance(e, dict) and "step" in e and not isinstance(e["step"], Tensor)
+                   else e) for pid, e in state.items()}
+    return {**state_dict, "state": fixed}
+
+
+def _label(gi: int, index: int, name: Optional[str]) -> str:
+    return repr(name) if name else f"group {gi} index {index}"
+
+
+def check(groups: list[dict], state_dict: Any, codec_of: Any) -> None:
+    """Raise ``ValueError`` naming the first entry of ``state_dict`` that does not fit the
+    live param ``groups``: group count, sizes, options, state shapes and dtypes (each state
+    tensor checked by its codec, ``codec_of(group, p)``). Changes nothing."""
+    if not isinstance(state_dict, dict) or "state" not in state_dict \
+            or "param_groups" not in state_dict:
+        raise ValueError("not an optimizer state dict: expected keys 'state' and "
+                         "'param_groups'")
+    saved = state_dict["param_groups"]
+    if len(groups) != len(saved):
+        raise ValueError(f"loaded state dict has {len(saved)} parameter groups, the "
+                         f"optimizer has {len(groups)}")
+    for gi, (g, sg) in enumerate(zip(groups, saved)):
+        if len(g["params"]) != len(sg["params"]):
+            raise ValueError(f"parameter group {gi} has {len(g['params'])} params, the "
+                             f"loaded one has {len(sg['params'])}")
+        rule = {k: sg[k] for k in RULE_OPTIONS if k in sg}
+        try:
+            validate(rule, warn=False)  # warnings were given when the options were chosen
+        except ValueError as e:
+            raise ValueError(f"parameter group {gi} of the state dict: {e}") from None
+        names = g.get("param_names") or [None] * len(g["params"])
+        for index, (p, pid, name) in enumerate(zip(g["params"], sg["params"], names)):
+            entry = state_dict["state"].get(pid)
+            if entry is None:
+                continue
+            label = _label(gi, index, name)
+            if not isinstance(entry, dict):
+                raise ValueError(f"state of parameter {label} is not a dict")
+            codec: Codec = codec_of(g, p)
+            for key in STATE_KEYS:
+                why = codec.check(key, entry, p)
+                if why:
+                    raise ValueError(f"state {key!r} of parameter {label} {why}")
+            step = entry.get("step")
+            if step is not None and (isinstance(step, bool)
+                                     or not isinstance(step, (Tensor, int, float))
+                                     or isinstance(step, Tensor) and step.numel() != 1):
+                raise ValueError(f"state 'step' of parameter {label} is not a number")
+
+
+def restore(groups: list[dict], state: Any, state_dict: dict[str, Any],
+            codec_of: Any) -> None:
+    """After ``torch.optim.Optimizer.load_state_dict`` (which casts floating state to the
+    param's dtype): rebuild each param's state tensors from the file's own tensors through
+    its codec (float32 state of 16-bit params stays float32; a quantized codec quantizes a
+    full-precision file)."""
+    saved = state_dict["state"]
+    ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+    params = [(g, p) for g in groups for p in g["params"]]
+    for pid, (group, p) in zip(ids, params):
+        entry = saved.get(pid)
+        if entry is None:
+            continue
+        codec: Codec = codec_of(group, p)
+        st = state[p]
+        for key in STATE_KEYS:
+            for name in codec.names(key):
+                st.pop(name, None)
+            st.update(codec.load(key, entry, p))

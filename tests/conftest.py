@@ -1,0 +1,105 @@
+"""The shared test table: the torch optimizer's paths, the option grid and the state formats.
+
+Test files import the names they need (``from conftest import PATHS, GRID``) instead of
+redefining them, so a new path, option or storage format is one row here:
+
+* :data:`ALL_PATHS` — name -> the constructor kwargs that select that path of
+  ``rmsprop.torch.RMSprop``; :data:`PATHS` the ones that run here (``"fused"`` only where
+  the fused CPU kernel loads; :data:`FUSED_UNAVAILABLE` says why not), :data:`PATH_NAMES`
+  their names, :data:`PATH_PARAMS` every path as a ``pytest.param`` (skipped with the reason
+  where it cannot run).
+* :data:`GRID` — one option set per option of the rule (and a few combinations);
+  :data:`TORCH_GRID` the rows that use only options ``torch.optim.RMSprop`` has.
+* :data:`STATE_FORMATS` — name -> ``state_dtype`` value of every state storage format
+  (the float dtypes, then any registered format such as ``"8bit"``).
+* fixtures ``path`` (each of :data:`PATH_NAMES`) and ``path_kwargs`` (its kwargs).
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any, Optional
+
+import pytest
+import torch
+
+
+def _fused_unavailable() -> Optional[str]:
+    from rmsprop.torch import RMSprop
+
+    try:
+        RMSprop([torch.nn.Parameter(torch.zeros(2))], fused=True)
+    except RuntimeError as e:
+        return f"fused path unavailable here: {e}"
+    return None
+
+
+#: Why the fused CPU kernel does not load here (None when it does).
+FUSED_UNAVAILABLE: Optional[str] = _fused_unavailable()
+FUSED: bool = FUSED_UNAVAILABLE is None
+
+#: Each path of the torch optimizer, by name: the kwargs that select it explicitly.
+ALL_PATHS: dict[str, dict[str, Any]] = {
+    "forloop": dict(foreach=False, fused=False),
+    "foreach": dict(foreach=True, fused=False),
+    "fused": dict(foreach=False, fused=True),
+}
+#: The paths that run here (the fused one only where its kernel loads).
+PATHS: dict[str, dict[str, Any]] = {k: v for k, v in ALL_PATHS.items()
+                                    if FUSED or k != "fused"}
+PATH_NAMES: list[str] = list(PATHS)
+#: Every path as a pytest parameter; the fused one skipped, with the reason, where it
+#: cannot run.
+PATH_PARAMS = [pytest.param(name, id=name, marks=pytest.mark.skipif(
+    name not in PATHS, reason=FUSED_UNAVAILABLE or "")) for name in ALL_PATHS]
+
+#: One row per option of the rule (and a few combinations).
+GRID: list[dict[str, Any]] = [
+    dict(),
+    dict(momentum=0.9),
+    dict(centered=True),
+    dict(weight_decay=0.1),
+    dict(maximize=True),
+    dict(eps_in_sqrt=True),
+    dict(initial_square_avg=1.0),
+    dict(momentum=0.9, lr_in_momentum=True),
+    dict(momentum=0.9, nesterov=True),
+    dict(momentum=0.9, nesterov=True, lr_in_momentum=True),
+    dict(bias_correction=True),
+    # at t=1 bias-corrected v - m^2 is 0 up to rounding: eps inside the sqrt keeps it well-posed
+    dict(bias_correction=True, centered=True, eps_in_sqrt=True, eps=1e-3),
+    dict(weight_decay=0.1, decoupled_weight_decay=True),
+    dict(centered=True, momentum=0.5, weight_decay=0.05, maximize=True, eps_in_sqrt=True),
+]
+
+#: Option names of torch.optim.RMSprop itself.
+TORCH_OPTIONS: frozenset[str] = frozenset(
+    inspect.signature(torch.optim.RMSprop).parameters) - {"params"}
+#: The GRID rows torch.optim.RMSprop can run (it is then the oracle).
+TORCH_GRID: list[dict[str, Any]] = [c for c in GRID if set(c) <= TORCH_OPTIONS]
+
+
+def _state_formats() -> dict[str, Any]:
+    from rmsprop.torch import _codecs
+
+    formats: dict[str, Any] = {"float64": torch.float64, "float32": torch.float32,
+                               "bfloat16": torch.bfloat16, "float16": torch.float16}
+    formats.update({name: name for name in _codecs.registered()})
+    return formats
+
+
+#: Every state storage format, by name: the ``state_dtype`` value that selects it.
+STATE_FORMATS: dict[str, Any] = _state_formats()
+
+
+@pytest.fixture(params=PATH_PARAMS)
+def path(request: pytest.FixtureRequest) -> str:
+    """Each path's name in turn (the fused one skipped, with the reason, where it cannot
+    run)."""
+    return request.param
+
+
+@pytest.fixture
+def path_kwargs(path: str) -> dict[str, Any]:
+    """The constructor kwargs of the ``path`` fixture's path."""
+    return dict(ALL_PATHS[path])
