@@ -8,7 +8,8 @@
 # - Installs Debian's `postgresql` with apt-get only when no server binary is found (skipped with
 #   --no-install, which exits 3 instead so a caller can decide to skip).
 # - Listens on 127.0.0.1 only (no TCP on other interfaces), on a free port, with trust auth for
-#   loopback: it is a test server, never a production one.
+#   loopback: it is a test server, never a production one. Trust auth accepts any password, so
+#   tests can put one in the URL to check that it is never shown.
 # - Idempotent: a second call with the same DIR prints the URL of the server already running.
 # - The server refuses to run as root, so when called as root the data directory is owned by
 #   the `postgres` user and every server command runs through runuser/su.

@@ -3,7 +3,7 @@
 From the folder that holds ``examples/`` (the repository root):
 
     rmsprop compare --problem examples.my_problem:make_problem
-    rmsprop compare --problem examples.my_problem:make_problem --trials 4 --seeds 3 --out cmp-spirals
+    rmsprop compare --problem examples.my_problem:make_problem --trials 4 --out cmp-spirals
     python examples/my_problem.py          # the same comparison from Python
 
 ``make_problem()`` returns a ``ModelProblem``; the callables it is given are the whole protocol:

@@ -38,6 +38,7 @@ def main(argv: list[str] | None = None) -> int:
         from stable_baselines3 import A2C
         from stable_baselines3.common.env_util import make_vec_env
         from stable_baselines3.common.evaluation import evaluate_policy
+        from stable_baselines3.common.logger import Logger
     except ModuleNotFoundError as e:
         print(f"sb3_a2c.py needs Stable-Baselines3 ({e}): pip install stable-baselines3",
               file=sys.stderr)
@@ -55,6 +56,8 @@ def main(argv: list[str] | None = None) -> int:
     env = make_vec_env("CartPole-v1", n_envs=8, seed=args.seed)
     model = A2C("MlpPolicy", env, seed=args.seed, device="cpu", verbose=0,
                 policy_kwargs=dict(optimizer_class=RMSprop, optimizer_kwargs=kwargs))
+    # no log files: SB3's default logger makes a folder under the temp dir for every learn()
+    model.set_logger(Logger(folder=None, output_formats=[]))
     model.learn(total_timesteps=args.timesteps)
     mean, std = evaluate_policy(model, env, n_eval_episodes=10, deterministic=True)
     opt = model.policy.optimizer
@@ -66,6 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         path = os.path.join(tmp, "a2c_cartpole")
         model.save(path)
         loaded = A2C.load(path, env=env, device="cpu")
+    loaded.set_logger(Logger(folder=None, output_formats=[]))
     lopt = loaded.policy.optimizer
     same = all(
         (a == b).all() for k in opt.state_dict()["state"]

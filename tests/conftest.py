@@ -18,13 +18,13 @@ redefining them, so a new path, option or storage format is one row here:
 from __future__ import annotations
 
 import inspect
-from typing import Any, Optional
+from typing import Any
 
 import pytest
 import torch
 
 
-def _fused_unavailable() -> Optional[str]:
+def _fused_unavailable() -> str | None:
     from rmsprop.torch import RMSprop
 
     try:
@@ -35,7 +35,7 @@ def _fused_unavailable() -> Optional[str]:
 
 
 #: Why the fused CPU kernel does not load here (None when it does).
-FUSED_UNAVAILABLE: Optional[str] = _fused_unavailable()
+FUSED_UNAVAILABLE: str | None = _fused_unavailable()
 FUSED: bool = FUSED_UNAVAILABLE is None
 
 #: Each path of the torch optimizer, by name: the kwargs that select it explicitly.

@@ -144,8 +144,9 @@ def test_compiled_step_has_no_graph_break_in_rmsprop_and_no_recompiles():
     zero_grad(set_to_none=True) frees, so it recompiles on every step), and after the first
     step nothing recompiles (the state is created by `_init_group`, which dynamo runs eagerly
     before tracing). Results equal the eager run."""
-    import rmsprop
     from torch._dynamo.testing import CompileCounter
+
+    import rmsprop
 
     package_dir = os.path.dirname(rmsprop.__file__)
     torch._dynamo.reset()

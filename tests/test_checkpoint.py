@@ -25,8 +25,7 @@ torch = pytest.importorskip("torch")
 from conftest import ALL_PATHS, FUSED_UNAVAILABLE  # noqa: E402
 from rmsprop import PRESETS  # noqa: E402
 from rmsprop.torch import RMSprop  # noqa: E402
-from rmsprop.torch.checkpoint import (CheckpointError, load_checkpoint,  # noqa: E402
-                                      save_checkpoint)
+from rmsprop.torch.checkpoint import CheckpointError, load_checkpoint, save_checkpoint  # noqa: E402
 
 # ------------------------------------------------------------------------------------------
 # helpers
@@ -294,7 +293,7 @@ _WRITER = textwrap.dedent("""
 """)
 
 
-@pytest.mark.slow  # one torch import in a subprocess: ~5 s on a busy 2-core box
+@pytest.mark.slow  # one torch import in a subprocess: seconds, not milliseconds
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs POSIX fork and SIGKILL")
 def test_killed_writer_leaves_a_complete_checkpoint(tmp_path) -> None:
     ckpt = tmp_path / "ckpt.pt"
@@ -451,6 +450,27 @@ def test_mismatched_optimizer_is_refused_naming_what_differs(saved) -> None:
     _expect_refused(ckpt, (model, swapped, None, None),
                     r"param group 0, parameter 0 \('layers.1.weight'\): checkpoint holds model "
                     r"parameter 'layers.0.weight' here \(parameters reordered\?\)")
+
+
+def test_checkpoint_of_an_older_option_set_loads(saved, tmp_path) -> None:
+    """A checkpoint written before an option existed (its header lacks the option) loads:
+    the option takes its default, as load_state_dict documents; only options the live
+    optimizer does not know are refused."""
+    import json
+    import struct
+
+    ckpt, (model, opt, sched, scaler) = saved
+    raw = ckpt.read_bytes()
+    magic_end = raw.index(b"\n") + 1
+    (n,) = struct.unpack(">Q", raw[magic_end:magic_end + 8])
+    header = json.loads(raw[magic_end + 8:magic_end + 8 + n])
+    header["description"]["options"].remove("seed")
+    body = json.dumps(header).encode()
+    older = tmp_path / "older.pt"
+    older.write_bytes(raw[:magic_end] + struct.pack(">Q", len(body)) + body
+                      + raw[magic_end + 8 + n:])
+    load_checkpoint(older, model, opt, scheduler=sched, scaler=scaler)
+    assert opt.param_groups[0]["seed"] == 0
 
 
 def test_scheduler_requested_but_not_saved_is_refused(saved, tmp_path) -> None:

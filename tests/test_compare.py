@@ -585,3 +585,45 @@ def test_a_problem_target_loss_replaces_the_relative_target():
     # diverged at step 10 with 50.0
     assert agg.entry("saddle", "rmsprop").tuned.stt == (10, 10, 10)
     assert agg.entry("saddle", "adam").tuned.stt == (10, 10, math.inf)
+
+
+def test_claims_without_tuning_compare_the_defaults():
+    from rmsprop.tools.report import aggregate, claims
+
+    recs = [dict(r, phase="default") for r in _saddle_records() if r["phase"] == "tuned"]
+    agg = aggregate(recs, {"problems": ["saddle"], "optimizers": ["rmsprop", "adam"]})
+    verdicts = {c.title: c for c in claims(agg)}
+    assert verdicts["Fast convergence"].verdict == "yes"
+    assert verdicts["Fast convergence"].summary.startswith("defaults, on `saddle`")
+    assert verdicts["Non-convex problems"].verdict == "yes"
+
+
+def test_a_compare_json_without_options_is_refused(tmp_path, capsys):
+    (tmp_path / "compare.json").write_text("{}")
+    code = cli.main(["compare", "--problem", "saddle", "--out", str(tmp_path)])
+    _one_line_error(capsys, code, "holds a compare run without recorded options")
+
+
+def test_a_changed_problem_definition_is_a_mismatch(user_module, tmp_path, capsys):
+    mod = user_module(TINY_PROBLEM)
+    args = ["compare", "--problem", f"{mod}:make_problem", "--optimizer", "sgd", "--trials", "1",
+            "--seeds", "1", "--jobs", "1", "--no-plots", "--out", str(tmp_path / "o")]
+    assert cli.main(args) == 0
+    capsys.readouterr()
+    user_module(TINY_PROBLEM.replace("steps=30, eval_every=2", "steps=30, eval_every=3"))
+    user_problem._LOADED.clear()
+    _one_line_error(capsys, cli.main(args), "problems' definitions (eval_every)")
+
+
+def test_claims_are_about_the_first_rmsprop_variant_without_plain_rmsprop():
+    from rmsprop.tools.report import aggregate, claims
+
+    recs = [dict(r, optimizer={"rmsprop": "rmsprop-momentum"}.get(r["optimizer"],
+                                                                  r["optimizer"]))
+            for r in _saddle_records()]
+    agg = aggregate(recs, {"problems": ["saddle"], "optimizers": ["rmsprop-momentum", "adam"]})
+    cl = {c.title: c for c in claims(agg)}
+    assert agg.base == "rmsprop-momentum" and cl["Fast convergence"].verdict == "yes"
+    assert "rmsprop-momentum's profile score 1" in cl["Fast convergence"].summary
+    assert claims(aggregate([r for r in recs if r["optimizer"] == "adam"],
+                            {"problems": ["saddle"], "optimizers": ["adam"]})) == []

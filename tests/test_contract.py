@@ -14,10 +14,9 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ALL_PATHS, FUSED, FUSED_UNAVAILABLE
+from conftest import FUSED, FUSED_UNAVAILABLE, STATE_FORMATS
 from rmsprop import spec
-from rmsprop.torch import RMSprop
-from rmsprop.torch import _paths
+from rmsprop.torch import RMSprop, _paths
 
 SHAPES = [(4, 3), (5,)]
 
@@ -299,3 +298,52 @@ def test_defaults_are_options_defaults_everywhere():
     # every option torch has is one of ours, with torch's default
     for name, value in torch_sig.items():
         assert ours[name] == value, name
+
+
+# ---------------------------------------------------------------- every state format, every path
+
+@pytest.mark.parametrize("fmt", list(STATE_FORMATS))
+def test_every_state_format_on_every_path_tracks_the_spec(fmt, path, path_kwargs):
+    """A storage format is one codec and one row of STATE_FORMATS: each runs on every path
+    where it can (the fused kernel takes float state of the params' dtype or float32; a
+    fused=True optimizer refuses the others, naming the format) and follows the NumPy
+    reference with the same storage."""
+    from rmsprop.torch import _codecs
+    from rmsprop.torch._plan import Plan
+
+    state_dtype = STATE_FORMATS[fmt]
+    opts = dict(lr=0.01, momentum=0.9, centered=True)
+    gen = torch.Generator().manual_seed(3)
+    init = torch.randn(4096, generator=gen)  # large enough for the block formats
+    p = init.clone()
+    codec = _codecs.resolve(state_dtype, torch.float32)
+    why = Plan.accepts(codec, torch.float32)
+    if path == "fused" and why:
+        with pytest.raises(RuntimeError, match="fused=True cannot apply"):
+            RMSprop([p], **opts, state_dtype=state_dtype, **path_kwargs)
+        return
+    opt = RMSprop([p], **opts, state_dtype=state_dtype, **path_kwargs)
+    x, st = init.numpy().copy(), spec.init_state(init.numpy(), opts, state_dtype=fmt)
+    for t in range(5):
+        g = torch.randn(4096, generator=gen)
+        p.grad = g.clone()
+        opt.step()
+        x, st = spec.step(x, g.numpy(), st, opts)
+    if codec.dtype is not None:  # stored as that float dtype, torch's layout
+        assert opt.state[p]["square_avg"].dtype == codec.dtype
+    tol = dict(rtol=1e-4, atol=1e-5) if codec.dtype is None else dict(rtol=2e-5, atol=2e-6)
+    np.testing.assert_allclose(p.numpy(), x, **tol)
+
+
+@pytest.mark.slow
+def test_plans_never_load_the_ctypes_module_themselves():
+    """A CUDA user never imports the C kernel's loader: importing the optimizer and its
+    plans leaves ``rmsprop.kernels.cpu`` unloaded (a CPU plan imports it when built)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, rmsprop.torch, rmsprop.torch._plan; "
+            "print('rmsprop.kernels.cpu' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120, check=True).stdout.strip()
+    assert out == "False"

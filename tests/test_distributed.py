@@ -97,6 +97,7 @@ def _sharded(model, mesh):
 
 def scenario_ddp(rank, mesh, out):
     from torch.nn.parallel import DistributedDataParallel as DDP
+
     from rmsprop.torch import RMSprop
     model = make_model()
     ddp = DDP(model)
@@ -107,6 +108,7 @@ def scenario_ddp(rank, mesh, out):
 def scenario_zero(rank, mesh, out):
     from torch.distributed.optim import ZeroRedundancyOptimizer
     from torch.nn.parallel import DistributedDataParallel as DDP
+
     from rmsprop.torch import RMSprop
     model = make_model()
     ddp = DDP(model)
@@ -161,10 +163,13 @@ def scenario_dcp(rank, mesh, out):
     """Save sharded model + optimizer state with DCP after 2 steps, train 2 more (A); restore
     into fresh sharded objects, train the same 2 steps (B): B must equal A exactly."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import (get_model_state_dict,
-                                                         get_optimizer_state_dict,
-                                                         set_model_state_dict,
-                                                         set_optimizer_state_dict)
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict,
+        get_optimizer_state_dict,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
     from rmsprop.torch import RMSprop
     ckpt = os.path.join(out, "dcp_ckpt")
     model = _sharded(make_model(), mesh)
@@ -195,10 +200,13 @@ def scenario_dcp_from_torch(rank, mesh, out):
     ours on every path through DCP's own template (built from our optimizer), 2 more steps;
     the oracle: torch's optimizer continuing its own run."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import (get_model_state_dict,
-                                                         get_optimizer_state_dict,
-                                                         set_model_state_dict,
-                                                         set_optimizer_state_dict)
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict,
+        get_optimizer_state_dict,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
     from rmsprop.torch import RMSprop
     ckpt = os.path.join(out, "dcp_torch_ckpt")
     model = _sharded(make_model(), mesh)

@@ -130,9 +130,18 @@ def _a2c(optimizer_class, optimizer_kwargs, **kw):
     from stable_baselines3.common.env_util import make_vec_env
 
     env = make_vec_env("CartPole-v1", n_envs=4, seed=0)
-    return A2C("MlpPolicy", env, seed=0, device="cpu", verbose=0, **kw,
-               policy_kwargs=dict(optimizer_class=optimizer_class,
-                                  optimizer_kwargs=optimizer_kwargs))
+    model = A2C("MlpPolicy", env, seed=0, device="cpu", verbose=0, **kw,
+                policy_kwargs=dict(optimizer_class=optimizer_class,
+                                   optimizer_kwargs=optimizer_kwargs))
+    return _quiet(model)
+
+
+def _quiet(model):
+    """A logger with no outputs: SB3's default one makes a folder under the temp dir per run."""
+    from stable_baselines3.common.logger import Logger
+
+    model.set_logger(Logger(folder=None, output_formats=[]))
+    return model
 
 
 _needs_sb3 = pytest.mark.skipif(importlib.util.find_spec("stable_baselines3") is None,
@@ -183,7 +192,7 @@ def test_sb3_a2c_save_and_load_round_trip_the_optimizer_state(tmp_path):
     model = _a2c(RMSprop, dict(alpha=0.99, eps=1e-5, momentum=0.5, centered=True))
     model.learn(total_timesteps=200)
     model.save(tmp_path / "a2c")
-    loaded = A2C.load(tmp_path / "a2c", env=model.get_env(), device="cpu")
+    loaded = _quiet(A2C.load(tmp_path / "a2c", env=model.get_env(), device="cpu"))
     a, b = model.policy.optimizer, loaded.policy.optimizer
     assert type(b) is RMSprop
     assert b.param_groups[0]["momentum"] == 0.5 and b.param_groups[0]["centered"] is True

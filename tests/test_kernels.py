@@ -277,7 +277,8 @@ def test_one_minus_alpha_is_rounded_once():
     """v after one step from 0 with g = 1 is (1 - alpha) itself: the double 1 - 0.99 rounded
     once to float32 (0.0099999998), not 1 - float32(0.99) (0.0099999905)."""
     for dtype in (torch.float32, torch.float64):
-        p, g, v = torch.zeros(5, dtype=dtype), torch.ones(5, dtype=dtype), torch.zeros(5, dtype=dtype)
+        p, v = torch.zeros(5, dtype=dtype), torch.zeros(5, dtype=dtype)
+        g = torch.ones(5, dtype=dtype)
         cpu.fused_step([p], [g], [v], None, None, **_kw(Options(alpha=0.99), 1, np.float64))
         want = torch.full((5,), 1 - 0.99, dtype=dtype)
         assert torch.equal(v, want), (v[0].item(), want[0].item())

@@ -214,7 +214,7 @@ torch = pytest.importorskip("torch")
 
 @pytest.fixture
 def one_thread():
-    # tiny tensors: intra-op threads only add synchronisation (20x slower on a busy 2-core box)
+    # tiny tensors: intra-op threads only add synchronisation, never speed
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

@@ -97,8 +97,11 @@ def shell_commands(text: str) -> list[str]:
     prose = re.sub(r"```.*?```", "", text, flags=re.S)
     for span in re.findall(r"(?<!`)`([^`]+)`(?!`)", prose):
         span = " ".join(span.split())
-        # a command, not a name in passing ("`rmsprop tune` writes ..."): options or a file
-        if span.split(" ", 1)[0] in PREFIXES and re.search(r" -|/|\.py\b", span):
+        # a command, not a name in passing ("`rmsprop tune` writes", "like `python -m`"):
+        # arguments beyond one short flag, or a file
+        words = span.split(" ")
+        if words[0] in PREFIXES and len(words) > 1 and (
+                len(words) > 2 or words[1].startswith("--") or re.search(r"/|\.py\b", words[1])):
             out.append(span)
     return list(dict.fromkeys(out))  # once each, in README order
 
@@ -286,6 +289,18 @@ def _gpu_compile_check(cmd: str, tmp: Path, mp: pytest.MonkeyPatch) -> None:
     assert Path(script).name in (ROOT / "scripts" / "gpu-check.sh").read_text()
 
 
+def _in_an_extra(cmd: str, tmp: Path, mp: pytest.MonkeyPatch) -> None:
+    """``pip install pkg ...`` for an optional integration: each package is in one of our extras,
+    so the suite tests it (the test extra installs every extra)."""
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"][
+        "optional-dependencies"]
+    required = {re.split(r"[<>=!~\[ ;]", r, maxsplit=1)[0].lower()
+                for reqs in extras.values() for r in reqs}
+    for pkg in shlex.split(cmd)[2:]:
+        assert pkg.lower() in required, f"`{cmd}`: {pkg} is in no extra of pyproject.toml"
+
+
 def _not_ours(cmd: str, tmp: Path, mp: pytest.MonkeyPatch) -> None:
     """A third-party tool the README points to; not a dependency of the package."""
 
@@ -302,6 +317,7 @@ RULES: list[Rule] = [
     Rule(r"^pip install .*==", "static", "pinned versions are the ones tested", _pinned),
     Rule(r"^pip install optuna-dashboard$|^optuna-dashboard ", "static",
          "a third-party tool (Optuna's dashboard), not ours", _not_ours),
+    Rule(r"^pip install [\w -]+$", "static", "packages of our extras", _in_an_extra),
     Rule(r"^python -m pytest", "static", ".ci/run runs it", _ci_tests),
     Rule(r"^rmsprop compare .*--suite standard", "parse",
          "the standard suite takes 15-20 minutes; its problems are built by test_problems.py",

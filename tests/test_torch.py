@@ -4,7 +4,6 @@ torch.optim.Optimizer contract. Oracles: torch's own optimizer, rmsprop.spec, cl
 import copy
 import io
 import pickle
-import warnings
 
 import numpy as np
 import pytest

@@ -20,7 +20,6 @@ pytest.importorskip("triton")
 from rmsprop import spec  # noqa: E402
 from rmsprop.options import Options  # noqa: E402
 
-
 BACKENDS = ["interpreter"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
@@ -54,7 +53,7 @@ def dev(tk) -> str:
     return "cpu" if isinstance(tk._rmsprop_kernel, InterpretedFunction) else "cuda"
 
 
-def _on(dev: str, a) -> "torch.Tensor":
+def _on(dev: str, a) -> torch.Tensor:
     return torch.from_numpy(np.array(a)).to(dev)
 
 
@@ -272,8 +271,7 @@ def test_cuda_plan_steps_like_torch(tk, dev, monkeypatch):
     """The optimizer's cached-table path for CUDA params (CudaPlan), driven on CPU tensors
     by the interpreter: three steps equal torch.optim.RMSprop's, a NaN gradient is refused
     with nothing changed, and the kernel's statistics give the closed-form gradient RMS."""
-    from rmsprop.torch import NonFiniteGradientError, RMSprop
-    from rmsprop.torch import _plan
+    from rmsprop.torch import NonFiniteGradientError, RMSprop, _plan
 
     if dev == "cpu":
         monkeypatch.setattr(_plan, "plan_for", lambda device_type: _plan.CudaPlan)
@@ -315,8 +313,7 @@ def test_gated_check_skips_every_group(tk, dev, monkeypatch):
     """nonfinite="skip" on the device path: a NaN in the second group's gradient stops the
     first group's kernel too (the gate), the step is counted as skipped, and the next step
     matches torch.optim.RMSprop, which never saw the bad one."""
-    from rmsprop.torch import RMSprop
-    from rmsprop.torch import _plan
+    from rmsprop.torch import RMSprop, _plan
 
     if dev == "cpu":
         monkeypatch.setattr(_plan, "plan_for", lambda device_type: _plan.CudaPlan)

@@ -75,6 +75,11 @@ TOY = textwrap.dedent('''
     BROKEN = Broken(name="broken", description="raises", steps=40, eval_every=10,
                     batch_size=None, known_min=0.0)
 
+    def make_problem():
+        """A factory, as a user writes one: a fresh problem per call."""
+        return Toy(name="toy-made", description="2-D quadratic", steps=40, eval_every=10,
+                   batch_size=None, known_min=0.0)
+
     NOT_A_PROBLEM = 42
 ''')
 
@@ -721,3 +726,18 @@ def test_an_accurate_classifier_is_not_labelled_diverged():
                          {"lr": 0.1, "alpha": 0.99}, seed=0)
     assert ev.attrs["final_eval_metric"] > 0.9
     assert not ev.diverged and ev.value == ev.final_eval_loss != tuning.PENALTY
+
+
+def test_a_user_problem_factory_is_tuned(toy, capsys):
+    """``--problem pkg.module:make_problem``: the factory's problem, found by the same loader as
+    ``rmsprop compare``, is what the trials train (the best value is the oracle's)."""
+    tmp, _ = toy
+    db = f"sqlite:///{tmp / 'u.db'}"
+    rc, out = cli([*BASE, "--problem", "tune_toy_mod:make_problem", "--sampler", "random",
+                   "--trials", "3", "--storage", db, "--out", str(tmp / "u"),
+                   "--confirm-seeds", "0"], capsys)
+    assert rc == 0, out.err
+    assert "study tune_toy_mod-make_problem-tune_toy_mod-SPEC-random in" in out.out
+    best = json.loads((tmp / "u" / "best.json").read_text())
+    assert best["best_value"] == pytest.approx(
+        toy_value(best["best_hp"]["lr"], best["best_hp"]["alpha"]), rel=1e-12)

@@ -10,8 +10,9 @@ from __future__ import annotations
 import math
 import numbers
 import warnings
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
-from typing import Any, Mapping
+from typing import Any
 
 __all__ = ["Options", "validate", "RULE_OPTIONS", "OptionTypeError"]
 
@@ -71,7 +72,7 @@ class Options:
         return asdict(self)
 
     @classmethod
-    def quiet(cls, **hp: Any) -> "Options":
+    def quiet(cls, **hp: Any) -> Options:
         """Validate like the constructor but without the ``eps == 0`` warning: for the
         per-step rebuild of options the user already saw warned about at construction."""
         validate(hp, warn=False)

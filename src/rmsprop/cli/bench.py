@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import fnmatch
+import importlib
 import json
 import math
 import os
@@ -38,8 +39,9 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from . import CLIError
 
@@ -140,7 +142,7 @@ def model_shapes(total: int) -> list[tuple[int, ...]]:
     return shapes
 
 
-def build_rows(args: argparse.Namespace) -> list[dict]:
+def build_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
     quick = args.quick
     if args.sizes:
         singles = models = [parse_size(s) for s in args.sizes.split(",") if s.strip()]
@@ -157,7 +159,7 @@ def build_rows(args: argparse.Namespace) -> list[dict]:
             raise ValueError
     except ValueError:
         raise CLIError(f"bench: bad --tiny {tiny!r} (use COUNTxNUMEL, e.g. 1000x64)") from None
-    rows = []
+    rows: list[dict[str, Any]] = []
     for n in singles:
         rows.append(dict(name=fmt_size(n), shapes=[(n,)], dtype="float32", opts={}))
     for n in models:
@@ -212,10 +214,11 @@ def make_candidates(names: list[str], params: list, opts: dict, compile_ok: bool
         out[name] = dict(step=step, bytes=3 * pbytes + 2 * _state_bytes(opt), first_call_s=first,
                          note=note, opt=opt)
 
+    Ours: Any = None
     try:
-        from ..torch import RMSprop as Ours
+        from ..torch import RMSprop
+        Ours = RMSprop
     except ImportError as e:  # the optimizer is optional for the bench
-        Ours = None
         log(f"rmsprop.torch unavailable ({e}); 'rmsprop fused' calls the kernel directly")
     for name in names:
         try:
@@ -258,6 +261,7 @@ def make_candidates(names: list[str], params: list, opts: dict, compile_ok: bool
 
 def _direct_kernel(params: list, opts: dict) -> tuple[Any, Callable[[], None]]:
     import torch
+
     from ..kernels import cpu
 
     class _Holder:  # something with .state for the byte count
@@ -352,6 +356,7 @@ def _median(xs: list[float]) -> float:
 def stream_bandwidth(n: int, rounds: int) -> dict[str, float]:
     """STREAM copy / triad GB/s (median) over float32 arrays of n elements, our C loops."""
     import torch
+
     from ..kernels import cpu
     a, b, c = torch.ones(n), torch.full((n,), 2.0), torch.zeros(n)
     res = {}
@@ -422,10 +427,9 @@ def bench_row(row: dict, args: argparse.Namespace, names: list[str], bar: Any,
     import torch
 
     cuda = args.device == "cuda"
-    if cuda:
-        from ..kernels import triton as kernel
-    else:
-        from ..kernels import cpu as kernel
+    # the Triton module (and triton itself) is imported only for --device cuda
+    kernel: Any = importlib.import_module(
+        "..kernels.triton" if cuda else "..kernels.cpu", __package__)
     dtype = getattr(torch, row["dtype"])
     gen = torch.Generator().manual_seed(0)
     params = []

@@ -74,6 +74,7 @@ def run(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         return 130  # the runner has said where the finished runs are and how to resume
     print(res.table)
-    print("\nverdict: " + "; ".join(f"{k}: {v}" for k, v in res.verdicts.items()))
+    if res.verdicts:
+        print("\nverdict: " + "; ".join(f"{k}: {v}" for k, v in res.verdicts.items()))
     print(f"report: {res.report_path}  ({res.elapsed:.0f} s)")
     return 0

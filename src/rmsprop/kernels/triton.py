@@ -18,7 +18,8 @@ on CPU tensors (tests).
 from __future__ import annotations
 
 import os
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from . import state_flags
 
@@ -101,6 +102,15 @@ if triton is not None:
     _MIN = getattr(tl.standard, "_elementwise_min", _min)
     _MAX = getattr(tl.standard, "_elementwise_max", _max)
 
+    # The state codecs: every value of a stream (params, gradients, square_avg, grad_avg,
+    # momentum_buffer) is read through _load (decode: stored format -> math type T) and
+    # written through _store (encode: T -> the stored format, rounded once). The format is
+    # the pointer's element type; a block-scaled format would add its scale pointer here,
+    # and the kernel's arithmetic would not change.
+    @triton.jit
+    def _load(ptr, offs, mask, T: tl.constexpr):
+        return tl.load(ptr + offs, mask=mask, other=0.0).to(T)
+
     @triton.jit
     def _store(ptr, x, mask):
         # bfloat16 rounded to nearest even by hand: the interpreter's conversion truncates,
@@ -176,17 +186,17 @@ if triton is not None:
         for lo in range(start, end, BLOCK):
             offs = lo + tl.arange(0, BLOCK)
             mask = offs < end
-            g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(T) * gmul
-            p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(T)
+            g = _load(g_ptr, offs, mask, T) * gmul
+            p = _load(p_ptr, offs, mask, T)
             # torch.optim.RMSprop's operations and roundings (see cpu_step.h for the table)
             if WD_COUPLED:
                 g = tl.fma(wd, p, g)
             if DECOUPLED:
                 p = p * pdecay
-            v = tl.fma(oma * g, g, alpha * tl.load(v_ptr + offs, mask=mask, other=0.0).to(T))
+            v = tl.fma(oma * g, g, alpha * _load(v_ptr, offs, mask, T))
             _store(v_ptr + offs, v, mask)
             if CENTERED:
-                mo = tl.load(m_ptr + offs, mask=mask, other=0.0).to(T)
+                mo = _load(m_ptr, offs, mask, T)
                 mm = tl.fma(lerp_w, g - mo, tl.where(lerp_small, mo, g))
                 _store(m_ptr + offs, mm, mask)
                 mc = mm * invc
@@ -206,7 +216,7 @@ if triton is not None:
                     k = lr
                 else:
                     k = one
-                b = mu * tl.load(b_ptr + offs, mask=mask, other=0.0).to(T) + k * nrm
+                b = mu * _load(b_ptr, offs, mask, T) + k * nrm
                 _store(b_ptr + offs, b, mask)
                 if NESTEROV:
                     u = mu * b + k * nrm

@@ -104,7 +104,7 @@ class Plan:
             probs.append({"name": name, "source": self.sources[name], "steps": p.steps,
                           "eval_every": p.eval_every, "batch_size": p.batch_size,
                           "target_tau": p.target_tau, "known_min": p.known_min,
-                          "kind": p.kind, "description": p.description})
+                          "target_loss": getattr(p, "target_loss", None), "kind": p.kind})
         opts = [{"name": o, "defaults": dict(self.specs[o].defaults),
                  "search_space": [d.to_json() for d in self.spaces[o]]}
                 for o in self.optimizers]
@@ -178,11 +178,17 @@ def _resolve_problems(wanted: list[Any]) -> tuple[dict[str, str], dict[str, Any]
     return sources, objects
 
 
+def _is_ours(spec: Any, registry: Any) -> bool:
+    """Whether a spec names our optimizer (the registry marks it ``ours``)."""
+    default = spec.name in registry.OPTIMIZERS and spec.name.startswith("rmsprop")
+    return bool(getattr(spec, "ours", default))
+
+
 def _check_ours(specs: Mapping[str, Any]) -> None:
     """Our optimizer must import wherever compare runs it: never torch's in its place."""
     from rmsprop.tools.problems import optimizers as registry
 
-    ours = [o for o in specs if o in registry.OPTIMIZERS and o.startswith("rmsprop")]
+    ours = [o for o, spec in specs.items() if _is_ours(spec, registry)]
     if not ours:
         return
     try:
@@ -229,7 +235,7 @@ def plan(problems: str | Sequence[Any] | None = None,
         if not wanted:
             raise CompareError("no problem left to run: " + "; ".join(skipped))
     sources, objects = _resolve_problems(wanted)
-    for name, key in sources.items():
+    for name in sources:
         missing = objects[name].missing()
         if missing:
             pip = " ".join("scikit-learn" if m == "sklearn" else m for m in missing)
@@ -252,6 +258,11 @@ def plan(problems: str | Sequence[Any] | None = None,
             raise CompareError(f"optimizer {o!r}: {e}") from None
     seeds_default, trials_default = SUITE_DEFAULTS[suite]
     n_jobs = jobs if jobs is not None else max(1, min(2, os.cpu_count() or 1))
+    import multiprocessing as mp
+
+    if "fork" not in mp.get_all_start_methods() and any(k.startswith("@")
+                                                        for k in sources.values()):
+        n_jobs = 1  # a Problem object reaches worker processes only by fork
     return Plan(suite=suite, problems=tuple(sources), sources=sources,
                 optimizers=tuple(o for o in specs if o != CROSS_CHECK or o in names),
                 seeds=seeds_default if seeds is None else seeds,
@@ -302,8 +313,8 @@ def _differences(stored: Mapping[str, Any], now: Mapping[str, Any]) -> list[str]
         if a == b:
             continue
         if k in ("problems", "optimizers") and isinstance(a, list) and isinstance(b, list):
-            na = [x.get("name") for x in a if isinstance(x, dict)]
-            nb = [x.get("name") for x in b if isinstance(x, dict)]
+            na = [str(x.get("name")) for x in a if isinstance(x, dict)]
+            nb = [str(x.get("name")) for x in b if isinstance(x, dict)]
             if na != nb:
                 out.append(f"{k} {','.join(na)} there, {','.join(nb)} here")
             else:
@@ -421,7 +432,7 @@ def run_job(job: Mapping[str, Any]) -> dict[str, Any]:
     schedule = job.get("schedule", "constant")
     n_steps = job.get("steps") or prob.steps
     built: list[str] = []
-    ours = spec.name in registry.OPTIMIZERS and spec.name.startswith("rmsprop")
+    ours = _is_ours(spec, registry)
 
     def make(ps: Any) -> Any:
         opt = spec.make(ps, **hp)
@@ -467,12 +478,16 @@ def _cross_check(prob: Any, theirs: Any, job: Mapping[str, Any]) -> dict[str, An
     from rmsprop.tools.problems.optimizers import with_schedule
 
     ours = _ours_class()
-    out: dict[str, Any] = {"ours_available": True}
+    out: dict[str, Any] = {}
     n_steps = job.get("steps") or prob.steps
-    for label, kw in (("forloop", {"fused": False}), ("default", {})):
-        r = prob.run(with_schedule(lambda ps, kw=kw: ours.from_preset("pytorch", ps, **kw),
-                                   job.get("schedule"), n_steps),
-                     seed=job["seed"], steps=job.get("steps"))
+    paths: tuple[tuple[str, dict[str, Any]], ...] = (("forloop", {"fused": False}),
+                                                      ("default", {}))
+    for label, kw in paths:
+        def make(ps: Any, kw: dict[str, Any] = kw) -> Any:
+            return ours.from_preset("pytorch", ps, **kw)
+
+        r = prob.run(with_schedule(make, job.get("schedule"), n_steps), seed=job["seed"],
+                     steps=job.get("steps"))
         a, b = r.train_loss, theirs.train_loss
         n = min(len(a), len(b))
         rel = [abs(x - y) / max(abs(x), abs(y), 1e-300) if x != y else 0.0
@@ -613,7 +628,10 @@ def run(problems: str | Sequence[Any] | None = None,
     Raises :class:`CompareError` (a ``ValueError`` with a one-line message) for bad options
     before anything is written; ``KeyboardInterrupt`` after keeping the finished runs.
     """
-    say = log or (lambda _msg: None)
+    def say(msg: str) -> None:
+        if log is not None:
+            log(msg)
+
     p = plan(problems, optimizers, suite=suite, seeds=seeds, trials=trials, search=search,
              schedule=schedule, steps=steps, jobs=jobs)
     out = os.fspath(out) if out is not None else os.path.join(

@@ -265,6 +265,7 @@ def null_winner_rate(n: int, level: float = 0.95, n_sim: int = 400, seed: int = 
     hits = 0
     for _ in range(n_sim):
         d = rng.standard_normal(n)
-        _, lo, hi = paired_bootstrap(d, np.zeros(n), level=level, seed=int(rng.integers(2**31)))
+        _, lo, hi = paired_bootstrap(d.tolist(), [0.0] * n, level=level,
+                                     seed=int(rng.integers(2**31)))
         hits += lo > 0 or hi < 0
     return hits / n_sim

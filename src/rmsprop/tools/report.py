@@ -45,7 +45,7 @@ __all__ = [
 MARGIN = 0.01
 LOG_MARGIN = 1.0
 PHASES = ("default", "tuned")
-#: the optimizer the claims are about: ours, at torch's defaults
+#: the optimizer the claims are about: ours, at torch's defaults (else the first RMSProp variant)
 BASE = "rmsprop"
 #: torch.optim.RMSprop, run only to cross-check ours; never a rival in the verdicts
 CROSS_CHECK = "torch-rmsprop"
@@ -92,7 +92,7 @@ class ProblemFacts:
 class Tuning:
     """The tuning trials of one optimizer on one problem (seed 0, validation split)."""
 
-    trials: tuple[dict[str, Any], ...]
+    trials: tuple[Mapping[str, Any], ...]
     diverged: float                  # share of trials that diverged
     band: M.LrBand
     edge: str | None                 # best lr in the outermost part of its range
@@ -103,7 +103,7 @@ class Tuning:
 class Phase:
     """One optimizer's re-runs at one configuration (defaults or tuned) over the seeds."""
 
-    runs: tuple[dict[str, Any], ...]
+    runs: tuple[Mapping[str, Any], ...]
     finals: tuple[float, ...]        # final validation loss per seed, diverged = inf
     clipped: tuple[float, ...]       # same, a diverged seed at the divergence threshold
     stt: tuple[float, ...]           # steps to target per seed (inf = not reached)
@@ -342,7 +342,8 @@ def aggregate(records: Iterable[Mapping[str, Any]], cfg: Mapping[str, Any],
     recs = list(records)
     by = _group(recs)
     opts = tuple(cfg["optimizers"])
-    base = BASE if BASE in opts else (opts[0] if opts else None)
+    variants = [o for o in opts if o.startswith("rmsprop")]
+    base = BASE if BASE in opts else variants[0] if variants else (opts[0] if opts else None)
     sources = cfg.get("problem_sources", {})
     facts: dict[str, ProblemFacts] = {}
     entries: dict[str, dict[str, Entry]] = {}
@@ -363,8 +364,12 @@ def aggregate(records: Iterable[Mapping[str, Any]], cfg: Mapping[str, Any],
                 entries[pname][o] = Entry(tuning, d, t, gap)
     profiles = {}
     for ph in PHASES:
-        steps = {p: {o: e.phase(ph).median_steps for o, e in per.items() if e.phase(ph)}
-                 for p, per in entries.items()}
+        steps: dict[str, dict[str, float]] = {}
+        for p, per in entries.items():
+            for o, e in per.items():
+                d = e.phase(ph)
+                if d is not None:
+                    steps.setdefault(p, {})[o] = d.median_steps
         prof = profile(steps)
         if prof:
             profiles[ph] = prof
@@ -451,6 +456,18 @@ def _median(xs: Iterable[float]) -> float:
     return M.median_iqr([x for x in xs if not math.isnan(x)])[0]
 
 
+def _phase_of_claims(agg: Aggregate) -> str:
+    """The phase the claims compare: tuned, or the defaults when nothing was tuned."""
+    return "tuned" if any(e.tuned for per in agg.entries.values() for e in per.values()) \
+        else "default"
+
+
+def _tunings(agg: Aggregate, o: str) -> list[Tuning]:
+    """The tuning summaries of optimizer ``o``, one per problem that has them."""
+    return [t for per in agg.entries.values() if o in per
+            for t in (per[o].tuning,) if t is not None]
+
+
 def _where(agg: Aggregate) -> str:
     names = list(agg.problems)
     return (f"on `{names[0]}`" if len(names) == 1 else
@@ -464,22 +481,28 @@ def claim_fast(agg: Aggregate) -> Claim:
     rival's; no = below every rival's; not shown = no run reached any target."""
     title = "Fast convergence"
     plots = ("performance_profile.png", "convergence.png")
-    base, rivals = agg.base, agg.rivals
-    steps = {p: {o: e.tuned.median_steps for o, e in per.items()
-                 if e.tuned and (o == base or o in rivals)} for p, per in agg.entries.items()}
+    base, rivals = agg.base or BASE, agg.rivals
+    ph = _phase_of_claims(agg)
+    steps: dict[str, dict[str, float]] = {}
+    for p, per in agg.entries.items():
+        for o, e in per.items():
+            d = e.phase(ph)
+            if d is not None and (o == base or o in rivals):
+                steps.setdefault(p, {})[o] = d.median_steps
     prof = profile(steps, (base,) + rivals)
     if prof is None or base not in prof.score or not rivals:
-        return Claim(title, "not shown", "needs tuned runs of rmsprop and at least one rival",
-                     (), plots)
+        return Claim(title, "not shown", f"needs runs of {base} and at least one rival", (),
+                     plots)
     if all(not math.isfinite(s) for per in prof.steps.values() for s in per.values()):
         return Claim(title, "not shown", "no optimizer reached the target on any problem "
                      "(raise the step budget or tau)", (), plots)
     mine = prof.score[base]
     others = {o: prof.score[o] for o in rivals if o in prof.score}
-    best_o = max(others, key=others.get)
+    best_o = max(others, key=lambda o: others[o])
     verdict = ("yes" if mine >= others[best_o] - 0.05 else
                "partly" if any(mine > s + 0.05 for s in others.values()) else "no")
-    summary = (f"tuned, {_where(agg)}: rmsprop's profile score {_g(mine, 2)} against "
+    summary = (f"{'tuned' if ph == 'tuned' else 'defaults'}, {_where(agg)}: {base}'s "
+               f"profile score {_g(mine, 2)} against "
                + ", ".join(f"{o} {_g(s, 2)}" for o, s in others.items())
                + " (1 = fastest to the target everywhere)")
     evidence = ("steps to target, median over seeds (resolution: the evaluation interval)",) \
@@ -496,18 +519,17 @@ def claim_stable(agg: Aggregate) -> Claim:
     diverged; yes otherwise. The tuning trials' divergence shares are the context."""
     title = "Stable learning"
     plots = ("lr_sensitivity.png", "convergence.png")
-    base = agg.base
+    base = agg.base or BASE
     mine = {p: per[base] for p, per in agg.entries.items() if base in per}
     if not mine:
-        return Claim(title, "not shown", "needs runs of rmsprop", (), plots)
+        return Claim(title, "not shown", f"needs runs of {base}", (), plots)
     tuned_div = [p for p, e in mine.items() if e.tuned and e.tuned.div > 0]
     default_div = [p for p, e in mine.items() if e.default and e.default.div > 0]
     cycles = [p for p, e in mine.items() if e.tuned and agg.problems[p].deterministic
               and not math.isnan(e.tuned.osc) and e.tuned.osc >= 0.4]
     verdict = ("no" if tuned_div or cycles else "partly" if default_div else "yes")
-    grid = {o: _median(per[o].tuning.diverged for per in agg.entries.values()
-                       if o in per and per[o].tuning) for o in (base,) + agg.rivals}
-    parts = [f"re-runs of rmsprop that diverged: tuned {len(tuned_div)}, defaults "
+    grid = {o: _median(t.diverged for t in _tunings(agg, o)) for o in (base,) + agg.rivals}
+    parts = [f"re-runs of {base} that diverged: tuned {len(tuned_div)}, defaults "
              f"{len(default_div)} of {len(mine)} problem(s)"]
     if cycles:
         parts.append("limit cycle (oscillation index >= 0.4) on " + ", ".join(cycles))
@@ -529,24 +551,24 @@ def claim_few_hyperparameters(agg: Aggregate) -> Claim:
     partly = one of them, no = neither."""
     title = "Few hyperparameters"
     plots = ("lr_sensitivity.png",)
-    base = agg.base
+    base = agg.base or BASE
     opts = (base,) + agg.rivals
 
     def band(o: str) -> float:
-        return _median(per[o].tuning.band.decades for per in agg.entries.values()
-                       if o in per and per[o].tuning)
+        return _median(t.band.decades for t in _tunings(agg, o))
 
     def gap(o: str) -> float:
         return _median(per[o].gap for per in agg.entries.values() if o in per)
 
     g, b = gap(base), band(base)
     if math.isnan(g) and math.isnan(b):
-        return Claim(title, "not shown", "needs tuning trials and re-runs of rmsprop", (), plots)
+        return Claim(title, "not shown", f"needs tuning trials and re-runs of {base}", (),
+                     plots)
     rival_bands = [band(o) for o in agg.rivals if not math.isnan(band(o))]
     a_ok = not math.isnan(g) and g <= 0.1
     b_ok = not math.isnan(b) and (not rival_bands or b >= _median(rival_bands) - 0.25)
     verdict = "yes" if a_ok and b_ok else "partly" if a_ok or b_ok else "no"
-    summary = (f"rmsprop's defaults miss {_g(g, 2)} of the tuned progress (median gap; 0 = "
+    summary = (f"{base}'s defaults miss {_g(g, 2)} of the tuned progress (median gap; 0 = "
                f"as good as tuned) and its good-lr band is {_g(b, 2)} decades wide (median)")
     evidence = ("per optimizer, median over problems: " + ", ".join(
         f"{o} gap {_g(gap(o), 2)} / band {_g(band(o), 2)}" for o in opts),
@@ -564,18 +586,20 @@ def claim_nonconvex(agg: Aggregate) -> Claim:
     nonconvex = [p for p, fx in agg.problems.items() if not fx.convex]
     if not nonconvex:
         return Claim(title, "not shown", "every problem in this run is convex", (), plots)
+    ph = _phase_of_claims(agg)
     tally: dict[str, list[int]] = {o: [0, 0, 0] for o in agg.rivals}
     for p in nonconvex:
         for o in agg.rivals:
-            h = agg.h2h.get(p, {}).get(o, {}).get("tuned")
+            h = agg.h2h.get(p, {}).get(o, {}).get(ph)
             if h:
                 tally[o][0 if h.verdict == agg.base else 1 if h.verdict == "tie" else 2] += 1
     n = sum(sum(t) for t in tally.values())
     if n == 0:
-        return Claim(title, "not shown", "needs tuned re-runs of rmsprop and a rival", (), plots)
+        return Claim(title, "not shown", f"needs re-runs of {agg.base} and a rival", (), plots)
     lost = sum(t[2] for t in tally.values())
     verdict = "yes" if lost == 0 else "partly" if lost < n / 2 else "no"
-    summary = (f"tuned, final validation loss, paired over seeds, on {', '.join(nonconvex)}: "
+    summary = (f"{'tuned' if ph == 'tuned' else 'defaults'}, final validation loss, paired "
+               f"over seeds, on {', '.join(nonconvex)}: "
                + "; ".join(f"vs {o} {w} won, {t} tied, {lo} lost"
                            for o, (w, t, lo) in tally.items() if w + t + lo))
     evidence = ("a Problem with convex=True is left out of this verdict"
@@ -585,8 +609,9 @@ def claim_nonconvex(agg: Aggregate) -> Claim:
 
 
 def claims(agg: Aggregate) -> list[Claim]:
-    """The verdicts on the seed's four claims (empty when rmsprop was not run)."""
-    if agg.base != BASE:
+    """The verdicts on the seed's four claims about the base optimizer (``rmsprop``, else the
+    first RMSProp variant of the run); empty when the run has no RMSProp."""
+    if not (agg.base or "").startswith("rmsprop"):
         return []
     return [claim_fast(agg), claim_stable(agg), claim_few_hyperparameters(agg),
             claim_nonconvex(agg)]
@@ -797,7 +822,7 @@ def profile_figure(agg: Aggregate) -> Any:
         for i, o in enumerate(agg.optimizers):
             if o not in prof.ratios:
                 continue
-            ax.step(taus, M.performance_profile(prof.ratios[o], taus), where="post",
+            ax.step(taus, M.performance_profile(prof.ratios[o], taus.tolist()), where="post",
                     color=_color(o, i), label=f"{o} (score {_g(prof.score[o], 2)})")
         ax.set_ylim(-0.02, 1.02)
         ax.set_xlabel("τ (steps to target / best)")
@@ -844,9 +869,9 @@ def plot_trajectories(out: str, agg: Aggregate, problems: Mapping[str, Any]) -> 
         for i, o in enumerate(agg.optimizers):
             e = agg.entry(p, o)
             d = e.main if e else None
-            tr_ = d.runs[0]["result"].get("trajectory") if d else None
-            if not tr_:
+            if d is None or not d.runs[0]["result"].get("trajectory"):
                 continue
+            tr_ = d.runs[0]["result"]["trajectory"]
             seed = d.runs[0]["seed"]
             a = np.array([[np.nan if v is None else v for v in pt] for pt in tr_], float)
             # the first optimizer (ours) on top, so that overlapping paths do not hide it
@@ -883,7 +908,7 @@ def _miqr(t: tuple[float, float, float], ref: float, scale: float = 0.0) -> str:
 def render_claims(cl: Sequence[Claim], plots: Sequence[str]) -> str:
     """The verdict table and, under it, the evidence of each claim."""
     if not cl:
-        return "_(the claims are assessed only when `rmsprop` is among the optimizers)_"
+        return "_(the claims are assessed only when an RMSProp of ours is among the optimizers)_"
     have = set(plots)
 
     def refs(c: Claim) -> str:
@@ -1051,8 +1076,9 @@ def render(agg: Aggregate, cfg: Mapping[str, Any], plots: Sequence[Plot] = (), *
         f"{cfg.get('schedule', 'constant')} learning rate."
         + (f" Wall time {elapsed:.0f} s with {cfg.get('jobs')} jobs." if elapsed else ""), "",
         "## Verdict on the four claims", "",
-        f"About rmsprop (ours, torch's defaults) against "
-        f"{', '.join(agg.rivals) or 'no rival'}, {_where(agg)}.", "",
+        (f"About {agg.base}" + (" (ours, torch's defaults)" if agg.base == BASE else " (ours)")
+         + " against ")
+        + f"{', '.join(agg.rivals) or 'no rival'}, {_where(agg)}.", "",
         render_claims(cl, files), "",
     ]
     note = power_note(seeds)
@@ -1099,11 +1125,12 @@ def render(agg: Aggregate, cfg: Mapping[str, Any], plots: Sequence[Plot] = (), *
     lines += cross_check_section(agg)
     lines += ["## Search spaces (printed with every result)", "", search_space_table(cfg), ""]
     edges = [(p, o, e.tuning) for p, per in agg.entries.items() for o, e in per.items()
-             if e.tuning and e.tuning.edge]
+             if e.tuning and e.tuning.edge and e.tuning.best_hp]
     if edges:
         lines += ["**Best lr at the edge of its range** (extend the range to trust the tuned "
                   "result):", ""]
-        lines += [f"- {p} / {o}: {t.edge} edge, lr = {_g(t.best_hp['lr'])}" for p, o, t in edges]
+        lines += [f"- {p} / {o}: {t.edge} edge, lr = {_g((t.best_hp or {}).get('lr'))}"
+                  for p, o, t in edges]
         lines.append("")
     lines += ["## Tuned configurations", "", "| problem | optimizer | best trial |",
               "|---|---|---|"]

@@ -27,6 +27,7 @@ from typing import Any
 __all__ = [
     "DECAY_NAMES",
     "EXTRA_RANGES",
+    "SAMPLERS",
     "Param",
     "SearchSpaceError",
     "build_space",

@@ -81,17 +81,12 @@ def _reaper(study: Any, storage: Any) -> Any:
 def _fail_and_requeue(study: Any, reaper: Any, number: int) -> bool:
     """Mark trial ``number`` FAIL and re-queue its parameters; False when another process
     finished it first (then that process re-queues it, or it completed)."""
-    import optuna
     from optuna.trial import TrialState
 
     try:
         frozen = reaper.tell(number, state=TrialState.FAIL)
-    except (ValueError, optuna.exceptions.UpdateFinishedTrialError, RuntimeError):
-        return False
-    except Exception:  # noqa: BLE001 - a lost write race (SQLite busy snapshot, dropped connection)
-        return False
-    if frozen is None or frozen.state != TrialState.FAIL:
-        frozen = next(t for t in study.get_trials(deepcopy=False) if t.number == number)
+    except Exception:  # noqa: BLE001 - finished meanwhile (ValueError, UpdateFinishedTrialError)
+        return False  # or a lost write race (SQLite busy snapshot): the winner re-queues it
     retry_callback()(study, frozen)
     return True
 
@@ -162,6 +157,46 @@ def _unvisited_grid(study: Any, cfg: TuneConfig) -> bool:
     return any(tuple(sorted(p.items())) not in done for p in grid_points(cfg.space))
 
 
+class _Interrupts:
+    """Ctrl-C (SIGINT) while this worker runs: a ``KeyboardInterrupt`` at once inside training
+    (a run can be abandoned anywhere), held until the next :meth:`check` elsewhere: torn out of
+    an Optuna storage write, it could leave a journal file's lock behind or a trial half-made.
+    Installed only in the main thread (where Python runs signal handlers)."""
+
+    def __init__(self) -> None:
+        self.pending = False
+        self.training = False
+        self._old: Any = None
+
+    def __enter__(self) -> _Interrupts:
+        if threading.current_thread() is threading.main_thread():
+            self._old = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._old is not None:
+            signal.signal(signal.SIGINT, self._old)
+
+    def _handle(self, _signum: int, _frame: Any) -> None:
+        if self.training:
+            raise KeyboardInterrupt
+        self.pending = True
+
+    def check(self) -> None:
+        """Raise the held interrupt, if any."""
+        if self.pending:
+            raise KeyboardInterrupt
+
+    def train(self, run: Callable[[], Any]) -> Any:
+        """``run()`` with Ctrl-C raising at once."""
+        self.check()
+        self.training = True
+        try:
+            return run()
+        finally:
+            self.training = False
+
+
 def limit_threads(jobs: int) -> None:
     """Small models train fastest on one thread per worker; extra threads only contend."""
     n = max(1, (os.cpu_count() or 1) // max(jobs, 1) // 2)
@@ -197,6 +232,7 @@ def run_worker(cfg: TuneConfig, *, storage: Any = None,
     def objective(trial: Any) -> float:
         current[:] = [trial.number]
         try:
+            interrupts.check()
             return measure(trial)
         except KeyboardInterrupt:
             trial.set_user_attr("interrupted", True)
@@ -216,8 +252,9 @@ def run_worker(cfg: TuneConfig, *, storage: Any = None,
                                       daemon=True)
             beater.start()
         try:
-            ev = evaluate(problem, spec, hp, seed=cfg.train_seed, objective=cfg.objective,
-                          target=cfg.target, steps=cfg.steps)
+            ev = interrupts.train(lambda: evaluate(
+                problem, spec, hp, seed=cfg.train_seed, objective=cfg.objective,
+                target=cfg.target, steps=cfg.steps))
         except Exception as e:
             msg = (str(e).strip().splitlines() or [""])[0]
             trial.set_user_attr("error", f"{type(e).__name__}: {msg}")
@@ -244,28 +281,31 @@ def run_worker(cfg: TuneConfig, *, storage: Any = None,
         MaxTrialsCallback(n, states=(TrialState.COMPLETE,)),  # the study is done
         MaxTrialsCallback(n, states=(TrialState.COMPLETE, TrialState.RUNNING)),  # full for now
     ]
-    while True:
-        reap_stale(study, storage, cfg.grace, reaper=reaper)
-        c = counts(study)
-        if c["COMPLETE"] >= n:
-            break
-        if c["COMPLETE"] + c["RUNNING"] >= n:
-            time.sleep(poll)  # other workers hold the last trials: wait to see them end
-            continue
-        if cfg.sampler == "grid" and c["WAITING"] == 0 and not _unvisited_grid(study, cfg):
-            break  # every grid point is complete
-        try:
-            study.optimize(objective, callbacks=callbacks, gc_after_trial=False)
-        except _TrialError as e:
-            # Re-queue the point so a resumed run retries it (a grid keeps no hole), then stop:
-            # an error that is not divergence needs a look, not thousands of failed trials.
-            _requeue_own(study, e.number)
-            raise TuneError(f"trial {e.number} failed: {e} (parameters re-queued; fix the "
-                            "cause and re-run the same command to resume)") from None
-        except KeyboardInterrupt:
-            if current:
-                _requeue_own(study, current[0])
-            raise
+    with _Interrupts() as interrupts:
+        while True:
+            interrupts.check()
+            reap_stale(study, storage, cfg.grace, reaper=reaper)
+            c = counts(study)
+            if c["COMPLETE"] >= n:
+                break
+            if c["COMPLETE"] + c["RUNNING"] >= n:
+                interrupts.train(lambda: time.sleep(poll))  # others hold the last trials
+                continue
+            if cfg.sampler == "grid" and c["WAITING"] == 0 and not _unvisited_grid(study, cfg):
+                break  # every grid point is complete
+            try:
+                study.optimize(objective, callbacks=callbacks, gc_after_trial=False)
+            except _TrialError as e:
+                # Re-queue the point so a resumed run retries it (a grid keeps no hole), then
+                # stop: an error that is not divergence needs a look, not a thousand failures.
+                _requeue_own(study, e.number)
+                raise TuneError(f"trial {e.number} failed: {e} (parameters re-queued; fix "
+                                "the cause and re-run the same command to resume)") from None
+            except KeyboardInterrupt:
+                if current:
+                    _requeue_own(study, current[0])
+                raise
+        interrupts.check()
     return done_here
 
 

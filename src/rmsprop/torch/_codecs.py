@@ -35,6 +35,12 @@ Interface (``key`` is one of :data:`STATE_KEYS`; ``state`` is a parameter's stat
                                          when the entry has no such state
     codec.names(key)                     -> the state-dict names this codec uses for ``key``
 
+Optional, for formats whose keys are stored together (a quantized ``square_avg`` kept as
+``v - m^2`` needs ``grad_avg`` to decode): ``codec.decode_all(state, keys, dtype) -> {key:
+tensor}`` and ``codec.encode_all_(state, {key: tensor})``; the paths call them instead of
+the per-key methods when a codec has them. A decoded tensor may be flat: the paths view it
+as the param's (real) shape.
+
 :func:`resolve` maps the optimizer's ``state_dtype`` option and a param's real dtype to a
 codec; :func:`register` adds a named format (``register("8bit", factory)``), after which
 ``RMSprop(..., state_dtype="8bit")`` is accepted with no change to the optimizer.
@@ -43,7 +49,8 @@ codec; :func:`register` adds a named format (``register("8bit", factory)``), aft
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Optional, Protocol, Union
+from collections.abc import Callable
+from typing import Any, Protocol, Union
 
 import torch
 from torch import Tensor
@@ -54,7 +61,7 @@ __all__ = ["Codec", "FloatCodec", "STATE_KEYS", "resolve", "register", "register
 #: The state tensors a codec stores (``step`` is a count, kept as torch keeps it).
 STATE_KEYS = ("square_avg", "grad_avg", "momentum_buffer")
 
-StateDtype = Union[None, torch.dtype, str]
+StateDtype = Union[torch.dtype, str, None]  # noqa: UP007 (a runtime alias)
 
 _HALF = (torch.float16, torch.bfloat16)
 _COMPLEX = {torch.float64: torch.complex128, torch.float32: torch.complex64,
@@ -75,7 +82,7 @@ class Codec(Protocol):
 
     name: str
     block: int
-    dtype: Optional[torch.dtype]
+    dtype: torch.dtype | None
 
     def names(self, key: str) -> tuple[str, ...]: ...
 
@@ -86,9 +93,9 @@ class Codec(Protocol):
     def encode_(self, key: str, state: dict, value: Tensor) -> None: ...
 
     def slice(self, key: str, state: dict, lo: int, hi: int
-              ) -> Optional[dict[str, Tensor]]: ...
+              ) -> dict[str, Tensor] | None: ...
 
-    def check(self, key: str, entry: dict, p: Tensor) -> Optional[str]: ...
+    def check(self, key: str, entry: dict, p: Tensor) -> str | None: ...
 
     def load(self, key: str, entry: dict, p: Tensor) -> dict[str, Tensor]: ...
 
@@ -101,7 +108,8 @@ class FloatCodec:
     block = 1
 
     def __init__(self, dtype: torch.dtype) -> None:
-        self.dtype = dtype
+        self.dtype: torch.dtype | None = dtype
+        self._dtype = dtype
         self.name = str(dtype).replace("torch.", "")
 
     def __repr__(self) -> str:
@@ -111,7 +119,7 @@ class FloatCodec:
         return (key,)
 
     def _storage(self, p: Tensor) -> torch.dtype:
-        return _COMPLEX[self.dtype] if p.is_complex() else self.dtype
+        return _COMPLEX[self._dtype] if p.is_complex() else self._dtype
 
     def init(self, key: str, p: Tensor, fill: float) -> dict[str, Tensor]:
         # complex state holds fill in both components: the rule treats them independently
@@ -128,11 +136,11 @@ class FloatCodec:
         if value is not t:
             t.copy_(value)
 
-    def slice(self, key: str, state: dict, lo: int, hi: int) -> Optional[dict[str, Tensor]]:
+    def slice(self, key: str, state: dict, lo: int, hi: int) -> dict[str, Tensor] | None:
         t = real(state[key])
         return {key: t.view(-1)[lo:hi]} if t.is_contiguous() else None
 
-    def check(self, key: str, entry: dict, p: Tensor) -> Optional[str]:
+    def check(self, key: str, entry: dict, p: Tensor) -> str | None:
         t = entry.get(key)
         if t is None:
             return None
@@ -185,7 +193,7 @@ def check_state_dtype(state_dtype: Any) -> None:
                      + (f" or one of {names})" if names else ")"))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def resolve(state_dtype: StateDtype, param_dtype: torch.dtype) -> Codec:
     """The codec of a param whose real dtype is ``param_dtype`` under the ``state_dtype``
     option: ``None`` means float32 for float16/bfloat16 params (the math runs in float32

@@ -19,7 +19,7 @@ math dtype, decoded from the state's codec (see :mod:`rmsprop.torch._codecs`).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional, Union
+from typing import Any, Union
 
 import torch
 from torch import Tensor
@@ -27,7 +27,7 @@ from torch import Tensor
 __all__ = ["Hyper", "rule", "denominator", "single_tensor_step", "foreach_step", "TENSOR",
            "LISTS"]
 
-Tensors = Union[Tensor, list[Tensor]]
+Tensors = Union[Tensor, list[Tensor]]  # noqa: UP007 (a runtime alias)
 
 
 @dataclass(frozen=True)
@@ -176,7 +176,7 @@ TENSOR: Any = _TensorOps
 LISTS: Any = _ListOps
 
 
-def denominator(ops: Any, v: Tensors, m: Optional[Tensors], h: Hyper, *,
+def denominator(ops: Any, v: Tensors, m: Tensors | None, h: Hyper, *,
                 parts: bool = False) -> Any:
     """``d`` of the rule (``v``, ``m`` are not modified): ``sqrt(s) + eps`` or
     ``sqrt(s + eps)`` with ``s = max(v/c - (m/c)^2, 0)`` (centered) or ``v/c``.
@@ -198,8 +198,8 @@ def denominator(ops: Any, v: Tensors, m: Optional[Tensors], h: Hyper, *,
     return (s, sq, d) if parts else d
 
 
-def rule(ops: Any, p: Tensors, g: Tensors, v: Tensors, m: Optional[Tensors],
-         b: Optional[Tensors], h: Hyper) -> None:
+def rule(ops: Any, p: Tensors, g: Tensors, v: Tensors, m: Tensors | None,
+         b: Tensors | None, h: Hyper) -> None:
     """One step, in place on ``p``, ``v``, ``m`` (centered), ``b`` (momentum); ``g`` is read.
     ``ops`` is :data:`TENSOR` (one tensor each) or :data:`LISTS` (lists of tensors)."""
     if h.inv_scale != 1.0:
@@ -230,13 +230,13 @@ def rule(ops: Any, p: Tensors, g: Tensors, v: Tensors, m: Optional[Tensors],
         ops.addcdiv_(p, g, d, -h.lr)
 
 
-def single_tensor_step(p: Tensor, g: Tensor, v: Tensor, m: Optional[Tensor],
-                       b: Optional[Tensor], h: Hyper) -> None:
+def single_tensor_step(p: Tensor, g: Tensor, v: Tensor, m: Tensor | None,
+                       b: Tensor | None, h: Hyper) -> None:
     """:func:`rule` on one tensor (the for-loop path)."""
     rule(TENSOR, p, g, v, m, b, h)
 
 
 def foreach_step(ps: list[Tensor], gs: list[Tensor], vs: list[Tensor],
-                 ms: Optional[list[Tensor]], bs: Optional[list[Tensor]], h: Hyper) -> None:
+                 ms: list[Tensor] | None, bs: list[Tensor] | None, h: Hyper) -> None:
     """:func:`rule` over lists with ``torch._foreach_*`` (the foreach path)."""
     rule(LISTS, ps, gs, vs, ms, bs, h)

@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import array
 import operator
+from collections.abc import Sequence
 from itertools import repeat
-from typing import Any, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -56,7 +56,7 @@ def pack(h: Hyper) -> tuple[frozenset[str], tuple[float, ...]]:
 def hyper_of(*, lr: float, alpha: float, eps: float, weight_decay: float, momentum: float,
              centered: bool, maximize: bool, eps_in_sqrt: bool, lr_in_momentum: bool,
              nesterov: bool, decoupled_weight_decay: bool, bias_correction: float,
-             grad_scale: Optional[float] = None) -> Hyper:
+             grad_scale: float | None = None) -> Hyper:
     """The :class:`Hyper` of a ``fused_step`` call's keyword arguments."""
     return Hyper(lr=float(lr), alpha=float(alpha), eps=float(eps),
                  weight_decay=float(weight_decay), momentum=float(momentum),
@@ -85,8 +85,8 @@ class Plan:
     gated = False  # see CudaPlan
 
     def __init__(self, params: Sequence[Tensor], square_avgs: Sequence[Tensor],
-                 grad_avgs: Optional[Sequence[Tensor]],
-                 momentum_buffers: Optional[Sequence[Tensor]]) -> None:
+                 grad_avgs: Sequence[Tensor] | None,
+                 momentum_buffers: Sequence[Tensor] | None) -> None:
         self.n = len(params)
         self.centered, self.momentum = grad_avgs is not None, momentum_buffers is not None
         self.p_dtype = params[0].dtype if self.n else torch.float32
@@ -99,14 +99,14 @@ class Plan:
         self.B = _ptrs(momentum_buffers) if momentum_buffers is not None else None
         self.keep = (list(params), list(square_avgs), grad_avgs, momentum_buffers)
         # set by bind() when the optimizer caches the plan for a group
-        self.steps: Optional[Tensor] = None
-        self.group_params: Optional[list] = None
+        self.steps: Tensor | None = None
+        self.group_params: list | None = None
         self.version = -1
         self.convert = False  # gradients need real() (complex or sharded params)
-        self.validated: Optional[tuple] = None  # the group's options when last validated
+        self.validated: tuple | None = None  # the group's options when last validated
 
     @staticmethod
-    def accepts(codec: Codec, p_dtype: torch.dtype) -> Optional[str]:
+    def accepts(codec: Codec, p_dtype: torch.dtype) -> str | None:
         """Why the kernels cannot store state with ``codec`` for params of real dtype
         ``p_dtype`` (None if they can): they take float state of the params' dtype or
         float32."""
@@ -137,11 +137,11 @@ class Plan:
                 and (group["momentum"] > 0) == self.momentum
                 and bool(group["centered"]) == self.centered)
 
-    def gradients(self, grads: list) -> Optional[array.array]:
+    def gradients(self, grads: list) -> array.array | None:
         """The gradients' pointer table, or None when the general route must run: a
         gradient that is missing, sparse or not contiguous, or a param whose storage moved
         (``p.data = ...``, ``model.half()``: the plan's dtypes may no longer hold)."""
-        params = self.group_params
+        params = self.group_params or []
         try:
             if self.convert:
                 if any(map(operator.is_, grads, repeat(None))):
@@ -166,13 +166,13 @@ class Plan:
         """Index of the first gradient holding inf or NaN, -1 if none."""
         raise NotImplementedError
 
-    def run(self, G: array.array, h: Hyper, stats: Optional[Tensor] = None,
-            gate: Optional[Tensor] = None) -> None:
+    def run(self, G: array.array, h: Hyper, stats: Tensor | None = None,
+            gate: Tensor | None = None) -> None:
         """The kernel over every tensor with the gradients ``G``."""
         raise NotImplementedError
 
-    def step(self, G: array.array, h: Hyper, stats: Optional[Tensor] = None,
-             gate: Optional[Tensor] = None) -> None:
+    def step(self, G: array.array, h: Hyper, stats: Tensor | None = None,
+             gate: Tensor | None = None) -> None:
         """:meth:`run`, then advance the bound group's step counts."""
         self.run(G, h, stats, gate)
         if self.steps is not None:
@@ -182,11 +182,11 @@ class Plan:
 class CpuPlan(Plan):
     """A plan over CPU tensors: one call of the C kernel per step."""
 
-    _bits: Optional[dict[str, int]] = None
+    _bits: dict[str, int] | None = None
 
     def __init__(self, params: Sequence[Tensor], square_avgs: Sequence[Tensor],
-                 grad_avgs: Optional[Sequence[Tensor]],
-                 momentum_buffers: Optional[Sequence[Tensor]]) -> None:
+                 grad_avgs: Sequence[Tensor] | None,
+                 momentum_buffers: Sequence[Tensor] | None) -> None:
         from ..kernels import cpu
         super().__init__(params, square_avgs, grad_avgs, momentum_buffers)
         self._cpu = cpu
@@ -204,8 +204,8 @@ class CpuPlan(Plan):
         return int(lib.rms_first_nonfinite(self.n, _addr(self.numel), _addr(G),
                                            _addr(self.dts), torch.get_num_threads()))
 
-    def run(self, G: array.array, h: Hyper, stats: Optional[Tensor] = None,
-            gate: Optional[Tensor] = None) -> None:
+    def run(self, G: array.array, h: Hyper, stats: Tensor | None = None,
+            gate: Tensor | None = None) -> None:
         if self.n == 0:
             return
         lib = self._cpu._need()
@@ -235,8 +235,8 @@ class CudaPlan(Plan):
     gated = True
 
     def __init__(self, params: Sequence[Tensor], square_avgs: Sequence[Tensor],
-                 grad_avgs: Optional[Sequence[Tensor]],
-                 momentum_buffers: Optional[Sequence[Tensor]]) -> None:
+                 grad_avgs: Sequence[Tensor] | None,
+                 momentum_buffers: Sequence[Tensor] | None) -> None:
         from ..kernels import triton as tk
         super().__init__(params, square_avgs, grad_avgs, momentum_buffers)
         self._tk = tk
@@ -264,8 +264,8 @@ class CudaPlan(Plan):
         gdev, _ = self.table.upload(G)
         self._tk.check_into(self.table, gdev, self.p_like, gate)
 
-    def run(self, G: array.array, h: Hyper, stats: Optional[Tensor] = None,
-            gate: Optional[Tensor] = None) -> None:
+    def run(self, G: array.array, h: Hyper, stats: Tensor | None = None,
+            gate: Tensor | None = None) -> None:
         tk = self._tk
         on, values = pack(h)
         # the kernel folds maximize into the gradient multiplier (its sign is exact)
@@ -279,6 +279,6 @@ class CudaPlan(Plan):
         tk.launch(self.table, gdev, hyper, self.p_like, self.s_like, flags, stats, gate)
 
 
-def plan_for(device_type: str) -> Optional[type[Plan]]:
+def plan_for(device_type: str) -> type[Plan] | None:
     """The plan class for tensors on this device type, or None."""
     return {"cpu": CpuPlan, "cuda": CudaPlan}.get(device_type)

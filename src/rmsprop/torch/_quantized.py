@@ -25,25 +25,14 @@ from ._codecs import STATE_KEYS, FloatCodec, real, register
 __all__ = ["QuantizedCodec", "encode", "decode", "nearest_sqrt", "full_precision_state_dict",
            "random_bits", "stochastic_round_", "sr_init", "sr_write_"]
 
-_TABLES: dict[tuple[str, torch.device], Tensor] = {}
-
-
-def _table(fmt: str, device: torch.device) -> Tensor:
-    """The decode table of ``fmt`` (``U`` or ``S`` of the spec) on ``device``."""
-    key = (fmt, device)
-    if key not in _TABLES:
-        f = spec_codecs.FORMATS[fmt]
-        t = spec_codecs.signed_table(f.bits) if f.signed else spec_codecs.unsigned_table(f.levels)
-        _TABLES[key] = torch.from_numpy(t).to(device)
-    return _TABLES[key]
-
-
-def _scales(mag: Tensor, block: int) -> Tensor:
-    n = mag.numel()
+def _blocked(x: Tensor, block: int) -> Tensor:
+    """Flat ``x`` as ``(blocks, block)`` rows, the last one padded with zeros (a view when
+    ``x`` fills whole blocks)."""
+    n = x.numel()
     nb = -(-n // block)
     if n != nb * block:
-        mag = torch.cat([mag, mag.new_zeros(nb * block - n)])
-    return mag.view(nb, block).amax(dim=1) if nb else mag.new_zeros(0)
+        x = torch.cat([x, x.new_zeros(nb * block - n)])
+    return x.view(nb, block)
 
 
 def encode(x: Tensor, fmt: str) -> tuple[Tensor, Tensor]:
@@ -51,46 +40,55 @@ def encode(x: Tensor, fmt: str) -> tuple[Tensor, Tensor]:
     :func:`rmsprop.codecs.encode`, the same float32 operations."""
     f = spec_codecs.FORMATS[fmt]
     flat = x.detach().reshape(-1).to(torch.float32)
-    mag = flat.abs() if f.signed else flat.clamp_min(0)
-    scales = _scales(mag, f.block)
     n = flat.numel()
-    s = scales.repeat_interleave(f.block)[:n]
-    positive = s > 0
-    u = torch.where(positive, mag / torch.where(positive, s, torch.ones_like(s)),
-                    torch.zeros_like(s))
+    rows = _blocked(flat, f.block)
+    mag = rows.abs() if f.signed else rows.clamp_min(0)
+    scales = mag.amax(dim=1) if rows.shape[0] else mag.new_zeros(0)
+    # s = 0 only where the whole block is 0: dividing by 1 there gives the spec's u = 0
+    u = mag / torch.where(scales > 0, scales, 1.0).unsqueeze(1)
     if f.signed:
-        k = torch.round(u * f.levels).to(torch.int16)
-        k = torch.where(flat < 0, -k, k)
-        codes = (k & ((1 << f.bits) - 1)).to(torch.uint8)
+        k = torch.copysign(torch.round(u.mul_(f.levels)), rows)
+        codes = torch.where(k < 0, k + (1 << f.bits), k).to(torch.uint8)
     else:
-        q = nearest_sqrt(u * float(f.levels * f.levels)) - 1
+        q = nearest_sqrt(u.mul_(float(f.levels * f.levels))).sub_(1)
         codes = q.clamp_(0, f.levels - 1).to(torch.uint8)
-    if f.bits == 4:
-        codes = codes[0::2] | (codes[1::2] << 4)
-    return codes, scales
+    if f.bits == 4:  # pairs; an odd last element leaves the high nibble 0
+        codes = codes.view(-1)[: n + n % 2]
+        if n % 2:
+            codes[-1] = 0
+        return codes[0::2] | (codes[1::2] << 4), scales
+    return codes.view(-1)[:n], scales
 
 
 def nearest_sqrt(y: Tensor) -> Tensor:
     """:func:`rmsprop.codecs.nearest_sqrt`: the integer nearest ``sqrt(y)``, ties to even,
-    exact whatever the rounding of this device's ``sqrt`` (int16 tensor)."""
+    exact whatever the rounding of this device's ``sqrt`` (float32 tensor of integers)."""
     k = torch.round(y.sqrt())
-    hi = (k + 0.5) * (k + 0.5)  # exact: k < 2^11
-    lo = (k - 0.5) * (k - 0.5)
-    ki = k.to(torch.int16)
-    odd = (ki & 1) == 1
+    hi = (k + 0.5).square_()  # exact: k < 2^11
+    lo = (k - 0.5).square_()
+    odd = torch.remainder(k, 2) == 1
     up = (y > hi) | ((y == hi) & odd)
     down = (y < lo) | ((y == lo) & odd)
-    return torch.where(up, ki + 1, torch.where(down, ki - 1, ki))
+    return k.add_(up.to(k.dtype)).sub_(down.to(k.dtype))
 
 
 def decode(codes: Tensor, scales: Tensor, fmt: str) -> Tensor:
-    """The float32 values of ``codes`` and ``scales`` (flat): ``s * table[code]``."""
+    """The float32 values of ``codes`` and ``scales`` (flat): ``s * table[code]``, the table
+    entry computed in place of looked up (``(q + 1)^2 * 2^-2b`` and ``k / K`` are the
+    table's float32 values exactly: one exact product, one correctly rounded division)."""
     f = spec_codecs.FORMATS[fmt]
     if f.bits == 4:
         codes = torch.stack([codes & 0x0F, codes >> 4], dim=1).reshape(-1)
     n = codes.numel()
-    s = scales.to(torch.float32).repeat_interleave(f.block)[:n]
-    return s * _table(fmt, codes.device)[codes.long()]
+    if f.signed:
+        k = codes.to(torch.int16)
+        k = torch.where(k > f.levels, k - (1 << f.bits), k).clamp_(-f.levels, f.levels)
+        t = k.to(torch.float32).div_(f.levels)
+    else:
+        t = codes.to(torch.float32).add_(1)
+        t = t.mul_(t).mul_(1.0 / (f.levels * f.levels))
+    rows = _blocked(t, f.block)
+    return rows.mul_(scales.to(torch.float32).unsqueeze(1)).view(-1)[:n]
 
 
 def _size(p: Tensor) -> int:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import functools
 import inspect
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -32,14 +32,14 @@ __all__ = ["check", "restore", "slim", "fill", "coerce_steps", "torch_keys",
 _RULE_DEFAULTS = Options().as_dict()
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def torch_keys() -> frozenset[str]:
     """The option names ``torch.optim.RMSprop`` itself saves in its param groups."""
     names = inspect.signature(torch.optim.RMSprop.__init__).parameters
     return frozenset(names) - {"self", "params"}
 
 
-def class_defaults(cls: type) -> dict[str, Any]:
+def class_defaults(cls: Any) -> dict[str, Any]:
     """The option defaults of the optimizer class's signature, ``lr`` included."""
     sig = inspect.signature(cls.__init__).parameters
     return {k: v.default for k, v in sig.items()
@@ -112,7 +112,7 @@ def with_tensor_steps(state_dict: dict[str, Any]) -> dict[str, Any]:
     return {**state_dict, "state": fixed}
 
 
-def _label(gi: int, index: int, name: Optional[str]) -> str:
+def _label(gi: int, index: int, name: str | None) -> str:
     return repr(name) if name else f"group {gi} index {index}"
 
 

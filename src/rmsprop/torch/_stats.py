@@ -12,7 +12,7 @@ into the per-group (and per-parameter) dictionary users read.
 from __future__ import annotations
 
 import math
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 import torch
@@ -35,9 +35,15 @@ def empty_rows() -> Tensor:
     return torch.zeros(0, 6, dtype=torch.float64)
 
 
-def _state(codec: Codec, st: dict, h: Hyper, f: torch.dtype) -> tuple[Tensor, Optional[Tensor]]:
-    v = codec.decode("square_avg", st, f)
-    m = codec.decode("grad_avg", st, f) if h.centered else None
+def _state(codec: Codec, st: dict, h: Hyper, f: torch.dtype, shape: torch.Size
+           ) -> tuple[Tensor, Tensor | None]:
+    """``v`` (and ``m`` when centered) decoded in ``f``, shaped like the param's real view."""
+    keys = ["square_avg", "grad_avg"] if h.centered else ["square_avg"]
+    decode_all = getattr(codec, "decode_all", None)
+    vals = decode_all(st, keys, f) if decode_all is not None else {
+        key: codec.decode(key, st, f) for key in keys}
+    v = vals["square_avg"].reshape(shape)
+    m = vals["grad_avg"].reshape(shape) if h.centered else None
     return v, m
 
 
@@ -47,10 +53,12 @@ def row(h: Hyper, codec: Codec, p: Tensor, old: Tensor, st: dict) -> Tensor:
     tensors would cost more than the step itself)."""
     new, old = real(p.detach()), real(old)
     f = math_dtype(new.dtype)
-    v, m = _state(codec, st, h, f)
+    v, m = _state(codec, st, h, f, new.shape)
     s, sq, d = _paths.denominator(_paths.TENSOR, v, m, h, parts=True)
     new, old = new.to(f), old.to(f)
-    g = real(p.grad).to(f)
+    grad = p.grad
+    assert grad is not None  # statistics are recorded for params that stepped
+    g = real(grad).to(f)
     g = g * h.inv_scale if h.inv_scale != 1.0 else g  # the sign does not change g^2
     if h.weight_decay and not h.decoupled_weight_decay:
         g = (-g if h.maximize else g) + h.weight_decay * old
@@ -71,15 +79,15 @@ def step_sizes(h: Hyper, codec: Codec, st: dict, limit: int = SAMPLE) -> np.ndar
     by the rule's denominator in float64 on the host: a few thousand elements, where a
     device round trip per op would cost more than the arithmetic."""
     stored = codec.dtype if codec.dtype is not None else torch.float32
-    v = codec.decode("square_avg", st, stored)
+    v, m = _state(codec, st, h, stored, torch.Size([-1]))
     n = v.numel()
     stride = max(1, n // limit + (n % limit > 0))
 
     def host(t: Tensor) -> Tensor:
-        return t.reshape(-1)[::stride].detach().to("cpu", torch.float64)
+        return t[::stride].detach().to("cpu", torch.float64)
 
     vs = host(v)
-    ms = host(codec.decode("grad_avg", st, stored)) if h.centered else None
+    ms = host(m) if m is not None else None
     with torch.no_grad():
         d = _paths.denominator(_paths.TENSOR, vs, ms, h)
     return (h.lr / d).numpy()

@@ -42,7 +42,8 @@ import json
 import os
 import struct
 import tempfile
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 
@@ -128,13 +129,12 @@ def _check_fits(saved: Mapping[str, Any], live: Mapping[str, Any]) -> None:
     if len(s_groups) != len(l_groups):
         problems.append(f"param groups: checkpoint has {len(s_groups)}, live optimizer has "
                         f"{len(l_groups)}")
-    if saved["options"] != live["options"]:
-        extra = sorted(set(saved["options"]) - set(live["options"]))
-        lacking = sorted(set(live["options"]) - set(saved["options"]))
-        what = "; ".join(filter(None, [
-            f"options unknown to the live optimizer: {extra}" if extra else "",
-            f"options missing from the checkpoint: {lacking}" if lacking else ""]))
-        problems.append(f"optimizer option set differs ({what})")
+    # Options the live optimizer has and the checkpoint lacks (added by a later version) take
+    # their defaults on load; options it does not know would be silently dropped: refused.
+    extra = sorted(set(saved["options"]) - set(live["options"]))
+    if extra:
+        problems.append(f"optimizer option set differs (options unknown to the live "
+                        f"optimizer: {extra})")
     for gi, (sg, lg) in enumerate(zip(s_groups, l_groups)):
         if len(sg["params"]) != len(lg["params"]):
             problems.append(f"param group {gi}: checkpoint has {len(sg['params'])} parameters, "

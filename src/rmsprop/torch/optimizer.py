@@ -15,8 +15,9 @@ from __future__ import annotations
 import functools
 import operator
 import warnings
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Optional
+from typing import Any, cast
 
 import torch
 from torch import Tensor
@@ -58,23 +59,28 @@ def _fused_kernel(device_type: str) -> Any:
     """The fused kernel module for a device type, or ``None`` if there is none here."""
     try:
         if device_type == "cpu":
-            from ..kernels import cpu as kernel
+            from ..kernels import cpu as kernel_module
         elif device_type == "cuda":
-            from ..kernels import triton as kernel
+            from ..kernels import triton as kernel_module  # type: ignore[no-redef]
         else:
             return None
     except ImportError:
         return None
-    available = getattr(kernel, "available", None)
-    return kernel if available is None or available() else None
+    available = getattr(kernel_module, "available", None)
+    return kernel_module if available is None or available() else None
+
+
+def _g(p: Tensor) -> Tensor:
+    """``p``'s gradient, where the caller selected params that have one."""
+    return cast(Tensor, p.grad)
 
 
 def _real_dtype(dtype: torch.dtype) -> torch.dtype:
     return _REAL.get(dtype, dtype)
 
 
-@functools.lru_cache(maxsize=None)
-def _fused_unsupported(device_type: str, dtype: torch.dtype) -> Optional[str]:
+@functools.cache
+def _fused_unsupported(device_type: str, dtype: torch.dtype) -> str | None:
     """Why the fused kernel cannot update a tensor of this device and dtype (None if it can)."""
     kernel = _fused_kernel(device_type)
     if kernel is None:
@@ -113,7 +119,7 @@ class _Job:
     G: Any = None
     gate: Any = None
     rows: Any = None
-    before: Optional[list] = field(default=None)
+    before: list | None = field(default=None)
 
 
 class RMSprop(Optimizer):
@@ -181,12 +187,12 @@ class RMSprop(Optimizer):
     def __init__(self, params: Iterable[Any], lr: float | Tensor = 1e-2, alpha: float = 0.99,
                  eps: float = 1e-8, weight_decay: float = 0, momentum: float = 0,
                  centered: bool = False, capturable: bool = False,
-                 foreach: Optional[bool] = None, maximize: bool = False,
-                 differentiable: bool = False, *, fused: Optional[bool] = None,
+                 foreach: bool | None = None, maximize: bool = False,
+                 differentiable: bool = False, *, fused: bool | None = None,
                  eps_in_sqrt: bool = False, initial_square_avg: float = 0.0,
                  lr_in_momentum: bool = False, nesterov: bool = False,
                  bias_correction: bool = False, decoupled_weight_decay: bool = False,
-                 nonfinite: str = "raise", state_dtype: Optional[torch.dtype | str] = None,
+                 nonfinite: str = "raise", state_dtype: torch.dtype | str | None = None,
                  stochastic_rounding: bool = False, seed: int = 0,
                  track_stats: bool | str = False) -> None:
         if isinstance(lr, Tensor) and lr.numel() != 1:
@@ -231,7 +237,7 @@ class RMSprop(Optimizer):
                         raise RuntimeError(f"fused=True cannot apply: {reason}")
 
     @classmethod
-    def from_preset(cls, name: str, params: Iterable[Any], **overrides: Any) -> "RMSprop":
+    def from_preset(cls, name: str, params: Iterable[Any], **overrides: Any) -> RMSprop:
         """Build the optimizer of a published variant (``rmsprop.PRESETS[name]``), with
         ``overrides`` on top. Raises ``ValueError`` for an unknown name, or when the original
         has no default learning rate and ``lr`` is not given."""
@@ -314,7 +320,7 @@ class RMSprop(Optimizer):
     def _codec(group: dict, p: Tensor) -> Codec:
         return _codecs.resolve(group.get("state_dtype"), _real_dtype(p.dtype))
 
-    def _fused_reason(self, group: dict, p: Tensor) -> Optional[str]:
+    def _fused_reason(self, group: dict, p: Tensor) -> str | None:
         """Why the fused kernel cannot step ``p`` in ``group`` (None if it can)."""
         return (_fused_unsupported(p.device.type, p.dtype)
                 or _plan.Plan.accepts(self._codec(group, p), _real_dtype(p.dtype))
@@ -340,8 +346,8 @@ class RMSprop(Optimizer):
             state["step"] = torch.zeros((), dtype=torch.float32, device=device)
             state.update(codec.init("square_avg", p, float(group["initial_square_avg"])))
             if self._rounds(group, p):
-                from . import _quantized
                 from ..codecs import param_seed
+                from . import _quantized
                 _quantized.sr_init(state, p, param_seed(group["seed"], self._param_index(p)))
         # Created lazily so that turning momentum/centered on mid-run (OneCycleLR writes
         # group["momentum"]) starts the new buffer from zero instead of raising KeyError.
@@ -371,7 +377,7 @@ class RMSprop(Optimizer):
         gi = next(i for i, g in enumerate(self.param_groups) if g is group)  # not ==: tensors
         return f"group {gi} index {index} (shape {tuple(p.shape)})"
 
-    def _hyper(self, group: dict, t: int, inv_scale: Optional[float] = None) -> Hyper:
+    def _hyper(self, group: dict, t: int, inv_scale: float | None = None) -> Hyper:
         lr = group["lr"]
         if isinstance(lr, Tensor):
             lr = float(lr.detach().reshape(()))  # one sync: the paths take a Python scalar
@@ -390,7 +396,8 @@ class RMSprop(Optimizer):
 
     # -- the step: one route ------------------------------------------------------------------
 
-    def step(self, closure: Optional[Callable[[], float]] = None) -> Optional[float]:
+    def step(  # type: ignore[override]  # torch's overloads say the same in two signatures
+            self, closure: Callable[[], float] | None = None) -> float | None:
         """Perform one optimization step. ``closure`` re-evaluates the model and returns the
         loss. If anything raises (a non-finite gradient with ``nonfinite="raise"``, a bad
         option, an unsupported tensor), no parameter and no state has changed."""
@@ -515,8 +522,8 @@ class RMSprop(Optimizer):
         if not checked:
             return False
         if compiling:
-            found = self._find_nonfinite([(j.group, j.params) for j in checked])
-            return bool(found) and self._reject(*found) is None
+            self._find_nonfinite([(j.group, j.params) for j in checked])  # asserts in-graph
+            return False
         gates: dict = {}
         for job in checked:
             plan = job.plan
@@ -568,7 +575,7 @@ class RMSprop(Optimizer):
                 job.plan = None
         self._apply(group, job.params, job.path, inv_scale)
 
-    def _build_plan(self, group: dict, params: list[Tensor]) -> Optional[_plan.Plan]:
+    def _build_plan(self, group: dict, params: list[Tensor]) -> _plan.Plan | None:
         """The cached plan of a fused group whose params all have a gradient, share one
         device, dtype and codec, are contiguous and (with bias correction) share one step
         count; None when the group must take the general path."""
@@ -581,9 +588,12 @@ class RMSprop(Optimizer):
         if group["bias_correction"] and len({float(st["step"]) for st in states}) != 1:
             return None
         centered, momentum = bool(group["centered"]), group["momentum"] > 0
-        sq = [real(st["square_avg"]) for st in states]
-        ga = [real(st["grad_avg"]) for st in states] if centered else None
-        mb = [real(st["momentum_buffer"]) for st in states] if momentum else None
+        codec = self._codec(group, params[0])
+        stored = cast(torch.dtype, codec.dtype)  # a float codec: the kernel's own storage
+        sq = [codec.decode("square_avg", st, stored) for st in states]
+        ga = [codec.decode("grad_avg", st, stored) for st in states] if centered else None
+        mb = ([codec.decode("momentum_buffer", st, stored) for st in states] if momentum
+              else None)
         reals = [real(p) for p in params]
         if not all(t.is_contiguous() for ts in (reals, sq, ga or [], mb or []) for t in ts):
             return None
@@ -617,17 +627,21 @@ class RMSprop(Optimizer):
                      device: torch.device, codec: Codec) -> None:
         """A one-shot plan over the contiguous tensors; non-contiguous views take the
         for-loop path, which computes the same rule."""
-        contiguous = [i for i, p in enumerate(ps) if p.is_contiguous() and p.grad.is_contiguous()
+        contiguous = [i for i, p in enumerate(ps) if p.is_contiguous() and _g(p).is_contiguous()
                       and all(v.is_contiguous() for k, v in sts[i].items() if k != "step")]
         fast = set(contiguous)
         rest = [i for i in range(len(ps)) if i not in fast]
         if contiguous:
             plan_cls = _plan.plan_for(device.type)
-            plan = plan_cls(
-                [real(ps[i]) for i in contiguous], [real(sts[i]["square_avg"]) for i in contiguous],
-                [real(sts[i]["grad_avg"]) for i in contiguous] if h.centered else None,
-                [real(sts[i]["momentum_buffer"]) for i in contiguous] if h.momentum > 0 else None)
-            plan.run(_plan._ptrs([real(ps[i].grad) for i in contiguous]), h)
+            assert plan_cls is not None  # the path is fused only where a kernel is
+            stored = cast(torch.dtype, codec.dtype)  # a float codec: the kernel's storage
+
+            def column(key: str) -> list[Tensor]:
+                return [codec.decode(key, sts[i], stored) for i in contiguous]
+            plan = plan_cls([real(ps[i]) for i in contiguous], column("square_avg"),
+                            column("grad_avg") if h.centered else None,
+                            column("momentum_buffer") if h.momentum > 0 else None)
+            plan.run(_plan._ptrs([real(_g(ps[i])) for i in contiguous]), h)
         if rest:
             self._apply_unfused([ps[i] for i in rest], [sts[i] for i in rest], h, "forloop",
                                 codec)
@@ -646,7 +660,8 @@ class RMSprop(Optimizer):
         keys = [key for key, on in (("square_avg", True), ("grad_avg", h.centered),
                                     ("momentum_buffer", h.momentum > 0)) if on]
         # rows of (param, grad, state or a slice of it, offset of the slice in the param)
-        rows = [(real(p), real(p.grad), st, 0) for p, st in zip(ps, sts)]
+        rows: list[tuple[Tensor, Tensor, Any, int]] = [
+            (real(p), real(_g(p)), st, 0) for p, st in zip(ps, sts)]
         if path != "foreach" or torch.compiler.is_compiling():
             return self._unfused(rows, keys, h, path, codec)
         limit = _FOREACH_BATCH.get(rows[0][0].device.type, _FOREACH_BATCH["cuda"])
@@ -674,7 +689,7 @@ class RMSprop(Optimizer):
 
     @staticmethod
     def _slice_state(codec: Codec, keys: list[str], st: dict, lo: int, hi: int
-                     ) -> Optional[dict]:
+                     ) -> dict | None:
         """One dict with every key's entries for elements [lo, hi), or None if one cannot be
         cut (the step count and a stochastic-rounding seed come along)."""
         sub = {k: st[k] for k in ("step", "sr_seed") if k in st}
@@ -727,12 +742,12 @@ class RMSprop(Optimizer):
     # -- gradient checks ----------------------------------------------------------------------
 
     @torch.no_grad()
-    def _check_finite(self, work: list[tuple[dict, list[Tensor]]]) -> Optional[str]:
+    def _check_finite(self, work: list[tuple[dict, list[Tensor]]]) -> str | None:
         """The name of the first parameter whose gradient is not finite, or ``None``."""
         for group, params in work:
             if not params:
                 continue
-            grads = [real(p.grad) for p in params]
+            grads = [real(_g(p)) for p in params]
             kernel = _fused_kernel("cpu") if all(g.device.type == "cpu" and g.is_contiguous()
                                                  for g in grads) else None
             if kernel is not None and hasattr(kernel, "first_nonfinite"):
@@ -751,7 +766,7 @@ class RMSprop(Optimizer):
         return None
 
     def _find_nonfinite(self, work: list[tuple[dict, list[Tensor]]]
-                        ) -> Optional[tuple[str, str]]:
+                        ) -> tuple[str, str] | None:
         """``(parameter label, nonfinite mode)`` of the first group (whose mode is not
         "ignore") holding a non-finite gradient, agreed across ranks for sharded params."""
         checked = [(g, ps) for g, ps in work if g["nonfinite"] != "ignore"]
@@ -762,7 +777,7 @@ class RMSprop(Optimizer):
             # write; it cannot name the parameter, and "skip" raises too. (A check between two
             # graphs would guard the second on gradients that zero_grad frees: a recompile at
             # every step.)
-            grads = [real(p.grad) for _, ps in checked for p in ps if p.grad.numel()]
+            grads = [real(_g(p)) for _, ps in checked for p in ps if _g(p).numel()]
             if grads:
                 ok = _all_finite(grads)
                 torch._assert_async(ok, "rmsprop: non-finite gradient (inf or NaN)")

@@ -156,6 +156,14 @@ class Problem:
         per-step training losses can be read as the objective (oscillation analysis)."""
         return False
 
+    @property
+    def judged_on_eval(self) -> bool:
+        """Whether divergence is judged on the evaluation loss (True for analytic functions,
+        whose evaluation is the noise-free objective, and for RL, whose evaluation is the
+        return) rather than on the training loss (data problems: a held-out loss can grow
+        while the model improves). Override where neither fits."""
+        return self.kind in ("analytic", "rl")
+
     # -- to override -----------------------------------------------------------------------------
     def build(self, seed: int) -> Task:  # pragma: no cover - abstract
         """Create parameters, data streams and closures for run ``seed``."""
@@ -175,8 +183,8 @@ class Problem:
         A run *diverges* when a training or evaluation loss becomes non-finite (the run stops
         there), or when it ends with the objective's excess over the reference (``known_min``,
         else 0) above ``DIVERGENCE_FACTOR`` times its initial excess. The objective is the
-        evaluation loss for analytic problems (the noise-free function) and, for data problems,
-        the mean training loss of the last ``max(eval_every, 10)`` steps: a held-out loss can
+        evaluation loss where :attr:`judged_on_eval` (analytic functions, RL) and otherwise the
+        mean training loss of the last ``max(eval_every, 10)`` steps: a held-out loss can
         end tenfold above its start while the model still improves (an over-confident
         classifier at 90 % accuracy pays a huge cross-entropy for its few mistakes), which is
         over-fitting, not divergence; and a transient spike that training recovers from is
@@ -206,7 +214,7 @@ class Problem:
             eval_loss.append(loss)
             if eval_metric is not None:
                 eval_metric.append(math.nan if metric is None else metric)
-            if traj is not None:
+            if traj is not None and task.point is not None:
                 traj.append(task.point())
             return not math.isfinite(loss)
 
@@ -236,7 +244,7 @@ class Problem:
         if not diverged and t > 0:
             limit = DIVERGENCE_FACTOR * max(eval_loss[0] - ref, 0.0)
             recent = train[-max(self.eval_every, 10):]
-            end = eval_loss[-1] if self.kind == "analytic" else sum(recent) / len(recent)
+            end = eval_loss[-1] if self.judged_on_eval else sum(recent) / len(recent)
             diverged = (end - ref) > limit
 
         test_loss = test_metric = None

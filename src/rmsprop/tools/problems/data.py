@@ -51,7 +51,8 @@ def load(name: str) -> dict[str, Any]:
         bunch = loader()
         x, y = np.asarray(bunch.data, dtype=np.float64), np.asarray(bunch.target)
         regression = name == "diabetes"
-        idx = split_indices(len(y), FRACTIONS, SPLIT_SEED, stratify=None if regression else y.tolist())
+        idx = split_indices(len(y), FRACTIONS, SPLIT_SEED,
+                            stratify=None if regression else y.tolist())
         parts = {k: (x[i], y[i]) for k, i in zip(("train", "valid", "test"), idx)}
     mu = parts["train"][0].mean(0)
     sd = parts["train"][0].std(0)

@@ -13,8 +13,8 @@ index for anything else (tabs, non-ASCII; a few characters in the whole corpus).
 Model: a pre-norm GPT-style decoder (Radford et al. 2019): token + learned position embeddings,
 ``layers`` blocks of causal multi-head self-attention and a 4x GELU MLP, a final LayerNorm and a
 linear read-out. Loss: cross-entropy of the next character in nats per character (natural log);
-a uniform guess over the vocabulary scores ``ln 97 = 4.57``, predicting unigram frequencies
-about 3.3.
+a uniform guess over the vocabulary scores ``ln 97 = 4.57``, the training text's character
+frequencies 3.13 on the validation text (CPython 3.11).
 
 Training batches are ``batch_size`` windows of ``context + 1`` characters at offsets drawn from the
 run seed's ``order`` stream; the weights come from its ``init`` stream (common random numbers).
