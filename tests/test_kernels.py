@@ -273,6 +273,34 @@ def test_only_torchs_sqrt_differs(dtype):
     assert drift <= 4 * torch.finfo(dtype).eps * ref_t[0].double().abs().max()
 
 
+def test_fused_multiply_add_rounds_once_on_every_instruction_set(isa, monkeypatch):
+    """g + wd*p is one fused multiply-add in torch (ATen's fmadd) and in the kernel, whose
+    baseline build computes it in double without the instruction. Inputs built so that
+    wd*p + g often lies just off a point halfway between two floats, where rounding to double
+    and then to float (two roundings) would be wrong: params 24-bit integers, wd a 12-bit
+    integer, gradients +-2^-k. One torch step is the oracle (sqrt made IEEE, see _ieee_sqrt)."""
+    _ieee_sqrt(monkeypatch)
+    rng = np.random.default_rng(11)
+    n = 200_000
+    p = torch.from_numpy(rng.integers(1, 2 ** 24, n).astype(np.float32))
+    g = torch.from_numpy((rng.choice([-1.0, 1.0, -3.0], n)
+                          * 2.0 ** -rng.integers(0, 30, n)).astype(np.float32))
+    wd = 3001.0
+    two_roundings = (p.double() * wd + g.double()).float()
+    assert (two_roundings != g.add(p, alpha=wd)).sum() > 10  # the trap is there (37 times)
+    ref = p.clone().requires_grad_()
+    ref.grad = g.clone()
+    opt = torch.optim.RMSprop([ref], lr=1e-3, weight_decay=wd, foreach=False)
+    opt.step()
+    got, v = p.clone(), torch.zeros(n)
+    cpu.fused_step([got], [g], [v], None, None, lr=1e-3, alpha=0.99, eps=1e-8,
+                   weight_decay=wd, momentum=0.0, centered=False, maximize=False,
+                   eps_in_sqrt=False, lr_in_momentum=False, nesterov=False,
+                   decoupled_weight_decay=False, bias_correction=1.0)
+    assert torch.equal(v, opt.state[ref]["square_avg"])
+    assert torch.equal(got, ref.detach())
+
+
 def test_one_minus_alpha_is_rounded_once():
     """v after one step from 0 with g = 1 is (1 - alpha) itself: the double 1 - 0.99 rounded
     once to float32 (0.0099999998), not 1 - float32(0.99) (0.0099999905)."""

@@ -323,8 +323,6 @@ def test_heartbeat_fails_and_requeues_a_stale_trial(toy, monkeypatch):
         assert len(waiting) == 1 and waiting[0].params == killed.params, name
 
 
-
-
 @pytest.mark.slow
 def test_resume_after_killed_worker_ends_with_exactly_n(toy):
     tmp, env = toy
@@ -352,6 +350,9 @@ def test_resume_after_killed_worker_ends_with_exactly_n(toy):
     p2 = spawn(args, {**env, "TOY_SLEEP": "0"})
     out, err = p2.communicate(timeout=120)
     assert p2.returncode == 0, err
+    assert f"resuming study 'k': {n_done_before} of 6 trials already complete" in err
+    assert "trials: 6 complete (0 diverged, scored 1e+09), 1 failed (1 worker killed; 1 " \
+           "re-queued and re-run)\n" in out, out
     study = load(db, "k")
     st = states(study)
     assert st[TrialState.COMPLETE] == 6 and TrialState.RUNNING not in st

@@ -10,7 +10,8 @@ import sys
 from typing import Any
 
 DESCRIPTION = """\
-Search an optimizer's learning rate and decay rate on a problem with Optuna.
+Search an optimizer's learning rate and decay rate on a problem with Optuna: a suite
+problem (mlp-digits...) or your own (--problem pkg.module:make_problem).
 lr is log-uniform (grid: 5 points per decade); a decay rho (RMSProp alpha, Adam beta2,
 SGD momentum) is searched as 1-rho on a log scale (grid: 0.9, 0.95, 0.99, 0.995, 0.999).
 The study lives in --storage (default: a local SQLite file) and resumes when the same
@@ -18,7 +19,8 @@ command is run again: it ends with exactly --trials completed trials. Several wo
 --jobs K (local processes), --storage journal:PATH (a journal file) or a PostgreSQL URL
 (several machines, each running the same command). The best configuration is re-run on
 fresh seeds; the report (--out) holds the trial table, heat map, lr sensitivity,
-expected best-of-k curve and parameter importances."""
+expected best-of-k curve and parameter importances. Ctrl-C re-queues the running trials:
+the same command resumes. A password in --storage is never printed."""
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

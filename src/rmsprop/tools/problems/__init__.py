@@ -7,7 +7,7 @@
 
 Suites: ``quick`` (the default of ``rmsprop compare``: a few minutes on 2 cores), ``standard``
 (the 2-D functions, the noisy quadratic, every data problem, A2C on CartPole and the character
-language model; 15-25 minutes) and ``extended`` (adds the N-D functions; hours). Each
+language model; tens of minutes) and ``extended`` (adds the N-D functions; hours). Each
 :class:`Problem` fixes model, loss, batch size, step budget, evaluation interval and split;
 ``seed=k`` gives every optimizer the same initial point, data order and noise (common random
 numbers).
