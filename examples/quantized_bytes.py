@@ -48,8 +48,8 @@ def main() -> None:
     print("|---|---|---|---|")
     for name, kw in [("square_avg", {}), ("+ momentum_buffer", dict(momentum=0.9)),
                      ("+ momentum_buffer + grad_avg", dict(momentum=0.9, centered=True))]:
-        row = [bytes_per_param(lambda ps: torch.optim.RMSprop(ps, **kw), sizes)]
-        row += [bytes_per_param(lambda ps: RMSprop(ps, state_dtype=f, **kw), sizes)
+        row = [bytes_per_param(lambda ps, kw=kw: torch.optim.RMSprop(ps, **kw), sizes)]
+        row += [bytes_per_param(lambda ps, f=f, kw=kw: RMSprop(ps, state_dtype=f, **kw), sizes)
                 for f in ("8bit", "4bit")]
         print(f"| {name} | " + " | ".join(f"{x:.3f} B" for x in row) + " |")
 

@@ -18,9 +18,9 @@ import jax.numpy as jnp  # noqa: E402
 import ml_dtypes  # noqa: E402  (ships with jax; gives NumPy a bfloat16 for the spec)
 
 from rmsprop import spec  # noqa: E402
+from rmsprop.optax import OPTAX_DEFAULTS, rmsprop, scale_by_rmsprop  # noqa: E402
 from rmsprop.options import Options  # noqa: E402
 from rmsprop.presets import PRESETS, resolve_preset  # noqa: E402
-from rmsprop.optax import OPTAX_DEFAULTS, rmsprop, scale_by_rmsprop  # noqa: E402
 
 STEPS = 100
 SHAPES = {"w": (3, 4), "b": (5,)}
@@ -208,7 +208,7 @@ def _pairwise(factors: dict, allowed=lambda row: True) -> list[dict]:
     candidates = [c for c in itertools.product(*factors.values())
                   if allowed(dict(zip(names, c)))]
     while uncovered:
-        def gain(values):
+        def gain(values, uncovered=uncovered):
             row = dict(zip(names, values))
             return sum((a, row[a], b, row[b]) in uncovered
                        for a, b in itertools.combinations(names, 2))
@@ -531,3 +531,74 @@ def test_jax_is_optional_and_optax_module_has_no_torch():
             "import rmsprop.optax;"
             "assert 'torch' not in sys.modules, 'rmsprop.optax imports torch'")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+# -- quantized state (8-bit, 4-bit): the codes of rmsprop.codecs --------------------------------
+
+from rmsprop import codecs  # noqa: E402
+
+_Q_GRID = [dict(), dict(centered=True), dict(momentum=0.9), dict(momentum=0.9, nesterov=True),
+           dict(weight_decay=0.1), dict(centered=True, momentum=0.9, bias_correction=True,
+                                        initial_scale=0.1)]
+
+
+@pytest.mark.parametrize("fmt", ["8bit", "4bit"])
+@pytest.mark.parametrize("kw", _Q_GRID, ids=lambda kw: ",".join(kw) or "default")
+def test_quantized_state_has_the_spec_codes(fmt, kw):
+    # Same gradients into optax and the spec; each step starts from the spec's params (XLA's
+    # float32 arithmetic may round an intermediate differently, as the float tests allow), so
+    # every stored code equals the spec's except where a value lies within an ulp of a
+    # rounding boundary: at most one code apart, on at most 0.1 % of the elements.
+    o = Options(**{_TO.get(k, k): v for k, v in dict(lr=1e-2, **kw).items()})
+    tx = rmsprop(preset="pytorch", learning_rate=1e-2, state_dtype=fmt, **kw)
+    rng = np.random.default_rng(0)
+    p0 = {"w": rng.standard_normal((32, 256)).astype(np.float32),
+          "b": rng.standard_normal(7).astype(np.float32)}  # small: full precision
+    state = tx.init(jax.tree.map(jnp.asarray, p0))
+    ref = {k: spec.init_state(v, o, state_dtype=fmt) for k, v in p0.items()}
+    params = dict(p0)
+    names = {"nu": "square_avg", "mu": "grad_avg", "trace": "momentum_buffer"}
+    for _ in range(5):
+        grads = {k: rng.standard_normal(v.shape).astype(np.float32) for k, v in p0.items()}
+        upd, state = tx.update(jax.tree.map(jnp.asarray, grads), state,
+                               jax.tree.map(jnp.asarray, params))
+        new = {}
+        for k in params:
+            new[k], ref[k] = spec.step(params[k], grads[k], ref[k], o)
+            np.testing.assert_allclose(params[k] + np.asarray(upd[k]), new[k], rtol=1e-5,
+                                       atol=1e-6)
+        params = new
+        for field, key in names.items():
+            tree = getattr(state, field)
+            if tree is None:
+                continue
+            leaf, want = tree["w"], ref["w"][key]
+            assert isinstance(want, codecs.Quantized)
+            f = codecs.FORMATS[want.fmt]
+            a, b = (np.asarray(c).astype(np.int16) for c in (leaf.codes, want.codes))
+            if f.bits == 4:
+                a, b = (np.stack([c & 15, c >> 4], 1).reshape(-1) for c in (a, b))
+            if f.signed:  # two's complement: compare the signed code values
+                a, b = (np.where(c >= 1 << (f.bits - 1), c - (1 << f.bits), c) for c in (a, b))
+            diff = np.abs(a - b)
+            assert np.mean(diff != 0) <= 1e-3 and diff.max() <= 1, (field, np.mean(diff != 0))
+            np.testing.assert_allclose(np.asarray(leaf.scales), want.scales, rtol=1e-5)
+            np.testing.assert_allclose(np.asarray(tree["b"]), ref["b"][key], rtol=1e-5,
+                                       atol=1e-6)
+
+
+_TO = {"decay": "alpha", "initial_scale": "initial_square_avg", "learning_rate": "lr"}
+
+
+def test_quantized_state_jits_and_counts_its_bytes():
+    tx = rmsprop(1e-2, momentum=0.9, state_dtype="8bit")
+    params = {"w": jnp.zeros((128, 256)), "b": jnp.zeros(256)}
+    state = tx.init(params)
+    step = jax.jit(tx.update)
+    upd, state = step(jax.tree.map(jnp.ones_like, params), state, params)
+    leaves = jax.tree.leaves(state.nu) + jax.tree.leaves(state.trace)
+    nbytes = sum(x.size * x.dtype.itemsize for x in leaves)
+    n = 128 * 256
+    assert nbytes == 2 * (n + 4 * n // 256) + 2 * 4 * 256  # codes + scales; "b" in float32
+    with pytest.raises(ValueError, match="state_dtype"):
+        rmsprop(1e-2, state_dtype="3bit").init(params)

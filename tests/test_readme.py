@@ -351,6 +351,8 @@ RULES: list[Rule] = [
          "compiling three steps takes about a minute: the candidates are built", _compile_dry),
     Rule(r"^python scripts/gpu_compile_check\.py", "parse", "needs CUDA; run by gpu-check.sh",
          _gpu_compile_check),
+    Rule(r"^python examples/quantized_bytes\.py$", "run", "width 64 (0.92M params)",
+         _python_example(["--width", "64"])),
     Rule(r"^python examples/\S+\.py", "run", "as the README writes it", _python_example([])),
     Rule(r"^bash scripts/gpu-check\.sh$", "parse", "needs CUDA: bash -n and its files",
          _gpu_script),

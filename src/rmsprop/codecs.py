@@ -117,9 +117,9 @@ from typing import Any
 import numpy as np
 
 __all__ = ["QFormat", "Quantized", "FORMATS", "QUANTIZED", "MIN_QUANTIZED", "encode", "decode",
-           "init_entry", "nearest_sqrt", "quantizes", "store", "load", "family", "state_bytes", "unsigned_table",
-           "signed_table", "round_bfloat16", "fmix32", "random_bits", "param_seed",
-           "stochastic_round", "Entry"]
+           "init_entry", "nearest_sqrt", "quantizes", "store", "load", "family", "state_bytes",
+           "unsigned_table", "signed_table", "round_bfloat16", "fmix32", "random_bits",
+           "param_seed", "stochastic_round", "Entry"]
 
 #: Tensors with fewer real elements than this keep full-precision state.
 MIN_QUANTIZED = 4096
@@ -364,7 +364,7 @@ def round_bfloat16(x: np.ndarray) -> np.ndarray:
     return np.where(np.isnan(x), np.float32(np.nan), out)
 
 
-def fmix32(h: np.ndarray) -> np.ndarray:
+def fmix32(h: Any) -> np.ndarray:
     """MurmurHash3's 32-bit finalizer (a bijection of uint32 with full avalanche)."""
     h = np.asarray(h, dtype=np.uint64) & _M32
     h ^= h >> np.uint64(16)
@@ -372,7 +372,7 @@ def fmix32(h: np.ndarray) -> np.ndarray:
     h ^= h >> np.uint64(13)
     h = (h * np.uint64(0xC2B2AE35)) & _M32
     h ^= h >> np.uint64(16)
-    return h.astype(np.uint32)  # type: ignore[no-any-return]
+    return h.astype(np.uint32)
 
 
 def param_seed(seed: int, index: int) -> int:

@@ -34,8 +34,9 @@ them.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from types import MappingProxyType
-from typing import Any, Callable, Mapping, NamedTuple, Optional, Union
+from typing import Any, NamedTuple
 
 try:
     import jax
@@ -45,11 +46,13 @@ try:
 except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError("rmsprop.optax needs JAX and optax: pip install 'rmsprop[jax]'") from exc
 
+from . import codecs as _codecs
 from .options import validate
 from .presets import PRESETS, resolve_preset
 
 __all__ = [
     "OPTAX_DEFAULTS",
+    "QuantizedLeaf",
     "RMSPropState",
     "ScaleByRmsPropState",
     "rmsprop",
@@ -57,7 +60,7 @@ __all__ = [
 ]
 
 Schedule = Callable[[jax.Array], Any]
-ScalarOrSchedule = Union[float, jax.Array, Schedule]
+ScalarOrSchedule = float | jax.Array | Schedule
 
 #: The defaults of :func:`rmsprop` without a preset: ``optax.rmsprop``'s (optax 0.2.8), which
 #: is also the ``"optax"`` preset. Keys are this module's argument names.
@@ -78,7 +81,7 @@ class ScaleByRmsPropState(NamedTuple):
 
     count: jax.Array  #: int32, steps taken (saturates at 2**31 - 1 instead of wrapping)
     nu: optax.Updates  #: square average ``v``
-    mu: Optional[optax.Updates]  #: gradient average ``m`` (centered only, else ``None``)
+    mu: optax.Updates | None  #: gradient average ``m`` (centered only, else ``None``)
 
 
 class RMSPropState(NamedTuple):
@@ -86,10 +89,10 @@ class RMSPropState(NamedTuple):
 
     count: jax.Array  #: int32, steps taken (saturating); the schedule is evaluated at it
     nu: optax.Updates  #: square average ``v``
-    mu: Optional[optax.Updates]  #: gradient average ``m`` (centered only, else ``None``)
+    mu: optax.Updates | None  #: gradient average ``m`` (centered only, else ``None``)
     #: momentum buffer ``b`` (``None`` without momentum): holds ``lr * g / d`` sums when
     #: ``lr_in_momentum`` (optax's ``trace``, up to its sign), ``g / d`` sums otherwise (torch)
-    trace: Optional[optax.Updates]
+    trace: optax.Updates | None
 
 
 # --------------------------------------------------------------------------- helpers
@@ -158,7 +161,121 @@ def _unreal(y: jax.Array, like_dtype: Any) -> jax.Array:
     return y.astype(like_dtype)
 
 
-def _state_leaf(p: jax.Array, fill: Any, state_dtype: Any) -> jax.Array:
+class QuantizedLeaf(NamedTuple):
+    """A quantized state leaf (``state_dtype="8bit"``/``"4bit"``): the codes and per-block
+    scales of :mod:`rmsprop.codecs`, flat over the parameter's real view."""
+
+    codes: jax.Array  #: uint8 (two 4-bit codes per byte)
+    scales: jax.Array  #: float32, one per block
+
+
+_KEY = {"nu": "square_avg", "mu": "grad_avg", "trace": "momentum_buffer"}
+
+
+def _q_encode(x: jax.Array, fmt: str) -> QuantizedLeaf:
+    """:func:`rmsprop.codecs.encode` in jax.numpy, the same float32 operations."""
+    f = _codecs.FORMATS[fmt]
+    flat = x.reshape(-1).astype(jnp.float32)
+    n = flat.size
+    nb = -(-n // f.block)
+    rows = jnp.pad(flat, (0, nb * f.block - n)).reshape(nb, f.block)
+    mag = jnp.abs(rows) if f.signed else jnp.maximum(rows, jnp.float32(0))
+    scales = jnp.max(mag, axis=1)
+    u = mag / jnp.where(scales > 0, scales, jnp.float32(1))[:, None]
+    if f.signed:
+        k = jnp.round(u * jnp.float32(f.levels))
+        k = jnp.where(rows < 0, -k, k)
+        codes = jnp.where(k < 0, k + (1 << f.bits), k).astype(jnp.uint8)
+    else:
+        codes = jnp.clip(_nearest_sqrt(u * jnp.float32(f.levels * f.levels)) - 1, 0,
+                         f.levels - 1).astype(jnp.uint8)
+    codes = codes.reshape(-1)
+    if f.bits == 4:
+        codes = codes[: n + n % 2]
+        if n % 2:
+            codes = codes.at[-1].set(0)
+        codes = codes[0::2] | (codes[1::2] << 4)
+    else:
+        codes = codes[:n]
+    return QuantizedLeaf(codes, scales)
+
+
+def _nearest_sqrt(y: jax.Array) -> jax.Array:
+    """:func:`rmsprop.codecs.nearest_sqrt`: the integer nearest ``sqrt(y)``, ties to even."""
+    k = jnp.round(jnp.sqrt(y))
+    hi, lo = (k + 0.5) * (k + 0.5), (k - 0.5) * (k - 0.5)
+    odd = jnp.mod(k, 2) == 1
+    up = (y > hi) | ((y == hi) & odd)
+    down = (y < lo) | ((y == lo) & odd)
+    return k + up.astype(k.dtype) - down.astype(k.dtype)
+
+
+def _q_decode(leaf: QuantizedLeaf, fmt: str, n: int) -> jax.Array:
+    """The flat float32 values of a quantized leaf with ``n`` elements."""
+    f = _codecs.FORMATS[fmt]
+    codes = leaf.codes
+    if f.bits == 4:
+        codes = jnp.stack([codes & 0x0F, codes >> 4], axis=1).reshape(-1)[:n]
+    table = jnp.asarray(_codecs.signed_table(f.bits) if f.signed
+                        else _codecs.unsigned_table(f.levels))
+    s = jnp.repeat(leaf.scales.astype(jnp.float32), f.block)[:n]
+    return s * table[codes.astype(jnp.int32)]
+
+
+def _quantized(state_dtype: Any) -> str | None:
+    """The quantized format name of ``state_dtype``, or None for a dtype."""
+    if isinstance(state_dtype, str):
+        if state_dtype not in _codecs.QUANTIZED:
+            raise ValueError(f"Invalid state_dtype: {state_dtype!r} (a dtype or one of "
+                             f"{', '.join(map(repr, _codecs.QUANTIZED))})")
+        return state_dtype
+    return None
+
+
+def _fmt(leaf: QuantizedLeaf, which: str, n: int) -> str:
+    """The format of a quantized leaf, from its code count (8 bits: one per element)."""
+    family = "8bit" if leaf.codes.size == n else "4bit"
+    return _codecs.QUANTIZED[family][_KEY[which]]
+
+
+def _open(leaf: Any, which: str, like: jax.Array, f: Any, mu: Any = None) -> jax.Array:
+    """A state leaf as the real array of ``like``'s shape in the math dtype ``f``; a quantized
+    ``nu`` beside a quantized ``mu`` holds ``w`` and decodes as ``w + m'^2``."""
+    if not isinstance(leaf, QuantizedLeaf):
+        return _real(leaf).astype(f)
+    n = like.size
+    x = _q_decode(leaf, _fmt(leaf, which, n), n)
+    if which == "nu" and isinstance(mu, QuantizedLeaf):
+        m = _q_decode(mu, _fmt(mu, "mu", n), n)
+        x = x + m * m
+    return x.reshape(like.shape).astype(f)
+
+
+def _save(value: jax.Array, leaf: Any, which: str, m_new: Any = None) -> Any:
+    """``value`` (real, math dtype) stored like ``leaf``; a quantized ``nu`` with the new
+    quantized ``mu`` stored as ``w = max(v - m'^2, 0)``."""
+    if not isinstance(leaf, QuantizedLeaf):
+        return _unreal(value, leaf.dtype)
+    n = value.size
+    fmt = _fmt(leaf, which, n)
+    flat = value.reshape(-1).astype(jnp.float32)
+    if which == "nu" and isinstance(m_new, QuantizedLeaf):
+        m = _q_decode(m_new, _fmt(m_new, "mu", n), n)
+        flat = jnp.maximum(flat - m * m, jnp.float32(0))
+    return _q_encode(flat, fmt)
+
+
+def _state_leaf(p: jax.Array, fill: Any, state_dtype: Any, which: str = "nu") -> Any:
+    name = _quantized(state_dtype)
+    if name is not None:
+        n = p.size * (2 if jnp.iscomplexobj(p) else 1)
+        if _codecs.quantizes(n, name):
+            return _q_encode(jnp.full((n,), fill, jnp.float32),
+                             _codecs.QUANTIZED[name][_KEY[which]])
+        full = jnp.float64 if _math_dtype(p.dtype) == jnp.float64 else jnp.float32
+        if jnp.iscomplexobj(p):
+            full = jnp.complex128 if full == jnp.float64 else jnp.complex64
+        return _state_leaf(p, fill, full)
     if jnp.iscomplexobj(p):
         if state_dtype is not None and not jnp.issubdtype(state_dtype, jnp.complexfloating):
             raise ValueError(f"state_dtype={jnp.dtype(state_dtype).name} cannot hold the state "
@@ -239,7 +356,7 @@ def scale_by_rmsprop(
 
     def init_fn(params: optax.Params) -> ScaleByRmsPropState:
         nu = jax.tree.map(lambda p: _state_leaf(p, initial_scale, state_dtype), params)
-        mu = (jax.tree.map(lambda p: _state_leaf(p, 0.0, state_dtype), params)
+        mu = (jax.tree.map(lambda p: _state_leaf(p, 0.0, state_dtype, "mu"), params)
               if centered else None)
         return ScaleByRmsPropState(count=jnp.zeros([], jnp.int32), nu=nu, mu=mu)
 
@@ -252,14 +369,16 @@ def scale_by_rmsprop(
         out, new_nu, new_mu = [], [], []
         for g, nu, mu in zip(leaves, nus, mus):
             f = _math_dtype(g.dtype)
+            gr = _real(g).astype(f)
             n, nu_f, mu_f = _direction(
-                _real(g).astype(f), _real(nu).astype(f),
-                None if mu is None else _real(mu).astype(f),
+                gr, _open(nu, "nu", gr, f, mu),
+                None if mu is None else _open(mu, "mu", gr, f),
                 decay=decay, eps=eps, eps_in_sqrt=eps_in_sqrt, centered=centered,
                 t=count if bias_correction else None)
             out.append(_unreal(n, g.dtype))
-            new_nu.append(_unreal(nu_f, nu.dtype))
-            new_mu.append(None if mu is None else _unreal(mu_f, mu.dtype))
+            mu_new = None if mu is None else _save(mu_f, mu, "mu")
+            new_nu.append(_save(nu_f, nu, "nu", mu_new))
+            new_mu.append(mu_new)
         return treedef.unflatten(out), ScaleByRmsPropState(
             count=count, nu=treedef.unflatten(new_nu),
             mu=treedef.unflatten(new_mu) if centered else None)
@@ -269,7 +388,7 @@ def scale_by_rmsprop(
 
 # --------------------------------------------------------------------------- the whole rule
 
-def _resolve(learning_rate: Any, preset: Optional[str], given: Mapping[str, Any]) -> dict:
+def _resolve(learning_rate: Any, preset: str | None, given: Mapping[str, Any]) -> dict:
     """Merge, in increasing priority: the defaults (``optax.rmsprop``'s without a preset,
     :class:`Options`' under one), the preset, the arguments that were given."""
     given = {k: v for k, v in given.items() if v is not None}
@@ -290,20 +409,20 @@ def _resolve(learning_rate: Any, preset: Optional[str], given: Mapping[str, Any]
 
 
 def rmsprop(
-    learning_rate: Optional[ScalarOrSchedule] = None,
-    decay: Optional[float | jax.Array] = None,
-    eps: Optional[float | jax.Array] = None,
-    eps_in_sqrt: Optional[bool] = None,
-    initial_scale: Optional[float | jax.Array] = None,
-    centered: Optional[bool] = None,
-    momentum: Optional[float | jax.Array] = None,
-    nesterov: Optional[bool] = None,
-    bias_correction: Optional[bool] = None,
-    lr_in_momentum: Optional[bool] = None,
-    weight_decay: Optional[float | jax.Array] = None,
-    decoupled_weight_decay: Optional[bool] = None,
-    maximize: Optional[bool] = None,
-    preset: Optional[str] = None,
+    learning_rate: ScalarOrSchedule | None = None,
+    decay: float | jax.Array | None = None,
+    eps: float | jax.Array | None = None,
+    eps_in_sqrt: bool | None = None,
+    initial_scale: float | jax.Array | None = None,
+    centered: bool | None = None,
+    momentum: float | jax.Array | None = None,
+    nesterov: bool | None = None,
+    bias_correction: bool | None = None,
+    lr_in_momentum: bool | None = None,
+    weight_decay: float | jax.Array | None = None,
+    decoupled_weight_decay: bool | None = None,
+    maximize: bool | None = None,
+    preset: str | None = None,
     *,
     state_dtype: Any = None,
 ) -> optax.GradientTransformation:
@@ -353,7 +472,10 @@ def rmsprop(
         preset: a name from :data:`rmsprop.presets.PRESETS` (``pytorch``, ``keras``, ``tf1``,
             ``optax``, ``timm``, ``hinton2012``, ``graves2013``).
         state_dtype: dtype of ``nu``/``mu``/``trace`` (default: each parameter's dtype, as
-            optax); e.g. ``jnp.float32`` for bfloat16 parameters.
+            optax); e.g. ``jnp.float32`` for bfloat16 parameters; or ``"8bit"``/``"4bit"``:
+            quantized state as :mod:`rmsprop.codecs` defines it (a leaf is then a
+            :class:`QuantizedLeaf` of codes and scales; tensors under 4096 elements keep
+            full precision).
 
     Numeric arguments may be arrays, so the transformation works under
     ``optax.inject_hyperparams`` (an array ``momentum`` or ``weight_decay`` always keeps its
@@ -374,11 +496,11 @@ def rmsprop(
     has_wd = _maybe_nonzero(o["weight_decay"])
 
     def init_fn(params: optax.Params) -> RMSPropState:
-        def fill(value):
-            return jax.tree.map(lambda p: _state_leaf(p, value, state_dtype), params)
-        return RMSPropState(count=jnp.zeros([], jnp.int32), nu=fill(o["initial_scale"]),
-                            mu=fill(0.0) if o["centered"] else None,
-                            trace=fill(0.0) if has_trace else None)
+        def fill(value, which):
+            return jax.tree.map(lambda p: _state_leaf(p, value, state_dtype, which), params)
+        return RMSPropState(count=jnp.zeros([], jnp.int32), nu=fill(o["initial_scale"], "nu"),
+                            mu=fill(0.0, "mu") if o["centered"] else None,
+                            trace=fill(0.0, "trace") if has_trace else None)
 
     def update_fn(updates, state: RMSPropState, params=None):
         if has_wd and params is None:
@@ -398,9 +520,10 @@ def rmsprop(
         for g, nu, mu, tr, p in zip(leaves, nus, mus, trs, ps):
             u, nu_f, mu_f, b_f = _rule_leaf(g, p, nu, mu, tr, lr_now, o, has_wd, count)
             out.append(_unreal(u, g.dtype))
-            new_nu.append(_unreal(nu_f, nu.dtype))
-            new_mu.append(None if mu is None else _unreal(mu_f, mu.dtype))
-            new_tr.append(None if tr is None else _unreal(b_f, tr.dtype))
+            mu_new = None if mu is None else _save(mu_f, mu, "mu")
+            new_nu.append(_save(nu_f, nu, "nu", mu_new))
+            new_mu.append(mu_new)
+            new_tr.append(None if tr is None else _save(b_f, tr, "trace"))
         return treedef.unflatten(out), RMSPropState(
             count=count, nu=treedef.unflatten(new_nu),
             mu=treedef.unflatten(new_mu) if state.mu is not None else None,
@@ -427,14 +550,14 @@ def _rule_leaf(g, p, nu, mu, tr, lr, o, has_wd, count):
         else:
             gf = gf + wd * pf
     n, nu_f, mu_f = _direction(
-        gf, _real(nu).astype(f), None if mu is None else _real(mu).astype(f),
+        gf, _open(nu, "nu", gf, f, mu), None if mu is None else _open(mu, "mu", gf, f),
         decay=o["decay"], eps=o["eps"], eps_in_sqrt=o["eps_in_sqrt"], centered=o["centered"],
         t=count if o["bias_correction"] else None)
     b = None
     if tr is not None:
         mom = _as(o["momentum"], f)
         k = lr if o["lr_in_momentum"] else one
-        b_old = _real(tr).astype(f)
+        b_old = _open(tr, "trace", gf, f)
         b = mom * b_old + k * n
         u = mom * b + k * n if o["nesterov"] else b
         if not o["lr_in_momentum"]:

@@ -225,7 +225,7 @@ def _joint(state: State) -> bool:
 def _store(value: np.ndarray, state: State, key: str) -> Entry:
     """``value`` in the format of ``state[key]``, or (a buffer switched on mid-run) in the
     format family of ``square_avg``."""
-    entry = state.get(key)
+    entry: Any = state.get(key)
     if entry is not None:
         return codecs.store(value, entry)
     like = state["square_avg"]

@@ -413,7 +413,10 @@ static void run_segment(const rms_job *J, int64_t t, int64_t off, int64_t len, v
     S.v = (char *)V[t] + off * ss;
     S.m = M ? (char *)M[t] + off * ss : NULL;
     S.b = B ? (char *)B[t] + off * ss : NULL;
-    S.vs = S.ms = S.bs = NULL; /* no block-scaled state format yet */
+    /* No block-scaled state format yet. One would pass its scale tables here (the scales of
+     * tensor t from block off / RMS_CVT_BLK on) and needs every segment to start on a block
+     * boundary of its tensor: job_chunk would then cut tensors at multiples of the block. */
+    S.vs = S.ms = S.bs = NULL;
     if (J->kind == 0) J->seg(J->pdt, J->sdt, J->spec, len, &S, J->hyp, acc);
     else J->floor(J->psz, J->ssz, len, S.p, S.g, S.v, S.m, S.b, J->zero);
 }

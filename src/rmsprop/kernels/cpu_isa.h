@@ -21,34 +21,11 @@
 #define RMS_CVT_BLK 256
 
 /* A fused multiply-add, rounded once, so that every build gives the same bits (and torch's,
- * whose vectorised kernels use the instruction). With the instruction (x86-64-v3, or a
- * target where the compiler has a fast one) it is the builtin. Without it, float's is
- * computed exactly in double, in operations that vectorise on SSE2: a*b is exact in double
- * (24 + 24 < 53 bits); s = a*b + c rounded to double, with its error err recovered exactly
- * (TwoSum). Rounding s to float is then the correctly rounded result unless s is exactly
- * halfway between two floats while a*b + c is not (a double rounding): that is detected
- * exactly (s - float(s) is half the float spacing: stepping by it again lands on the other
- * neighbour), and s is then moved a quarter spacing toward err before the rounding. Checked
- * against libm's fmaf on 5e7 random and near-halfway triples. double's fma falls back to
- * libm's (exact, but a scalar call). */
-#if defined(RMS_F16C) || defined(__FP_FAST_FMAF)
+ * whose vectorised kernels use the instruction). On x86-64-v3 it is the vfmadd instruction
+ * and vectorises; on the baseline build it is libm's fma: exact (glibc uses the instruction
+ * where the CPU has it, an exact software fma where not) but a scalar call, which keeps the
+ * loops that use it scalar, so the baseline build trades speed for the same results. */
 #define RMS_FMAF(a, b, c) __builtin_fmaf((a), (b), (c))
-#else
-static inline __attribute__((always_inline)) float ISA_NAME(fmaf_exact)(float a, float b,
-                                                                         float c) {
-    double p = (double)a * (double)b, cd = (double)c;
-    double s = p + cd;
-    double bb = s - p;
-    double err = (p - (s - bb)) + (cd - bb);
-    double back = (double)(float)s;
-    double d = s - back;                   /* exact; +-inf when float(s) overflows */
-    double other = (double)(float)(s + d); /* the other float neighbour iff s is halfway */
-    int half = (d != 0.0) & (__builtin_fabs(d) < (double)INFINITY) &
-               (other - back == 2.0 * d) & (err != 0.0);
-    return (float)(half ? s + __builtin_copysign(__builtin_fabs(d) * 0.5, err) : s);
-}
-#define RMS_FMAF(a, b, c) ISA_NAME(fmaf_exact)((a), (b), (c))
-#endif
 #define RMS_FMAD(a, b, c) __builtin_fma((a), (b), (c))
 
 /* ----------------------------- 16-bit <-> float blocks ------------------------------ */

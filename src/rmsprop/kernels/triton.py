@@ -479,7 +479,8 @@ def fused_step(params: Sequence[Any], grads: Sequence[Any], square_avgs: Sequenc
     # checked here, before any pointer is taken: a wrong list would corrupt memory
     numels = [t.numel() for t in params]
     _check(params, "params", n, pdtype, numels, device)
-    G = _check(grads, "grads", n, pdtype, numels, device)
+    import array
+    G = array.array("Q", _check(grads, "grads", n, pdtype, numels, device))
     _check(square_avgs, "square_avgs", n, sdtype, numels, device)
     if centered:
         _check(grad_avgs, "grad_avgs", n, sdtype, numels, device)  # type: ignore[arg-type]

@@ -83,6 +83,7 @@ class TrialTally:
     failed_interrupted: int
     failed_error: int
     requeued: int
+    rerun: int
     surplus: int
     waiting: int
     running: int
@@ -98,8 +99,11 @@ class TrialTally:
                   (self.failed_interrupted, "interrupted"), (self.failed_error, "run raised")]
         if self.failed:
             why = ", ".join(f"{n} {c}" for n, c in causes if n)
-            parts.append(f"{self.failed} failed ({why}; {self.requeued} re-queued and re-run)"
-                         if self.requeued else f"{self.failed} failed ({why})")
+            if self.requeued and self.rerun == self.requeued:
+                why += f"; {self.requeued} re-queued and re-run"
+            elif self.requeued:
+                why += f"; {self.requeued} re-queued, {self.rerun} re-run so far"
+            parts.append(f"{self.failed} failed ({why})")
         if self.surplus:
             parts.append(f"{self.surplus} surplus (two workers started the last trial at once; "
                          "pruned before training, not counted)")
@@ -112,8 +116,9 @@ class TrialTally:
 
 def trial_tally(rows: Sequence[dict[str, Any]]) -> TrialTally:
     """Count ``rows`` (from :func:`trial_rows`) by outcome; a failed trial is *re-queued* when
-    a later trial retries it."""
+    a later trial retries it, and *re-run* when one of its retries completed."""
     retried = {n for r in rows for n in r["retries"]}
+    rerun = {n for r in rows if r["state"] == "COMPLETE" for n in r["retries"]}
     failed = [r for r in rows if r["state"] == "FAIL"]
     done = [r for r in rows if r["state"] == "COMPLETE"]
     return TrialTally(
@@ -122,6 +127,7 @@ def trial_tally(rows: Sequence[dict[str, Any]]) -> TrialTally:
         failed_interrupted=sum(bool(r["interrupted"]) for r in failed),
         failed_error=sum(bool(r["error"]) and not r["interrupted"] for r in failed),
         requeued=sum(r["number"] in retried for r in failed),
+        rerun=sum(r["number"] in rerun for r in failed),
         surplus=sum(r["state"] == "PRUNED" and r["surplus"] for r in rows),
         waiting=sum(r["state"] == "WAITING" for r in rows),
         running=sum(r["state"] == "RUNNING" for r in rows))

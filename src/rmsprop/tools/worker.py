@@ -14,8 +14,9 @@ study at once. Built on Optuna's public protocol:
   dead on this host (user attribute ``worker`` = ``[host/boot, pid]``), else when its heartbeat
   is older than the grace period: Optuna's own for an RDB storage
   (:func:`optuna.storages.fail_stale_trials`), the user attribute ``heartbeat`` refreshed by
-  the worker for a journal file. The failed trial's parameters are re-queued by Optuna's retry
-  callback (same parameters, ``failed_trial`` pointing back), so no grid point is lost;
+  the worker for a journal file; one that died before either beat, by its start time. The
+  failed trial's parameters are re-queued by Optuna's retry callback (same parameters,
+  ``failed_trial`` pointing back), so no grid point is lost;
 * Ctrl-C re-queues the trial being run the same way and exits without a traceback.
 
 Worker processes receive their configuration on stdin, never on the command line, so a storage
@@ -107,9 +108,13 @@ def reap_stale(study: Any, storage: Any, grace: float, *, reaper: Any = None) ->
     now = time.time()
     failed = []
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        host, pid = (list(t.user_attrs.get(WORKER_ATTR) or []) + [None, None])[:2]
+        owner = t.user_attrs.get(WORKER_ATTR)
+        host, pid = (list(owner or []) + [None, None])[:2]
         dead = host == HOST and isinstance(pid, int) and not _pid_alive(pid)
-        if not dead and not has_heartbeat(storage):
+        if not dead and (owner is None or not has_heartbeat(storage)):
+            # A journal trial: the worker's own beat. A trial whose worker never wrote its
+            # name died between Optuna's ask and training, maybe before Optuna's first
+            # heartbeat (fail_stale_trials skips trials that never beat): its start time.
             beat = t.user_attrs.get(BEAT_ATTR)
             if beat is None and t.datetime_start is not None:
                 beat = t.datetime_start.timestamp()
@@ -239,12 +244,13 @@ def run_worker(cfg: TuneConfig, *, storage: Any = None,
             raise
 
     def measure(trial: Any) -> float:
-        trial.set_user_attr(WORKER_ATTR, [HOST, os.getpid()])
         if _ahead(study, trial.number) >= n:
             trial.set_user_attr("surplus", True)
             raise optuna.TrialPruned("surplus: the study already holds its last trials")
         hp = {p.name: p.value(trial.suggest_float(p.key, *p.bounds(), log=p.log))
               for p in cfg.space}
+        # Written last before training: by then Optuna's heartbeat (RDB) beats for the trial.
+        trial.set_user_attr(WORKER_ATTR, [HOST, os.getpid()])
         stop_beat = threading.Event()
         beater = None
         if own_beat:

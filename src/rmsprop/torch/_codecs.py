@@ -48,7 +48,6 @@ codec; :func:`register` adds a named format (``register("8bit", factory)``), aft
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 from typing import Any, Protocol, Union
 
@@ -118,13 +117,13 @@ class FloatCodec:
     def names(self, key: str) -> tuple[str, ...]:
         return (key,)
 
-    def _storage(self, p: Tensor) -> torch.dtype:
+    def _stored_dtype(self, p: Tensor) -> torch.dtype:
         return _COMPLEX[self._dtype] if p.is_complex() else self._dtype
 
     def init(self, key: str, p: Tensor, fill: float) -> dict[str, Tensor]:
         # complex state holds fill in both components: the rule treats them independently
         value: complex | float = complex(fill, fill) if p.is_complex() else fill
-        return {key: torch.full_like(p, value, dtype=self._storage(p),
+        return {key: torch.full_like(p, value, dtype=self._stored_dtype(p),
                                      memory_format=torch.preserve_format)}
 
     def decode(self, key: str, state: dict, dtype: torch.dtype) -> Tensor:
@@ -158,7 +157,7 @@ class FloatCodec:
         t = entry.get(key)
         if t is None:
             return {}
-        return {key: t.to(device=p.device, dtype=self._storage(p), copy=True)}
+        return {key: t.to(device=p.device, dtype=self._stored_dtype(p), copy=True)}
 
 
 #: Named formats beyond the float dtypes: name -> factory(param real dtype) -> Codec.
@@ -171,7 +170,7 @@ def register(name: str, factory: Callable[[torch.dtype], Codec]) -> None:
     if not isinstance(name, str) or not name:
         raise ValueError(f"codec name must be a non-empty string, got {name!r}")
     _REGISTRY[name] = factory
-    resolve.cache_clear()
+    _RESOLVED.clear()
 
 
 def registered() -> tuple[str, ...]:
@@ -193,12 +192,23 @@ def check_state_dtype(state_dtype: Any) -> None:
                      + (f" or one of {names})" if names else ")"))
 
 
-@functools.cache
+#: resolve()'s results: a plain dict (torch.compile traces a lookup in it, and would trace
+#: through a functools cache wrapper with a warning).
+_RESOLVED: dict[tuple[Any, torch.dtype], Codec] = {}
+
+
 def resolve(state_dtype: StateDtype, param_dtype: torch.dtype) -> Codec:
     """The codec of a param whose real dtype is ``param_dtype`` under the ``state_dtype``
     option: ``None`` means float32 for float16/bfloat16 params (the math runs in float32
     anyway, and 16-bit averages lose ``g^2`` to underflow) and the param dtype otherwise.
     Raises ``ValueError`` naming a bad value."""
+    codec = _RESOLVED.get((state_dtype, param_dtype))
+    if codec is None:
+        codec = _RESOLVED[(state_dtype, param_dtype)] = _resolve(state_dtype, param_dtype)
+    return codec
+
+
+def _resolve(state_dtype: StateDtype, param_dtype: torch.dtype) -> Codec:
     check_state_dtype(state_dtype)
     if isinstance(state_dtype, str):
         return _REGISTRY[state_dtype](param_dtype)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -202,7 +203,7 @@ class QuantizedCodec:
         else:
             self.encode_("square_avg", state, v)
 
-    def slice(self, key: str, state: dict, lo: int, hi: int) -> dict[str, Tensor]:
+    def slice(self, key: str, state: dict, lo: int, hi: int) -> Any:
         """Views of elements ``[lo, hi)``; for ``square_avg`` and ``grad_avg`` stored together
         the slice holds both (each is read with the other)."""
         if not self._is_codes(state, key):
@@ -223,11 +224,11 @@ class QuantizedCodec:
 
     def _saved_format(self, key: str, entry: dict, p: Tensor) -> tuple[str | None, str | None]:
         """(the quantized format of a saved entry, or None for full precision; why not)."""
-        t = entry.get(key)
-        if t.dtype != torch.uint8:
+        t: Any = entry.get(key)
+        if not isinstance(t, Tensor) or t.dtype != torch.uint8:
             return None, None
         n = _size(p)
-        scale = entry.get(key + "_scale")
+        scale: Any = entry.get(key + "_scale")
         if scale is None:
             return None, f"holds codes but no {key + '_scale'!r}"
         if not isinstance(scale, Tensor) or scale.dtype != torch.float32 or scale.dim() != 1:
@@ -345,7 +346,8 @@ def _fmix32(h: Tensor) -> Tensor:
 def random_bits(seed: int, step: int, n: int, device: Any = "cpu", offset: int = 0) -> Tensor:
     """``r[i]`` of :func:`rmsprop.codecs.random_bits` for ``i`` in ``[offset, offset + n)``
     (int64 tensor of uint32 values)."""
-    key = int(spec_codecs.fmix32((int(seed) ^ ((int(step) * 0x85EBCA77) & _M32)) & _M32))
+    key = int(spec_codecs.fmix32(np.uint64((int(seed) ^ ((int(step) * 0x85EBCA77) & _M32))
+                                           & _M32)))
     i = torch.arange(offset, offset + n, dtype=torch.int64, device=device)
     return _fmix32((key + (i * 0x9E3779B9 & _M32)) & _M32)
 

@@ -175,12 +175,27 @@ def _check_payload(payload: Any, model: torch.nn.Module, optimizer: torch.optim.
     if not isinstance(osd, dict) or "state" not in osd or "param_groups" not in osd:
         raise CheckpointError("checkpoint optimizer entry is not an optimizer state_dict")
     live_params = [p for g in optimizer.param_groups for p in g["params"]]
+    live_groups = [g for g in optimizer.param_groups for _ in g["params"]]
     names = [p["name"] for g in saved["groups"] for p in g["params"]]
+    # our optimizer's state is checked by each param's codec (a quantized one stores codes
+    # and scales, not param-shaped tensors); any other optimizer's by shape
+    codec_of = getattr(optimizer, "_codec", None)
     for index, st in osd["state"].items():
         if not isinstance(index, int) or not 0 <= index < len(live_params):
             raise CheckpointError(f"optimizer state refers to parameter index {index!r}, but the "
                                   f"live optimizer has {len(live_params)} parameters")
         p = live_params[index]
+        label = (f"parameter {index}"
+                 + (f" ({names[index]!r})" if index < len(names) and names[index] else ""))
+        if codec_of is not None and isinstance(st, dict):
+            from ._codecs import STATE_KEYS
+
+            codec = codec_of(live_groups[index], p)
+            for key in STATE_KEYS:
+                why = codec.check(key, st, p)
+                if why:
+                    raise CheckpointError(f"optimizer state {key!r} of {label} {why}")
+            continue
         for key, value in st.items():
             if not isinstance(value, torch.Tensor) or value.dim() == 0:
                 continue
@@ -188,10 +203,9 @@ def _check_payload(payload: Any, model: torch.nn.Module, optimizer: torch.optim.
             if p.is_complex():  # state kept as view_as_real pairs
                 shapes.add(tuple(p.shape) + (2,))
             if tuple(value.shape) not in shapes:
-                raise CheckpointError(
-                    f"optimizer state {key!r} of parameter {index}"
-                    + (f" ({names[index]!r})" if index < len(names) and names[index] else "")
-                    + f" has shape {tuple(value.shape)}, live parameter has {tuple(p.shape)}")
+                raise CheckpointError(f"optimizer state {key!r} of {label} has shape "
+                                      f"{tuple(value.shape)}, live parameter has "
+                                      f"{tuple(p.shape)}")
 
 
 # ----------------------------------------------------------------------------------------------
