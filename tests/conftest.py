@@ -13,11 +13,15 @@ redefining them, so a new path, option or storage format is one row here:
 * :data:`STATE_FORMATS` — name -> ``state_dtype`` value of every state storage format
   (the float dtypes, then any registered format such as ``"8bit"``).
 * fixtures ``path`` (each of :data:`PATH_NAMES`) and ``path_kwargs`` (its kwargs).
+* :func:`expected_warnings` — ``pytest.warns`` for the warning an option set provokes on
+  purpose when it is validated (so the suite asserts it instead of printing it).
 """
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+from contextlib import AbstractContextManager
 from typing import Any
 
 import pytest
@@ -90,6 +94,19 @@ def _state_formats() -> dict[str, Any]:
 
 #: Every state storage format, by name: the ``state_dtype`` value that selects it.
 STATE_FORMATS: dict[str, Any] = _state_formats()
+
+
+def expected_warnings(options: dict[str, Any]) -> AbstractContextManager[Any]:
+    """``pytest.warns`` for the RuntimeWarning that validating ``options`` gives on purpose
+    (centered with bias correction from a zero square average; eps = 0), else a null
+    context."""
+    centered_bc = (options.get("centered") and options.get("bias_correction")
+                   and not options.get("initial_square_avg"))
+    if centered_bc:
+        return pytest.warns(RuntimeWarning, match="centered=True with bias_correction=True")
+    if "eps" in options and options["eps"] == 0:
+        return pytest.warns(RuntimeWarning, match="eps=0")
+    return contextlib.nullcontext()
 
 
 @pytest.fixture(params=PATH_PARAMS)

@@ -22,7 +22,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from conftest import ALL_PATHS, FUSED_UNAVAILABLE  # noqa: E402
+from conftest import ALL_PATHS, FUSED_UNAVAILABLE, expected_warnings  # noqa: E402
 from rmsprop import PRESETS  # noqa: E402
 from rmsprop.torch import RMSprop  # noqa: E402
 from rmsprop.torch.checkpoint import CheckpointError, load_checkpoint, save_checkpoint  # noqa: E402
@@ -59,7 +59,8 @@ def _build(kind_arg, params, path: str, **extra) -> RMSprop:
         lr = {} if not PRESETS[arg].lr_required else {"lr": 1e-3}
         eps = {"eps": 1e-8} if PRESETS[arg].options.get("eps") == 0 else {}
         return RMSprop.from_preset(arg, params, **lr, **eps, **_PATHS[path], **extra)
-    return RMSprop(params, **arg, **_PATHS[path], **extra)
+    with expected_warnings(arg):
+        return RMSprop(params, **arg, **_PATHS[path], **extra)
 
 
 def _fused_skip_reason() -> str | None:

@@ -324,7 +324,7 @@ def test_every_state_format_on_every_path_tracks_the_spec(fmt, path, path_kwargs
         return
     opt = RMSprop([p], **opts, state_dtype=state_dtype, **path_kwargs)
     x, st = init.numpy().copy(), spec.init_state(init.numpy(), opts, state_dtype=fmt)
-    for t in range(5):
+    for _ in range(5):
         g = torch.randn(4096, generator=gen)
         p.grad = g.clone()
         opt.step()

@@ -316,6 +316,27 @@ def test_foreach_batches_cut_at_blocks_and_complex_params(monkeypatch):
             _assert_same_codes(opt, ps, sts)
 
 
+@pytest.mark.parametrize("fmt", ["8bit", "4bit"])
+def test_options_switched_mid_run_keep_the_spec_codes(fmt):
+    # centered and momentum on, then off (the buffers stay, unchanged, as torch keeps them:
+    # square_avg then stores w against the unchanged grad_avg), then on again
+    gen = torch.Generator().manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(64, 128, generator=gen))
+    opt = RMSprop([p], lr=1e-2, state_dtype=fmt, centered=True, momentum=0.9)
+    ref, st = p.detach().numpy().copy(), None
+    for on in (True, True, False, False, True):
+        opt.param_groups[0].update(centered=on, momentum=0.9 if on else 0.0)
+        o = Options(lr=1e-2, centered=on, momentum=0.9 if on else 0.0)
+        st = st or spec.init_state(ref, o, state_dtype=fmt)
+        g = torch.randn(p.shape, generator=gen)
+        p.grad = g
+        opt.step()
+        ref, st = spec.step(ref, g.numpy(), st, o)
+        _assert_same_codes(opt, [p], [st])
+        with torch.no_grad():
+            p.copy_(torch.from_numpy(ref))
+
+
 def test_param_groups_with_different_formats():
     a, b, c = (torch.nn.Parameter(torch.randn(8192)) for _ in range(3))
     opt = RMSprop([{"params": [a], "state_dtype": "8bit"}, {"params": [b], "state_dtype": "4bit"},

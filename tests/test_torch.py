@@ -1,6 +1,7 @@
 """rmsprop.torch.RMSprop: parity with torch.optim.RMSprop and the NumPy spec, and the
 torch.optim.Optimizer contract. Oracles: torch's own optimizer, rmsprop.spec, closed forms."""
 
+import contextlib
 import copy
 import io
 import pickle
@@ -9,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import FUSED, GRID, PATH_NAMES, TORCH_GRID
+from conftest import FUSED, GRID, PATH_NAMES, TORCH_GRID, expected_warnings
 from conftest import PATHS as PATHS_BY_NAME
 from rmsprop import Options, spec
 from rmsprop.torch import NonFiniteGradientError, RMSprop
@@ -25,7 +26,8 @@ def _grads(shapes, steps, dtype, seed=0):
 
 
 def _run(opt_cls, params, grads, sched_every=25, none_every=7, **kw):
-    opt = opt_cls(params, **kw)
+    with expected_warnings(kw) if opt_cls is RMSprop else contextlib.nullcontext():
+        opt = opt_cls(params, **kw)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=sched_every, gamma=0.5)
     for t, gs in enumerate(grads):
         for i, (p, g) in enumerate(zip(params, gs)):
@@ -61,7 +63,8 @@ def _spec_trajectory(init, grads, lrs, config):
     params = [p.numpy().copy() for p in init]
     states = [None] * len(params)
     for t, gs in enumerate(grads):
-        o = Options(lr=lrs[t], **config)
+        with expected_warnings(config):
+            o = Options(lr=lrs[t], **config)
         for i, g in enumerate(gs):
             if (t + i) % 7 == 0 and i == 1:
                 continue

@@ -65,8 +65,9 @@ with 4-bit States"):
   below allows.
 - Quantizing in the ``sqrt`` domain (the quantity the step divides by) halves the dynamic range
   in octaves and bounds the ratio: a decoded ``sqrt(v)`` is at least 2/3 of the true one
-  (``(q + 1) / (q + 1.5)``, worst at ``q = 0``), so no element's next step can exceed 1.5x its
-  full-precision value through ``v``'s quantization. The block's largest element is exact
+  (``(q + 1) / (q + 1.5)``, worst at ``q = 0``), so a step taken from the stored ``v`` is at
+  most 1.5x the step from the ``v`` it encodes (along a whole run the errors of successive
+  encodings can compound beyond that while ``v`` grows from 0). The block's largest element is exact
   (``U[L-1] = 1``), as is every element of a block filled with one value (``v0 = 1`` or 0).
 - The signed maps are linear with 0 exact. ``b`` sums terms ``g/d``, each normalised by its
   own RMS, and ``m`` averages zero-mean gradient noise: a block's values spread narrowly and

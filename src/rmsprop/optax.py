@@ -22,7 +22,8 @@ Differences from ``optax.rmsprop`` (all deliberate, all from :mod:`rmsprop.spec`
 * the arithmetic runs in float32 for narrower parameters (bfloat16/float16) and in float64 for
   float64 ones, with one rounding of the update to the gradient dtype, while optax rounds every
   intermediate to the parameter dtype; the state keeps the parameter dtype (as in optax) unless
-  ``state_dtype`` says otherwise;
+  ``state_dtype`` says otherwise (a dtype, or ``"8bit"``/``"4bit"``: quantized state with the
+  codes :mod:`rmsprop.codecs` defines, each leaf a :class:`QuantizedLeaf`);
 * centered: ``v - m^2`` is clamped at 0 before ``eps`` is added (optax takes ``rsqrt`` of a
   tiny negative number under a constant gradient and returns NaN);
 * complex parameters are treated as pairs of reals (one ``v`` per component, as ``torch.optim``
@@ -36,7 +37,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from types import MappingProxyType
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeAlias
 
 try:
     import jax
@@ -59,8 +60,8 @@ __all__ = [
     "scale_by_rmsprop",
 ]
 
-Schedule = Callable[[jax.Array], Any]
-ScalarOrSchedule = float | jax.Array | Schedule
+Schedule: TypeAlias = Callable[[jax.Array], Any]
+ScalarOrSchedule: TypeAlias = float | jax.Array | Schedule
 
 #: The defaults of :func:`rmsprop` without a preset: ``optax.rmsprop``'s (optax 0.2.8), which
 #: is also the ``"optax"`` preset. Keys are this module's argument names.

@@ -122,7 +122,8 @@ def step(param: np.ndarray, grad: np.ndarray, state: State,
          options: Options | Mapping[str, Any]) -> tuple[np.ndarray, State]:
     """One RMSProp step (the formula in the module docstring). Pure: returns the new param and a
     new state; the inputs are not modified. Missing ``grad_avg`` / ``momentum_buffer`` entries
-    (an option switched on mid-run) start from zeros."""
+    (an option switched on mid-run) start from zeros; entries of an option switched off are
+    kept unchanged, as torch keeps them."""
     o = options if isinstance(options, Options) else Options(**options)
     param = np.asarray(param)
     p_real = _real(param)
@@ -181,6 +182,9 @@ def step(param: np.ndarray, grad: np.ndarray, state: State,
         new["momentum_buffer"] = _store(b, state, "momentum_buffer")
     else:
         p = p + (neg_lr * g) / d
+    for key in ("grad_avg", "momentum_buffer"):
+        if key in state and key not in new:
+            new[key] = state[key]
     if isinstance(state["square_avg"], codecs.Quantized) and "grad_avg" in new:
         m_new = codecs.load(new["grad_avg"], f)  # as the next step decodes it
         new["square_avg"] = codecs.store(np.maximum(v - m_new * m_new, f.type(0)),

@@ -12,20 +12,23 @@ The same function runs over one tensor (the for-loop path, the ground truth, and
 statistics' denominator) or over lists with ``torch._foreach_*`` (the foreach path): an
 ``ops`` object supplies each operation for one or the other. The op sequence is
 ``torch.optim.RMSprop``'s for the options torch has, so the ``pytorch`` preset is
-bit-identical to torch on both paths. Callers pass real (``view_as_real``) tensors in the
-math dtype, decoded from the state's codec (see :mod:`rmsprop.torch._codecs`).
+bit-identical to torch on both paths. :func:`rule` takes real (``view_as_real``) tensors in
+the math dtype; :func:`apply_unfused` runs either path over params and their state, decoding
+and encoding the state through its codec (see :mod:`rmsprop.torch._codecs`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any, Union, cast
 
 import torch
 from torch import Tensor
 
+from ._codecs import math_dtype, real
+
 __all__ = ["Hyper", "rule", "denominator", "single_tensor_step", "foreach_step", "TENSOR",
-           "LISTS"]
+           "LISTS", "apply_unfused", "FOREACH_BATCH"]
 
 Tensors = Union[Tensor, list[Tensor]]  # noqa: UP007 (a runtime alias)
 
@@ -240,3 +243,100 @@ def foreach_step(ps: list[Tensor], gs: list[Tensor], vs: list[Tensor],
                  ms: list[Tensor] | None, bs: list[Tensor] | None, h: Hyper) -> None:
     """:func:`rule` over lists with ``torch._foreach_*`` (the foreach path)."""
     rule(LISTS, ps, gs, vs, ms, bs, h)
+
+
+# -- the for-loop and foreach paths over state read through codecs ----------------------------
+
+#: Elements per batch of the foreach path: on the CPU a batch's arrays fit the last-level
+#: cache; on a GPU a batch is large enough that launches stay few.
+FOREACH_BATCH = {"cpu": 1 << 20, "cuda": 1 << 26}
+
+
+def apply_unfused(ps: list[Tensor], sts: list[dict], h: Hyper, path: str,
+                  codec: Any) -> None:
+    """The for-loop or foreach path. The math runs in the spec's dtype (float64 for float64
+    params, float32 otherwise): params and gradients in another dtype are computed on as
+    float copies and rounded back once; state is decoded and encoded by its codec.
+
+    The foreach path runs over batches of at most ``FOREACH_BATCH[device]`` elements
+    (long tensors cut into flat slices at multiples of the codec's block): its
+    temporaries (the denominator, and the float copies) then stay bounded instead of
+    model-sized, and on the CPU a batch's passes run in cache. Every operation is
+    elementwise, so the result does not depend on the batching."""
+    keys = [key for key, on in (("square_avg", True), ("grad_avg", h.centered),
+                                ("momentum_buffer", h.momentum > 0)) if on]
+    # rows of (param, grad, state or a slice of it, offset of the slice in the param)
+    rows: list[tuple[Tensor, Tensor, Any, int]] = [
+        (real(p), real(cast(Tensor, p.grad)), st, 0) for p, st in zip(ps, sts)]
+    if path != "foreach" or torch.compiler.is_compiling():
+        return _unfused(rows, keys, h, path, codec)
+    limit = FOREACH_BATCH.get(rows[0][0].device.type, FOREACH_BATCH["cuda"])
+    limit = max(codec.block, limit // codec.block * codec.block)
+    batch: list[tuple] = []
+    size = 0
+    for row in rows:
+        p, g, st, _ = row
+        n = p.numel()
+        parts = [row]
+        if n > limit and p.is_contiguous() and g.is_contiguous():
+            cut = [(lo, min(lo + limit, n)) for lo in range(0, n, limit)]
+            subs = [_slice_state(codec, keys, st, lo, hi) for lo, hi in cut]
+            if all(sub is not None for sub in subs):
+                parts = [(p.view(-1)[lo:hi], g.view(-1)[lo:hi], sub, lo)
+                         for (lo, hi), sub in zip(cut, subs)]
+        for part in parts:
+            if size and size + part[0].numel() > limit:
+                _unfused(batch, keys, h, path, codec)
+                batch, size = [], 0
+            batch.append(part)
+            size += part[0].numel()
+    if batch:
+        _unfused(batch, keys, h, path, codec)
+
+def _slice_state(codec: Any, keys: list[str], st: dict, lo: int, hi: int) -> dict | None:
+    """One dict with every key's entries for elements [lo, hi), or None if one cannot be
+    cut (the step count and a stochastic-rounding seed come along)."""
+    sub = {k: st[k] for k in ("step", "sr_seed") if k in st}
+    for key in keys:
+        part = codec.slice(key, st, lo, hi)
+        if part is None:
+            return None
+        sub.update(part)
+    return sub
+
+def _unfused(rows: list[tuple], keys: list[str], h: Hyper, path: str, codec: Any) -> None:
+    """The rule over ``rows`` of (param, grad, state, offset): params and grads real
+    tensors, the state (a slice of) a state dict read and written through ``codec``."""
+    ps = [r[0] for r in rows]
+    f = math_dtype(ps[0].dtype)
+    pw = [t if t.dtype == f else t.to(f) for t in ps]
+    gw = [r[1] if r[1].dtype == f else r[1].to(f) for r in rows]
+    decode_all = getattr(codec, "decode_all", None)
+    vals = []
+    for p, (_, _, st, _) in zip(ps, rows):
+        d = decode_all(st, keys, f) if decode_all is not None else {
+            key: codec.decode(key, st, f) for key in keys}
+        # a codec may decode to a flat tensor: viewed, in-place math still writes it
+        vals.append({k: v if v.shape == p.shape else v.view(p.shape) for k, v in d.items()})
+    vs = [v["square_avg"] for v in vals]
+    ms = [v["grad_avg"] for v in vals] if h.centered else None
+    bs = [v["momentum_buffer"] for v in vals] if h.momentum > 0 else None
+    if path == "foreach":
+        foreach_step(pw, gw, vs, ms, bs, h)
+    else:
+        for i in range(len(pw)):
+            single_tensor_step(pw[i], gw[i], vs[i], ms[i] if ms else None,
+                                      bs[i] if bs else None, h)
+    for (t, _, st, offset), w in zip(rows, pw):
+        if "sr_seed" in st and t.dtype in (torch.float16, torch.bfloat16):
+            from . import _quantized  # the stochastic rounding of 16-bit params
+            _quantized.sr_write_(t, w, int(st["sr_seed"]), int(st["step"]), offset)
+        elif w is not t:
+            t.copy_(w)
+    encode_all = getattr(codec, "encode_all_", None)
+    for (_, _, st, _), val in zip(rows, vals):
+        if encode_all is not None:
+            encode_all(st, val)
+        else:
+            for key in keys:
+                codec.encode_(key, st, val[key])

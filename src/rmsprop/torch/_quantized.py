@@ -286,14 +286,14 @@ class QuantizedCodec:
             return {key: entry[key].to(real(p).device, copy=True),
                     key + "_scale": entry[key + "_scale"].to(real(p).device, copy=True)}
         value = self._saved_value(key, entry, p)
-        out = {key: value, key + "_scale": value}  # placeholders, replaced below
         if key == "square_avg" and entry.get("grad_avg") is not None:
+            # stored beside grad_avg: w against m' as this codec stores it
             m = self._saved_value("grad_avg", entry, p)
-            m_stored = decode(*encode(m, self.formats["grad_avg"]), self.formats["grad_avg"])
-            value = (value - m_stored.to(value.dtype) ** 2).clamp_min(0)
+            m = decode(*encode(m, self.formats["grad_avg"]), self.formats["grad_avg"])
+            m = m.to(value.dtype)
+            value = (value - m * m).clamp_min(0)
         codes, scales = encode(value, self.formats[key])
-        out = {key: codes, key + "_scale": scales}
-        return out
+        return {key: codes, key + "_scale": scales}
 
 
 def _factory(name: str):

@@ -26,7 +26,7 @@ from torch.optim import Optimizer
 from ..options import RULE_OPTIONS, validate
 from ..presets import resolve_preset
 from . import _codecs, _paths, _plan, _state_dict, _stats
-from ._codecs import Codec, math_dtype, real
+from ._codecs import Codec, real
 from ._paths import Hyper
 
 __all__ = ["RMSprop", "NonFiniteGradientError"]
@@ -35,9 +35,7 @@ _NONFINITE = ("raise", "skip", "ignore")
 _GRAD = operator.attrgetter("grad")
 _REAL = {torch.complex64: torch.float32, torch.complex128: torch.float64,
          torch.complex32: torch.float16}
-# Elements per batch of the foreach path (see RMSprop._apply_unfused): on the CPU a batch's
-# arrays fit the last-level cache; on a GPU a batch is large enough that launches stay few.
-_FOREACH_BATCH = {"cpu": 1 << 20, "cuda": 1 << 26}
+_FOREACH_BATCH = _paths.FOREACH_BATCH  # the same dict (tests set it)
 
 
 class NonFiniteGradientError(FloatingPointError):
@@ -621,7 +619,7 @@ class RMSprop(Optimizer):
             if path == "fused":
                 self._apply_fused(ps, sts, h, device, codec)
             else:
-                self._apply_unfused(ps, sts, h, path, codec)
+                _paths.apply_unfused(ps, sts, h, path, codec)
 
     def _apply_fused(self, ps: list[Tensor], sts: list[dict], h: Hyper,
                      device: torch.device, codec: Codec) -> None:
@@ -643,101 +641,8 @@ class RMSprop(Optimizer):
                             column("momentum_buffer") if h.momentum > 0 else None)
             plan.run(_plan._ptrs([real(_g(ps[i])) for i in contiguous]), h)
         if rest:
-            self._apply_unfused([ps[i] for i in rest], [sts[i] for i in rest], h, "forloop",
+            _paths.apply_unfused([ps[i] for i in rest], [sts[i] for i in rest], h, "forloop",
                                 codec)
-
-    def _apply_unfused(self, ps: list[Tensor], sts: list[dict], h: Hyper, path: str,
-                       codec: Codec) -> None:
-        """The for-loop or foreach path. The math runs in the spec's dtype (float64 for float64
-        params, float32 otherwise): params and gradients in another dtype are computed on as
-        float copies and rounded back once; state is decoded and encoded by its codec.
-
-        The foreach path runs over batches of at most ``_FOREACH_BATCH[device]`` elements
-        (long tensors cut into flat slices at multiples of the codec's block): its
-        temporaries (the denominator, and the float copies) then stay bounded instead of
-        model-sized, and on the CPU a batch's passes run in cache. Every operation is
-        elementwise, so the result does not depend on the batching."""
-        keys = [key for key, on in (("square_avg", True), ("grad_avg", h.centered),
-                                    ("momentum_buffer", h.momentum > 0)) if on]
-        # rows of (param, grad, state or a slice of it, offset of the slice in the param)
-        rows: list[tuple[Tensor, Tensor, Any, int]] = [
-            (real(p), real(_g(p)), st, 0) for p, st in zip(ps, sts)]
-        if path != "foreach" or torch.compiler.is_compiling():
-            return self._unfused(rows, keys, h, path, codec)
-        limit = _FOREACH_BATCH.get(rows[0][0].device.type, _FOREACH_BATCH["cuda"])
-        limit = max(codec.block, limit // codec.block * codec.block)
-        batch: list[tuple] = []
-        size = 0
-        for row in rows:
-            p, g, st, _ = row
-            n = p.numel()
-            parts = [row]
-            if n > limit and p.is_contiguous() and g.is_contiguous():
-                cut = [(lo, min(lo + limit, n)) for lo in range(0, n, limit)]
-                subs = [self._slice_state(codec, keys, st, lo, hi) for lo, hi in cut]
-                if all(sub is not None for sub in subs):
-                    parts = [(p.view(-1)[lo:hi], g.view(-1)[lo:hi], sub, lo)
-                             for (lo, hi), sub in zip(cut, subs)]
-            for part in parts:
-                if size and size + part[0].numel() > limit:
-                    self._unfused(batch, keys, h, path, codec)
-                    batch, size = [], 0
-                batch.append(part)
-                size += part[0].numel()
-        if batch:
-            self._unfused(batch, keys, h, path, codec)
-
-    @staticmethod
-    def _slice_state(codec: Codec, keys: list[str], st: dict, lo: int, hi: int
-                     ) -> dict | None:
-        """One dict with every key's entries for elements [lo, hi), or None if one cannot be
-        cut (the step count and a stochastic-rounding seed come along)."""
-        sub = {k: st[k] for k in ("step", "sr_seed") if k in st}
-        for key in keys:
-            part = codec.slice(key, st, lo, hi)
-            if part is None:
-                return None
-            sub.update(part)
-        return sub
-
-    @staticmethod
-    def _unfused(rows: list[tuple], keys: list[str], h: Hyper, path: str,
-                 codec: Codec) -> None:
-        """The rule over ``rows`` of (param, grad, state, offset): params and grads real
-        tensors, the state (a slice of) a state dict read and written through ``codec``."""
-        ps = [r[0] for r in rows]
-        f = math_dtype(ps[0].dtype)
-        pw = [t if t.dtype == f else t.to(f) for t in ps]
-        gw = [r[1] if r[1].dtype == f else r[1].to(f) for r in rows]
-        decode_all = getattr(codec, "decode_all", None)
-        vals = []
-        for p, (_, _, st, _) in zip(ps, rows):
-            d = decode_all(st, keys, f) if decode_all is not None else {
-                key: codec.decode(key, st, f) for key in keys}
-            # a codec may decode to a flat tensor: viewed, in-place math still writes it
-            vals.append({k: v if v.shape == p.shape else v.view(p.shape) for k, v in d.items()})
-        vs = [v["square_avg"] for v in vals]
-        ms = [v["grad_avg"] for v in vals] if h.centered else None
-        bs = [v["momentum_buffer"] for v in vals] if h.momentum > 0 else None
-        if path == "foreach":
-            _paths.foreach_step(pw, gw, vs, ms, bs, h)
-        else:
-            for i in range(len(pw)):
-                _paths.single_tensor_step(pw[i], gw[i], vs[i], ms[i] if ms else None,
-                                          bs[i] if bs else None, h)
-        for (t, _, st, offset), w in zip(rows, pw):
-            if "sr_seed" in st and t.dtype in (torch.float16, torch.bfloat16):
-                from . import _quantized  # the stochastic rounding of 16-bit params
-                _quantized.sr_write_(t, w, int(st["sr_seed"]), int(st["step"]), offset)
-            elif w is not t:
-                t.copy_(w)
-        encode_all = getattr(codec, "encode_all_", None)
-        for (_, _, st, _), val in zip(rows, vals):
-            if encode_all is not None:
-                encode_all(st, val)
-            else:
-                for key in keys:
-                    codec.encode_(key, st, val[key])
 
     # -- gradient checks ----------------------------------------------------------------------
 
