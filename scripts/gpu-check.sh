@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The CUDA check of the Triton path, as run on a lent GPU machine (see README, "GPU"):
+# The CUDA check of the Triton path, on a machine with a CUDA GPU (README, "On a GPU"):
 # the kernel tests compiled on CUDA, then `rmsprop bench --device cuda`.
 # Uses the python3 that holds torch+triton there; the package runs from src/ (no install).
 # Results land in $OUT (default /tmp/gpu-check): gpu.txt, tests.log, bench.log, bench_cuda.json,

@@ -59,8 +59,9 @@ import math
 import os
 import warnings
 from collections import deque
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Optional
+from typing import Any
 
 __all__ = ["Monitor", "HealthWarning", "RmspropHealthWarning", "KINDS"]
 
@@ -94,7 +95,7 @@ class _Series:
     """The recent history of one group or parameter."""
 
     def __init__(self, window: int) -> None:
-        self.grad = deque(maxlen=window)
+        self.grad: deque[float] = deque(maxlen=window)
         self.stalled = 0
         self.eps = 0
         self.spread = 0
@@ -129,10 +130,10 @@ class Monitor:
 
     def __init__(self, optimizer: Any, *, window: int = 50, vanishing_drop: float = 1e-3,
                  vanishing_spread: float = 1e-4, exploding_growth: float = 1e3,
-                 exploding_floor: Optional[float] = None,
-                 exploding_rms: Optional[float] = None, stall_ratio: float = 1e-7,
-                 eps_fraction: float = 0.5, patience: int = 5, cooldown: Optional[int] = None,
-                 logger: Optional[Callable[[dict[str, float], int], Any]] = None,
+                 exploding_floor: float | None = None,
+                 exploding_rms: float | None = None, stall_ratio: float = 1e-7,
+                 eps_fraction: float = 0.5, patience: int = 5, cooldown: int | None = None,
+                 logger: Callable[[dict[str, float], int], Any] | None = None,
                  tensorboard: Any = None, prefix: str = "rmsprop", emit: bool = True) -> None:
         if not callable(getattr(optimizer, "stats", None)):
             raise TypeError(f"Monitor needs an optimizer with stats() (rmsprop.torch.RMSprop "
@@ -198,7 +199,7 @@ class Monitor:
 
     # -- hooking into the optimizer -----------------------------------------------------------
 
-    def attach(self, every: int = 1) -> "Monitor":
+    def attach(self, every: int = 1) -> Monitor:
         """Call :meth:`update` after every ``every``-th ``optimizer.step()`` (a step post-hook;
         a step skipped by ``GradScaler`` or raising never reaches it). Returns ``self``."""
         if not (isinstance(every, int) and every >= 1):
@@ -228,7 +229,7 @@ class Monitor:
 
     # -- the checks ---------------------------------------------------------------------------
 
-    def update(self, step: Optional[int] = None) -> list[HealthWarning]:
+    def update(self, step: int | None = None) -> list[HealthWarning]:
         """Read ``optimizer.stats()``, log it, run the checks; return the new warnings.
 
         ``step`` labels the logs and warnings; by default the number of :meth:`update` calls.
@@ -345,7 +346,7 @@ class Monitor:
 
     # -- sinks --------------------------------------------------------------------------------
 
-    def scalars(self, stats: Optional[Mapping[str, Any]] = None) -> dict[str, float]:
+    def scalars(self, stats: Mapping[str, Any] | None = None) -> dict[str, float]:
         """The statistics flattened to ``{"<prefix>/group<i>/<stat>": value, ...}`` (and
         ``"<prefix>/param/<name>/<stat>"``), as the logger receives them."""
         stats = self.optimizer.stats() if stats is None else stats

@@ -64,6 +64,10 @@
 
 /* dtype codes shared with cpu.py */
 enum { DT_F32 = 0, DT_F64 = 1, DT_F16 = 2, DT_BF16 = 3 };
+/* block-quantized state format codes shared with cpu.py (rmsprop.codecs' names) */
+enum { QF_U8 = 4, QF_S8 = 5 };
+/* elements per scale of the 8-bit formats: quantized segments start on multiples of it */
+#define RMS_QALIGN 256
 /* flag bits shared with cpu.py */
 enum {
     FL_CENTERED = 1, FL_MOMENTUM = 2, FL_WD_COUPLED = 4, FL_NESTEROV = 8, FL_STATS = 16,
@@ -136,15 +140,31 @@ typedef void (*rms_seg_fn)(int pdt, int sdt, int spec, int64_t n, const rms_stre
 typedef void (*rms_floor_fn)(int psz, int ssz, int64_t n, char *p, const char *g, char *v,
                              char *m, char *b, uint64_t zero);
 typedef int (*rms_nonfinite_fn)(int dt, const char *x, int64_t n);
+typedef void (*rms_segq_fn)(int pdt, int spec, int64_t n, const rms_streams *s,
+                            const void *hyp, double *acc);
 
 typedef struct {
     rms_seg_fn seg_f, seg_d;
     rms_floor_fn floor;
     rms_nonfinite_fn nonfinite;
     const char *name;
+    rms_segq_fn segq_f;
 } rms_isa;
 
 static size_t rms_dtsize(int dt) { return dt == DT_F64 ? 8 : dt == DT_F32 ? 4 : 2; }
+
+/* The s8 decode table S[c] = sign(k) * min(|k|, 127) / 127 (k: c as two's complement),
+ * each entry the double ratio rounded once to float, as rmsprop.codecs.signed_table. Filled
+ * by the first quantized step, before any thread reads it (same values on every fill). */
+static float rms_s8tab[256];
+static void rms_init_tables(void) {
+    for (int c = 0; c < 256; c++) {
+        int k = c > 127 ? c - 256 : c;
+        int a = k < 0 ? -k : k;
+        a = a > 127 ? 127 : a;
+        rms_s8tab[c] = (float)((k < 0 ? -(double)a : (double)a) / 127.0);
+    }
+}
 
 /* The arithmetic, once per instruction set (see cpu_isa.h). */
 #define RMS_ISA base
@@ -171,9 +191,11 @@ static size_t rms_dtsize(int dt) { return dt == DT_F64 ? 8 : dt == DT_F32 ? 4 : 
 #endif
 #endif
 
-static const rms_isa rms_isa_base = {seg_base_f, seg_base_d, floor_base, nonfinite_base, "x86-64"};
+static const rms_isa rms_isa_base = {seg_base_f, seg_base_d, floor_base, nonfinite_base,
+                                      "x86-64", segq_base_f};
 #ifdef RMS_HAVE_V3
-static const rms_isa rms_isa_v3 = {seg_v3_f, seg_v3_d, floor_v3, nonfinite_v3, "x86-64-v3"};
+static const rms_isa rms_isa_v3 = {seg_v3_f, seg_v3_d, floor_v3, nonfinite_v3, "x86-64-v3",
+                                    segq_v3_f};
 #endif
 static const rms_isa *rms_active = NULL;
 
@@ -394,6 +416,10 @@ typedef struct {
     const void *hyp;
     double *stats;
     uint64_t zero;
+    /* quantized state (kind 0 only): per tensor, the scale tables of v, m, b (VS[t] NULL:
+     * tensor t keeps float32 state); segq runs the quantized tensors. */
+    float *const *VS, *const *MS, *const *BS;
+    rms_segq_fn segq;
 } rms_job;
 
 typedef struct {
@@ -401,6 +427,7 @@ typedef struct {
     int64_t nt, total, chunk;
     const int64_t *prefix;
     void *const *P, *const *G, *const *V, *const *M, *const *B;
+    const int64_t *numel; /* when the prefix is padded (quantized state): the real sizes */
 } rms_ctx;
 
 static void run_segment(const rms_job *J, int64_t t, int64_t off, int64_t len, void *const *P,
@@ -413,10 +440,19 @@ static void run_segment(const rms_job *J, int64_t t, int64_t off, int64_t len, v
     S.v = (char *)V[t] + off * ss;
     S.m = M ? (char *)M[t] + off * ss : NULL;
     S.b = B ? (char *)B[t] + off * ss : NULL;
-    /* No block-scaled state format yet. One would pass its scale tables here (the scales of
-     * tensor t from block off / RMS_CVT_BLK on) and needs every segment to start on a block
-     * boundary of its tensor: job_chunk would then cut tensors at multiples of the block. */
     S.vs = S.ms = S.bs = NULL;
+    if (J->VS && J->VS[t]) {
+        /* one code byte per element and one scale per RMS_QALIGN elements; off is a multiple
+         * of RMS_QALIGN (run_job pads the partition) */
+        S.v = (char *)V[t] + off;
+        S.m = M ? (char *)M[t] + off : NULL;
+        S.b = B ? (char *)B[t] + off : NULL;
+        S.vs = J->VS[t] + off / RMS_QALIGN;
+        S.ms = M ? J->MS[t] + off / RMS_QALIGN : NULL;
+        S.bs = B ? J->BS[t] + off / RMS_QALIGN : NULL;
+        J->segq(J->pdt, J->spec, len, &S, J->hyp, acc);
+        return;
+    }
     if (J->kind == 0) J->seg(J->pdt, J->sdt, J->spec, len, &S, J->hyp, acc);
     else J->floor(J->psz, J->ssz, len, S.p, S.g, S.v, S.m, S.b, J->zero);
 }
@@ -430,8 +466,11 @@ static void job_chunk(void *vctx, int64_t c) {
     while (lo < hi) {
         while (prefix[t + 1] <= lo) t++; /* skip empty tensors */
         int64_t end = prefix[t + 1] < hi ? prefix[t + 1] : hi;
+        /* a padded tensor's real end (its padding is no element: nothing to run) */
+        int64_t stop = X->numel && prefix[t] + X->numel[t] < end ? prefix[t] + X->numel[t] : end;
+        if (stop <= lo) { lo = end; continue; }
         double acc[6] = {0, 0, 0, INFINITY, -INFINITY, 0};
-        run_segment(X->J, t, lo - prefix[t], end - lo, X->P, X->G, X->V, X->M, X->B, acc);
+        run_segment(X->J, t, lo - prefix[t], stop - lo, X->P, X->G, X->V, X->M, X->B, acc);
         if (X->J->stats) {
             STATS_LOCK();
             stats_merge(X->J->stats + 6 * t, acc);
@@ -468,9 +507,16 @@ static int run_job(const rms_job *J, int64_t nt, const int64_t *numel, void *con
     }
     int64_t *prefix = (int64_t *)malloc((size_t)(nt + 1) * sizeof(int64_t));
     if (!prefix) return -4;
+    /* With quantized state each tensor's range is padded to a multiple of the block in the
+     * partition, and chunks are multiples of it too, so every segment of a quantized tensor
+     * starts on one of its blocks (and a block never spans two threads). */
+    const int pad = J->VS != NULL;
     prefix[0] = 0;
-    for (int64_t t = 0; t < nt; t++) prefix[t + 1] = prefix[t] + numel[t];
-    rms_ctx X = {J, nt, total, chunk_size(total), prefix, P, G, V, M, B};
+    for (int64_t t = 0; t < nt; t++)
+        prefix[t + 1] = prefix[t] +
+                        (pad ? (numel[t] + RMS_QALIGN - 1) / RMS_QALIGN * RMS_QALIGN : numel[t]);
+    total = prefix[nt];
+    rms_ctx X = {J, nt, total, chunk_size(total), prefix, P, G, V, M, B, pad ? numel : NULL};
     int64_t nchunks = (total + X.chunk - 1) / X.chunk;
     pool_run(job_chunk, &X, nchunks, nthreads);
     free(prefix);
@@ -530,6 +576,41 @@ RMS_API int rms_fused_step(int64_t nt, const int64_t *numel, void *const *P, voi
     else { make_hyp_f(hyper, flags, &hf); J.hyp = &hf; J.seg = isa->seg_f; }
     return run_job(&J, nt, numel, P, G, V, (flags & FL_CENTERED) ? M : NULL,
                    (flags & FL_MOMENTUM) ? B : NULL, nthreads);
+}
+
+/* One fused RMSProp step (as rms_fused_step) with block-quantized state: tensor t with
+ * VS[t] != NULL stores square_avg as u8 codes (V[t], numel[t] bytes) with float32 scales
+ * VS[t] (one per 256 elements, its last block shorter), and grad_avg / momentum_buffer (when
+ * used) as s8 codes M[t] / B[t] with scales MS[t] / BS[t]; with centered, V[t] holds the
+ * centered moment w (rmsprop.codecs). A tensor with VS[t] == NULL keeps float32 state
+ * (then MS[t], BS[t] are not read). vfmt, mfmt, bfmt: QF_U8, QF_S8, QF_S8. pdt: float32,
+ * float16 or bfloat16 (math in float). Returns 0, -1 for an unsupported dtype or format, -2
+ * for a missing table, -3 for a negative size. */
+RMS_API int rms_fused_step_q(int64_t nt, const int64_t *numel, void *const *P, void *const *G,
+                             void *const *V, void *const *M, void *const *B,
+                             float *const *VS, float *const *MS, float *const *BS, int pdt,
+                             int vfmt, int mfmt, int bfmt, const double *hyper, int flags,
+                             double *stats, int nthreads) {
+    const int cen = (flags & FL_CENTERED) != 0, mom = (flags & FL_MOMENTUM) != 0;
+    if (!(pdt == DT_F32 || pdt == DT_F16 || pdt == DT_BF16)) return -1;
+    if (vfmt != QF_U8 || (cen && mfmt != QF_S8) || (mom && bfmt != QF_S8)) return -1;
+    if (!VS || (cen && (!M || !MS)) || (mom && (!B || !BS))) return -2;
+    for (int64_t t = 0; t < nt; t++)
+        if (VS[t] && ((cen && !MS[t]) || (mom && !BS[t]))) return -2;
+    static _Atomic int tables_ready = 0;
+    if (!atomic_load(&tables_ready)) { rms_init_tables(); atomic_store(&tables_ready, 1); }
+    const rms_isa *isa = rms_get_isa();
+    rms_hyp_f hf;
+    rms_job J;
+    memset(&J, 0, sizeof J);
+    J.kind = 0; J.pdt = pdt; J.sdt = DT_F32;
+    J.psz = (int)rms_dtsize(pdt); J.ssz = 4;
+    J.spec = (cen ? 1 : 0) | (mom ? 2 : 0) | ((flags & FL_WD_COUPLED) ? 4 : 0) | (stats ? 8 : 0);
+    J.stats = stats;
+    make_hyp_f(hyper, flags, &hf);
+    J.hyp = &hf; J.seg = isa->seg_f; J.segq = isa->segq_f;
+    J.VS = VS; J.MS = cen ? MS : NULL; J.BS = mom ? BS : NULL;
+    return run_job(&J, nt, numel, P, G, V, cen ? M : NULL, mom ? B : NULL, nthreads);
 }
 
 /* The bandwidth floor: the same partition, tables and access pattern as rms_fused_step (read

@@ -4,7 +4,8 @@
  * cpu.c includes this header once per instruction set, with
  *   RMS_ISA   the suffix of every function generated here (base, v3), and
  *   RMS_F16C  defined when the part is compiled for x86-64-v3 (AVX2, FMA, F16C),
- * and reads back the functions floor_<isa>, nonfinite_<isa>, seg_<isa>_f and seg_<isa>_d.
+ * and reads back the functions floor_<isa>, nonfinite_<isa>, seg_<isa>_f, seg_<isa>_d and
+ * segq_<isa>_f (quantized state).
  * This header includes cpu_step.h twice: once per math type (float, double).
  */
 
@@ -19,6 +20,8 @@
  * also the block a block-scaled state format would use, so one block of such a state is
  * decoded and encoded by one codec call. */
 #define RMS_CVT_BLK 256
+/* Elements per scale of the 8-bit state formats (rmsprop.codecs). */
+#define RMS_QBLK 256
 
 /* A fused multiply-add, rounded once, so that every build gives the same bits (and torch's,
  * whose vectorised kernels use the instruction). On x86-64-v3 it is the vfmadd instruction
@@ -173,6 +176,7 @@ static int ISA_NAME(nonfinite)(int dt, const char *x, int64_t n) {
 #undef RMS_FMAD
 #undef RMS_BLK
 #undef RMS_CVT_BLK
+#undef RMS_QBLK
 #undef ISA_NAME
 #undef RMS_CAT
 #undef RMS_CAT_

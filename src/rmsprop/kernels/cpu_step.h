@@ -295,6 +295,114 @@ static void TNAME(seg)(int pdt, int sdt, int spec, int64_t n, const rms_streams 
     }
 }
 
+#if RMS_IS_F32
+/* ---------------------------- block-quantized state (8-bit) ------------------------- */
+/* The formats of rmsprop.codecs, one block of at most RMS_QBLK elements per call, in
+ * float32 with its single roundings (cpu.c is compiled with -ffp-contract=off):
+ *   u8 decode  x' = s * ((q + 1)^2 * 2^-16)      (the table value is exact, so one rounding)
+ *   s8 decode  x' = s * S[c]                     (S: rms_s8tab, each ratio rounded once)
+ *   u8 encode  s = max(x), y = 65536 * (x / s), k = rint(sqrt(y)) moved by one where y lies
+ *              outside [(k - 1/2)^2, (k + 1/2)^2] (ties to even), q = clamp(k - 1, 0, 255)
+ *   s8 encode  s = max|x|, k = rint(127 * (|x| / s)), negated for x < 0, stored mod 256
+ * Each encode returns the block's new scale. The division is a true division: the code is
+ * defined by the correctly rounded quotient, and a reciprocal multiply can move it. */
+static void TNAME(dec_u8)(const uint8_t *restrict c, float s, int64_t n, float *restrict d) {
+#pragma omp simd
+    for (int64_t i = 0; i < n; i++) {
+        int q = (int)c[i] + 1;
+        d[i] = s * ((float)(q * q) * 0x1p-16f);
+    }
+}
+
+static void TNAME(dec_s8)(const uint8_t *restrict c, float s, int64_t n, float *restrict d) {
+#pragma omp simd
+    for (int64_t i = 0; i < n; i++) d[i] = s * rms_s8tab[c[i]];
+}
+
+static float TNAME(enc_u8)(const float *restrict x, int64_t n, uint8_t *restrict c) {
+    float s = 0.0f;
+#pragma omp simd reduction(max : s)
+    for (int64_t i = 0; i < n; i++) s = x[i] > s ? x[i] : s;
+    if (!(s > 0.0f)) { memset(c, 0, (size_t)n); return s; }
+#pragma omp simd
+    for (int64_t i = 0; i < n; i++) {
+        float mg = x[i] > 0.0f ? x[i] : 0.0f;
+        float y = 65536.0f * (mg / s);
+        float k = rintf(sqrtf(y));
+        float hi = (k + 0.5f) * (k + 0.5f), lo = (k - 0.5f) * (k - 0.5f);
+        int ki = (int)k, odd = ki & 1;
+        int up = (y > hi) | ((y == hi) & odd), down = (y < lo) | ((y == lo) & odd);
+        int q = ki + up - down - 1;
+        q = q < 0 ? 0 : q;
+        q = q > 255 ? 255 : q;
+        c[i] = (uint8_t)q;
+    }
+    return s;
+}
+
+static float TNAME(enc_s8)(const float *restrict x, int64_t n, uint8_t *restrict c) {
+    float s = 0.0f;
+#pragma omp simd reduction(max : s)
+    for (int64_t i = 0; i < n; i++) {
+        float a = fabsf(x[i]);
+        s = a > s ? a : s;
+    }
+    if (!(s > 0.0f)) { memset(c, 0, (size_t)n); return s; }
+#pragma omp simd
+    for (int64_t i = 0; i < n; i++) {
+        int k = (int)rintf(127.0f * (fabsf(x[i]) / s));
+        k = x[i] < 0.0f ? -k : k;
+        c[i] = (uint8_t)(k & 0xff);
+    }
+    return s;
+}
+
+/* A run of n elements of one tensor whose state is quantized (u8 square_avg, s8 grad_avg and
+ * momentum_buffer), starting on a block boundary: each block is decoded into float buffers,
+ * updated by the same loops as float32 state, and encoded back with its new scale. With
+ * centered, square_avg holds w = max(v - m'^2, 0) (m' the decoded grad_avg): decoded as
+ * v = w + m^2 from the stored m, and re-encoded from the new m' as the next step decodes it. */
+static void TNAME(segq)(int pdt, int spec, int64_t n, const rms_streams *S, const void *hyp,
+                        double *acc) {
+    const RMS_HYP *h = (const RMS_HYP *)hyp;
+    const int cen = spec & 1, mom = (spec >> 1) & 1, pdir = pdt == DT_F32;
+    const size_t ps = rms_dtsize(pdt);
+    float bp[RMS_QBLK], bg[RMS_QBLK], bv[RMS_QBLK], bm[RMS_QBLK], bb[RMS_QBLK];
+    for (int64_t lo = 0, j = 0; lo < n; lo += RMS_QBLK, j++) {
+        int64_t len = n - lo < RMS_QBLK ? n - lo : RMS_QBLK;
+        char *pc = S->p + lo * ps;
+        const char *gc = S->g + lo * ps;
+        uint8_t *vc = (uint8_t *)S->v + lo;
+        uint8_t *mc = cen ? (uint8_t *)S->m + lo : NULL, *bc = mom ? (uint8_t *)S->b + lo : NULL;
+        float *pp;
+        const float *gp;
+        if (pdir) { pp = (float *)(void *)pc; gp = (const float *)(const void *)gc; }
+        else {
+            TNAME(decode)(pdt, pc, NULL, len, bp); TNAME(decode)(pdt, gc, NULL, len, bg);
+            pp = bp; gp = bg;
+        }
+        TNAME(dec_u8)(vc, S->vs[j], len, bv);
+        if (cen) {
+            TNAME(dec_s8)(mc, S->ms[j], len, bm);
+            for (int64_t i = 0; i < len; i++) bv[i] = bv[i] + bm[i] * bm[i];
+        }
+        if (mom) TNAME(dec_s8)(bc, S->bs[j], len, bb);
+        TNAME(dispatch)(spec, len, pp, gp, bv, cen ? bm : NULL, mom ? bb : NULL, h, acc);
+        if (!pdir) TNAME(encode)(pdt, pc, NULL, len, bp);
+        if (cen) {
+            S->ms[j] = TNAME(enc_s8)(bm, len, mc);
+            TNAME(dec_s8)(mc, S->ms[j], len, bm);
+            for (int64_t i = 0; i < len; i++) {
+                float w = bv[i] - bm[i] * bm[i];
+                bv[i] = w < 0.0f ? 0.0f : w; /* keeps NaN, as the rule's maximum */
+            }
+        }
+        S->vs[j] = TNAME(enc_u8)(bv, len, vc);
+        if (mom) S->bs[j] = TNAME(enc_s8)(bb, len, bc);
+    }
+}
+#endif
+
 #undef T
 #undef TNAME
 #undef TN_NAME2
