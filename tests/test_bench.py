@@ -23,7 +23,10 @@ def test_bench_quick_end_to_end(tmp_path, capsys):
     data = json.loads(out.read_text())
     rows = {r["row"]: r for r in data["rows"]}
     assert list(rows) == ["20K", "model50K", "tiny50x64", "momentum20K", "centered20K",
-                          "bf16-20K", "fp16-20K"]
+                          "bf16-20K", "fp16-20K", "8bit-20K", "8bit-momentum20K",
+                          "8bit-model50K", "4bit-20K"]
+    quant = [rows.pop(k) for k in ("8bit-20K", "8bit-momentum20K", "8bit-model50K",
+                                   "4bit-20K")]
     assert rows["model50K"]["tensors"] > 100 and rows["tiny50x64"]["tensors"] == 50
     for r in rows.values():
         assert r["floor_gbps"] > 0 and r["stream_copy_gbps"] > 0 and r["stream_triad_gbps"] > 0
@@ -45,6 +48,20 @@ def test_bench_quick_end_to_end(tmp_path, capsys):
     bf = {x["candidate"]: x for x in rows["bf16-20K"]["results"]}
     assert bf["rmsprop fused"]["bytes"] == 14 * n
     assert bf["torch foreach=True"]["bytes"] == 10 * n
+    # 8-bit state rows: bytes moved per element from the formats (fp32 p r+w, g; one code
+    # byte r+w per state element plus a float32 scale per 256 r+w), each step against its own
+    # floor, which moves the same arrays without the scales
+    for r, streams in zip(quant[:2], (1, 2)):
+        res = {x["candidate"]: x for x in r["results"]}
+        assert res["rmsprop fused 8bit"]["bytes"] == 12 * n + streams * (2 * n + 8 * -(-n // 256))
+        assert res["floor 8bit"]["bytes"] == 12 * n + 2 * streams * n
+        assert res["rmsprop fused fp32"]["bytes"] == 12 * n + 8 * streams * n
+        for x in res.values():
+            assert x["median_ms"] > 0 and x["frac_floor"] > 0
+        assert res["floor 8bit"]["frac_floor"] == pytest.approx(1.0)
+        assert res["rmsprop fused 8bit"]["vs_fp32"] > 0
+    res4 = {x["candidate"]: x for x in quant[3]["results"]}
+    assert res4["rmsprop fused 4bit"]["bytes"] == 12 * n + n + 8 * -(-n // 128)
     # torch's foreach step allocates at least one param-sized temporary (sqrt of v); ours
     # allocates nothing proportional to the model
     assert single["torch foreach=True"]["peak_extra_bytes"] >= 4 * n

@@ -19,6 +19,14 @@ in place (read p, g, v[, m, b]; write p, v[, m, b]) with trivial arithmetic. Col
   allocator (profiler allocation events, ``total_allocated`` peak) plus Python objects
   (``tracemalloc``); the C kernel's own allocation is one int64 per tensor.
 
+Rows ``8bit-*`` (``4bit-*``) time the kernel with 8-bit (4-bit) state (``rmsprop.codecs``'
+codes and block scales) called directly, against the float32-state kernel in the same rounds,
+each with its own floor: ``floor 8bit`` moves one code byte per state element (not the block
+scales, 1.6 % of the 8-bit state), ``floor fp32`` four bytes; ``%floor`` pairs each step with
+its own floor (GB/s over the floor's GB/s; the 4-bit step against the 1-byte-code floor, as
+the floor loop has no half-byte elements) and the note gives bytes moved per element and the
+quantized step's speed-up over the float32 one.
+
 Beside the floor, each row prints STREAM-style copy (8 B/element) and triad (12 B/element)
 bandwidth over float32 arrays with the row's element count. ``torch.compile`` rows report the
 first call (trace + compile) separately; compiling a thousand tensors takes minutes, so rows of
@@ -174,6 +182,16 @@ def build_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
                      opts={"centered": True}))
     rows.append(dict(name=f"bf16-{vs}", shapes=[(vsize,)], dtype="bfloat16", opts={}))
     rows.append(dict(name=f"fp16-{vs}", shapes=[(vsize,)], dtype="float16", opts={}))
+    # 8-bit state: the kernel called directly, against our float32-state step
+    rows.append(dict(name=f"8bit-{vs}", shapes=[(vsize,)], dtype="float32", opts={},
+                     quant="8bit"))
+    rows.append(dict(name=f"8bit-momentum{vs}", shapes=[(vsize,)], dtype="float32",
+                     opts={"momentum": 0.9}, quant="8bit"))
+    for n in models:
+        rows.append(dict(name=f"8bit-model{fmt_size(n)}", shapes=model_shapes(n),
+                         dtype="float32", opts={}, quant="8bit"))
+    rows.append(dict(name=f"4bit-{vs}", shapes=[(vsize,)], dtype="float32", opts={},
+                     quant="4bit"))
     if args.rows:
         pats = [r.strip() for r in args.rows.split(",") if r.strip()]
         bad = [p for p in pats if not any(fnmatch.fnmatch(r["name"], p) for r in rows)]
@@ -535,6 +553,121 @@ def bench_row(row: dict, args: argparse.Namespace, names: list[str], bar: Any,
                 stream_triad_gbps=stream["triad"], results=results)
 
 
+def _quant_calls(params: list, opts: dict, fmt: str = "8bit") -> dict[str, dict]:
+    """A quantized state row's calls, each on its own state over the same params and grads:
+    the kernel with ``fmt`` state (``rmsprop.codecs``' codes and block scales; tensors
+    below ``MIN_QUANTIZED`` elements keep float32 state, as the optimizer keeps them), the
+    float32-state kernel, and a floor for each (8-bit: every tensor's state as one code byte
+    per element, scales not moved)."""
+    import torch
+
+    from .. import codecs
+    from ..kernels import cpu
+
+    mom = opts.get("momentum", 0.0) > 0
+    grads = [p.grad for p in params]
+    pdata = [p.detach() for p in params]
+    quant = [codecs.quantizes(p.numel(), fmt) for p in params]
+    block = codecs.FORMATS[codecs.QUANTIZED[fmt]["square_avg"]].block
+    per_byte = 2 if fmt == "4bit" else 1
+
+    def codes(n: int, q: bool) -> Any:
+        return torch.zeros(n // per_byte, dtype=torch.uint8) if q else torch.zeros(n)
+
+    def scales(n: int, q: bool) -> Any:
+        return torch.zeros(-(-n // block)) if q else None
+    sizes = [p.numel() for p in params]
+    vq = [codes(n, q) for n, q in zip(sizes, quant)]
+    vqs = [scales(n, q) for n, q in zip(sizes, quant)]
+    bq = [codes(n, q) for n, q in zip(sizes, quant)] if mom else None
+    bqs = [scales(n, q) for n, q in zip(sizes, quant)] if mom else None
+    vf = [torch.zeros(n) for n in sizes]
+    bf = [torch.zeros(n) for n in sizes] if mom else None
+    kw = dict(lr=LR, alpha=0.99, eps=1e-8, weight_decay=0.0, momentum=opts.get("momentum", 0.0),
+              centered=False, maximize=False, eps_in_sqrt=False, lr_in_momentum=False,
+              nesterov=False, decoupled_weight_decay=False, bias_correction=1.0)
+    flat = [p.view(-1) for p in pdata]
+    gflat = [g.view(-1) for g in grads]
+
+    def step_q() -> None:
+        cpu.fused_step_quantized(flat, gflat, vq, None, bq, square_avg_scales=vqs,
+                                 momentum_buffer_scales=bqs, state_dtype=fmt, **kw)
+
+    def step_f() -> None:
+        cpu.fused_step(flat, gflat, vf, None, bf, **kw)
+
+    def nbytes(ts: list | None) -> int:
+        return sum(t.nbytes for t in ts or [] if t is not None)
+    pbytes = sum(p.nbytes for p in params)
+    qstate = nbytes(vq) + nbytes(vqs) + nbytes(bq) + nbytes(bqs)
+    n = sum(sizes)
+    streams = 2 if mom else 1
+    floor_q = cpu.floor_call(flat, gflat, [torch.zeros(k, dtype=torch.uint8) for k in sizes],
+                             None, [torch.zeros(k, dtype=torch.uint8) for k in sizes]
+                             if mom else None)
+    fbytes = 3 * pbytes + 2 * (nbytes(vf) + nbytes(bf))
+    return {f"rmsprop fused {fmt}": dict(step=step_q, bytes=3 * pbytes + 2 * qstate),
+            "rmsprop fused fp32": dict(step=step_f, bytes=fbytes),
+            "floor 8bit": dict(step=floor_q, bytes=3 * pbytes + 2 * streams * n),
+            "floor fp32": dict(step=cpu.floor_call(flat, gflat, vf, None, bf), bytes=fbytes)}
+
+
+def bench_quant_row(row: dict, args: argparse.Namespace, slots: int, bar: Any) -> dict:
+    """One 8-bit state row: the calls of :func:`_quant_calls` timed interleaved in rounds as
+    :func:`bench_row` times its candidates. ``%floor`` pairs each step with its own floor
+    (8-bit with the 8-bit floor, fp32 with the fp32 one); the note gives the 8-bit step's
+    speed-up over the fp32-state step in the same rounds. ``slots``: progress-bar blocks a
+    row owns per round."""
+    import torch
+    gen = torch.Generator().manual_seed(0)
+    params = []
+    for shape in row["shapes"]:
+        p = torch.randn(shape, generator=gen)
+        p.grad = torch.randn(shape, generator=gen) * 1e-2
+        params.append(p)
+    live = _quant_calls(params, row["opts"], row["quant"])
+    qname = f"rmsprop fused {row['quant']}"
+    nelem = sum(p.numel() for p in params)
+    calls = {}
+    for name, c in live.items():
+        c["step"]()
+        t = min(_time_once(c["step"]) for _ in range(2))
+        calls[name] = args.calls or max(3, min(30, int(0.15 / max(t, 1e-6))))
+    times: dict[str, list[float]] = {n: [] for n in live}
+    rounds: dict[str, list[float]] = {n: [] for n in live}
+    with torch.no_grad():
+        for _ in range(args.repeats):
+            for name, c in live.items():
+                c["step"]()
+                block = _time_block(c["step"], calls[name], False)
+                times[name] += block
+                rounds[name].append(_median(block))
+            if bar is not None:
+                bar.update(slots)
+    stream = stream_bandwidth(nelem, max(1, min(args.repeats, 3)))
+    own = {qname: "floor 8bit", "rmsprop fused fp32": "floor fp32",
+           "floor 8bit": "floor 8bit", "floor fp32": "floor fp32"}
+    results = []
+    for name, c in live.items():
+        fl = own[name]
+        to_floor = _median([f / t for f, t in zip(rounds[fl], rounds[name])])
+        med = _median(times[name])
+        r = dict(candidate=name, median_ms=med * 1e3, min_ms=min(times[name]) * 1e3,
+                 calls=len(times[name]), bytes=c["bytes"], gbps=c["bytes"] / med / 1e9,
+                 bytes_per_element=c["bytes"] / nelem,
+                 frac_floor=to_floor * c["bytes"] / live[fl]["bytes"], vs_foreach=None,
+                 peak_extra_bytes=None, memory_method="")
+        if name == qname:
+            r["vs_fp32"] = _median([f / t for f, t in zip(rounds["rmsprop fused fp32"],
+                                                          rounds[name])])
+        results.append(r)
+    floor_gbps = live["floor fp32"]["bytes"] / _median(times["floor fp32"]) / 1e9
+    return dict(row=row["name"], dtype=row["dtype"], tensors=len(params), elements=nelem,
+                options={**row["opts"], "state_dtype": row["quant"]}, floor_gbps=floor_gbps,
+                stream_copy_gbps=stream["copy"], stream_triad_gbps=stream["triad"],
+                results=results)
+
+
 def first_step_cost() -> dict | None:
     """First use in a fresh interpreter (1M float32 params): the kernel's first call (load the
     library, checking it matches cpu.c, and step), then the optimizer's import, construction
@@ -597,6 +730,10 @@ def format_row(r: dict) -> str:
                    f"{x['second_call_s']:.2f} s"
         elif "first_call_s" in x:
             note = f"first call {x['first_call_s']:.2f} s (Triton compile)"
+        if "vs_fp32" in x:
+            note = f"{x['vs_fp32']:.2f}x the fp32-state step"
+        if "bytes_per_element" in x:
+            note = f"{x['bytes_per_element']:.3f} B/element; {note}".rstrip("; ")
         ms = x["median_ms"]
         lines.append(f"{x['candidate']:<22}{ms:>11.3f}{x['gbps']:>8.1f}"
                      f"{100 * x['frac_floor']:>7.0f}%{vs:>10}{extra:>10}  {note}")
@@ -726,7 +863,8 @@ def _run(args: argparse.Namespace, rows: list[dict], names: list[str], torch: An
         for row in rows:
             if bar is not None:
                 bar.set_postfix_str(row["name"])
-            r = bench_row(row, args, names, bar, log)
+            r = (bench_quant_row(row, args, len(names) + 1, bar) if "quant" in row
+                 else bench_row(row, args, names, bar, log))
             out.append(r)
             if bar is not None:
                 bar.clear()

@@ -65,8 +65,9 @@
 /* dtype codes shared with cpu.py */
 enum { DT_F32 = 0, DT_F64 = 1, DT_F16 = 2, DT_BF16 = 3 };
 /* block-quantized state format codes shared with cpu.py (rmsprop.codecs' names) */
-enum { QF_U8 = 4, QF_S8 = 5 };
-/* elements per scale of the 8-bit formats: quantized segments start on multiples of it */
+enum { QF_U8 = 4, QF_S8 = 5, QF_U4 = 6, QF_S4 = 7 };
+/* elements per scale of the 8-bit formats (the 4-bit ones: half of it): quantized segments
+ * start on multiples of it */
 #define RMS_QALIGN 256
 /* flag bits shared with cpu.py */
 enum {
@@ -140,7 +141,7 @@ typedef void (*rms_seg_fn)(int pdt, int sdt, int spec, int64_t n, const rms_stre
 typedef void (*rms_floor_fn)(int psz, int ssz, int64_t n, char *p, const char *g, char *v,
                              char *m, char *b, uint64_t zero);
 typedef int (*rms_nonfinite_fn)(int dt, const char *x, int64_t n);
-typedef void (*rms_segq_fn)(int pdt, int spec, int64_t n, const rms_streams *s,
+typedef void (*rms_segq_fn)(int pdt, int bits, int spec, int64_t n, const rms_streams *s,
                             const void *hyp, double *acc);
 
 typedef struct {
@@ -151,19 +152,26 @@ typedef struct {
     rms_segq_fn segq_f;
 } rms_isa;
 
-static size_t rms_dtsize(int dt) { return dt == DT_F64 ? 8 : dt == DT_F32 ? 4 : 2; }
+static size_t rms_dtsize(int dt) {
+    return dt == DT_F64 ? 8 : dt == DT_F32 ? 4 : dt >= QF_U8 ? 1 : 2; /* QF_*: a code byte */
+}
 
 /* The s8 decode table S[c] = sign(k) * min(|k|, 127) / 127 (k: c as two's complement),
  * each entry the double ratio rounded once to float, as rmsprop.codecs.signed_table. Filled
  * by the first quantized step, before any thread reads it (same values on every fill). */
-static float rms_s8tab[256];
-static void rms_init_tables(void) {
-    for (int c = 0; c < 256; c++) {
-        int k = c > 127 ? c - 256 : c;
+static float rms_s8tab[256], rms_s4tab[16];
+static void rms_signed_table(float *tab, int bits) {
+    const int codes = 1 << bits, kmax = (1 << (bits - 1)) - 1;
+    for (int c = 0; c < codes; c++) {
+        int k = c > kmax ? c - codes : c;
         int a = k < 0 ? -k : k;
-        a = a > 127 ? 127 : a;
-        rms_s8tab[c] = (float)((k < 0 ? -(double)a : (double)a) / 127.0);
+        a = a > kmax ? kmax : a;
+        tab[c] = (float)((k < 0 ? -(double)a : (double)a) / (double)kmax);
     }
+}
+static void rms_init_tables(void) {
+    rms_signed_table(rms_s8tab, 8);
+    rms_signed_table(rms_s4tab, 4);
 }
 
 /* The arithmetic, once per instruction set (see cpu_isa.h). */
@@ -417,9 +425,10 @@ typedef struct {
     double *stats;
     uint64_t zero;
     /* quantized state (kind 0 only): per tensor, the scale tables of v, m, b (VS[t] NULL:
-     * tensor t keeps float32 state); segq runs the quantized tensors. */
+     * tensor t keeps float32 state); segq runs the quantized tensors, qbits 8 or 4. */
     float *const *VS, *const *MS, *const *BS;
     rms_segq_fn segq;
+    int qbits;
 } rms_job;
 
 typedef struct {
@@ -442,15 +451,18 @@ static void run_segment(const rms_job *J, int64_t t, int64_t off, int64_t len, v
     S.b = B ? (char *)B[t] + off * ss : NULL;
     S.vs = S.ms = S.bs = NULL;
     if (J->VS && J->VS[t]) {
-        /* one code byte per element and one scale per RMS_QALIGN elements; off is a multiple
-         * of RMS_QALIGN (run_job pads the partition) */
-        S.v = (char *)V[t] + off;
-        S.m = M ? (char *)M[t] + off : NULL;
-        S.b = B ? (char *)B[t] + off : NULL;
-        S.vs = J->VS[t] + off / RMS_QALIGN;
-        S.ms = M ? J->MS[t] + off / RMS_QALIGN : NULL;
-        S.bs = B ? J->BS[t] + off / RMS_QALIGN : NULL;
-        J->segq(J->pdt, J->spec, len, &S, J->hyp, acc);
+        /* a code byte per element (8 bits) or per two (4 bits), a scale per block of
+         * RMS_QALIGN (8 bits) or RMS_QALIGN / 2 elements; off is a multiple of RMS_QALIGN
+         * (run_job pads the partition) */
+        const int64_t cb = J->qbits == 4 ? off / 2 : off;
+        const int64_t sb = J->qbits == 4 ? off / (RMS_QALIGN / 2) : off / RMS_QALIGN;
+        S.v = (char *)V[t] + cb;
+        S.m = M ? (char *)M[t] + cb : NULL;
+        S.b = B ? (char *)B[t] + cb : NULL;
+        S.vs = J->VS[t] + sb;
+        S.ms = M ? J->MS[t] + sb : NULL;
+        S.bs = B ? J->BS[t] + sb : NULL;
+        J->segq(J->pdt, J->qbits, J->spec, len, &S, J->hyp, acc);
         return;
     }
     if (J->kind == 0) J->seg(J->pdt, J->sdt, J->spec, len, &S, J->hyp, acc);
@@ -581,11 +593,13 @@ RMS_API int rms_fused_step(int64_t nt, const int64_t *numel, void *const *P, voi
 /* One fused RMSProp step (as rms_fused_step) with block-quantized state: tensor t with
  * VS[t] != NULL stores square_avg as u8 codes (V[t], numel[t] bytes) with float32 scales
  * VS[t] (one per 256 elements, its last block shorter), and grad_avg / momentum_buffer (when
- * used) as s8 codes M[t] / B[t] with scales MS[t] / BS[t]; with centered, V[t] holds the
- * centered moment w (rmsprop.codecs). A tensor with VS[t] == NULL keeps float32 state
- * (then MS[t], BS[t] are not read). vfmt, mfmt, bfmt: QF_U8, QF_S8, QF_S8. pdt: float32,
- * float16 or bfloat16 (math in float). Returns 0, -1 for an unsupported dtype or format, -2
- * for a missing table, -3 for a negative size. */
+ * used) as s8 codes M[t] / B[t] with scales MS[t] / BS[t]; or, with u4 / s4, two codes per
+ * byte (element 2j in the low nibble) and a scale per 128 elements, numel[t] even. With
+ * centered, V[t] holds the centered moment w (rmsprop.codecs). A tensor with VS[t] == NULL
+ * keeps float32 state (then MS[t], BS[t] are not read). vfmt, mfmt, bfmt: QF_U8, QF_S8,
+ * QF_S8 or QF_U4, QF_S4, QF_S4. pdt: float32, float16 or bfloat16 (math in float). Returns
+ * 0, -1 for an unsupported dtype or format, -2 for a missing table, -3 for a negative size
+ * or an odd 4-bit one. */
 RMS_API int rms_fused_step_q(int64_t nt, const int64_t *numel, void *const *P, void *const *G,
                              void *const *V, void *const *M, void *const *B,
                              float *const *VS, float *const *MS, float *const *BS, int pdt,
@@ -593,10 +607,13 @@ RMS_API int rms_fused_step_q(int64_t nt, const int64_t *numel, void *const *P, v
                              double *stats, int nthreads) {
     const int cen = (flags & FL_CENTERED) != 0, mom = (flags & FL_MOMENTUM) != 0;
     if (!(pdt == DT_F32 || pdt == DT_F16 || pdt == DT_BF16)) return -1;
-    if (vfmt != QF_U8 || (cen && mfmt != QF_S8) || (mom && bfmt != QF_S8)) return -1;
+    const int b4 = vfmt == QF_U4, sf = b4 ? QF_S4 : QF_S8;
+    if (!(vfmt == QF_U8 || b4) || (cen && mfmt != sf) || (mom && bfmt != sf)) return -1;
     if (!VS || (cen && (!M || !MS)) || (mom && (!B || !BS))) return -2;
-    for (int64_t t = 0; t < nt; t++)
+    for (int64_t t = 0; t < nt; t++) {
         if (VS[t] && ((cen && !MS[t]) || (mom && !BS[t]))) return -2;
+        if (VS[t] && b4 && numel[t] % 2) return -3;
+    }
     static _Atomic int tables_ready = 0;
     if (!atomic_load(&tables_ready)) { rms_init_tables(); atomic_store(&tables_ready, 1); }
     const rms_isa *isa = rms_get_isa();
@@ -609,7 +626,7 @@ RMS_API int rms_fused_step_q(int64_t nt, const int64_t *numel, void *const *P, v
     J.stats = stats;
     make_hyp_f(hyper, flags, &hf);
     J.hyp = &hf; J.seg = isa->seg_f; J.segq = isa->segq_f;
-    J.VS = VS; J.MS = cen ? MS : NULL; J.BS = mom ? BS : NULL;
+    J.VS = VS; J.MS = cen ? MS : NULL; J.BS = mom ? BS : NULL; J.qbits = b4 ? 4 : 8;
     return run_job(&J, nt, numel, P, G, V, cen ? M : NULL, mom ? B : NULL, nthreads);
 }
 

@@ -34,7 +34,8 @@ from typing import Any
 
 from . import state_flags
 
-__all__ = ["available", "unavailable_reason", "fused_step", "first_nonfinite", "floor",
+__all__ = ["available", "unavailable_reason", "fused_step", "fused_step_quantized",
+           "QBLOCK", "first_nonfinite", "floor",
            "floor_call",
            "stream_copy", "stream_triad", "isa", "set_isa", "library_path", "build"]
 
@@ -56,6 +57,12 @@ CFLAGS = ("-O3", "-fno-math-errno", "-fno-trapping-math", "-ffp-contract=off", "
 _DT_F32, _DT_F64, _DT_F16, _DT_BF16 = 0, 1, 2, 3
 _FL_CENTERED, _FL_MOMENTUM, _FL_WD_COUPLED, _FL_NESTEROV = 1, 2, 4, 8
 _FL_EPS_IN_SQRT, _FL_LR_IN_MOMENTUM, _FL_DECOUPLED, _FL_MAXIMIZE = 32, 64, 128, 256
+_QF_U8, _QF_S8, _QF_U4, _QF_S4 = 4, 5, 6, 7
+#: Elements per float32 scale of the 8-bit state formats (``rmsprop.codecs.FORMATS``).
+QBLOCK = 256
+#: ``state_dtype`` -> (format codes of v, m, b; elements per scale; elements per code byte)
+_QFORMATS = {"8bit": ((_QF_U8, _QF_S8, _QF_S8), 256, 1),
+             "4bit": ((_QF_U4, _QF_S4, _QF_S4), 128, 2)}
 
 _IS_CPU = operator.attrgetter("is_cpu")
 _DTYPE = operator.attrgetter("dtype")
@@ -146,6 +153,9 @@ def _setup(lib: ctypes.CDLL) -> None:
     vp, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     lib.rms_fused_step.argtypes = [i64, vp, vp, vp, vp, vp, vp, i32, i32, vp, i32, vp, i32]
     lib.rms_fused_step.restype = i32
+    lib.rms_fused_step_q.argtypes = [i64, vp, vp, vp, vp, vp, vp, vp, vp, vp, i32, i32, i32,
+                                     i32, vp, i32, vp, i32]
+    lib.rms_fused_step_q.restype = i32
     lib.rms_floor.argtypes = [i64, vp, vp, vp, vp, vp, vp, i32, i32, i32, ctypes.c_uint64]
     lib.rms_floor.restype = i32
     lib.rms_first_nonfinite.argtypes = [i64, vp, vp, vp, i32]
@@ -363,6 +373,138 @@ def fused_step(params: Sequence[Any], grads: Sequence[Any], square_avgs: Sequenc
                          bias_correction=bias_correction, grad_scale=grad_scale), stats)
 
 
+def _quantized_table(codes: Sequence[Any], scales: Sequence[Any | None], name: str,
+                     numels: list[int], block: int = QBLOCK,
+                     per_byte: int = 1) -> tuple[array.array, array.array]:
+    """Pointer tables of one quantized state list: ``codes[i]`` uint8 (``numels[i] /
+    per_byte`` bytes) with ``scales[i]`` float32 (one per ``block`` elements), or, where
+    ``scales[i]`` is None, a float32 tensor of ``numels[i]`` values. Everything that could
+    corrupt memory is checked first."""
+    import torch
+    n = len(numels)
+    if len(codes) != n or len(scales) != n:
+        raise ValueError(f"fused CPU step: {name} has {len(codes)} tensors and "
+                         f"{len(scales)} scale tensors, params has {n}")
+    cp, sp = array.array("Q", bytes(8 * n)), array.array("Q", bytes(8 * n))
+    for i, (c, sc, ne) in enumerate(zip(codes, scales, numels)):
+        want = torch.float32 if sc is None else torch.uint8
+        if not isinstance(c, torch.Tensor) or not c.is_cpu or c.dtype != want:
+            raise TypeError(f"fused CPU step: {name}[{i}] must be a {want} CPU tensor"
+                            + ("" if sc is None else " of codes"))
+        want_n = ne if sc is None else ne // per_byte
+        if sc is not None and ne % per_byte:
+            raise ValueError(f"fused CPU step: params[{i}] has an odd element count ({ne}), "
+                             "which 4-bit state does not quantize")
+        if c.numel() != want_n or not c.is_contiguous():
+            raise ValueError(f"fused CPU step: {name}[{i}] must be contiguous with {want_n} "
+                             f"elements (has {c.numel()})")
+        cp[i] = c.data_ptr()
+        if sc is not None:
+            nb = -(-ne // block)
+            if (not isinstance(sc, torch.Tensor) or not sc.is_cpu or sc.dtype != torch.float32
+                    or sc.numel() != nb or not sc.is_contiguous()):
+                raise ValueError(f"fused CPU step: {name} scales[{i}] must be a contiguous "
+                                 f"float32 CPU tensor of {nb} blocks")
+            sp[i] = sc.data_ptr()
+    return cp, sp
+
+
+def fused_step_quantized(params: Sequence[Any], grads: Sequence[Any],
+                         square_avgs: Sequence[Any], grad_avgs: Sequence[Any] | None,
+                         momentum_buffers: Sequence[Any] | None, *,
+                         square_avg_scales: Sequence[Any | None],
+                         grad_avg_scales: Sequence[Any | None] | None = None,
+                         momentum_buffer_scales: Sequence[Any | None] | None = None,
+                         lr: float, alpha: float, eps: float, weight_decay: float,
+                         momentum: float, centered: bool, maximize: bool, eps_in_sqrt: bool,
+                         lr_in_momentum: bool, nesterov: bool, decoupled_weight_decay: bool,
+                         bias_correction: float, grad_scale: float | None = None,
+                         stats: Any = None, nthreads: int | None = None,
+                         state_dtype: str = "8bit") -> None:
+    """One RMSProp step (:func:`rmsprop.spec.step` with ``state_dtype="8bit"`` or ``"4bit"``)
+    over many CPU tensors in one C call, with block-quantized state updated in place.
+
+    Per param ``i`` the state is either quantized (``square_avg_scales[i]`` is a tensor):
+    ``square_avgs[i]`` the ``u8`` codes (uint8, one per element) and ``square_avg_scales[i]``
+    their float32 block scales (``ceil(numel / 256)``), ``grad_avgs[i]`` /
+    ``momentum_buffers[i]`` the ``s8`` codes with ``grad_avg_scales[i]`` /
+    ``momentum_buffer_scales[i]`` — the ``codes`` and ``scales`` of
+    :class:`rmsprop.codecs.Quantized`; with ``centered`` the ``square_avg`` codes hold the
+    centered moment ``w = max(v - m'^2, 0)`` as in :mod:`rmsprop.codecs`. Or it is full
+    precision (``square_avg_scales[i]`` is None): float32 tensors of the param's size, as
+    tensors below ``rmsprop.codecs.MIN_QUANTIZED`` elements keep. With ``state_dtype="4bit"``
+    the formats are ``u4`` / ``s4``: two codes per byte (element ``2j`` in the low nibble),
+    ``ceil(numel / 128)`` scales, and only even sizes quantize.
+
+    Each block (256 elements; 128 at 4 bits) is decoded to float32, updated by the same loop
+    as float32 state (so the arithmetic, and its few-ulp distance to the spec where
+    ``bias_correction``, ``nesterov`` or ``lr_in_momentum`` are on, is that of
+    :func:`fused_step`), then encoded with its new scale ``max |x|``. Params: float32,
+    float16 or bfloat16 (math in float32; 16-bit params rounded to nearest). Other arguments
+    as :func:`fused_step`.
+    """
+    lib = _need()
+    import torch
+    if state_dtype not in _QFORMATS:
+        raise ValueError(f"fused CPU step: state_dtype must be one of {', '.join(_QFORMATS)}, "
+                         f"got {state_dtype!r}")
+    (vf, mf, bf), block, per_byte = _QFORMATS[state_dtype]
+    n = len(params)
+    centered, use_mom = state_flags("CPU", centered, grad_avgs, momentum, momentum_buffers)
+    if stats is not None and (not isinstance(stats, torch.Tensor)
+                              or stats.dtype != torch.float64 or tuple(stats.shape) != (n, 6)
+                              or not stats.is_contiguous() or stats.device.type != "cpu"):
+        raise ValueError(f"fused CPU step: stats must be a contiguous float64 CPU tensor "
+                         f"of shape ({n}, 6)")
+    if grad_scale is not None and not (grad_scale > 0):
+        raise ValueError(f"fused CPU step: grad_scale must be > 0, got {grad_scale}")
+    if n == 0:
+        return
+    pdtype = params[0].dtype
+    pdt = _dt(pdtype)
+    if pdt == _DT_F64:
+        raise TypeError("fused CPU step: quantized state needs float32, float16 or bfloat16 "
+                        "params (float64 math keeps full-precision state)")
+    numels = [t.numel() for t in params]
+    P = _table(params, "params", n, pdtype, numels)
+    G = _table(grads, "grads", n, pdtype, numels)
+    V, VS = _quantized_table(square_avgs, square_avg_scales, "square_avgs", numels, block,
+                             per_byte)
+    quant = [s is not None for s in square_avg_scales]
+    M = MS = B = BS = None
+    for on, codes, scales, name in ((centered, grad_avgs, grad_avg_scales, "grad_avgs"),
+                                    (use_mom, momentum_buffers, momentum_buffer_scales,
+                                     "momentum_buffers")):
+        if not on:
+            continue
+        if scales is None or [s is not None for s in scales] != quant:
+            raise ValueError(f"fused CPU step: {name} must be quantized exactly where "
+                             "square_avgs is (give its scales, None for float32 state)")
+        tabs = _quantized_table(codes, scales, name, numels, block,  # type: ignore[arg-type]
+                                per_byte)
+        if name == "grad_avgs":
+            M, MS = tabs
+        else:
+            B, BS = tabs
+    flags = ((_FL_CENTERED if centered else 0) | (_FL_MOMENTUM if use_mom else 0)
+             | (_FL_WD_COUPLED if weight_decay != 0 and not decoupled_weight_decay else 0)
+             | (_FL_NESTEROV if nesterov and use_mom else 0)
+             | (_FL_EPS_IN_SQRT if eps_in_sqrt else 0)
+             | (_FL_LR_IN_MOMENTUM if lr_in_momentum else 0)
+             | (_FL_DECOUPLED if decoupled_weight_decay and weight_decay != 0 else 0)
+             | (_FL_MAXIMIZE if maximize else 0))
+    hyper = array.array("d", [lr, alpha, eps, weight_decay, momentum, bias_correction,
+                              1.0 if grad_scale is None else 1.0 / grad_scale])
+    ne = array.array("q", numels)
+    rc = lib.rms_fused_step_q(
+        n, _addr(ne), _addr(P), _addr(G), _addr(V), _addr(M) if M is not None else None,
+        _addr(B) if B is not None else None, _addr(VS), _addr(MS) if MS is not None else None,
+        _addr(BS) if BS is not None else None, pdt, vf, mf, bf, _addr(hyper), flags,
+        stats.data_ptr() if stats is not None else None, nthreads or torch.get_num_threads())
+    if rc != 0:
+        raise RuntimeError(f"fused CPU step (quantized state) failed with code {rc}")
+
+
 def first_nonfinite(grads: Sequence[Any]) -> int:
     """Index of the first tensor in ``grads`` holding an inf or NaN, -1 if none (one threaded,
     vectorised pass; stops early). Complex tensors are checked component-wise; ``None``
@@ -394,8 +536,9 @@ def floor_call(params: Sequence[Any], grads: Sequence[Any], square_avgs: Sequenc
     """The bandwidth floor for benchmarks, as a ready-to-time call: one pass over the same
     tensors with the step's access pattern (read p, g, v[, m, b], write p, v[, m, b] back) and
     trivial arithmetic that leaves every value unchanged, with the same threading and
-    partition as :func:`fused_step`. The pointer tables are built once, here, so the call
-    times the C loop alone."""
+    partition as :func:`fused_step`. State may be float or uint8 (8-bit state codes, one
+    byte per element: the floor of :func:`fused_step_quantized` without its scales). The
+    pointer tables are built once, here, so the call times the C loop alone."""
     lib = _need()
     import torch
     n = len(params)
@@ -405,6 +548,9 @@ def floor_call(params: Sequence[Any], grads: Sequence[Any], square_avgs: Sequenc
     numels = [t.numel() for t in params]
     P = _table(params, "params", n, pdtype, numels)
     G = _table(grads, "grads", n, pdtype, numels)
+    # uint8 state: the codes of the 8-bit formats, one byte per element (their block
+    # scales, 4 bytes per 256 elements, are not part of this floor)
+    sdt = _QF_U8 if sdtype == torch.uint8 else _dt(sdtype)
     V = _table(square_avgs, "square_avgs", n, sdtype, numels)
     M = _table(grad_avgs, "grad_avgs", n, sdtype, numels) if grad_avgs is not None else None
     B = (_table(momentum_buffers, "momentum_buffers", n, sdtype, numels)
@@ -412,7 +558,7 @@ def floor_call(params: Sequence[Any], grads: Sequence[Any], square_avgs: Sequenc
     ne = array.array("q", numels)
     keep = (params, grads, square_avgs, grad_avgs, momentum_buffers)
     args = (n, _addr(ne), _addr(P), _addr(G), _addr(V), _addr(M) if M is not None else None,
-            _addr(B) if B is not None else None, _dt(pdtype), _dt(sdtype),
+            _addr(B) if B is not None else None, _dt(pdtype), sdt,
             nthreads or torch.get_num_threads(), 0)
     fn = lib.rms_floor
 

@@ -121,6 +121,8 @@ static void ISA_NAME(floor)(int psz, int ssz, int64_t n, char *p, const char *g,
     else if (psz == 8 && ssz == 4) RMS_FLOOR_MB(uint64_t, uint32_t);
     else if (psz == 2 && ssz == 4) RMS_FLOOR_MB(uint16_t, uint32_t);
     else if (psz == 2 && ssz == 2) RMS_FLOOR_MB(uint16_t, uint16_t);
+    else if (psz == 4 && ssz == 1) RMS_FLOOR_MB(uint32_t, uint8_t); /* 8-bit state codes */
+    else if (psz == 2 && ssz == 1) RMS_FLOOR_MB(uint16_t, uint8_t);
 }
 #undef RMS_FLOOR_MB
 #undef RMS_FLOOR_LOOP

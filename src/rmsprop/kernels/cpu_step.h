@@ -7,7 +7,8 @@
  *   RMS_SQRT   sqrtf or sqrt, RMS_FMA the matching fused multiply-add,
  *   RMS_HYP    the per-step constants in T (rms_hyp_f, rms_hyp_d),
  * and ISA_NAME/RMS_ISA from cpu_isa.h. It defines seg_<isa>_<tn>: the step over one
- * contiguous run of elements of one tensor, and what seg needs (codecs, loops).
+ * contiguous run of elements of one tensor, and what seg needs (codecs, loops); for T = float
+ * also segq_<isa>_f, the same step over block-quantized state (8-bit and 4-bit).
  *
  * The arithmetic per element follows torch.optim.RMSprop's for-loop step operation by
  * operation (torch/optim/rmsprop.py over ATen's CPU kernels), so that with torch's options
@@ -49,8 +50,9 @@
  * RMS_CVT_BLK elements at a time: decode(fmt, src, scale, n, dst) turns n stored values into
  * T, encode(fmt, dst, scale, n, src) rounds n values of T once into the format. `scale` is
  * the block's scale for a block-scaled format and NULL for the float formats below, which
- * need none. A new state format is a new format code, one case in each of the two functions
- * and its scale table; the update loops do not change. */
+ * need none. The block-quantized formats (u8/s8, u4/s4) have their own codecs and segment
+ * (segq, below), whose encode also computes each block's new scale; the update loops are
+ * the same. */
 static void TNAME(decode)(int fmt, const char *src, const float *scale, int64_t n,
                           T *restrict dst) {
     (void)scale;
@@ -296,30 +298,40 @@ static void TNAME(seg)(int pdt, int sdt, int spec, int64_t n, const rms_streams 
 }
 
 #if RMS_IS_F32
-/* ---------------------------- block-quantized state (8-bit) ------------------------- */
+/* --------------------------- block-quantized state (8/4-bit) ------------------------ */
 /* The formats of rmsprop.codecs, one block of at most RMS_QBLK elements per call, in
- * float32 with its single roundings (cpu.c is compiled with -ffp-contract=off):
- *   u8 decode  x' = s * ((q + 1)^2 * 2^-16)      (the table value is exact, so one rounding)
- *   s8 decode  x' = s * S[c]                     (S: rms_s8tab, each ratio rounded once)
- *   u8 encode  s = max(x), y = 65536 * (x / s), k = rint(sqrt(y)) moved by one where y lies
- *              outside [(k - 1/2)^2, (k + 1/2)^2] (ties to even), q = clamp(k - 1, 0, 255)
- *   s8 encode  s = max|x|, k = rint(127 * (|x| / s)), negated for x < 0, stored mod 256
- * Each encode returns the block's new scale. The division is a true division: the code is
- * defined by the correctly rounded quotient, and a reciprocal multiply can move it. */
-static void TNAME(dec_u8)(const uint8_t *restrict c, float s, int64_t n, float *restrict d) {
+ * float32 with its single roundings (cpu.c is compiled with -ffp-contract=off); L = 256 / 16
+ * levels of the unsigned map, K = 127 / 7 of the signed one (8 / 4 bits):
+ *   u decode  x' = s * ((q + 1)^2 / L^2)          (the table value is exact: one rounding)
+ *   s decode  x' = s * S[c]                       (S: rms_s8tab / rms_s4tab, rounded once)
+ *   u encode  s = max(x), y = L^2 * (x / s), k = rint(sqrt(y)) moved by one where y lies
+ *             outside [(k - 1/2)^2, (k + 1/2)^2] (ties to even), q = clamp(k - 1, 0, L - 1)
+ *   s encode  s = max|x|, k = rint(K * (|x| / s)), negated for x < 0, stored mod 2^bits
+ * Codes here are one per byte; 4-bit blocks are unpacked before decoding and packed after
+ * encoding (element 2j in the low nibble of byte j). Each encode returns the block's new
+ * scale. The division is a true division: the code is defined by the correctly rounded
+ * quotient, and a reciprocal multiply can move it. */
+static inline __attribute__((always_inline)) void TNAME(dec_u)(
+    const uint8_t *restrict c, float s, int64_t n, float *restrict d, const int B4) {
+    const float inv = B4 ? 0x1p-8f : 0x1p-16f;
 #pragma omp simd
     for (int64_t i = 0; i < n; i++) {
         int q = (int)c[i] + 1;
-        d[i] = s * ((float)(q * q) * 0x1p-16f);
+        d[i] = s * ((float)(q * q) * inv);
     }
 }
 
-static void TNAME(dec_s8)(const uint8_t *restrict c, float s, int64_t n, float *restrict d) {
+static inline __attribute__((always_inline)) void TNAME(dec_s)(
+    const uint8_t *restrict c, float s, int64_t n, float *restrict d, const int B4) {
+    const float *tab = B4 ? rms_s4tab : rms_s8tab;
 #pragma omp simd
-    for (int64_t i = 0; i < n; i++) d[i] = s * rms_s8tab[c[i]];
+    for (int64_t i = 0; i < n; i++) d[i] = s * tab[c[i]];
 }
 
-static float TNAME(enc_u8)(const float *restrict x, int64_t n, uint8_t *restrict c) {
+static inline __attribute__((always_inline)) float TNAME(enc_u)(
+    const float *restrict x, int64_t n, uint8_t *restrict c, const int B4) {
+    const float l2 = B4 ? 256.0f : 65536.0f;
+    const int top = B4 ? 15 : 255;
     float s = 0.0f;
 #pragma omp simd reduction(max : s)
     for (int64_t i = 0; i < n; i++) s = x[i] > s ? x[i] : s;
@@ -327,20 +339,23 @@ static float TNAME(enc_u8)(const float *restrict x, int64_t n, uint8_t *restrict
 #pragma omp simd
     for (int64_t i = 0; i < n; i++) {
         float mg = x[i] > 0.0f ? x[i] : 0.0f;
-        float y = 65536.0f * (mg / s);
+        float y = l2 * (mg / s);
         float k = rintf(sqrtf(y));
         float hi = (k + 0.5f) * (k + 0.5f), lo = (k - 0.5f) * (k - 0.5f);
         int ki = (int)k, odd = ki & 1;
         int up = (y > hi) | ((y == hi) & odd), down = (y < lo) | ((y == lo) & odd);
         int q = ki + up - down - 1;
         q = q < 0 ? 0 : q;
-        q = q > 255 ? 255 : q;
+        q = q > top ? top : q;
         c[i] = (uint8_t)q;
     }
     return s;
 }
 
-static float TNAME(enc_s8)(const float *restrict x, int64_t n, uint8_t *restrict c) {
+static inline __attribute__((always_inline)) float TNAME(enc_s)(
+    const float *restrict x, int64_t n, uint8_t *restrict c, const int B4) {
+    const float kmax = B4 ? 7.0f : 127.0f;
+    const int mask = B4 ? 0x0f : 0xff;
     float s = 0.0f;
 #pragma omp simd reduction(max : s)
     for (int64_t i = 0; i < n; i++) {
@@ -350,30 +365,67 @@ static float TNAME(enc_s8)(const float *restrict x, int64_t n, uint8_t *restrict
     if (!(s > 0.0f)) { memset(c, 0, (size_t)n); return s; }
 #pragma omp simd
     for (int64_t i = 0; i < n; i++) {
-        int k = (int)rintf(127.0f * (fabsf(x[i]) / s));
+        int k = (int)rintf(kmax * (fabsf(x[i]) / s));
         k = x[i] < 0.0f ? -k : k;
-        c[i] = (uint8_t)(k & 0xff);
+        c[i] = (uint8_t)(k & mask);
     }
     return s;
 }
 
-/* A run of n elements of one tensor whose state is quantized (u8 square_avg, s8 grad_avg and
- * momentum_buffer), starting on a block boundary: each block is decoded into float buffers,
- * updated by the same loops as float32 state, and encoded back with its new scale. With
- * centered, square_avg holds w = max(v - m'^2, 0) (m' the decoded grad_avg): decoded as
- * v = w + m^2 from the stored m, and re-encoded from the new m' as the next step decodes it. */
-static void TNAME(segq)(int pdt, int spec, int64_t n, const rms_streams *S, const void *hyp,
-                        double *acc) {
-    const RMS_HYP *h = (const RMS_HYP *)hyp;
+/* 4-bit codes of n elements (n even: rmsprop.codecs quantizes only even sizes at 4 bits) */
+static void TNAME(unpack4)(const uint8_t *restrict p, int64_t n, uint8_t *restrict c) {
+#pragma omp simd
+    for (int64_t j = 0; j < n / 2; j++) {
+        c[2 * j] = p[j] & 0x0f;
+        c[2 * j + 1] = p[j] >> 4;
+    }
+}
+static void TNAME(pack4)(const uint8_t *restrict c, int64_t n, uint8_t *restrict p) {
+#pragma omp simd
+    for (int64_t j = 0; j < n / 2; j++) p[j] = (uint8_t)(c[2 * j] | (c[2 * j + 1] << 4));
+}
+
+/* One stream's codes of a block: decode / encode through an unpacked buffer at 4 bits. */
+#define RMS_QDEC(KIND, codes, scale, len, dst)                                               \
+    do {                                                                                     \
+        if (B4) {                                                                            \
+            TNAME(unpack4)((codes), (len), cq);                                              \
+            TNAME(dec_##KIND)(cq, (scale), (len), (dst), 1);                                 \
+        } else {                                                                             \
+            TNAME(dec_##KIND)((codes), (scale), (len), (dst), 0);                            \
+        }                                                                                    \
+    } while (0)
+#define RMS_QENC(KIND, src, len, codes, scale_out)                                           \
+    do {                                                                                     \
+        if (B4) {                                                                            \
+            (scale_out) = TNAME(enc_##KIND)((src), (len), cq, 1);                            \
+            TNAME(pack4)(cq, (len), (codes));                                                \
+        } else {                                                                             \
+            (scale_out) = TNAME(enc_##KIND)((src), (len), (codes), 0);                       \
+        }                                                                                    \
+    } while (0)
+
+/* A run of n elements of one tensor whose state is quantized (u square_avg, s grad_avg and
+ * momentum_buffer, all 8-bit or all 4-bit), starting on a block boundary: each block is
+ * decoded into float buffers, updated by the same loops as float32 state, and encoded back
+ * with its new scale. With centered, square_avg holds w = max(v - m'^2, 0) (m' the decoded
+ * grad_avg): decoded as v = w + m^2 from the stored m, and re-encoded from the new m' as the
+ * next step decodes it. */
+static inline __attribute__((always_inline)) void TNAME(segq_bits)(
+    int pdt, int spec, int64_t n, const rms_streams *S, const RMS_HYP *h, double *acc,
+    const int B4) {
     const int cen = spec & 1, mom = (spec >> 1) & 1, pdir = pdt == DT_F32;
     const size_t ps = rms_dtsize(pdt);
+    const int64_t blk = B4 ? RMS_QBLK / 2 : RMS_QBLK;
     float bp[RMS_QBLK], bg[RMS_QBLK], bv[RMS_QBLK], bm[RMS_QBLK], bb[RMS_QBLK];
-    for (int64_t lo = 0, j = 0; lo < n; lo += RMS_QBLK, j++) {
-        int64_t len = n - lo < RMS_QBLK ? n - lo : RMS_QBLK;
+    uint8_t cq[RMS_QBLK];
+    for (int64_t lo = 0, j = 0; lo < n; lo += blk, j++) {
+        int64_t len = n - lo < blk ? n - lo : blk;
+        int64_t co = B4 ? lo / 2 : lo; /* code bytes before this block */
         char *pc = S->p + lo * ps;
         const char *gc = S->g + lo * ps;
-        uint8_t *vc = (uint8_t *)S->v + lo;
-        uint8_t *mc = cen ? (uint8_t *)S->m + lo : NULL, *bc = mom ? (uint8_t *)S->b + lo : NULL;
+        uint8_t *vc = (uint8_t *)S->v + co;
+        uint8_t *mc = cen ? (uint8_t *)S->m + co : NULL, *bc = mom ? (uint8_t *)S->b + co : NULL;
         float *pp;
         const float *gp;
         if (pdir) { pp = (float *)(void *)pc; gp = (const float *)(const void *)gc; }
@@ -381,25 +433,35 @@ static void TNAME(segq)(int pdt, int spec, int64_t n, const rms_streams *S, cons
             TNAME(decode)(pdt, pc, NULL, len, bp); TNAME(decode)(pdt, gc, NULL, len, bg);
             pp = bp; gp = bg;
         }
-        TNAME(dec_u8)(vc, S->vs[j], len, bv);
+        RMS_QDEC(u, vc, S->vs[j], len, bv);
         if (cen) {
-            TNAME(dec_s8)(mc, S->ms[j], len, bm);
+            RMS_QDEC(s, mc, S->ms[j], len, bm);
             for (int64_t i = 0; i < len; i++) bv[i] = bv[i] + bm[i] * bm[i];
         }
-        if (mom) TNAME(dec_s8)(bc, S->bs[j], len, bb);
+        if (mom) RMS_QDEC(s, bc, S->bs[j], len, bb);
         TNAME(dispatch)(spec, len, pp, gp, bv, cen ? bm : NULL, mom ? bb : NULL, h, acc);
         if (!pdir) TNAME(encode)(pdt, pc, NULL, len, bp);
         if (cen) {
-            S->ms[j] = TNAME(enc_s8)(bm, len, mc);
-            TNAME(dec_s8)(mc, S->ms[j], len, bm);
+            RMS_QENC(s, bm, len, mc, S->ms[j]);
+            RMS_QDEC(s, mc, S->ms[j], len, bm);
             for (int64_t i = 0; i < len; i++) {
                 float w = bv[i] - bm[i] * bm[i];
                 bv[i] = w < 0.0f ? 0.0f : w; /* keeps NaN, as the rule's maximum */
             }
         }
-        S->vs[j] = TNAME(enc_u8)(bv, len, vc);
-        if (mom) S->bs[j] = TNAME(enc_s8)(bb, len, bc);
+        RMS_QENC(u, bv, len, vc, S->vs[j]);
+        if (mom) RMS_QENC(s, bb, len, bc, S->bs[j]);
     }
+}
+#undef RMS_QDEC
+#undef RMS_QENC
+
+/* bits: 8 or 4 (the formats' width, checked by rms_fused_step_q). */
+static void TNAME(segq)(int pdt, int bits, int spec, int64_t n, const rms_streams *S,
+                        const void *hyp, double *acc) {
+    const RMS_HYP *h = (const RMS_HYP *)hyp;
+    if (bits == 4) TNAME(segq_bits)(pdt, spec, n, S, h, acc, 1);
+    else TNAME(segq_bits)(pdt, spec, n, S, h, acc, 0);
 }
 #endif
 

@@ -1,8 +1,10 @@
 """Plans: the only way to a fused kernel. What can be decided once is decided once.
 
 A plan holds the pointer tables of a list of real tensors (params and their state) of one
-device, one param dtype and one float state codec, and runs the kernel over them with the
-step's gradients. :class:`CpuPlan` calls the C kernel (:mod:`rmsprop.kernels.cpu`, imported
+device, one param dtype and one state codec (a float one, or on the CPU the ``"8bit"``
+quantized one: codes and block scales as the codec stores them, small tensors in float32 in
+the same plan), and runs the kernel over them with the step's gradients. :class:`CpuPlan`
+calls the C kernel (:mod:`rmsprop.kernels.cpu`, imported
 when the first CPU plan is built: a CUDA user never loads the ctypes module) and
 :class:`CudaPlan` the Triton kernel; both are siblings of :class:`Plan`.
 
@@ -30,7 +32,13 @@ from torch import Tensor
 from ._codecs import Codec, real
 from ._paths import Hyper
 
-__all__ = ["Plan", "CpuPlan", "CudaPlan", "plan_for", "pack", "hyper_of", "FLAGS"]
+#: Quantized state formats the C kernel stores, by state_dtype name: the format codes of the
+#: ``u`` (square_avg) and ``s`` (grad_avg, momentum_buffer) tables, by name of the loader's
+#: constant (resolved when a plan is built, so a CUDA user never loads the ctypes module).
+QUANTIZED_FORMATS = {"8bit": ("_QF_U8", "_QF_S8", "_QF_S8")}
+
+__all__ = ["Plan", "CpuPlan", "CudaPlan", "plan_for", "pack", "hyper_of", "FLAGS",
+           "QUANTIZED_FORMATS", "scale_table"]
 
 #: The kernels' option flags, by name (the C kernel's bit values are in its loader).
 FLAGS = ("CENTERED", "MOMENTUM", "WD_COUPLED", "NESTEROV", "EPS_IN_SQRT", "LR_IN_MOMENTUM",
@@ -77,6 +85,12 @@ def _addr(a: array.array) -> int:
     return a.buffer_info()[0]
 
 
+def scale_table(scales: Sequence[Tensor | None]) -> array.array:
+    """The block scales' pointer table of quantized state: 0 where a tensor keeps
+    full-precision (float32) state, which the kernel reads as "not quantized"."""
+    return array.array("Q", [0 if s is None else s.data_ptr() for s in scales])
+
+
 class Plan:
     """Pointer tables over real, contiguous tensors of one device and dtype: ``params`` and
     their state (``square_avgs``; ``grad_avgs`` if centered, ``momentum_buffers`` if momentum),
@@ -97,7 +111,7 @@ class Plan:
         self.V = _ptrs(square_avgs)
         self.M = _ptrs(grad_avgs) if grad_avgs is not None else None
         self.B = _ptrs(momentum_buffers) if momentum_buffers is not None else None
-        self.keep = (list(params), list(square_avgs), grad_avgs, momentum_buffers)
+        self.keep: tuple = (list(params), list(square_avgs), grad_avgs, momentum_buffers)
         # set by bind() when the optimizer caches the plan for a group
         self.steps: Tensor | None = None
         self.group_params: list | None = None
@@ -106,12 +120,20 @@ class Plan:
         self.validated: tuple | None = None  # the group's options when last validated
 
     @staticmethod
-    def accepts(codec: Codec, p_dtype: torch.dtype) -> str | None:
+    def accepts(codec: Codec, p_dtype: torch.dtype, device_type: str = "cpu") -> str | None:
         """Why the kernels cannot store state with ``codec`` for params of real dtype
-        ``p_dtype`` (None if they can): they take float state of the params' dtype or
-        float32."""
+        ``p_dtype`` on ``device_type`` (None if they can): they take float state of the
+        params' dtype or float32, and the C kernel also the ``"8bit"`` block-quantized state
+        of float32, float16 or bfloat16 params
+        (:func:`rmsprop.kernels.cpu.fused_step_quantized`)."""
+        name = getattr(codec, "name", None)
+        if codec.dtype is None and name in QUANTIZED_FORMATS and device_type == "cpu":
+            if p_dtype in (torch.float32, torch.float16, torch.bfloat16):
+                return None
+            return (f"state_dtype {name!r} of {p_dtype} params has no fused kernel "
+                    "(float32, float16 or bfloat16 params)")
         if codec.dtype is None:
-            return f"state_dtype {codec.name!r} has no fused kernel"
+            return f"state_dtype {name!r} has no fused kernel on {device_type!r}"
         if codec.dtype not in (p_dtype, torch.float32):
             return (f"state dtype {codec.dtype} of {p_dtype} params has no fused kernel "
                     "(the params' dtype or float32)")
@@ -186,12 +208,30 @@ class CpuPlan(Plan):
 
     def __init__(self, params: Sequence[Tensor], square_avgs: Sequence[Tensor],
                  grad_avgs: Sequence[Tensor] | None,
-                 momentum_buffers: Sequence[Tensor] | None) -> None:
+                 momentum_buffers: Sequence[Tensor] | None,
+                 scales: dict[str, list[Tensor | None]] | None = None,
+                 quantized: str | None = None) -> None:
+        """``scales`` and ``quantized`` (a :data:`QUANTIZED_FORMATS` name) describe
+        block-quantized state: ``square_avgs`` etc. are then each tensor's stored state as the
+        codec keeps it (uint8 codes, or float32 for a tensor it keeps in full precision) and
+        ``scales[key]`` the matching ``key + "_scale"`` tensors (None for full precision)."""
         from ..kernels import cpu
         super().__init__(params, square_avgs, grad_avgs, momentum_buffers)
         self._cpu = cpu
         self.pdt = cpu._dt(self.p_dtype)
-        self.sdt = cpu._dt(self.s_dtype)
+        self.VS = self.MS = self.BS = None
+        self.qfmt = (0, 0, 0)
+        if quantized is not None:
+            if scales is None:
+                raise ValueError("a quantized CPU plan needs the state's block scales")
+            self.qfmt = tuple(getattr(cpu, c) for c in QUANTIZED_FORMATS[quantized])
+            self.VS = scale_table(scales["square_avg"])
+            self.MS = scale_table(scales["grad_avg"]) if self.centered else None
+            self.BS = scale_table(scales["momentum_buffer"]) if self.momentum else None
+            self.keep = (*self.keep, scales)
+            self.sdt = cpu._DT_F32  # unused by the quantized entry: it reads the tables
+        else:
+            self.sdt = cpu._dt(self.s_dtype)
         self.dts = array.array("i", [self.pdt] * self.n)
         if CpuPlan._bits is None:
             CpuPlan._bits = {name: getattr(cpu, "_FL_" + name) for name in FLAGS}
@@ -213,6 +253,19 @@ class CpuPlan(Plan):
         bits = self._bits or {}
         flags = sum(bits[name] for name in on)
         hyper = array.array("d", values)
+        st = stats.data_ptr() if stats is not None else None
+        if self.VS is not None:
+            vf, mf, bf = self.qfmt
+            rc = lib.rms_fused_step_q(
+                self.n, _addr(self.numel), _addr(self.P), _addr(G), _addr(self.V),
+                _addr(self.M) if self.M is not None else None,
+                _addr(self.B) if self.B is not None else None, _addr(self.VS),
+                _addr(self.MS) if self.MS is not None else None,
+                _addr(self.BS) if self.BS is not None else None, self.pdt, vf, mf, bf,
+                _addr(hyper), flags, st, torch.get_num_threads())
+            if rc != 0:
+                raise RuntimeError(f"fused CPU step (quantized state) failed with code {rc}")
+            return
         rc = lib.rms_fused_step(self.n, _addr(self.numel), _addr(self.P), _addr(G),
                                 _addr(self.V), _addr(self.M) if self.M is not None else None,
                                 _addr(self.B) if self.B is not None else None, self.pdt,

@@ -95,6 +95,38 @@ def _fused_unsupported(device_type: str, dtype: torch.dtype) -> str | None:
     return None
 
 
+def _kernel_state(codec: Codec, states: list[dict], centered: bool, momentum: bool
+                  ) -> tuple[list[Tensor], list[Tensor] | None, list[Tensor] | None,
+                             dict[str, list[Tensor | None]] | None]:
+    """The state tensors a kernel updates in place, per key (``square_avg``, ``grad_avg`` if
+    centered, ``momentum_buffer`` if momentum), and the block scales of quantized state (None
+    for a float codec). A float codec's state is its decoded view (the stored tensor itself);
+    a quantized codec's is what it stores: uint8 codes with ``key + "_scale"``, or float32
+    where it keeps a small tensor in full precision (scale None), so one kernel call covers a
+    group of mixed sizes."""
+    keys = ["square_avg"] + (["grad_avg"] if centered else []) \
+        + (["momentum_buffer"] if momentum else [])
+    if codec.dtype is None:
+        cols = {k: [st[k] for st in states] for k in keys}
+        scales: dict[str, list[Tensor | None]] | None = {
+            k: [st.get(k + "_scale") for st in states] for k in keys}
+    else:
+        stored = codec.dtype  # a float codec: the kernel's own storage
+        cols = {k: [codec.decode(k, st, stored) for st in states] for k in keys}
+        scales = None
+    return cols["square_avg"], cols.get("grad_avg"), cols.get("momentum_buffer"), scales
+
+
+def _new_plan(plan_cls: type[_plan.Plan], codec: Codec, params: list[Tensor],
+              sq: list[Tensor], ga: list[Tensor] | None, mb: list[Tensor] | None,
+              scales: dict[str, list[Tensor | None]] | None) -> _plan.Plan:
+    """A plan over these tensors; quantized state (``scales`` given) goes to the C kernel's
+    quantized entry, which :meth:`_plan.Plan.accepts` admits on the CPU only."""
+    if scales is None:
+        return plan_cls(params, sq, ga, mb)
+    return _plan.CpuPlan(params, sq, ga, mb, scales=scales, quantized=codec.name)
+
+
 def _check_rounding(stochastic_rounding: Any, seed: Any) -> None:
     if not isinstance(stochastic_rounding, bool):
         raise ValueError(f"Invalid stochastic_rounding value: {stochastic_rounding!r} "
@@ -142,7 +174,8 @@ class RMSprop(Optimizer):
 
     Args beyond torch's (keyword-only):
         fused: ``None`` (default) uses the fused single-pass kernel where it applies (CPU float
-            tensors, or CUDA with Triton, state in a float codec the kernel takes) when
+            tensors, or CUDA with Triton, state in a float codec the kernel takes; on the
+            CPU also ``state_dtype="8bit"`` for float32/float16/bfloat16 params) when
             ``foreach`` is also ``None``, as torch chooses its default; ``True`` requires it
             (raising at ``step()`` where it cannot apply, as torch's fused optimizers do;
             meta-device params are accepted at construction); ``False`` never uses it. An
@@ -164,8 +197,10 @@ class RMSprop(Optimizer):
             name. ``None`` (default) means float32 for float16/bfloat16 params (the math then
             runs in float32 with one rounding to the param: fp16's eps underflow and ``g^2``
             overflow above ~256 cannot happen; it costs 4 bytes per element per state tensor
-            instead of 2) and the param dtype otherwise. A format without a fused kernel runs
-            on the foreach path when ``fused`` is ``None``.
+            instead of 2) and the param dtype otherwise. A format without a fused kernel
+            (``"4bit"``; ``"8bit"`` off the CPU, of float64 params, or with centered switched
+            off while a quantized ``grad_avg`` is kept) runs on the foreach path when
+            ``fused`` is ``None``; ``fused=True`` raises naming the reason.
         stochastic_rounding, seed: ``True`` rounds the new values of float16/bfloat16 params
             stochastically (up or down with probability given by the distance) from a
             counter-based generator seeded by ``seed`` (param ``k`` in optimizer order uses
@@ -321,9 +356,20 @@ class RMSprop(Optimizer):
     def _fused_reason(self, group: dict, p: Tensor) -> str | None:
         """Why the fused kernel cannot step ``p`` in ``group`` (None if it can)."""
         return (_fused_unsupported(p.device.type, p.dtype)
-                or _plan.Plan.accepts(self._codec(group, p), _real_dtype(p.dtype))
+                or _plan.Plan.accepts(self._codec(group, p), _real_dtype(p.dtype),
+                                      p.device.type)
                 or ("stochastic_rounding needs the for-loop or foreach path"
-                    if self._rounds(group, p) else None))
+                    if self._rounds(group, p) else None)
+                or ("quantized square_avg stored against the grad_avg of a centered run "
+                    "needs the for-loop or foreach path while centered is off"
+                    if not group["centered"] and self._kept_grad_avg(p) else None))
+
+    def _kept_grad_avg(self, p: Tensor) -> bool:
+        """Whether ``p``'s quantized state keeps a ``grad_avg`` from centered steps: its
+        ``square_avg`` then stores ``w = v - m'^2``, which the kernel reads only when
+        centered (it would take the codes for ``v``)."""
+        ga = self.state[p].get("grad_avg") if p in self.state else None
+        return ga is not None and ga.dtype == torch.uint8
 
     @staticmethod
     def _rounds(group: dict, p: Tensor) -> bool:
@@ -587,15 +633,11 @@ class RMSprop(Optimizer):
             return None
         centered, momentum = bool(group["centered"]), group["momentum"] > 0
         codec = self._codec(group, params[0])
-        stored = cast(torch.dtype, codec.dtype)  # a float codec: the kernel's own storage
-        sq = [codec.decode("square_avg", st, stored) for st in states]
-        ga = [codec.decode("grad_avg", st, stored) for st in states] if centered else None
-        mb = ([codec.decode("momentum_buffer", st, stored) for st in states] if momentum
-              else None)
+        sq, ga, mb, scales = _kernel_state(codec, states, centered, momentum)
         reals = [real(p) for p in params]
         if not all(t.is_contiguous() for ts in (reals, sq, ga or [], mb or []) for t in ts):
             return None
-        plan = plan_cls(reals, sq, ga, mb)
+        plan = _new_plan(plan_cls, codec, reals, sq, ga, mb, scales)
         plan.bind(group["params"], states, self._version)
         self._plans[id(group)] = plan
         return plan
@@ -632,13 +674,10 @@ class RMSprop(Optimizer):
         if contiguous:
             plan_cls = _plan.plan_for(device.type)
             assert plan_cls is not None  # the path is fused only where a kernel is
-            stored = cast(torch.dtype, codec.dtype)  # a float codec: the kernel's storage
-
-            def column(key: str) -> list[Tensor]:
-                return [codec.decode(key, sts[i], stored) for i in contiguous]
-            plan = plan_cls([real(ps[i]) for i in contiguous], column("square_avg"),
-                            column("grad_avg") if h.centered else None,
-                            column("momentum_buffer") if h.momentum > 0 else None)
+            sq, ga, mb, scales = _kernel_state(codec, [sts[i] for i in contiguous],
+                                               h.centered, h.momentum > 0)
+            plan = _new_plan(plan_cls, codec, [real(ps[i]) for i in contiguous], sq, ga, mb,
+                             scales)
             plan.run(_plan._ptrs([real(_g(ps[i])) for i in contiguous]), h)
         if rest:
             _paths.apply_unfused([ps[i] for i in rest], [sts[i] for i in rest], h, "forloop",

@@ -1,0 +1,253 @@
+"""The fused CPU kernel with 8-bit and 4-bit block-quantized state against the NumPy spec.
+
+The oracle is :func:`rmsprop.spec.step` driven with :class:`rmsprop.codecs.Quantized` state
+(``u8`` square_avg, ``s8`` grad_avg / momentum_buffer, blocks of 256; ``u4`` / ``s4``, packed
+two per byte, blocks of 128). The kernel's float32
+arithmetic is the float32-state kernel's: where that one equals the spec bit for bit, so do
+the quantized kernel's params, codes and scales over a whole trajectory (its ``sqrt`` and
+``/`` are correctly rounded like NumPy's). ``bias_correction`` (``v * (1/c)`` for ``v / c``),
+``nesterov`` and ``lr_in_momentum`` (a different association) are a few ulp from the spec in
+the float32 kernel too; there each step starts from the spec's state, params agree to a few
+ulp and only a code sitting on a rounding boundary may move.
+"""
+
+import numpy as np
+import pytest
+import torch
+
+from rmsprop import Options, codecs, spec
+from rmsprop.kernels import cpu
+
+pytestmark = pytest.mark.skipif(not cpu.available(), reason=cpu.unavailable_reason())
+
+# element counts: block tails (3 blocks + 17; one block + 5 past MIN_QUANTIZED; 100000 =
+# 390 blocks + 160), a tensor below MIN_QUANTIZED (float32 state in the same call) and
+# enough in total (> the kernel's serial threshold) for two threads to share the work; 4-bit
+# quantizes even sizes only, in blocks of 128
+SIZES = {"8bit": (256 * 3 + 17, 4096 + 5, 1000, 100000, 70001),
+         "4bit": (128 * 3 + 18, 4096 + 6, 1000, 100000, 70002)}
+FLOAT_SIZE = 1000
+FORMATS = ("8bit", "4bit")
+
+EXACT = [dict(), dict(centered=True), dict(momentum=0.9), dict(weight_decay=0.1),
+         dict(weight_decay=0.1, decoupled_weight_decay=True), dict(maximize=True),
+         dict(initial_square_avg=1.0, eps_in_sqrt=True, eps=1e-6),
+         dict(centered=True, momentum=0.9, weight_decay=0.05)]
+NEAR = [dict(bias_correction=True), dict(momentum=0.9, nesterov=True),
+        dict(momentum=0.9, lr_in_momentum=True),
+        dict(centered=True, momentum=0.9, bias_correction=True, initial_square_avg=0.1)]
+KEYS = ("square_avg", "grad_avg", "momentum_buffer")
+EPS32 = float(np.finfo(np.float32).eps)
+
+
+def _ids(kw):
+    return ",".join(f"{k}={v}" for k, v in kw.items()) or "default"
+
+
+@pytest.fixture(params=[("best", 2), ("best", 1), ("base", 2)], ids=lambda x: f"{x[0]}-{x[1]}t")
+def isa_threads(request):
+    which, nthreads = request.param
+    if not cpu.set_isa(which):
+        pytest.skip(f"no {which} build")
+    yield nthreads
+    cpu.set_isa("best")
+
+
+def _init(n, o, fmt="8bit", dtype=np.float32):
+    """The spec's state for a param of n elements: quantized (built with the codecs directly,
+    so that tensors below MIN_QUANTIZED quantize too) except the FLOAT_SIZE one."""
+    if n == FLOAT_SIZE:
+        return spec.init_state(np.zeros(n, dtype), o, state_dtype=fmt)
+    f = codecs.QUANTIZED[fmt]
+    st = {"step": 0, "square_avg": codecs.encode(np.full(n, o.initial_square_avg,
+                                                         np.float32), f["square_avg"])}
+    if o.centered:
+        st["grad_avg"] = codecs.encode(np.zeros(n, np.float32), f["grad_avg"])
+    if o.momentum > 0:
+        st["momentum_buffer"] = codecs.encode(np.zeros(n, np.float32), f["momentum_buffer"])
+    return st
+
+
+def _grads(step, fmt="8bit", dtype=np.float32):
+    """Gradients whose magnitudes span five orders between blocks and inside them."""
+    out = []
+    for i, n in enumerate(SIZES[fmt]):
+        rng = np.random.default_rng(1000 * step + i)
+        out.append((rng.standard_normal(n) * 10.0 ** rng.uniform(-4, 1, n)).astype(dtype))
+    return out
+
+
+def _to_torch(states):
+    """The kernel's state lists (codes or float32 values, and scales or None) from spec
+    states, as fresh tensors."""
+    lists = {k: ([], []) for k in KEYS}
+    for st in states:
+        for k in KEYS:
+            e = st.get(k)
+            if e is None:
+                continue
+            if isinstance(e, codecs.Quantized):
+                lists[k][0].append(torch.from_numpy(e.codes.copy()))
+                lists[k][1].append(torch.from_numpy(e.scales.copy()))
+            else:
+                lists[k][0].append(torch.from_numpy(np.array(e, np.float32)))
+                lists[k][1].append(None)
+    return lists
+
+
+def _kernel_step(o, t, params, grads, lists, nthreads, stats=None, fmt="8bit"):
+    c = float(np.float32(1.0 - o.alpha ** t)) if o.bias_correction else 1.0
+    cpu.fused_step_quantized(
+        params, grads, lists["square_avg"][0], lists["grad_avg"][0] or None,
+        lists["momentum_buffer"][0] or None, square_avg_scales=lists["square_avg"][1],
+        grad_avg_scales=lists["grad_avg"][1] or None,
+        momentum_buffer_scales=lists["momentum_buffer"][1] or None,
+        lr=o.lr, alpha=o.alpha, eps=o.eps, weight_decay=o.weight_decay, momentum=o.momentum,
+        centered=o.centered, maximize=o.maximize, eps_in_sqrt=o.eps_in_sqrt,
+        lr_in_momentum=o.lr_in_momentum, nesterov=o.nesterov,
+        decoupled_weight_decay=o.decoupled_weight_decay, bias_correction=c, stats=stats,
+        nthreads=nthreads, state_dtype=fmt)
+
+
+def _spec_step(o, params, grads, states):
+    out = [spec.step(p, g, st, o) for p, g, st in zip(params, grads, states)]
+    return [p for p, _ in out], [st for _, st in out]
+
+
+def _assert_state(lists, states, exact):
+    for k in KEYS:
+        codes, scales = lists[k]
+        if not codes:
+            continue
+        for i, st in enumerate(states):
+            e = st[k]
+            if isinstance(e, codecs.Quantized):
+                got_c, got_s = codes[i].numpy(), scales[i].numpy()
+                if exact:
+                    np.testing.assert_array_equal(got_c, e.codes, err_msg=f"{k}[{i}] codes")
+                    np.testing.assert_array_equal(got_s, e.scales, err_msg=f"{k}[{i}] scales")
+                else:
+                    np.testing.assert_allclose(got_s, e.scales, rtol=1e-6, err_msg=k)
+                    assert np.mean(got_c != e.codes) <= 1e-3, k
+            else:
+                np.testing.assert_allclose(codes[i].numpy(), e, rtol=0 if exact else 4 * EPS32,
+                                           atol=0 if exact else 4 * EPS32, err_msg=f"{k}[{i}]")
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("kw", EXACT, ids=_ids)
+def test_codes_and_params_equal_the_spec(kw, fmt, isa_threads):
+    o = Options(lr=1e-2, **kw)
+    sizes = SIZES[fmt]
+    p_np = [np.random.default_rng(i).standard_normal(n).astype(np.float32)
+            for i, n in enumerate(sizes)]
+    states = [_init(n, o, fmt) for n in sizes]
+    params = [torch.from_numpy(p.copy()) for p in p_np]
+    lists = _to_torch(states)
+    for t in range(1, 4):
+        g = _grads(t, fmt)
+        _kernel_step(o, t, params, [torch.from_numpy(x) for x in g], lists, isa_threads,
+                     fmt=fmt)
+        p_np, states = _spec_step(o, p_np, g, states)
+        for i in range(len(sizes)):
+            np.testing.assert_array_equal(params[i].numpy(), p_np[i], err_msg=f"step {t}, {i}")
+        _assert_state(lists, states, exact=True)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("kw", NEAR, ids=_ids)
+def test_options_the_float_kernel_rounds_differently_stay_within_ulps(kw, fmt, isa_threads):
+    o = Options(lr=1e-2, **kw)
+    sizes = SIZES[fmt]
+    p_np = [np.random.default_rng(i).standard_normal(n).astype(np.float32)
+            for i, n in enumerate(sizes)]
+    states = [_init(n, o, fmt) for n in sizes]
+    # from step 6: at step 1 the bias-corrected centered variance v/c - (m/c)^2 cancels to
+    # a rounding residue, which the float32 kernel's test leaves out too
+    for st in states:
+        st["step"] = 5
+    for t in range(6, 9):
+        g = _grads(t, fmt)
+        params = [torch.from_numpy(p.copy()) for p in p_np]
+        lists = _to_torch(states)  # each step from the spec's state
+        _kernel_step(o, t, params, [torch.from_numpy(x) for x in g], lists, isa_threads,
+                     fmt=fmt)
+        p_np, states = _spec_step(o, p_np, g, states)
+        for i in range(len(sizes)):
+            # the float32-state kernel's tolerance against the spec (tests/test_kernels.py)
+            np.testing.assert_allclose(params[i].numpy(), p_np[i], rtol=4 * EPS32,
+                                       atol=4 * EPS32, err_msg=f"step {t}, {i}")
+        _assert_state(lists, states, exact=False)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_bfloat16_params_round_to_nearest_like_the_spec(fmt):
+    import ml_dtypes
+    o = Options(lr=1e-2, momentum=0.9, centered=True)
+    bf = ml_dtypes.bfloat16
+    sizes = SIZES[fmt]
+    p_np = [np.random.default_rng(i).standard_normal(n).astype(bf) for i, n in enumerate(sizes)]
+    states = [_init(n, o, fmt) for n in sizes]
+    params = [torch.from_numpy(p.astype(np.float32)).bfloat16() for p in p_np]
+    lists = _to_torch(states)
+    for t in range(1, 3):
+        g = [x.astype(bf) for x in _grads(t, fmt)]
+        grads = [torch.from_numpy(x.astype(np.float32)).bfloat16() for x in g]
+        _kernel_step(o, t, params, grads, lists, 2, fmt=fmt)
+        p_np, states = _spec_step(o, p_np, g, states)
+        for i in range(len(sizes)):
+            np.testing.assert_array_equal(params[i].float().numpy(), p_np[i].astype(np.float32))
+        _assert_state(lists, states, exact=True)
+
+
+def test_statistics_equal_their_closed_form():
+    """Health statistics come from the same loop as with float32 state: against the closed
+    form of one step from v0 = 1 (exact in u8), b0 = 0 on a quantized tensor."""
+    o = Options(lr=1e-2, momentum=0.9, initial_square_avg=1.0)
+    n = 5000
+    g64 = _grads(1)[3][:n].astype(np.float64)
+    lists = _to_torch([_init(n, o)])
+    p = torch.ones(n)
+    stats = torch.empty(1, 6, dtype=torch.float64)
+    _kernel_step(o, 1, [p], [torch.from_numpy(g64.astype(np.float32))], lists, 1, stats=stats)
+    d = np.sqrt(o.alpha + (1 - o.alpha) * g64 ** 2) + o.eps
+    u = o.lr * g64 / d  # b = g / d, update lr * b
+    want = [np.sum(g64 ** 2), np.sum(u ** 2), np.sum((1 - u) ** 2), np.min(o.lr / d),
+            np.max(o.lr / d), 0.0]
+    np.testing.assert_allclose(stats[0].numpy(), want, rtol=1e-5)
+
+
+def _one(n=5000, momentum=0.0):
+    codes, scales = torch.zeros(n, dtype=torch.uint8), torch.ones(-(-n // 256))
+    kw = dict(lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0.0, momentum=momentum,
+              centered=False, maximize=False, eps_in_sqrt=False, lr_in_momentum=False,
+              nesterov=False, decoupled_weight_decay=False, bias_correction=1.0)
+    return torch.ones(n), torch.ones(n), codes, scales, kw
+
+
+def test_bad_input_raises_and_changes_nothing():
+    p, g, codes, scales, kw = _one()
+    before = (p.clone(), codes.clone(), scales.clone())
+    with pytest.raises(ValueError, match="scales\\[0\\] must be a contiguous float32"):
+        cpu.fused_step_quantized([p], [g], [codes], None, None, square_avg_scales=[scales[:-1]],
+                                 **kw)
+    with pytest.raises(TypeError, match="square_avgs\\[0\\] must be a torch.uint8"):
+        cpu.fused_step_quantized([p], [g], [codes.float()], None, None,
+                                 square_avg_scales=[scales], **kw)
+    with pytest.raises(TypeError, match="float32, float16 or bfloat16 params"):
+        cpu.fused_step_quantized([p.double()], [g.double()], [codes], None, None,
+                                 square_avg_scales=[scales], **kw)
+    with pytest.raises(ValueError, match="momentum > 0 needs momentum_buffers"):
+        cpu.fused_step_quantized([p], [g], [codes], None, None, square_avg_scales=[scales],
+                                 **{**kw, "momentum": 0.9})
+    with pytest.raises(ValueError, match="odd element count"):
+        cpu.fused_step_quantized([p[:-1]], [g[:-1]], [codes[:2499]], None, None,
+                                 square_avg_scales=[torch.ones(40)], state_dtype="4bit", **kw)
+    with pytest.raises(ValueError, match="state_dtype must be one of 8bit, 4bit"):
+        cpu.fused_step_quantized([p], [g], [codes], None, None, square_avg_scales=[scales],
+                                 state_dtype="2bit", **kw)
+    with pytest.raises(ValueError, match="quantized exactly where square_avgs is"):
+        cpu.fused_step_quantized([p], [g], [codes], None, [codes.clone()],
+                                 square_avg_scales=[scales], momentum_buffer_scales=[None],
+                                 **{**kw, "momentum": 0.9})
+    assert all(torch.equal(a, b) for a, b in zip(before, (p, codes, scales)))
