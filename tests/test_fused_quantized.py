@@ -1,7 +1,7 @@
-"""The torch optimizer's 8-bit state on the fused C kernel: the default CPU path with
-``state_dtype="8bit"`` is one call of the kernel's quantized entry per step, and it writes the
-NumPy spec's codes and scales (:func:`rmsprop.spec.step`); the foreach path is proved against
-the same spec in tests/test_quantized.py."""
+"""The torch optimizer's quantized state on the fused C kernel: the default CPU path with
+``state_dtype="8bit"`` (or ``"4bit"``) is one call of the kernel's quantized entry per step,
+and it writes the NumPy spec's codes and scales (:func:`rmsprop.spec.step`); the foreach path
+is proved against the same spec in tests/test_quantized.py."""
 
 import io
 import warnings
@@ -58,7 +58,7 @@ def kernel_calls(monkeypatch):
     return calls
 
 
-def _vs_spec(kw, shapes, steps):
+def _vs_spec(kw, shapes, steps, fmt="8bit"):
     """The default optimizer and the spec side by side on the same gradients, each step
     starting from the spec's params (so a param an ulp off does not carry); yields the
     optimizer, its params, the spec's params and states."""
@@ -67,9 +67,9 @@ def _vs_spec(kw, shapes, steps):
     ps = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in shapes]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
-        opt = RMSprop(ps, state_dtype="8bit", **o.as_dict())
+        opt = RMSprop(ps, state_dtype=fmt, **o.as_dict())
     ref = [p.detach().numpy().copy() for p in ps]
-    sts = [spec.init_state(r, o, state_dtype="8bit") for r in ref]
+    sts = [spec.init_state(r, o, state_dtype=fmt) for r in ref]
     for _ in range(steps):
         grads = [torch.randn(s, generator=gen) for s in shapes]
         for p, g in zip(ps, grads):
@@ -106,9 +106,10 @@ def _assert_state(opt, ps, sts, exact):
                 assert np.mean(got[key].numpy() != want.codes) <= 1e-3, key
 
 
+@pytest.mark.parametrize("fmt", ["8bit", "4bit"])
 @pytest.mark.parametrize("kw", EXACT, ids=_ids)
-def test_default_path_is_the_kernel_and_writes_the_spec_codes(kw, kernel_calls):
-    for t, (opt, ps, ref, sts) in enumerate(_vs_spec(kw, SHAPES, steps=4), 1):
+def test_default_path_is_the_kernel_and_writes_the_spec_codes(kw, fmt, kernel_calls):
+    for t, (opt, ps, ref, sts) in enumerate(_vs_spec(kw, SHAPES, steps=4, fmt=fmt), 1):
         assert kernel_calls == {"q": t, "unfused": 0}
         assert len(opt._plans) == 1  # the group's cached plan
         for p, r in zip(ps, ref):
@@ -116,9 +117,10 @@ def test_default_path_is_the_kernel_and_writes_the_spec_codes(kw, kernel_calls):
         _assert_state(opt, ps, sts, exact=True)
 
 
+@pytest.mark.parametrize("fmt", ["8bit", "4bit"])
 @pytest.mark.parametrize("kw", NEAR, ids=_ids)
-def test_options_rounded_differently_stay_within_ulps_of_the_spec(kw, kernel_calls):
-    for opt, ps, ref, sts in _vs_spec(kw, SHAPES, steps=4):
+def test_options_rounded_differently_stay_within_ulps_of_the_spec(kw, fmt, kernel_calls):
+    for opt, ps, ref, sts in _vs_spec(kw, SHAPES, steps=4, fmt=fmt):
         for p, r in zip(ps, ref):
             np.testing.assert_allclose(p.detach().numpy(), r, rtol=1e-5, atol=1e-6)
         _assert_state(opt, ps, sts, exact=False)
@@ -204,7 +206,6 @@ def test_16_bit_and_complex_params_take_the_kernel(dtype, kernel_calls):
 
 
 @pytest.mark.parametrize("case, match", [
-    (dict(state_dtype="4bit"), "4bit"),
     (dict(state_dtype="8bit", dtype=torch.float64), "float64"),
     (dict(state_dtype="8bit", dtype=torch.bfloat16, stochastic_rounding=True, seed=0),
      "stochastic_rounding"),

@@ -350,10 +350,11 @@ def test_param_groups_with_different_formats():
     assert opt.state[c]["square_avg"].dtype == torch.float32
 
 
-def test_fused_refuses_quantized_state_and_default_takes_foreach():
-    # 4-bit has no fused kernel (8-bit's: tests/test_fused_quantized.py)
-    p = torch.nn.Parameter(torch.randn(8192))
-    with pytest.raises(RuntimeError, match="4bit"):
+def test_fused_refuses_quantized_state_of_float64_params_and_default_takes_foreach():
+    # the C kernel takes quantized state of float32/16-bit params only
+    # (tests/test_fused_quantized.py)
+    p = torch.nn.Parameter(torch.randn(8192, dtype=torch.float64))
+    with pytest.raises(RuntimeError, match="float64"):
         opt = RMSprop([p], state_dtype="4bit", fused=True)
         p.grad = torch.ones_like(p)
         opt.step()

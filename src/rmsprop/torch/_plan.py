@@ -35,7 +35,8 @@ from ._paths import Hyper
 #: Quantized state formats the C kernel stores, by state_dtype name: the format codes of the
 #: ``u`` (square_avg) and ``s`` (grad_avg, momentum_buffer) tables, by name of the loader's
 #: constant (resolved when a plan is built, so a CUDA user never loads the ctypes module).
-QUANTIZED_FORMATS = {"8bit": ("_QF_U8", "_QF_S8", "_QF_S8")}
+QUANTIZED_FORMATS = {"8bit": ("_QF_U8", "_QF_S8", "_QF_S8"),
+                     "4bit": ("_QF_U4", "_QF_S4", "_QF_S4")}
 
 __all__ = ["Plan", "CpuPlan", "CudaPlan", "plan_for", "pack", "hyper_of", "FLAGS",
            "QUANTIZED_FORMATS", "scale_table"]
@@ -123,8 +124,8 @@ class Plan:
     def accepts(codec: Codec, p_dtype: torch.dtype, device_type: str = "cpu") -> str | None:
         """Why the kernels cannot store state with ``codec`` for params of real dtype
         ``p_dtype`` on ``device_type`` (None if they can): they take float state of the
-        params' dtype or float32, and the C kernel also the ``"8bit"`` block-quantized state
-        of float32, float16 or bfloat16 params
+        params' dtype or float32, and the C kernel also the ``"8bit"`` and ``"4bit"``
+        block-quantized state of float32, float16 or bfloat16 params
         (:func:`rmsprop.kernels.cpu.fused_step_quantized`)."""
         name = getattr(codec, "name", None)
         if codec.dtype is None and name in QUANTIZED_FORMATS and device_type == "cpu":
