@@ -779,3 +779,27 @@ def test_search_space_positions_follow_their_scales():
     assert alpha.on_edge(0.9, 20) == "low"  # outermost 1/20 of the range on its scale
     with pytest.raises(SearchSpaceError, match="at least one value"):
         lr.spaced(0)
+
+
+def test_a_url_without_a_driver_names_sqlalchemys_default_driver(monkeypatch):
+    # SQLAlchemy's default PostgreSQL driver changed (psycopg2 -> psycopg in 2.1): the error
+    # must name the module SQLAlchemy itself would import, and leave the password out
+    import importlib
+
+    from sqlalchemy.engine import make_url
+
+    from rmsprop.tools import storage
+
+    url = "postgresql://user:hunter2@127.0.0.1:1/db"
+    default = make_url(url).get_dialect().driver
+    real = importlib.import_module
+
+    def missing(name, *args, **kwargs):
+        if name == default:
+            raise ImportError(name)
+        return real(name, *args, **kwargs)
+
+    monkeypatch.setattr(importlib, "import_module", missing)
+    with pytest.raises(storage.StorageError) as err:
+        storage._check_driver(url)
+    assert repr(default) in str(err.value) and "hunter2" not in str(err.value)

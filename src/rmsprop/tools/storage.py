@@ -135,6 +135,20 @@ def _check_driver(url: str) -> None:
     if dialect not in _DRIVERS:
         return
     module, install = _DRIVERS[dialect]
+    if not driver:
+        # a URL without a driver takes SQLAlchemy's default one, which differs between
+        # SQLAlchemy versions (PostgreSQL: psycopg2 up to 2.0, psycopg from 2.1)
+        try:
+            from sqlalchemy.engine import make_url
+
+            driver = str(make_url(url).get_dialect().driver)
+        except Exception:  # noqa: BLE001 - a URL SQLAlchemy cannot parse: Optuna reports it
+            driver = ""
+        if dialect == "postgresql" and driver and driver != "psycopg2":
+            install = (f"pip install '{driver}[binary]', or name psycopg2 in the URL "
+                       f"(postgresql+psycopg2://...) after pip install 'rmsprop[postgres]'")
+            module = _DRIVER_MODULES.get(driver, driver)
+            driver = ""
     if driver:
         module = _DRIVER_MODULES.get(driver, driver)
         if driver != "psycopg2" or dialect != "postgresql":
