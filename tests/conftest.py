@@ -96,6 +96,20 @@ def _state_formats() -> dict[str, Any]:
 STATE_FORMATS: dict[str, Any] = _state_formats()
 
 
+#: Options of the quantized-state kernel tests (tests/test_kernels_quantized.py,
+#: tests/test_fused_quantized.py): those the fused C kernel writes bit for bit as the spec,
+#: and those where its float32 arithmetic is a few ulp from the spec's.
+QUANTIZED_EXACT: list[dict[str, Any]] = [
+    dict(), dict(centered=True), dict(momentum=0.9), dict(weight_decay=0.1),
+    dict(weight_decay=0.1, decoupled_weight_decay=True), dict(maximize=True),
+    dict(initial_square_avg=1.0, eps_in_sqrt=True, eps=1e-6),
+    dict(centered=True, momentum=0.9, weight_decay=0.05)]
+QUANTIZED_NEAR: list[dict[str, Any]] = [
+    dict(bias_correction=True), dict(momentum=0.9, nesterov=True),
+    dict(momentum=0.9, lr_in_momentum=True),
+    dict(centered=True, momentum=0.9, bias_correction=True, initial_square_avg=0.1)]
+
+
 def expected_warnings(options: dict[str, Any]) -> AbstractContextManager[Any]:
     """``pytest.warns`` for the RuntimeWarning that validating ``options`` gives on purpose
     (centered with bias correction from a zero square average; eps = 0), else a null

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import QUANTIZED_EXACT, QUANTIZED_NEAR  # noqa: E402
 from rmsprop import Options, spec
 from rmsprop.torch import NonFiniteGradientError, RMSprop, _paths
 from rmsprop.torch import _codecs as tc
@@ -19,15 +20,7 @@ if not cpu.available():
     pytest.skip("the C kernel is not built here", allow_module_level=True)
 
 KEYS = ("square_avg", "grad_avg", "momentum_buffer")
-# the options the kernel writes bit for bit as the spec (float32 params)
-EXACT = [dict(), dict(centered=True), dict(momentum=0.9), dict(weight_decay=0.1),
-         dict(weight_decay=0.1, decoupled_weight_decay=True), dict(maximize=True),
-         dict(initial_square_avg=1.0, eps_in_sqrt=True, eps=1e-6),
-         dict(centered=True, momentum=0.9, weight_decay=0.05)]
-# options where the kernel's float32 arithmetic is a few ulps from the spec's
-NEAR = [dict(bias_correction=True), dict(momentum=0.9, nesterov=True),
-        dict(momentum=0.9, lr_in_momentum=True),
-        dict(centered=True, momentum=0.9, bias_correction=True, initial_square_avg=0.1)]
+EXACT, NEAR = QUANTIZED_EXACT, QUANTIZED_NEAR  # the shared table (conftest.py)
 # whole blocks (2-d), 18 blocks, small (float32 state), one element past a block, a tail of 136
 SHAPES = [(32, 256), (4608,), (7, 9), (4097,), (5000,)]
 

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import QUANTIZED_EXACT, QUANTIZED_NEAR  # noqa: E402
 from rmsprop import Options, codecs, spec
 from rmsprop.kernels import cpu
 
@@ -29,13 +30,7 @@ SIZES = {"8bit": (256 * 3 + 17, 4096 + 5, 1000, 100000, 70001),
 FLOAT_SIZE = 1000
 FORMATS = ("8bit", "4bit")
 
-EXACT = [dict(), dict(centered=True), dict(momentum=0.9), dict(weight_decay=0.1),
-         dict(weight_decay=0.1, decoupled_weight_decay=True), dict(maximize=True),
-         dict(initial_square_avg=1.0, eps_in_sqrt=True, eps=1e-6),
-         dict(centered=True, momentum=0.9, weight_decay=0.05)]
-NEAR = [dict(bias_correction=True), dict(momentum=0.9, nesterov=True),
-        dict(momentum=0.9, lr_in_momentum=True),
-        dict(centered=True, momentum=0.9, bias_correction=True, initial_square_avg=0.1)]
+EXACT, NEAR = QUANTIZED_EXACT, QUANTIZED_NEAR  # the shared table (conftest.py)
 KEYS = ("square_avg", "grad_avg", "momentum_buffer")
 EPS32 = float(np.finfo(np.float32).eps)
 
