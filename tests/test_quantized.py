@@ -465,7 +465,7 @@ def test_full_precision_export_loads_into_torch(fmt):
     kw = dict(lr=1e-2, momentum=0.9, centered=True)
     ps, opt, gen = _trained(fmt, 0, dict(momentum=0.9, centered=True))
     _run(opt, ps, gen, 3)
-    exported = tq.full_precision_state_dict(opt)
+    exported = opt.full_precision_state_dict()
     theirs = torch.optim.RMSprop([torch.nn.Parameter(p.detach().clone()) for p in ps], **kw)
     theirs.load_state_dict(exported)
     for p, q in zip(ps, [q for g in theirs.param_groups for q in g["params"]]):

@@ -347,6 +347,14 @@ class RMSprop(Optimizer):
         super().load_state_dict(_state_dict.with_tensor_steps(state_dict))
         _state_dict.restore(self.param_groups, self.state, state_dict, self._codec)
 
+    def full_precision_state_dict(self) -> dict[str, Any]:
+        """:meth:`state_dict` with quantized state (``state_dtype="8bit"``/``"4bit"``)
+        decoded to float32 tensors shaped like their params (complex64 for complex params)
+        and the ``*_scale`` entries dropped: a state dict ``torch.optim.RMSprop`` loads. Float
+        state is returned as :meth:`state_dict` returns it."""
+        from . import _quantized
+        return _quantized.full_precision_state_dict(self)
+
     # -- where each param's state lives --------------------------------------------------------
 
     @staticmethod
