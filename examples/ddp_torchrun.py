@@ -202,6 +202,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for mode in args.modes:
             train(mode, args, rank, world, device)
+        # Leave together: a rank that tears down its gloo connections while a peer is still
+        # finishing the last collective (the checkpoint's) can abort at exit.
+        dist.barrier()
     finally:
         dist.destroy_process_group()
     return 0
