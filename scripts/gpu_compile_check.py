@@ -5,7 +5,14 @@ its own eager run.
     python scripts/gpu_compile_check.py          # on CUDA (part of scripts/gpu-check.sh)
     python scripts/gpu_compile_check.py cpu      # the same on the CPU
     python scripts/gpu_compile_check.py -v       # only ours, with the traceback if it fails
+    python scripts/gpu_compile_check.py cpu --steps 3 --backend eager  # dynamo's tracing only
+
+Exit status 1 if a candidate failed to compile or run, or its result is not finite (the
+printed ``max|compiled-eager|`` is the measure of agreement: the compiled forward and
+backward round differently from the eager ones, so it is not 0).
 """
+import argparse
+import math
 import sys
 import time
 import traceback
@@ -14,10 +21,21 @@ import torch
 
 from rmsprop.torch import RMSprop
 
-VERBOSE = "-v" in sys.argv
-ARGS = [a for a in sys.argv[1:] if a != "-v"]
-DEV = torch.device(ARGS[0] if ARGS else "cuda")
-STEPS = 30
+_ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+_ap.add_argument("device", nargs="?", default="cuda", help="cuda (default) or cpu")
+_ap.add_argument("-v", action="store_true", help="only ours, default mode, with the traceback")
+_ap.add_argument("--steps", type=int, default=30, help="training steps per run (default 30)")
+_ap.add_argument("--only", default=None, metavar="NAME[,NAME]",
+                 help="candidates: ours, ours-ignore, ours-stats, torch (default: all)")
+_ap.add_argument("--modes", default="default,reduce-overhead", metavar="MODE[,MODE]",
+                 help="torch.compile modes (default: default,reduce-overhead)")
+_ap.add_argument("--backend", default="inductor",
+                 help="torch.compile backend (default inductor; 'eager' traces with dynamo "
+                      "without generating code, in seconds: a smoke test of the tracing)")
+ARGV = _ap.parse_args()
+VERBOSE = ARGV.v
+DEV = torch.device(ARGV.device)
+STEPS = ARGV.steps
 CANDIDATES = {
     "ours": lambda ps: RMSprop(ps, lr=1e-3),
     "ours-ignore": lambda ps: RMSprop(ps, lr=1e-3, nonfinite="ignore"),
@@ -54,7 +72,12 @@ def run(make_opt, mode: str, data: list) -> tuple[list, list]:
         opt.zero_grad(set_to_none=True)
         return loss
 
-    fn = step if mode == "eager" else torch.compile(step, mode=mode)
+    if mode == "eager":
+        fn = step
+    elif ARGV.backend == "inductor":
+        fn = torch.compile(step, mode=mode)
+    else:  # modes are inductor's
+        fn = torch.compile(step, backend=ARGV.backend)
     times = []
     for x, y in data:
         sync()
@@ -65,26 +88,39 @@ def run(make_opt, mode: str, data: list) -> tuple[list, list]:
     return [p.detach().clone() for p in model.parameters()], times
 
 
-def main() -> None:
+def main() -> int:
     data = batches()
     names = ["ours"] if VERBOSE else list(CANDIDATES)
-    for mode in ["default"] if VERBOSE else ["default", "reduce-overhead"]:
+    modes = ["default"] if VERBOSE else [m.strip() for m in ARGV.modes.split(",") if m.strip()]
+    if ARGV.only:
+        names = [n.strip() for n in ARGV.only.split(",") if n.strip()]
+        bad = [n for n in names if n not in CANDIDATES]
+        if bad:
+            print(f"gpu_compile_check: unknown candidate {bad[0]!r} (one of: "
+                  f"{', '.join(CANDIDATES)})", file=sys.stderr)
+            return 2
+    failed = 0
+    for mode in modes:
         for name in names:
             torch._dynamo.reset()
             try:
                 ref, _ = run(CANDIDATES[name], "eager", data)
                 got, times = run(CANDIDATES[name], mode, data)
                 err = max(float((a - b).abs().max()) for a, b in zip(ref, got))
-                later = sorted(times[5:])
+                if not math.isfinite(err):
+                    failed += 1
+                later = sorted(times[min(5, len(times) - 1):])
                 print(f"{mode:16s} {name:12s} first {times[0]:.2f} s  later median "
                       f"{later[len(later) // 2] * 1e3:.3f} ms  max|compiled-eager| {err:.2e}",
                       flush=True)
             except Exception as e:  # report and go on to the next candidate
+                failed += 1
                 print(f"{mode:16s} {name:12s} FAILED: {type(e).__name__}: {str(e)[:300]}",
                       flush=True)
                 if VERBOSE:
                     print("".join(traceback.format_exc().splitlines(True)[-45:]), flush=True)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

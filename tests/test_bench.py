@@ -20,6 +20,8 @@ def test_bench_quick_end_to_end(tmp_path, capsys):
                  str(out)]) == 0
     text = capsys.readouterr().out
     assert "median ms" in text and "%floor" in text and "x foreach" in text
+    assert "x Adam" in text and "host µs" in text
+    assert "host CPU time per step() of rmsprop fused" in text
     data = json.loads(out.read_text())
     rows = {r["row"]: r for r in data["rows"]}
     assert list(rows) == ["20K", "model50K", "tiny50x64", "momentum20K", "centered20K",
@@ -38,6 +40,17 @@ def test_bench_quick_end_to_end(tmp_path, capsys):
             assert x["median_ms"] > 0 and x["gbps"] > 0 and x["frac_floor"] > 0, (r["row"], x)
         assert res["torch foreach=True"]["vs_foreach"] == 1.0
         assert res["floor"]["frac_floor"] == pytest.approx(1.0)
+        # one round (--quick): the Adam ratio is Adam's median time over the candidate's
+        adam = res["torch Adam fused"]
+        assert adam["vs_adam_fused"] == 1.0
+        for x in res.values():
+            if "skipped" in x:
+                continue
+            assert x["vs_adam_fused"] == pytest.approx(adam["median_ms"] / x["median_ms"])
+            # CPU time of the calling thread cannot exceed the wall time of the same calls,
+            # up to the per-thread clock's granularity, which under virtualisation and a
+            # loaded machine is tens of µs (a unit mistake would be 1000x off)
+            assert 0 < x["host_us"] <= 2e3 * x["median_ms"] + 50, (r["row"], x)
     n = 20_000
     single = {x["candidate"]: x for x in rows["20K"]["results"]}
     # bytes the update must move: fp32 p (r+w), g, v (r+w) = 20 B; with momentum 28 B;
@@ -60,6 +73,13 @@ def test_bench_quick_end_to_end(tmp_path, capsys):
             assert x["median_ms"] > 0 and x["frac_floor"] > 0
         assert res["floor 8bit"]["frac_floor"] == pytest.approx(1.0)
         assert res["rmsprop fused 8bit"]["vs_fp32"] > 0
+    # the default step's host time by tensor count: the plain float32 rows of 1, 50, 147
+    hosts = data["host_overhead"]
+    assert [(h["tensors"], h["row"]) for h in hosts] == [(1, "20K"), (50, "tiny50x64"),
+                                                         (147, "model50K")]
+    for h in hosts:
+        fused = next(x for x in rows[h["row"]]["results"] if x["candidate"] == "rmsprop fused")
+        assert h["host_us"] == fused["host_us"] and h["elements"] == rows[h["row"]]["elements"]
     res4 = {x["candidate"]: x for x in quant[3]["results"]}
     assert res4["rmsprop fused 4bit"]["bytes"] == 12 * n + n + 8 * -(-n // 128)
     # torch's foreach step allocates at least one param-sized temporary (sqrt of v); ours
@@ -108,7 +128,8 @@ def test_bench_refuses_an_unwritable_json_path_before_running(tmp_path, capsys):
 
 def test_step_share_example_runs_and_reports_every_optimizer():
     """examples/step_share.py (quoted in the README), shrunk: one line per optimizer with
-    forward+backward and step times, and the step's share of their sum."""
+    forward+backward and step times, the step's speed-up over torch foreach=True's, and its
+    share of their sum."""
     import subprocess
     import sys
     from pathlib import Path
@@ -121,9 +142,55 @@ def test_step_share_example_runs_and_reports_every_optimizer():
     assert [r.split("  ")[0].strip() for r in rows] == [
         "rmsprop (default, checked)", "rmsprop nonfinite='ignore'",
         "torch RMSprop foreach=True", "torch RMSprop (default)"]
+    foreach = float(rows[2].split()[-3])
     for r in rows:
-        fb, step, share = (float(x.rstrip("%")) for x in r.split()[-3:])
+        fb, step, ratio, share = (float(x.rstrip("%x")) for x in r.split()[-4:])
         assert fb > 0 and step > 0
         h = 0.005  # the times are printed to 0.01 ms
         lo, hi = 100 * (step - h) / (fb + step + 2 * h), 100 * (step + h) / (fb + step - 2 * h)
         assert lo - 0.05 <= share <= hi + 0.05
+        lo, hi = (foreach - h) / (step + h), (foreach + h) / max(step - h, 1e-9)
+        assert lo - 0.005 <= ratio <= hi + 0.005, (r, foreach)
+    assert float(rows[2].split()[-2].rstrip("x")) == 1.0
+
+
+def test_host_time_is_the_calling_threads_cpu_time_not_wall_time():
+    """``_time_block``'s host column: a call that sleeps costs the thread (almost) no CPU time;
+    the CPU time of calls that compute is what the kernel's own account of the thread
+    (``getrusage(RUSAGE_THREAD)``) says they used, however long a loaded machine made them
+    wait."""
+    import resource
+    import time
+
+    from rmsprop.cli.bench import _time_block
+
+    def work() -> None:
+        x = 0
+        for i in range(300_000):
+            x += i * i
+
+    host: list[float] = []
+    wall = _time_block(lambda: time.sleep(0.02), 3, False, host)
+    assert len(host) == 3 and min(wall) >= 0.02 and max(host) < 0.005
+
+    def used() -> float:
+        r = resource.getrusage(resource.RUSAGE_THREAD)
+        return r.ru_utime + r.ru_stime
+    host.clear()
+    before = used()
+    wall = _time_block(work, 5, False, host)
+    total = used() - before
+    assert len(host) == 5 and all(0 < h for h in host)
+    assert sum(host) == pytest.approx(total, rel=0.1, abs=2e-3)
+    assert sum(host) <= 1.05 * sum(wall) + 1e-3
+
+
+def test_cuda_rows_have_no_quantized_state_rows(capsys):
+    """The 8-bit/4-bit rows call the C kernel: --device cuda (where the Triton kernel has no
+    quantized state) does not list them; --device cpu does."""
+    assert main(["bench", "--device", "cuda", "--list"]) == 0
+    cuda_rows = capsys.readouterr().out
+    assert main(["bench", "--list"]) == 0
+    cpu_rows = capsys.readouterr().out
+    assert "bit-" not in cuda_rows and "model50M" in cuda_rows
+    assert "8bit-10M" in cpu_rows and "4bit-10M" in cpu_rows

@@ -246,3 +246,131 @@ def test_bad_input_raises_and_changes_nothing():
                                  square_avg_scales=[scales], momentum_buffer_scales=[None],
                                  **{**kw, "momentum": 0.9})
     assert all(torch.equal(a, b) for a, b in zip(before, (p, codes, scales)))
+
+
+# -- the codecs on their own: every code boundary, every code --------------------------------
+
+CODEC_FORMATS = ("u8", "s8", "u4", "s4")
+
+
+def _boundary_quotients(fmt):
+    """The quotients x / s where the code of ``fmt`` changes: (k - 1/2)^2 / L^2 for the
+    unsigned map, (k + 1/2) / K for the signed one."""
+    f = codecs.FORMATS[fmt]
+    k = np.arange(1, f.levels + 1, dtype=np.float64)
+    if f.signed:
+        return (k[:f.levels] - 0.5) / f.levels
+    return (k - 0.5) ** 2 / f.levels ** 2
+
+
+def _boundary_blocks(fmt, scales, ulps=4):
+    """Blocks whose first element is the scale s (the block maximum) followed by the float32
+    values within ``ulps`` of s times every code boundary (negated for every other block of
+    a signed map), padded with s."""
+    f = codecs.FORMATS[fmt]
+    t = _boundary_quotients(fmt)
+    steps = np.arange(-ulps, ulps + 1)
+    out = []
+    for i, s in enumerate(scales):
+        x = (t * float(s)).astype(np.float32)
+        xs = x.view(np.int32)[:, None] + steps[None, :]  # neighbours by their bits
+        vals = np.clip(xs.reshape(-1), 0, None).astype(np.int32).view(np.float32)
+        vals = np.minimum(vals, np.float32(s))
+        body = np.concatenate([[np.float32(s)], vals]).astype(np.float32)
+        pad = -len(body) % f.block
+        body = np.concatenate([body, np.full(pad, s, np.float32)])
+        if f.signed and i % 2:
+            body = -body
+        out.append(body)
+    return np.concatenate(out)
+
+
+def _scales():
+    """Block scales over the float32 range: random mantissas at exponents -125..125, the
+    ends of the range (subnormal, 2^126 and above) and round values."""
+    rng = np.random.default_rng(7)
+    e = rng.integers(-125, 126, 40)
+    m = rng.uniform(1, 2, 40)
+    edge = [1.0, 1.5, np.nextafter(np.float32(2), np.float32(0)), 0.1, 3.0e-39, 1.0e-45,
+            2.0 ** -126, 2.0 ** -110, 2.0 ** 125, 2.0 ** 126, 3.0e38,
+            float(np.finfo(np.float32).max)]
+    return np.concatenate([(m * 2.0 ** e), edge]).astype(np.float32)
+
+
+@pytest.fixture(params=["best", "base"])
+def isa(request):
+    if not cpu.set_isa(request.param):
+        pytest.skip(f"no {request.param} build")
+    yield request.param
+    cpu.set_isa("best")
+
+
+@pytest.mark.parametrize("fmt", CODEC_FORMATS)
+def test_encoder_writes_the_spec_codes_at_every_code_boundary(fmt, isa):
+    """The step's encoder (x86-64-v3: a division-free quotient and an rsqrt estimate, each
+    settled by exact comparisons) against rmsprop.codecs.encode on the float32 values
+    nearest every code boundary, at scales over the whole float32 range."""
+    x = _boundary_blocks(fmt, _scales())
+    want = codecs.encode(x, fmt)
+    codes, scales = cpu.quant_encode(torch.from_numpy(x), fmt)
+    np.testing.assert_array_equal(scales.numpy(), want.scales)
+    np.testing.assert_array_equal(codes.numpy(), want.codes)
+
+
+@pytest.mark.parametrize("fmt", CODEC_FORMATS)
+def test_encoder_handles_zero_blocks_tails_and_nonfinite_like_the_portable_one(fmt, isa):
+    """Blocks of zeros, of -0.0, a short last block, and (where the spec's NaN scale and the
+    kernel's maximum part: the kernel's scale skips NaNs) the same codes on both builds."""
+    f = codecs.FORMATS[fmt]
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal(f.block * 5 + 38).astype(np.float32) ** 2
+    if f.signed:
+        x *= np.sign(rng.standard_normal(x.size)).astype(np.float32)
+    x[:f.block] = 0.0
+    x[f.block:2 * f.block] = -0.0
+    want = codecs.encode(x, fmt)
+    codes, scales = cpu.quant_encode(torch.from_numpy(x), fmt)
+    np.testing.assert_array_equal(scales.numpy(), want.scales)
+    np.testing.assert_array_equal(codes.numpy(), want.codes)
+    y = x.copy()
+    y[2 * f.block + 3] = np.nan
+    y[3 * f.block + 1] = np.inf
+    with np.errstate(invalid="ignore"):  # the spec casts its NaN quotients
+        spec_codes = codecs.encode(y, fmt).codes
+    got = [cpu.quant_encode(torch.from_numpy(y), fmt)]
+    cpu.set_isa("base")
+    got.append(cpu.quant_encode(torch.from_numpy(y), fmt))
+    cpu.set_isa(isa)
+    for a, b in zip(*got):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+    # outside the two non-finite blocks, the spec's codes
+    keep = np.r_[0:2 * f.block, 4 * f.block:x.size] // (2 if f.bits == 4 else 1)
+    np.testing.assert_array_equal(got[0][0].numpy()[np.unique(keep)],
+                                  spec_codes[np.unique(keep)])
+
+
+@pytest.mark.parametrize("fmt", CODEC_FORMATS)
+def test_decoder_gives_the_spec_value_of_every_code(fmt, isa):
+    f = codecs.FORMATS[fmt]
+    per = 2 if f.bits == 4 else 1
+    n_codes = 1 << f.bits
+    scales = _scales()
+    codes = np.tile(np.arange(n_codes, dtype=np.uint8), len(scales) * f.block // n_codes)
+    n = codes.size
+    packed = codes[0::2] | (codes[1::2] << 4) if per == 2 else codes
+    q = codecs.Quantized(fmt, packed.astype(np.uint8), scales[:n // f.block].copy(), (n,))
+    want = codecs.decode(q)
+    got = cpu.quant_decode(torch.from_numpy(q.codes.copy()), torch.from_numpy(q.scales),
+                           fmt, n)
+    np.testing.assert_array_equal(got.numpy(), want)
+
+
+def test_codec_entry_refuses_bad_input():
+    with pytest.raises(ValueError, match="fmt must be one of u8, s8, u4, s4"):
+        cpu.quant_encode(torch.ones(256), "u2")
+    with pytest.raises(ValueError, match="even element count"):
+        cpu.quant_encode(torch.ones(255), "u4")
+    with pytest.raises(TypeError, match="float32 CPU tensor"):
+        cpu.quant_encode(torch.ones(256, dtype=torch.float64), "u8")
+    with pytest.raises(ValueError, match="scales must be a contiguous float32"):
+        cpu.quant_decode(torch.zeros(256, dtype=torch.uint8), torch.ones(2), "u8", 256)

@@ -280,16 +280,37 @@ def _assert_same_codes(opt, ps, sts):
                 else:
                     np.testing.assert_array_equal(tq.real(got[key]).numpy(), want)
                 continue
-            np.testing.assert_array_equal(got[key].numpy(), want.codes, err_msg=key)
             if key == "momentum_buffer":
-                # b divides by d = sqrt(s) + eps, and torch's float32 sqrt on the CPU is not
-                # correctly rounded (an ulp off on a fraction of elements): a block maximum
-                # may differ by an ulp; the codes do not
+                # b = g/d divides by d = sqrt(s) + eps, and torch's float32 sqrt on the CPU is
+                # not correctly rounded on some ISAs (an ulp off on a fraction of elements):
+                # b can then cross a rounding boundary of its code, and a block maximum may
+                # differ by a few ulps. The spec then carries torch's b on (as the params are
+                # resynced), so that one code apart does not compound into later steps.
+                _assert_codes_within_one(got[key].numpy(), want.codes, want.fmt)
                 np.testing.assert_allclose(got[key + "_scale"].numpy(), want.scales,
-                                           rtol=1e-6, atol=0)
-            else:
-                np.testing.assert_array_equal(got[key + "_scale"].numpy(), want.scales,
-                                              err_msg=key)
+                                           rtol=5e-6, atol=0)
+                st[key] = codecs.Quantized(want.fmt, got[key].numpy().copy(),
+                                           got[key + "_scale"].numpy().copy(), want.shape)
+                continue
+            np.testing.assert_array_equal(got[key].numpy(), want.codes, err_msg=key)
+            np.testing.assert_array_equal(got[key + "_scale"].numpy(), want.scales,
+                                          err_msg=key)
+
+
+def _signed_codes(codes, fmt):
+    """The signed code values ``k`` of stored (two's complement, 4-bit: packed) codes."""
+    f = codecs.FORMATS[fmt]
+    c = codes.astype(np.int16)
+    if f.bits == 4:
+        c = np.stack([c & 0x0F, c >> 4], axis=1).reshape(-1)
+    return np.where(c > f.levels, c - (1 << f.bits), c)
+
+
+def _assert_codes_within_one(got, want, fmt):
+    """Signed codes equal but for at most 0.1 % of elements, each at most one code apart."""
+    diff = np.abs(_signed_codes(got, fmt) - _signed_codes(want, fmt))
+    assert diff.max() <= 1, (fmt, int(diff.max()))
+    assert np.count_nonzero(diff) <= 1e-3 * diff.size, (fmt, int(np.count_nonzero(diff)))
 
 
 SHAPES = [(32, 256), (4608,), (7, 9), (4097,)]  # 2-d, 1-d, small (float32), odd (4-bit: fp32)
@@ -486,6 +507,31 @@ def test_full_precision_export_loads_into_torch(fmt):
     for q in (q for g in theirs.param_groups for q in g["params"]):
         q.grad = torch.ones_like(q)
     theirs.step()
+
+
+def test_full_precision_export_of_a_given_state_dict_keyed_by_names():
+    """The state dict ``get_optimizer_state_dict`` returns (entries keyed by parameter names,
+    in param-group order) decodes as the optimizer's own; one that lists other params is
+    refused."""
+    ps, opt, gen = _trained("8bit", 0, dict(momentum=0.9, centered=True))
+    _run(opt, ps, gen, 2)
+    sd = opt.state_dict()
+    names = [f"layer{i}.weight" for i in sd["state"]]
+    by_name = {"state": {n: sd["state"][i] for n, i in zip(names, sd["state"])},
+               "param_groups": [{**g, "params": [names[i] for i in g["params"]]}
+                                for g in sd["param_groups"]]}
+    want = opt.full_precision_state_dict()  # checked against the spec's decode above
+    got = opt.full_precision_state_dict(by_name)
+    assert got["param_groups"] == by_name["param_groups"]
+    for n, i in zip(names, want["state"]):
+        assert got["state"][n].keys() == want["state"][i].keys()
+        for k, v in want["state"][i].items():
+            assert torch.equal(got["state"][n][k], v), (n, k)
+    short = {**by_name, "param_groups": [{**by_name["param_groups"][0],
+                                          "params": names[:-1]}]}
+    with pytest.raises(ValueError, match=f"lists {len(names) - 1} params, the optimizer has "
+                                         f"{len(names)}"):
+        opt.full_precision_state_dict(short)
 
 
 @pytest.mark.parametrize("corrupt,match", [

@@ -270,7 +270,8 @@ def test_floor_reads_and_writes_without_changing(tk, dev):
 def test_cuda_plan_steps_like_torch(tk, dev, monkeypatch):
     """The optimizer's cached-table path for CUDA params (CudaPlan), driven on CPU tensors
     by the interpreter: three steps equal torch.optim.RMSprop's, a NaN gradient is refused
-    with nothing changed, and the kernel's statistics give the closed-form gradient RMS."""
+    with nothing changed (the error deferred to check(): the gated route does not wait
+    for the verdict), and the kernel's statistics give the closed-form gradient RMS."""
     from rmsprop.torch import NonFiniteGradientError, RMSprop, _plan
 
     if dev == "cpu":
@@ -302,8 +303,9 @@ def test_cuda_plan_steps_like_torch(tk, dev, monkeypatch):
     before = [p.detach().clone() for p in ours]
     state = [{k: v.clone() for k, v in opt.state[p].items()} for p in ours]
     ours[2].grad[tk.CHUNK + 3] = math.nan
-    with pytest.raises(NonFiniteGradientError):
-        opt.step()
+    opt.step()
+    with pytest.raises(NonFiniteGradientError, match="index 2 .* at step 4"):
+        opt.check()
     for p, old, st in zip(ours, before, state):
         assert torch.equal(p, old)
         assert all(torch.equal(opt.state[p][k], v) for k, v in st.items())
@@ -311,8 +313,8 @@ def test_cuda_plan_steps_like_torch(tk, dev, monkeypatch):
 
 def test_gated_check_skips_every_group(tk, dev, monkeypatch):
     """nonfinite="skip" on the device path: a NaN in the second group's gradient stops the
-    first group's kernel too (the gate), the step is counted as skipped, and the next step
-    matches torch.optim.RMSprop, which never saw the bad one."""
+    first group's kernel too (the gate), the step is counted as skipped (on the device),
+    and the next step matches torch.optim.RMSprop, which never saw the bad one."""
     from rmsprop.torch import RMSprop, _plan
 
     if dev == "cpu":
@@ -331,8 +333,9 @@ def test_gated_check_skips_every_group(tk, dev, monkeypatch):
             a.grad = g.clone()
         if bad:
             ours[1].grad[7] = math.inf
-            with pytest.warns(RuntimeWarning, match="skipped"):
-                opt.step()
+            opt.step()  # the warning comes with the verdict, read by the next check()
+            with pytest.warns(RuntimeWarning, match="skipped.*group 1 index 0"):
+                opt.check()
             return
         for b, g in zip(theirs, grads):
             b.grad = g.clone()

@@ -1,31 +1,38 @@
 """``rmsprop bench``: CPU step time of the fused RMSProp step against torch, and the floor.
 
-Protocol: every candidate of a row steps
-its own optimizer over the same parameters and gradients. Candidates are timed interleaved,
-in round-robin blocks (one warm-up call, then ``k`` timed calls each) for ``--repeats`` rounds,
-and the median call is reported; the ratios (``%floor``, ``x foreach``) are medians over rounds
-of the ratio within each round, so a machine whose speed drifts between rounds moves them
-less. Each row also times, in the same rounds, the bandwidth floor:
-a plain threaded, vectorised C loop that reads and writes exactly the arrays of our fused step
-in place (read p, g, v[, m, b]; write p, v[, m, b]) with trivial arithmetic. Columns:
+Protocol: every candidate of a row steps its own optimizer over the same parameters and
+gradients. Candidates are timed interleaved, in round-robin blocks (one warm-up call, then
+``k`` timed calls each) for ``--repeats`` rounds, and the median call is reported; the ratios
+(``%floor``, ``x foreach``, ``x Adam``) are medians over rounds of the ratio within each
+round, so a machine whose speed drifts between rounds moves them less. Each row also times,
+in the same rounds, the bandwidth floor: a plain threaded, vectorised C loop that reads and
+writes exactly the arrays of our fused step in place (read p, g, v[, m, b]; write p, v[, m,
+b]) with trivial arithmetic. Columns:
 
 * ``rmsprop fused`` is the default step, which first scans the gradients for inf/NaN (so a
   bad gradient changes nothing); ``rmsprop fused unchecked`` is ``nonfinite="ignore"``;
   ``rmsprop fused +stats`` also collects ``opt.stats()`` (``track_stats=True``);
 * ``ms``: median step time; ``GB/s``: bytes the update must move (2x params + grads + 2x
   state, in their own dtypes) / time; ``%floor``: that rate over the floor's rate;
-  ``x foreach``: torch ``RMSprop(foreach=True)``'s time over this one (speed-up);
+  ``x foreach``: torch ``RMSprop(foreach=True)``'s time over this one (speed-up); ``x Adam``:
+  the same against ``torch.optim.Adam(fused=True)`` (which moves 28 bytes per float32 element
+  to our 20);
+* ``host µs``: CPU time of the calling thread per call (``time.thread_time`` around each
+  timed call, median over the calls): on CUDA the Python, the launches and any wait for the
+  GPU, what bounds a small model's step; on the CPU it also includes the calling thread's
+  share of the kernel's own work. After the rows the default step's host time is printed
+  by tensor count (1, 147 and 1000 tensors by default);
 * ``extra MB``: peak memory a step allocates beyond what exists before it: torch's CPU
   allocator (profiler allocation events, ``total_allocated`` peak) plus Python objects
   (``tracemalloc``); the C kernel's own allocation is one int64 per tensor.
 
-Rows ``8bit-*`` (``4bit-*``) time the kernel with 8-bit (4-bit) state (``rmsprop.codecs``'
-codes and block scales) called directly, against the float32-state kernel in the same rounds,
-each with its own floor: ``floor 8bit`` moves one code byte per state element (not the block
-scales, 1.6 % of the 8-bit state), ``floor fp32`` four bytes; ``%floor`` pairs each step with
-its own floor (GB/s over the floor's GB/s; the 4-bit step against the 1-byte-code floor, as
-the floor loop has no half-byte elements) and the note gives bytes moved per element and the
-quantized step's speed-up over the float32 one.
+Rows ``8bit-*`` (``4bit-*``; CPU only) time the C kernel with 8-bit (4-bit) state
+(``rmsprop.codecs``' codes and block scales) called directly, against the float32-state kernel
+in the same rounds, each with its own floor: ``floor 8bit`` moves one code byte per state
+element (not the block scales, 1.6 % of the 8-bit state), ``floor fp32`` four bytes;
+``%floor`` pairs each step with its own floor (GB/s over the floor's GB/s; the 4-bit step
+against the 1-byte-code floor, as the floor loop has no half-byte elements) and the note gives
+bytes moved per element and the quantized step's speed-up over the float32 one.
 
 Beside the floor, each row prints STREAM-style copy (8 B/element) and triad (12 B/element)
 bandwidth over float32 arrays with the row's element count. ``torch.compile`` rows report the
@@ -62,6 +69,7 @@ CANDIDATES = ("rmsprop fused", "rmsprop fused unchecked", "rmsprop fused +stats"
               "torch foreach=True", "torch foreach=False",
               "torch.compile", "torch Adam fused", "floor")
 BASELINE = "torch foreach=True"
+ADAM = "torch Adam fused"  # torch.optim.Adam(fused=True): 28 B/element to our 20
 LR = 1e-3
 
 
@@ -71,7 +79,10 @@ def register(subparsers: Any) -> None:
         "bench", help="CPU speed of the fused RMSProp step vs torch, against the bandwidth floor",
         description=(__doc__ or "").split("\n\n")[0] + " Prints, per row, the median step time, "
         "effective GB/s, the fraction of the memory-bandwidth floor measured in the same run, "
-        "the speed-up over torch.optim.RMSprop(foreach=True) and the peak extra memory.")
+        "the speed-up over torch.optim.RMSprop(foreach=True) and over "
+        "torch.optim.Adam(fused=True), the host CPU time per call (the calling thread's; on "
+        "the CPU it includes its share of the kernel's work) and the peak extra memory; then "
+        "the default step's host CPU time by tensor count.")
     p.add_argument("--rows", default=None, metavar="NAME[,NAME]",
                    help="rows to run, names or shell patterns (default: all); see --list")
     p.add_argument("--sizes", default=None, metavar="N[,N]",
@@ -182,16 +193,18 @@ def build_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
                      opts={"centered": True}))
     rows.append(dict(name=f"bf16-{vs}", shapes=[(vsize,)], dtype="bfloat16", opts={}))
     rows.append(dict(name=f"fp16-{vs}", shapes=[(vsize,)], dtype="float16", opts={}))
-    # 8-bit state: the kernel called directly, against our float32-state step
-    rows.append(dict(name=f"8bit-{vs}", shapes=[(vsize,)], dtype="float32", opts={},
-                     quant="8bit"))
-    rows.append(dict(name=f"8bit-momentum{vs}", shapes=[(vsize,)], dtype="float32",
-                     opts={"momentum": 0.9}, quant="8bit"))
-    for n in models:
-        rows.append(dict(name=f"8bit-model{fmt_size(n)}", shapes=model_shapes(n),
-                         dtype="float32", opts={}, quant="8bit"))
-    rows.append(dict(name=f"4bit-{vs}", shapes=[(vsize,)], dtype="float32", opts={},
-                     quant="4bit"))
+    # 8-bit state: the CPU kernel called directly, against our float32-state step (the
+    # Triton kernel has no quantized state, so --device cuda has no such rows)
+    if args.device == "cpu":
+        rows.append(dict(name=f"8bit-{vs}", shapes=[(vsize,)], dtype="float32", opts={},
+                         quant="8bit"))
+        rows.append(dict(name=f"8bit-momentum{vs}", shapes=[(vsize,)], dtype="float32",
+                         opts={"momentum": 0.9}, quant="8bit"))
+        for n in models:
+            rows.append(dict(name=f"8bit-model{fmt_size(n)}", shapes=model_shapes(n),
+                             dtype="float32", opts={}, quant="8bit"))
+        rows.append(dict(name=f"4bit-{vs}", shapes=[(vsize,)], dtype="float32", opts={},
+                         quant="4bit"))
     if args.rows:
         pats = [r.strip() for r in args.rows.split(",") if r.strip()]
         bad = [p for p in pats if not any(fnmatch.fnmatch(r["name"], p) for r in rows)]
@@ -398,18 +411,36 @@ def _time_once(fn: Callable[[], Any], cuda: bool = False) -> float:
     return time.perf_counter() - t0
 
 
-def _time_block(fn: Callable[[], Any], calls: int, cuda: bool) -> list[float]:
+def _time_block(fn: Callable[[], Any], calls: int, cuda: bool,
+                host: list[float] | None = None) -> list[float]:
     """Per-call times of ``calls`` back-to-back calls: each timed on the host clock (CPU), or
     the block's mean between two CUDA events, so that the GPU queue stays full as in
-    training (one value per block)."""
+    training (one value per block).
+
+    ``host``, when given, receives each call's host CPU time: ``time.thread_time()`` of the
+    calling thread around the call (Python, launches, and any wait for the GPU that spins;
+    on the CPU also the calling thread's share of the kernel's own work). Reading that clock
+    costs well under a microsecond, so the block's wall time is unaffected."""
+    clock = time.thread_time
     if not cuda:
-        return [_time_once(fn) for _ in range(calls)]
+        out = []
+        for _ in range(calls):
+            h0, t0 = clock(), time.perf_counter()
+            fn()
+            t1, h1 = time.perf_counter(), clock()
+            out.append(t1 - t0)
+            if host is not None:
+                host.append(h1 - h0)
+        return out
     import torch
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     torch.cuda.synchronize()
     start.record()
     for _ in range(calls):
+        h0 = clock()
         fn()
+        if host is not None:
+            host.append(clock() - h0)
     end.record()
     end.synchronize()
     return [start.elapsed_time(end) / 1e3 / calls]
@@ -499,12 +530,13 @@ def bench_row(row: dict, args: argparse.Namespace, names: list[str], bar: Any,
         calls[n] = args.calls or max(3, min(30, int(0.15 / max(t, 1e-6))))
     times: dict[str, list[float]] = {n: [] for n in order_names}
     rounds: dict[str, list[float]] = {n: [] for n in order_names}  # per-round medians
+    host: dict[str, list[float]] = {n: [] for n in order_names}  # per-call thread CPU time
     with torch.no_grad():
         for _ in range(args.repeats):
             for n in order_names:
                 fn = live[n]["step"]
                 fn()  # warm-up: caches and the other candidates' effects
-                block = _time_block(fn, calls[n], cuda)
+                block = _time_block(fn, calls[n], cuda, host[n])
                 times[n] += block
                 rounds[n].append(_median(block))
                 if bar is not None:
@@ -533,12 +565,15 @@ def bench_row(row: dict, args: argparse.Namespace, names: list[str], bar: Any,
         to_floor = _median([f / t for f, t in zip(rounds["floor"], rounds[n])])
         to_base = (_median([b / t for b, t in zip(rounds[BASELINE], rounds[n])])
                    if base else None)
+        to_adam = (_median([a / t for a, t in zip(rounds[ADAM], rounds[n])])
+                   if ADAM in rounds else None)
         extra, method = (None, "")
         if n != "floor":
             extra, method = (peak_extra_bytes_cuda if cuda else peak_extra_bytes)(c["step"])
         r = dict(candidate=n, median_ms=med[n] * 1e3, min_ms=min(times[n]) * 1e3,
                  calls=len(times[n]), bytes=c["bytes"], gbps=gbps,
                  frac_floor=to_floor * c["bytes"] / live["floor"]["bytes"], vs_foreach=to_base,
+                 vs_adam_fused=to_adam, host_us=_median(host[n]) * 1e6,
                  peak_extra_bytes=extra, memory_method=method)
         if c.get("first_call_s") is not None and (n == "torch.compile"
                                                   or (cuda and n.startswith("rmsprop fused"))):
@@ -635,11 +670,12 @@ def bench_quant_row(row: dict, args: argparse.Namespace, slots: int, bar: Any) -
         calls[name] = args.calls or max(3, min(30, int(0.15 / max(t, 1e-6))))
     times: dict[str, list[float]] = {n: [] for n in live}
     rounds: dict[str, list[float]] = {n: [] for n in live}
+    host: dict[str, list[float]] = {n: [] for n in live}
     with torch.no_grad():
         for _ in range(args.repeats):
             for name, c in live.items():
                 c["step"]()
-                block = _time_block(c["step"], calls[name], False)
+                block = _time_block(c["step"], calls[name], False, host[name])
                 times[name] += block
                 rounds[name].append(_median(block))
             if bar is not None:
@@ -656,6 +692,7 @@ def bench_quant_row(row: dict, args: argparse.Namespace, slots: int, bar: Any) -
                  calls=len(times[name]), bytes=c["bytes"], gbps=c["bytes"] / med / 1e9,
                  bytes_per_element=c["bytes"] / nelem,
                  frac_floor=to_floor * c["bytes"] / live[fl]["bytes"], vs_foreach=None,
+                 vs_adam_fused=None, host_us=_median(host[name]) * 1e6,
                  peak_extra_bytes=None, memory_method="")
         if name == qname:
             r["vs_fp32"] = _median([f / t for f, t in zip(rounds["rmsprop fused fp32"],
@@ -716,13 +753,15 @@ def format_row(r: dict) -> str:
             f" / triad {r['stream_triad_gbps']:.1f} GB/s")
     lines = [head,
              f"{'candidate':<22}{'median ms':>11}{'GB/s':>8}{'%floor':>8}{'x foreach':>10}"
-             f"{'extra MB':>10}  note"]
+             f"{'x Adam':>8}{'host µs':>9}{'extra MB':>10}  note"]
     for x in r["results"]:
         if "skipped" in x:
-            lines.append(f"{x['candidate']:<22}{'-':>11}{'':>8}{'':>8}{'':>10}{'':>10}  "
-                         f"{x['skipped']}")
+            lines.append(f"{x['candidate']:<22}{'-':>11}{'':>8}{'':>8}{'':>10}{'':>8}{'':>9}"
+                         f"{'':>10}  {x['skipped']}")
             continue
         vs = f"{x['vs_foreach']:.2f}x" if x.get("vs_foreach") else "-"
+        adam = f"{x['vs_adam_fused']:.2f}x" if x.get("vs_adam_fused") else "-"
+        hus = "-" if x.get("host_us") is None else f"{x['host_us']:.1f}"
         extra = "-" if x.get("peak_extra_bytes") is None else f"{x['peak_extra_bytes'] / 1e6:.2f}"
         note = ""
         if "second_call_s" in x:
@@ -736,7 +775,37 @@ def format_row(r: dict) -> str:
             note = f"{x['bytes_per_element']:.3f} B/element; {note}".rstrip("; ")
         ms = x["median_ms"]
         lines.append(f"{x['candidate']:<22}{ms:>11.3f}{x['gbps']:>8.1f}"
-                     f"{100 * x['frac_floor']:>7.0f}%{vs:>10}{extra:>10}  {note}")
+                     f"{100 * x['frac_floor']:>7.0f}%{vs:>10}{adam:>8}{hus:>9}{extra:>10}"
+                     f"  {note}")
+    return "\n".join(lines)
+
+
+def host_overhead(rows: list[dict]) -> list[dict]:
+    """Host CPU time per ``step()`` of the default step (``rmsprop fused``) by tensor count:
+    for each count, the first row of float32 params with torch's default options (1M, the
+    147-tensor model, 1000 x 64 by default)."""
+    out: list[dict] = []
+    seen: set[int] = set()
+    for r in rows:
+        if r["options"] or r["dtype"] != "float32" or r["tensors"] in seen:
+            continue
+        x = next((x for x in r["results"] if x["candidate"] == "rmsprop fused"
+                  and "host_us" in x), None)
+        if x is not None:
+            seen.add(r["tensors"])
+            out.append(dict(tensors=r["tensors"], row=r["row"], elements=r["elements"],
+                            host_us=x["host_us"]))
+    return sorted(out, key=lambda h: h["tensors"])
+
+
+def format_host_overhead(hosts: list[dict], cuda: bool) -> str:
+    what = ("Python, launches and any wait for the GPU" if cuda else
+            "on the CPU this includes the calling thread's share of the kernel's own work")
+    lines = [f"\n== host CPU time per step() of rmsprop fused (the default step; "
+             f"time.thread_time of the calling thread, median over calls; {what})"]
+    for h in hosts:
+        lines.append(f"{h['tensors']:>6} tensor{'s' if h['tensors'] != 1 else ' '}  "
+                     f"{h['host_us']:9.1f} µs  ({h['row']}, {h['elements']:,} elements)")
     return "\n".join(lines)
 
 
@@ -838,8 +907,11 @@ def _run(args: argparse.Namespace, rows: list[dict], names: list[str], torch: An
         print(f"rmsprop bench: {cpu_name}, {os.cpu_count()} cores, torch {torch.__version__} "
               f"with {torch.get_num_threads()} threads; kernel {isa} ({cpu.library_path()})")
     print(f"median of {args.repeats} interleaved rounds; bytes = 2x params + grads + 2x state; "
-          f"%floor = GB/s over the in-run floor; x foreach = speed-up over {BASELINE}; "
-          "both ratios are medians over rounds of ratios within a round")
+          f"%floor = GB/s over the in-run floor; x foreach = speed-up over {BASELINE}, "
+          f"x Adam over {ADAM} (torch.optim.Adam(fused=True)); the ratios are medians over "
+          "rounds of ratios within a round; host µs = CPU time of the calling thread per call "
+          "(time.thread_time, median" + ("" if cuda else "; includes its share of the CPU "
+                                        "kernel's work") + ")")
     if not args.no_first_step and not args.quick:
         fs = first_step_cost()
         meta["first_step"] = fs
@@ -872,8 +944,11 @@ def _run(args: argparse.Namespace, rows: list[dict], names: list[str], torch: An
     finally:
         if bar is not None:
             bar.close()
+    hosts = host_overhead(out)
+    if hosts:
+        print(format_host_overhead(hosts, cuda), flush=True)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(dict(meta=meta, rows=out), f, indent=1)
+            json.dump(dict(meta=meta, rows=out, host_overhead=hosts), f, indent=1)
         print(f"\nwrote {args.json}")
     return 0

@@ -98,6 +98,15 @@ typedef struct {
     float *vs, *ms, *bs;
 } rms_streams;
 
+/* What encoding one block of a block-quantized state needs, once its new values are known
+ * (qenc_prep in cpu_step.h): the scale s, the mode (0: s is not > 0, every code 0; 1: the
+ * portable codecs; 2: the x86-64-v3 quotient of s' = s * 2^k in [1, 2), see cpu_step.h)
+ * and its constants f = 2^k (times L^2 for the unsigned map), s', y = 1 / s'. */
+typedef struct {
+    float s, f, sp, y;
+    int mode;
+} rms_qenc;
+
 static inline float rms_bits2f(uint32_t u) { float f; memcpy(&f, &u, 4); return f; }
 static inline uint32_t rms_f2bits(float f) { uint32_t u; memcpy(&u, &f, 4); return u; }
 
@@ -150,6 +159,7 @@ typedef struct {
     rms_nonfinite_fn nonfinite;
     const char *name;
     rms_segq_fn segq_f;
+    void (*qcodec)(int fmt, int enc, int64_t n, float *x, uint8_t *codes, float *scales);
 } rms_isa;
 
 static size_t rms_dtsize(int dt) {
@@ -200,10 +210,10 @@ static void rms_init_tables(void) {
 #endif
 
 static const rms_isa rms_isa_base = {seg_base_f, seg_base_d, floor_base, nonfinite_base,
-                                      "x86-64", segq_base_f};
+                                      "x86-64", segq_base_f, qcodec_base_f};
 #ifdef RMS_HAVE_V3
 static const rms_isa rms_isa_v3 = {seg_v3_f, seg_v3_d, floor_v3, nonfinite_v3, "x86-64-v3",
-                                    segq_v3_f};
+                                    segq_v3_f, qcodec_v3_f};
 #endif
 static const rms_isa *rms_active = NULL;
 
@@ -590,6 +600,13 @@ RMS_API int rms_fused_step(int64_t nt, const int64_t *numel, void *const *P, voi
                    (flags & FL_MOMENTUM) ? B : NULL, nthreads);
 }
 
+/* The signed decode tables, filled by the first quantized call (same values on every
+ * fill, so a race only writes them twice). */
+static void rms_tables_once(void) {
+    static _Atomic int ready = 0;
+    if (!atomic_load(&ready)) { rms_init_tables(); atomic_store(&ready, 1); }
+}
+
 /* One fused RMSProp step (as rms_fused_step) with block-quantized state: tensor t with
  * VS[t] != NULL stores square_avg as u8 codes (V[t], numel[t] bytes) with float32 scales
  * VS[t] (one per 256 elements, its last block shorter), and grad_avg / momentum_buffer (when
@@ -614,8 +631,7 @@ RMS_API int rms_fused_step_q(int64_t nt, const int64_t *numel, void *const *P, v
         if (VS[t] && ((cen && !MS[t]) || (mom && !BS[t]))) return -2;
         if (VS[t] && b4 && numel[t] % 2) return -3;
     }
-    static _Atomic int tables_ready = 0;
-    if (!atomic_load(&tables_ready)) { rms_init_tables(); atomic_store(&tables_ready, 1); }
+    rms_tables_once();
     const rms_isa *isa = rms_get_isa();
     rms_hyp_f hf;
     rms_job J;
@@ -628,6 +644,20 @@ RMS_API int rms_fused_step_q(int64_t nt, const int64_t *numel, void *const *P, v
     J.hyp = &hf; J.seg = isa->seg_f; J.segq = isa->segq_f;
     J.VS = VS; J.MS = cen ? MS : NULL; J.BS = mom ? BS : NULL; J.qbits = b4 ? 4 : 8;
     return run_job(&J, nt, numel, P, G, V, cen ? M : NULL, mom ? B : NULL, nthreads);
+}
+
+/* The quantized-state codecs of the step on their own, with the active instruction set:
+ * enc = 1 encodes the n float32 values x (blocks of 256, 4-bit: 128; 4-bit n even) into
+ * codes and one scale per block, enc = 0 decodes codes and scales into x. fmt: QF_U8,
+ * QF_S8, QF_U4 or QF_S4. For tests against rmsprop.codecs. Returns 0, -1 for an unknown
+ * format, -3 for a negative or (4-bit) odd n. */
+RMS_API int rms_quant_codec(int fmt, int enc, int64_t n, float *x, uint8_t *codes,
+                            float *scales) {
+    if (fmt < QF_U8 || fmt > QF_S4) return -1;
+    if (n < 0 || ((fmt == QF_U4 || fmt == QF_S4) && n % 2)) return -3;
+    rms_tables_once();
+    rms_get_isa()->qcodec(fmt, enc != 0, n, x, codes, scales);
+    return 0;
 }
 
 /* The bandwidth floor: the same partition, tables and access pattern as rms_fused_step (read

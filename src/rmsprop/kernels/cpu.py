@@ -35,7 +35,7 @@ from typing import Any
 from . import state_flags
 
 __all__ = ["available", "unavailable_reason", "fused_step", "fused_step_quantized",
-           "QBLOCK", "first_nonfinite", "floor",
+           "QBLOCK", "quant_encode", "quant_decode", "first_nonfinite", "floor",
            "floor_call",
            "stream_copy", "stream_triad", "isa", "set_isa", "library_path", "build"]
 
@@ -156,6 +156,8 @@ def _setup(lib: ctypes.CDLL) -> None:
     lib.rms_fused_step_q.argtypes = [i64, vp, vp, vp, vp, vp, vp, vp, vp, vp, i32, i32, i32,
                                      i32, vp, i32, vp, i32]
     lib.rms_fused_step_q.restype = i32
+    lib.rms_quant_codec.argtypes = [i32, i32, i64, vp, vp, vp]
+    lib.rms_quant_codec.restype = i32
     lib.rms_floor.argtypes = [i64, vp, vp, vp, vp, vp, vp, i32, i32, i32, ctypes.c_uint64]
     lib.rms_floor.restype = i32
     lib.rms_first_nonfinite.argtypes = [i64, vp, vp, vp, i32]
@@ -503,6 +505,64 @@ def fused_step_quantized(params: Sequence[Any], grads: Sequence[Any],
         stats.data_ptr() if stats is not None else None, nthreads or torch.get_num_threads())
     if rc != 0:
         raise RuntimeError(f"fused CPU step (quantized state) failed with code {rc}")
+
+
+#: ``rmsprop.codecs`` format name -> (the kernel's format code, elements per scale, per byte)
+_QCODEC = {"u8": (_QF_U8, 256, 1), "s8": (_QF_S8, 256, 1), "u4": (_QF_U4, 128, 2),
+           "s4": (_QF_S4, 128, 2)}
+
+
+def _qformat(fmt: str, n: int) -> tuple[int, int, int]:
+    if fmt not in _QCODEC:
+        raise ValueError(f"quantized codec: fmt must be one of {', '.join(_QCODEC)}, "
+                         f"got {fmt!r}")
+    code, block, per_byte = _QCODEC[fmt]
+    if n % per_byte:
+        raise ValueError(f"quantized codec: {fmt} needs an even element count, got {n}")
+    return code, block, per_byte
+
+
+def quant_encode(x: Any, fmt: str) -> tuple[Any, Any]:
+    """The fused step's own block encoder (the active instruction set's) on its own: the
+    codes (uint8) and block scales (float32) of the flat float32 CPU tensor ``x`` in the
+    ``rmsprop.codecs`` format ``fmt`` (``"u8"``, ``"s8"``, ``"u4"``, ``"s4"``), laid out as
+    :class:`rmsprop.codecs.Quantized`'s. For tests against :func:`rmsprop.codecs.encode`."""
+    import torch
+    lib = _need()
+    if not isinstance(x, torch.Tensor) or x.dtype != torch.float32 or not x.is_cpu:
+        raise TypeError("quant_encode: x must be a float32 CPU tensor")
+    x = x.reshape(-1).contiguous()
+    n = x.numel()
+    code, block, per_byte = _qformat(fmt, n)
+    codes = torch.empty(n // per_byte, dtype=torch.uint8)
+    scales = torch.empty(-(-n // block), dtype=torch.float32)
+    rc = lib.rms_quant_codec(code, 1, n, x.data_ptr(), codes.data_ptr(), scales.data_ptr())
+    if rc != 0:
+        raise RuntimeError(f"quant_encode failed with code {rc}")
+    return codes, scales
+
+
+def quant_decode(codes: Any, scales: Any, fmt: str, n: int) -> Any:
+    """The fused step's own block decoder on its own: the ``n`` float32 values that
+    ``codes`` and ``scales`` (as :func:`quant_encode` returns them) stand for. For tests
+    against :func:`rmsprop.codecs.decode`."""
+    import torch
+    lib = _need()
+    code, block, per_byte = _qformat(fmt, n)
+    if (not isinstance(codes, torch.Tensor) or codes.dtype != torch.uint8 or not codes.is_cpu
+            or not codes.is_contiguous() or codes.numel() != n // per_byte):
+        raise ValueError(f"quant_decode: codes must be a contiguous uint8 CPU tensor of "
+                         f"{n // per_byte} bytes")
+    if (not isinstance(scales, torch.Tensor) or scales.dtype != torch.float32
+            or not scales.is_cpu or not scales.is_contiguous()
+            or scales.numel() != -(-n // block)):
+        raise ValueError(f"quant_decode: scales must be a contiguous float32 CPU tensor of "
+                         f"{-(-n // block)} blocks")
+    out = torch.empty(n, dtype=torch.float32)
+    rc = lib.rms_quant_codec(code, 0, n, out.data_ptr(), codes.data_ptr(), scales.data_ptr())
+    if rc != 0:
+        raise RuntimeError(f"quant_decode failed with code {rc}")
+    return out
 
 
 def first_nonfinite(grads: Sequence[Any]) -> int:

@@ -307,10 +307,11 @@ static void TNAME(seg)(int pdt, int sdt, int spec, int64_t n, const rms_streams 
  *   u encode  s = max(x), y = L^2 * (x / s), k = rint(sqrt(y)) moved by one where y lies
  *             outside [(k - 1/2)^2, (k + 1/2)^2] (ties to even), q = clamp(k - 1, 0, L - 1)
  *   s encode  s = max|x|, k = rint(K * (|x| / s)), negated for x < 0, stored mod 2^bits
- * Codes here are one per byte; 4-bit blocks are unpacked before decoding and packed after
- * encoding (element 2j in the low nibble of byte j). Each encode returns the block's new
- * scale. The division is a true division: the code is defined by the correctly rounded
- * quotient, and a reciprocal multiply can move it. */
+ * The code is defined by the correctly rounded quotient x / s. The portable codecs below
+ * divide; the x86-64-v3 ones (further down) compute the same quotient without the divider,
+ * which the update's own division and sqrt already keep busy.
+ * 4-bit codes: element 2j in the low nibble of byte j. Each encode returns the block's new
+ * scale; its maximum keeps the larger operand when one is a NaN, as `a > s ? a : s` does. */
 static inline __attribute__((always_inline)) void TNAME(dec_u)(
     const uint8_t *restrict c, float s, int64_t n, float *restrict d, const int B4) {
     const float inv = B4 ? 0x1p-8f : 0x1p-16f;
@@ -328,14 +329,11 @@ static inline __attribute__((always_inline)) void TNAME(dec_s)(
     for (int64_t i = 0; i < n; i++) d[i] = s * tab[c[i]];
 }
 
-static inline __attribute__((always_inline)) float TNAME(enc_u)(
-    const float *restrict x, int64_t n, uint8_t *restrict c, const int B4) {
+/* The codes of n values under the block scale s > 0 (the scale itself: enc_max). */
+static inline __attribute__((always_inline)) void TNAME(enc_u_codes)(
+    const float *restrict x, float s, int64_t n, uint8_t *restrict c, const int B4) {
     const float l2 = B4 ? 256.0f : 65536.0f;
     const int top = B4 ? 15 : 255;
-    float s = 0.0f;
-#pragma omp simd reduction(max : s)
-    for (int64_t i = 0; i < n; i++) s = x[i] > s ? x[i] : s;
-    if (!(s > 0.0f)) { memset(c, 0, (size_t)n); return s; }
 #pragma omp simd
     for (int64_t i = 0; i < n; i++) {
         float mg = x[i] > 0.0f ? x[i] : 0.0f;
@@ -349,25 +347,28 @@ static inline __attribute__((always_inline)) float TNAME(enc_u)(
         q = q > top ? top : q;
         c[i] = (uint8_t)q;
     }
-    return s;
 }
 
-static inline __attribute__((always_inline)) float TNAME(enc_s)(
-    const float *restrict x, int64_t n, uint8_t *restrict c, const int B4) {
+static inline __attribute__((always_inline)) void TNAME(enc_s_codes)(
+    const float *restrict x, float s, int64_t n, uint8_t *restrict c, const int B4) {
     const float kmax = B4 ? 7.0f : 127.0f;
     const int mask = B4 ? 0x0f : 0xff;
-    float s = 0.0f;
-#pragma omp simd reduction(max : s)
-    for (int64_t i = 0; i < n; i++) {
-        float a = fabsf(x[i]);
-        s = a > s ? a : s;
-    }
-    if (!(s > 0.0f)) { memset(c, 0, (size_t)n); return s; }
 #pragma omp simd
     for (int64_t i = 0; i < n; i++) {
         int k = (int)rintf(kmax * (fabsf(x[i]) / s));
         k = x[i] < 0.0f ? -k : k;
         c[i] = (uint8_t)(k & mask);
+    }
+}
+
+/* The block scale: max(x) (unsigned map, 0 at least) or max|x| (signed). */
+static inline __attribute__((always_inline)) float TNAME(enc_max)(
+    const float *restrict x, int64_t n, const int SIGNED) {
+    float s = 0.0f;
+#pragma omp simd reduction(max : s)
+    for (int64_t i = 0; i < n; i++) {
+        float a = SIGNED ? fabsf(x[i]) : x[i];
+        s = a > s ? a : s;
     }
     return s;
 }
@@ -385,25 +386,241 @@ static void TNAME(pack4)(const uint8_t *restrict c, int64_t n, uint8_t *restrict
     for (int64_t j = 0; j < n / 2; j++) p[j] = (uint8_t)(c[2 * j] | (c[2 * j + 1] << 4));
 }
 
-/* One stream's codes of a block: decode / encode through an unpacked buffer at 4 bits. */
-#define RMS_QDEC(KIND, codes, scale, len, dst)                                               \
-    do {                                                                                     \
-        if (B4) {                                                                            \
-            TNAME(unpack4)((codes), (len), cq);                                              \
-            TNAME(dec_##KIND)(cq, (scale), (len), (dst), 1);                                 \
-        } else {                                                                             \
-            TNAME(dec_##KIND)((codes), (scale), (len), (dst), 0);                            \
-        }                                                                                    \
-    } while (0)
-#define RMS_QENC(KIND, src, len, codes, scale_out)                                           \
-    do {                                                                                     \
-        if (B4) {                                                                            \
-            (scale_out) = TNAME(enc_##KIND)((src), (len), cq, 1);                            \
-            TNAME(pack4)(cq, (len), (codes));                                                \
-        } else {                                                                             \
-            (scale_out) = TNAME(enc_##KIND)((src), (len), (codes), 0);                       \
-        }                                                                                    \
-    } while (0)
+/* One stream's block, portable: decode codes (packed at 4 bits) into n floats, or encode n
+ * floats into codes and return the new scale. */
+static inline __attribute__((always_inline)) void TNAME(qdec_gen)(
+    const uint8_t *codes, float s, int64_t n, float *restrict d, const int SIGNED,
+    const int B4) {
+    uint8_t cq[RMS_QBLK];
+    const uint8_t *c = codes;
+    if (B4) { TNAME(unpack4)(codes, n, cq); c = cq; }
+    if (SIGNED) TNAME(dec_s)(c, s, n, d, B4);
+    else TNAME(dec_u)(c, s, n, d, B4);
+}
+static inline __attribute__((always_inline)) void TNAME(qenc_gen_codes)(
+    const float *restrict x, float s, int64_t n, uint8_t *codes, const int SIGNED,
+    const int B4) {
+    uint8_t cq[RMS_QBLK];
+    uint8_t *c = B4 ? cq : codes;
+    if (SIGNED) TNAME(enc_s_codes)(x, s, n, c, B4);
+    else TNAME(enc_u_codes)(x, s, n, c, B4);
+    if (B4) TNAME(pack4)(cq, n, codes);
+}
+
+#if defined(RMS_F16C)
+/* x86-64-v3 codecs: 32 elements per round (one ymm of codes at 8 bits, 16 bytes at 4), the
+ * rest of a block through the portable ones, which give the same codes.
+ *
+ * The quotient without a division. With f = 2^(127 - e) for the biased exponent e of s
+ * (0 < e < 253), s' = s * f lies in [1, 2) and x' = x * f; both products are exact (a power
+ * of two; x' may lose bits only below 2^-126, where x / s < 2^-125 and every code is 0 as
+ * for the exact quotient), so x' / s' = x / s. With y = RN(1 / s') (one scalar division
+ * per block):
+ *   q0 = RN(x' * y)                  within about one ulp of x' / s'
+ *   q1 = q0 + RN(x' - s' q0) * y     (two fused multiply-adds): within 1/2 ulp + O(2^-46)
+ *   u  = q1 + RN(x' - s' q1) * y     = RN(x' / s')  exactly
+ * The last line is Markstein's theorem (P. Markstein, IBM J. Res. Dev. 34(1), 1990; J.-M.
+ * Muller et al., Handbook of Floating-Point Arithmetic, ch. "The fused multiply-add"): for
+ * q1 within one ulp of a / b and y within half an ulp of 1 / b, the residual a - b q1 is
+ * exact and q1 + r y rounds to RN(a / b), barring underflow, which the scaling rules out
+ * down to quotients of 2^-100, far below the first code boundary (2^-18). Scales outside
+ * 0 < e < 253 (subnormal, >= 2^126, inf, NaN) take the portable codecs.
+ *
+ * The integer nearest sqrt(y) (unsigned map): any estimate within 1/2 of sqrt(y) puts k
+ * within one of it, and the exact comparisons with (k +- 1/2)^2 settle it; y * rsqrt(y)
+ * is within 2^-11 * 256 of sqrt(y). The comparisons are on the float bits (y and the
+ * squares are >= 0, ordered as integers): "y > hi, or y == hi with k odd" is
+ * bits(y) + odd > bits(hi), "y < lo, or y == lo with k odd" is bits(y) - odd < bits(lo). */
+#define RMS_QV 32
+
+static inline __attribute__((always_inline)) __m256 TNAME(v_quot)(
+    __m256 x, __m256 f, __m256 sp, __m256 y) {
+    const __m256 xs = _mm256_mul_ps(x, f);
+    const __m256 q0 = _mm256_mul_ps(xs, y);
+    const __m256 q1 = _mm256_fmadd_ps(_mm256_fnmadd_ps(sp, q0, xs), y, q0);
+    return _mm256_fmadd_ps(_mm256_fnmadd_ps(sp, q1, xs), y, q1);
+}
+
+/* The unsigned code q = k - 1 (before the clamp at 0, which the packing does) of 8 values;
+ * f includes the factor L^2, so the quotient is y = L^2 * RN(x / s) itself. */
+static inline __attribute__((always_inline)) __m256i TNAME(v_ucode)(
+    __m256 x, __m256 f, __m256 sp, __m256 y) {
+    const __m256 yv = TNAME(v_quot)(_mm256_max_ps(x, _mm256_setzero_ps()), f, sp, y);
+    /* b = floor(est), est = 1 / rsqrt(y) (0 at y = 0): the nearest integer is b or b + 1 */
+    const __m256i b = _mm256_cvttps_epi32(_mm256_rcp_ps(_mm256_rsqrt_ps(yv)));
+    const __m256 h = _mm256_add_ps(_mm256_cvtepi32_ps(b), _mm256_set1_ps(0.5f));
+    const __m256i hb = _mm256_castps_si256(_mm256_mul_ps(h, h));
+    const __m256i odd = _mm256_and_si256(b, _mm256_set1_epi32(1));
+    const __m256i up = _mm256_cmpgt_epi32(_mm256_add_epi32(_mm256_castps_si256(yv), odd), hb);
+    return _mm256_sub_epi32(_mm256_add_epi32(b, _mm256_set1_epi32(-1)), up); /* up: -1 */
+}
+
+/* The signed code k (two's complement, masked to the format's width) of 8 values. */
+static inline __attribute__((always_inline)) __m256i TNAME(v_scode)(
+    __m256 x, __m256 f, __m256 sp, __m256 y, __m256 kmax, __m256i mask) {
+    const __m256 a = _mm256_andnot_ps(_mm256_set1_ps(-0.0f), x);
+    const __m256i k = _mm256_cvtps_epi32(_mm256_mul_ps(kmax, TNAME(v_quot)(a, f, sp, y)));
+    /* negated where the sign bit is set: x < 0, or -0 and a negative NaN, whose k (0 and
+     * INT_MIN, masked to 0) negation leaves */
+    return _mm256_and_si256(_mm256_sign_epi32(k, _mm256_castps_si256(x)), mask);
+}
+
+/* 32 codes (0..255 after the clamp of packus) as 32 bytes in order, from 4 x 8 int32. */
+static inline __attribute__((always_inline)) __m256i TNAME(v_pack32)(__m256i a, __m256i b,
+                                                                    __m256i c, __m256i d) {
+    const __m256i ab = _mm256_packs_epi32(a, b), cd = _mm256_packs_epi32(c, d);
+    return _mm256_permutevar8x32_epi32(_mm256_packus_epi16(ab, cd),
+                                       _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+}
+
+/* 32 4-bit codes (bytes in order) packed into 16 bytes, element 2j in the low nibble. */
+static inline __attribute__((always_inline)) __m128i TNAME(v_nib)(__m256i c) {
+    const __m256i w = _mm256_or_si256(_mm256_and_si256(c, _mm256_set1_epi16(0x0f)),
+                                      _mm256_and_si256(_mm256_srli_epi16(c, 4),
+                                                       _mm256_set1_epi16(0xf0)));
+    return _mm_packus_epi16(_mm256_castsi256_si128(w), _mm256_extracti128_si256(w, 1));
+}
+
+/* 32 codes (32 bytes; at 4 bits 16 packed bytes) as 4 x 8 int32, in element order. */
+static inline __attribute__((always_inline)) void TNAME(v_unpack32)(const uint8_t *c,
+                                                                   __m256i o[4], const int B4,
+                                                                   const int SIGNED) {
+    __m128i lo, hi;
+    if (B4) {
+        const __m128i p = _mm_loadu_si128((const __m128i *)c), m = _mm_set1_epi8(0x0f);
+        const __m128i l = _mm_and_si128(p, m), h = _mm_and_si128(_mm_srli_epi16(p, 4), m);
+        lo = _mm_unpacklo_epi8(l, h);
+        hi = _mm_unpackhi_epi8(l, h);
+    } else {
+        lo = _mm_loadu_si128((const __m128i *)c);
+        hi = _mm_loadu_si128((const __m128i *)(c + 16));
+    }
+    if (SIGNED && !B4) {
+        o[0] = _mm256_cvtepi8_epi32(lo); o[1] = _mm256_cvtepi8_epi32(_mm_srli_si128(lo, 8));
+        o[2] = _mm256_cvtepi8_epi32(hi); o[3] = _mm256_cvtepi8_epi32(_mm_srli_si128(hi, 8));
+    } else {
+        o[0] = _mm256_cvtepu8_epi32(lo); o[1] = _mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8));
+        o[2] = _mm256_cvtepu8_epi32(hi); o[3] = _mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8));
+    }
+    if (SIGNED && B4) /* sign-extend the nibble: (c ^ 8) - 8 */
+        for (int j = 0; j < 4; j++)
+            o[j] = _mm256_sub_epi32(_mm256_xor_si256(o[j], _mm256_set1_epi32(8)),
+                                    _mm256_set1_epi32(8));
+}
+
+static inline __attribute__((always_inline)) void TNAME(qdec)(
+    const uint8_t *codes, float s, int64_t n, float *restrict d, const int SIGNED,
+    const int B4) {
+    const __m256 sv = _mm256_set1_ps(s);
+    const float kf = B4 ? 7.0f : 127.0f;
+    const __m256 kv = _mm256_set1_ps(kf), r = _mm256_set1_ps(1.0f / kf);
+    const __m256i kneg = _mm256_set1_epi32(B4 ? -7 : -127);
+    const __m256 one = _mm256_set1_ps(1.0f), inv = _mm256_set1_ps(B4 ? 0x1p-8f : 0x1p-16f);
+    int64_t i = 0;
+    for (; i + RMS_QV <= n; i += RMS_QV) {
+        __m256i c[4];
+        TNAME(v_unpack32)(codes + (B4 ? i / 2 : i), c, B4, SIGNED);
+        for (int j = 0; j < 4; j++) {
+            __m256 t;
+            if (SIGNED) {
+                /* S[k] = RN(k / K): k * RN(1/K) corrected once (Markstein, as above;
+                 * equal to the table for every code, which the tests check) */
+                const __m256 k = _mm256_cvtepi32_ps(_mm256_max_epi32(c[j], kneg));
+                const __m256 a = _mm256_mul_ps(k, r);
+                t = _mm256_fmadd_ps(_mm256_fnmadd_ps(a, kv, k), r, a);
+            } else {
+                const __m256 q = _mm256_add_ps(_mm256_cvtepi32_ps(c[j]), one);
+                t = _mm256_mul_ps(_mm256_mul_ps(q, q), inv); /* exact */
+            }
+            _mm256_storeu_ps(d + i + 8 * j, _mm256_mul_ps(sv, t));
+        }
+    }
+    if (i < n) TNAME(qdec_gen)(codes + (B4 ? i / 2 : i), s, n - i, d + i, SIGNED, B4);
+}
+
+/* The block's scale and what encoding under it needs (qenc_run). */
+static inline __attribute__((always_inline)) void TNAME(qenc_prep)(
+    const float *restrict x, int64_t n, rms_qenc *E, const int SIGNED, const int B4) {
+    const __m256 signbit = _mm256_set1_ps(-0.0f);
+    __m256 mv[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(),
+                    _mm256_setzero_ps()};
+    int64_t i = 0;
+    for (; i + RMS_QV <= n; i += RMS_QV)
+        for (int j = 0; j < 4; j++) {
+            __m256 a = _mm256_loadu_ps(x + i + 8 * j);
+            if (SIGNED) a = _mm256_andnot_ps(signbit, a);
+            mv[j] = _mm256_max_ps(a, mv[j]); /* a NaN in a keeps mv */
+        }
+    for (; i + 8 <= n; i += 8) {
+        __m256 a = _mm256_loadu_ps(x + i);
+        if (SIGNED) a = _mm256_andnot_ps(signbit, a);
+        mv[0] = _mm256_max_ps(a, mv[0]);
+    }
+    float lanes[8], s = 0.0f;
+    _mm256_storeu_ps(lanes, _mm256_max_ps(_mm256_max_ps(mv[0], mv[1]),
+                                          _mm256_max_ps(mv[2], mv[3])));
+    for (int j = 0; j < 8; j++) s = lanes[j] > s ? lanes[j] : s;
+    for (; i < n; i++) {
+        float a = SIGNED ? fabsf(x[i]) : x[i];
+        s = a > s ? a : s;
+    }
+    E->s = s;
+    if (!(s > 0.0f)) { E->mode = 0; return; }
+    /* s > 0, not NaN: e is its biased exponent; f = 2^(127 - e), times L^2 (2^16, 2^8)
+     * for the unsigned map, whose quotient is then y itself */
+    const uint32_t e = rms_f2bits(s) >> 23, lg = SIGNED ? 0 : B4 ? 8 : 16;
+    if (e <= lg || e >= 253) { E->mode = 1; return; }
+    E->mode = 2;
+    E->sp = s * rms_bits2f((254u - e) << 23);
+    E->f = rms_bits2f((254u + lg - e) << 23);
+    E->y = 1.0f / E->sp;
+}
+
+/* Codes of the elements [lo, lo + n) of a block prepared by qenc_prep (lo: a multiple of
+ * RMS_QV, so that 4-bit codes start on a byte). */
+static inline __attribute__((always_inline)) void TNAME(qenc_run)(
+    const rms_qenc *E, const float *restrict x, int64_t n, uint8_t *codes, const int SIGNED,
+    const int B4) {
+    if (E->mode == 0) { memset(codes, 0, (size_t)(B4 ? n / 2 : n)); return; }
+    if (E->mode == 1) { TNAME(qenc_gen_codes)(x, E->s, n, codes, SIGNED, B4); return; }
+    const __m256 fv = _mm256_set1_ps(E->f), spv = _mm256_set1_ps(E->sp),
+                 y = _mm256_set1_ps(E->y);
+    const __m256 kmax = _mm256_set1_ps(B4 ? 7.0f : 127.0f);
+    const __m256i mask = _mm256_set1_epi32(B4 ? 0x0f : 0xff);
+    int64_t i = 0;
+    for (; i + RMS_QV <= n; i += RMS_QV) {
+        __m256i c[4];
+        for (int j = 0; j < 4; j++) {
+            const __m256 v = _mm256_loadu_ps(x + i + 8 * j);
+            c[j] = SIGNED ? TNAME(v_scode)(v, fv, spv, y, kmax, mask)
+                          : TNAME(v_ucode)(v, fv, spv, y);
+        }
+        const __m256i b = TNAME(v_pack32)(c[0], c[1], c[2], c[3]);
+        if (B4) _mm_storeu_si128((__m128i *)(codes + i / 2), TNAME(v_nib)(b));
+        else _mm256_storeu_si256((__m256i *)(codes + i), b);
+    }
+    if (i < n) TNAME(qenc_gen_codes)(x + i, E->s, n - i, codes + (B4 ? i / 2 : i), SIGNED, B4);
+}
+#undef RMS_QV
+#else
+static inline __attribute__((always_inline)) void TNAME(qdec)(
+    const uint8_t *codes, float s, int64_t n, float *restrict d, const int SIGNED,
+    const int B4) {
+    TNAME(qdec_gen)(codes, s, n, d, SIGNED, B4);
+}
+static inline __attribute__((always_inline)) void TNAME(qenc_prep)(
+    const float *restrict x, int64_t n, rms_qenc *E, const int SIGNED, const int B4) {
+    (void)B4;
+    E->s = TNAME(enc_max)(x, n, SIGNED);
+    E->mode = E->s > 0.0f;
+}
+static inline __attribute__((always_inline)) void TNAME(qenc_run)(
+    const rms_qenc *E, const float *restrict x, int64_t n, uint8_t *codes, const int SIGNED,
+    const int B4) {
+    if (E->mode == 0) memset(codes, 0, (size_t)(B4 ? n / 2 : n));
+    else TNAME(qenc_gen_codes)(x, E->s, n, codes, SIGNED, B4);
+}
+#endif
 
 /* A run of n elements of one tensor whose state is quantized (u square_avg, s grad_avg and
  * momentum_buffer, all 8-bit or all 4-bit), starting on a block boundary: each block is
@@ -418,10 +635,10 @@ static inline __attribute__((always_inline)) void TNAME(segq_bits)(
     const size_t ps = rms_dtsize(pdt);
     const int64_t blk = B4 ? RMS_QBLK / 2 : RMS_QBLK;
     float bp[RMS_QBLK], bg[RMS_QBLK], bv[RMS_QBLK], bm[RMS_QBLK], bb[RMS_QBLK];
-    uint8_t cq[RMS_QBLK];
+    rms_qenc E;
     for (int64_t lo = 0, j = 0; lo < n; lo += blk, j++) {
-        int64_t len = n - lo < blk ? n - lo : blk;
-        int64_t co = B4 ? lo / 2 : lo; /* code bytes before this block */
+        const int64_t len = n - lo < blk ? n - lo : blk;
+        const int64_t co = B4 ? lo / 2 : lo; /* code bytes before this block */
         char *pc = S->p + lo * ps;
         const char *gc = S->g + lo * ps;
         uint8_t *vc = (uint8_t *)S->v + co;
@@ -433,28 +650,36 @@ static inline __attribute__((always_inline)) void TNAME(segq_bits)(
             TNAME(decode)(pdt, pc, NULL, len, bp); TNAME(decode)(pdt, gc, NULL, len, bg);
             pp = bp; gp = bg;
         }
-        RMS_QDEC(u, vc, S->vs[j], len, bv);
+        TNAME(qdec)(vc, S->vs[j], len, bv, 0, B4);
         if (cen) {
-            RMS_QDEC(s, mc, S->ms[j], len, bm);
+            TNAME(qdec)(mc, S->ms[j], len, bm, 1, B4);
+#pragma omp simd
             for (int64_t i = 0; i < len; i++) bv[i] = bv[i] + bm[i] * bm[i];
         }
-        if (mom) RMS_QDEC(s, bc, S->bs[j], len, bb);
+        if (mom) TNAME(qdec)(bc, S->bs[j], len, bb, 1, B4);
         TNAME(dispatch)(spec, len, pp, gp, bv, cen ? bm : NULL, mom ? bb : NULL, h, acc);
         if (!pdir) TNAME(encode)(pdt, pc, NULL, len, bp);
         if (cen) {
-            RMS_QENC(s, bm, len, mc, S->ms[j]);
-            RMS_QDEC(s, mc, S->ms[j], len, bm);
+            TNAME(qenc_prep)(bm, len, &E, 1, B4);
+            TNAME(qenc_run)(&E, bm, len, mc, 1, B4);
+            S->ms[j] = E.s;
+            TNAME(qdec)(mc, E.s, len, bm, 1, B4);
+#pragma omp simd
             for (int64_t i = 0; i < len; i++) {
                 float w = bv[i] - bm[i] * bm[i];
                 bv[i] = w < 0.0f ? 0.0f : w; /* keeps NaN, as the rule's maximum */
             }
         }
-        RMS_QENC(u, bv, len, vc, S->vs[j]);
-        if (mom) RMS_QENC(s, bb, len, bc, S->bs[j]);
+        TNAME(qenc_prep)(bv, len, &E, 0, B4);
+        TNAME(qenc_run)(&E, bv, len, vc, 0, B4);
+        S->vs[j] = E.s;
+        if (mom) {
+            TNAME(qenc_prep)(bb, len, &E, 1, B4);
+            TNAME(qenc_run)(&E, bb, len, bc, 1, B4);
+            S->bs[j] = E.s;
+        }
     }
 }
-#undef RMS_QDEC
-#undef RMS_QENC
 
 /* bits: 8 or 4 (the formats' width, checked by rms_fused_step_q). */
 static void TNAME(segq)(int pdt, int bits, int spec, int64_t n, const rms_streams *S,
@@ -462,6 +687,32 @@ static void TNAME(segq)(int pdt, int bits, int spec, int64_t n, const rms_stream
     const RMS_HYP *h = (const RMS_HYP *)hyp;
     if (bits == 4) TNAME(segq_bits)(pdt, spec, n, S, h, acc, 1);
     else TNAME(segq_bits)(pdt, spec, n, S, h, acc, 0);
+}
+
+/* The codecs alone over a flat array of n values cut into blocks (the step's own encode
+ * and decode, for tests against rmsprop.codecs): enc 1 encodes x into codes and scales,
+ * enc 0 decodes them into x. fmt: QF_U8, QF_S8, QF_U4, QF_S4 (checked by the caller). */
+static void TNAME(qcodec)(int fmt, int enc, int64_t n, float *x, uint8_t *codes,
+                          float *scales) {
+    const int sg = fmt == QF_S8 || fmt == QF_S4, b4 = fmt == QF_U4 || fmt == QF_S4;
+    const int64_t blk = b4 ? RMS_QBLK / 2 : RMS_QBLK;
+    for (int64_t lo = 0, j = 0; lo < n; lo += blk, j++) {
+        const int64_t len = n - lo < blk ? n - lo : blk;
+        uint8_t *c = codes + (b4 ? lo / 2 : lo);
+        rms_qenc E;
+#define RMS_QCODEC(SG, B4)                                                                   \
+    do {                                                                                     \
+        if (!enc) { TNAME(qdec)(c, scales[j], len, x + lo, SG, B4); break; }                 \
+        TNAME(qenc_prep)(x + lo, len, &E, SG, B4);                                           \
+        TNAME(qenc_run)(&E, x + lo, len, c, SG, B4);                                         \
+        scales[j] = E.s;                                                                     \
+    } while (0)
+        if (sg && b4) RMS_QCODEC(1, 1);
+        else if (sg) RMS_QCODEC(1, 0);
+        else if (b4) RMS_QCODEC(0, 1);
+        else RMS_QCODEC(0, 0);
+#undef RMS_QCODEC
+    }
 }
 #endif
 

@@ -24,7 +24,7 @@ from typing import Any
 from . import state_flags
 
 __all__ = ["available", "unavailable_reason", "fused_step", "first_nonfinite", "floor_call",
-           "Table", "launch", "check_into", "hyper_values", "constexpr_flags"]
+           "Table", "launch", "check_into", "advance", "HYPER_SLOTS"]
 
 _reason: str | None = None
 try:
@@ -137,8 +137,9 @@ if triton is not None:
         return tl.load(column_ptr + t).to(tl.pointer_type(like.dtype.element_ty))
 
     @triton.jit
-    def _rmsprop_kernel(tab_ptr, grad_ptrs, hyper_ptr, stats_ptr, stats_bits_ptr, gate_ptr,
-                        n, nchunks, p_like, s_like, GATED: tl.constexpr,
+    def _rmsprop_kernel(tab_ptr, grad_ptrs, hyper_ptr, lr_ptr, c_ptr, scale_ptr, stats_ptr,
+                        stats_bits_ptr, gate_ptr, n, nchunks, p_like, s_like,
+                        GATED: tl.constexpr,
                         CENTERED: tl.constexpr, MOMENTUM: tl.constexpr,
                         WD_COUPLED: tl.constexpr, DECOUPLED: tl.constexpr,
                         NESTEROV: tl.constexpr, EPS_IN_SQRT: tl.constexpr,
@@ -153,11 +154,14 @@ if triton is not None:
             T = tl.float64
         else:
             T = tl.float32
-        # hyper: lr, alpha, eps, wd, mu, c, gmul (sign / grad_scale), float64. Every per-step
-        # constant is its expression evaluated in float64 and rounded once to T, as torch
-        # rounds the Python float it is given (1 - alpha above all: 0.99 -> 0.0099999998,
-        # where 1 - float32(0.99) would be 0.0099999905).
-        lr64 = tl.load(hyper_ptr + 0)
+        # hyper (see HYPER_SLOTS): lr, alpha, eps, wd, mu, c, gmul, 1.0, float64. lr, c and
+        # the grad scale are read through their own pointers: a hyper slot, or a device
+        # tensor (a scheduler's tensor lr, the device-side bias correction, GradScaler's
+        # scale), so nothing is read on the host. Every per-step constant is its expression
+        # evaluated in float64 and rounded once to T, as torch rounds the Python float it is
+        # given (1 - alpha above all: 0.99 -> 0.0099999998, where 1 - float32(0.99) would be
+        # 0.0099999905).
+        lr64 = tl.load(lr_ptr).to(tl.float64)
         alpha64 = tl.load(hyper_ptr + 1)
         wd64 = tl.load(hyper_ptr + 3)
         lr = lr64.to(T)
@@ -165,8 +169,10 @@ if triton is not None:
         eps = tl.load(hyper_ptr + 2).to(T)
         wd = wd64.to(T)
         mu = tl.load(hyper_ptr + 4).to(T)
-        invc = (1.0 / tl.load(hyper_ptr + 5)).to(T)
-        gmul = tl.load(hyper_ptr + 6).to(T)
+        invc = (1.0 / tl.load(c_ptr).to(tl.float64)).to(T)
+        # sign / grad_scale in float64 (IEEE division): 1/scale as the host computes it, or
+        # the host's +-1/scale over the 1.0 of slot 7, unchanged
+        gmul = (tl.load(hyper_ptr + 6) / tl.load(scale_ptr).to(tl.float64)).to(T)
         pdecay = (1.0 - lr64 * wd64).to(T)
         oma = (1.0 - alpha64).to(T)
         one = tl.full((), 1.0, T)
@@ -257,7 +263,7 @@ if triton is not None:
             tl.atomic_add(base + 5, tl.reduce(acc_dom, 0, _SUM).to(tl.float64))
 
     @triton.jit
-    def _nonfinite_kernel(tab_ptr, grad_ptrs, flag_ptr, gate_ptr, n, nchunks, g_like,
+    def _nonfinite_kernel(tab_ptr, grad_ptrs, flag_ptr, gate_ptr, n, nchunks, base, g_like,
                           CHUNK: tl.constexpr, BLOCK: tl.constexpr):
         t, start, end = _chunk(tab_ptr, n, nchunks, CHUNK)
         g_ptr = _pointer(grad_ptrs, t, g_like)
@@ -268,9 +274,23 @@ if triton is not None:
             x = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
             bad = bad | (mask & ((x != x) | (tl.abs(x) == float("inf")))).to(tl.int32)
         hit = tl.reduce(bad, 0, _MAX)
-        if hit > 0:  # the flag ends as the lowest index of a tensor with a bad element
-            tl.atomic_min(flag_ptr, t.to(tl.int32))
+        if hit > 0:  # the flag ends as the lowest (base + index) of a tensor with a bad
+            tl.atomic_min(flag_ptr, (base + t).to(tl.int32))  # element; the gate as 1
             tl.atomic_max(gate_ptr, 1)
+
+    @triton.jit
+    def _advance_kernel(steps_ptr, gate_ptr, count_ptr, n, COUNT: tl.constexpr,
+                        BLOCK: tl.constexpr):
+        # The gated step counts: +1 each unless the gate is set (then the count of skipped
+        # steps, with COUNT, goes up instead). After the step kernel, which reads them.
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < n
+        tripped = tl.load(gate_ptr) != 0
+        s = tl.load(steps_ptr + offs, mask=mask, other=0.0)
+        tl.store(steps_ptr + offs, s + tl.where(tripped, 0.0, 1.0), mask=mask)
+        if COUNT:
+            if tl.program_id(0) == 0:
+                tl.store(count_ptr, tl.load(count_ptr) + tl.where(tripped, 1, 0).to(tl.int64))
 
     @triton.jit
     def _floor_kernel(tab_ptr, grad_ptrs, n, nchunks, p_like, s_like, HAS_M: tl.constexpr,
@@ -296,14 +316,26 @@ if triton is not None:
 _SUPPORTED = ("float32", "float64", "float16", "bfloat16")
 
 
+#: The per-step float64 values the step kernel reads, in order, after the gradient pointers:
+#: ``lr, alpha, eps, weight_decay, momentum, c`` (``1 - alpha^t``), ``gmul`` (the gradient
+#: multiplier: +-1/grad_scale, or +-1 when the scale is read from the device) and ``1.0``
+#: (the divisor of ``gmul`` when no device scale is given).
+HYPER_SLOTS = 8
+
+
 class Table:
     """Where one launch finds its tensors. A static int64 device tensor laid out as
     ``[P | V | M | B | numel]`` (``n`` entries each: data pointers and element counts), then
     the chunk list ``[tensor index | first element]`` (``nchunks`` each), copied to the device
-    once; and per step a small one, ``[G | hyperparameters as float64 bits]``, the only part
-    that changes between steps (a pinned, asynchronous copy on CUDA). One program updates one
+    once; and a persistent per-step one, ``dyn = [G | hyperparameters as float64 bits]``
+    (:data:`HYPER_SLOTS`), the only part that changes between steps. One program updates one
     chunk of ``CHUNK`` elements, so a thousand small tensors and one huge one both take a
-    single launch."""
+    single launch.
+
+    ``dyn`` keeps its address for the table's life (a captured CUDA graph replays with it)
+    and is rewritten only when the gradients' pointers or the hyperparameters changed: from
+    a host mirror, through a fresh pinned staging buffer and an asynchronous copy on CUDA
+    (never a pageable one, which waits for the device)."""
 
     def __init__(self, ptrs: Sequence[Sequence[int]], numels: Sequence[int],
                  device: Any) -> None:
@@ -323,75 +355,67 @@ class Table:
         host[5 * n + self.nchunks:] = first * CHUNK
         self.static = torch.from_numpy(host).to(device)
         self._pin = torch.device(device).type == "cuda"
-        self._last: tuple[Any, Any, Any] | None = None
+        self._mirror = np.zeros(n + HYPER_SLOTS, dtype=np.int64)
+        self._mirror_t = torch.from_numpy(self._mirror)  # the mirror's memory, as a tensor
+        self.dyn = torch.zeros(n + HYPER_SLOTS, dtype=torch.int64, device=device)
+        self.hyper = self.dyn[n:].view(torch.float64)
+        self._grads: bytes | None = None
+        self._values: tuple | None = None
+        self._kept: list = []  # staging buffers a captured graph copies from
         self._first_bad: Any = None
 
-    def upload(self, grads: Sequence[int], hyper: Sequence[float] | None = None
-               ) -> tuple[Any, Any]:
-        """The per-step part on the device: (gradient pointers, hyperparameters). Reused
-        as it is when neither changed since the last call (a training loop whose gradients
-        stay where they are and whose learning rate is constant copies nothing)."""
+    def upload(self, grads: Any, hyper: Sequence[float] | None = None) -> tuple[Any, Any]:
+        """The per-step part on the device, ``(dyn, hyper)``, holding these gradient
+        pointers (an ``array.array("Q")`` or a sequence of ints) and, if given, these
+        :data:`HYPER_SLOTS` values. Nothing is copied when neither changed since the last
+        call (a training loop whose gradients stay where they are and whose learning rate
+        is constant, or lives in a device tensor, copies nothing)."""
         import numpy as np
         import torch
-        key = (bytes(np.asarray(grads, dtype=np.uint64)),
-               None if hyper is None else tuple(hyper))
-        last = self._last
-        # the check (hyper=None) reads only the gradient pointers: any upload with them will do
-        if last is not None and last[0][0] == key[0] and (hyper is None or last[0][1] == key[1]):
-            return last[1], last[2]
-        dyn = torch.zeros(self.n + 8, dtype=torch.int64, pin_memory=self._pin)
-        view = dyn.numpy()
-        view[:self.n] = np.frombuffer(key[0], dtype=np.int64)
-        if hyper is not None:
-            view[self.n:self.n + 7] = np.asarray(hyper, dtype=np.float64).view(np.int64)
-        dev = dyn.to(self.device, non_blocking=True)
-        out = (dev, dev[self.n:].view(torch.float64))
-        self._last = (key, *out)
-        return out
+        key = (np.asarray(grads, dtype=np.uint64).tobytes() if isinstance(grads, (list, tuple))
+               else bytes(grads))
+        values = None if hyper is None else tuple(hyper)
+        if key == self._grads and (values is None or values == self._values):
+            return self.dyn, self.hyper
+        self._mirror[:self.n] = np.frombuffer(key, dtype=np.int64)
+        if values is not None:
+            self._mirror[self.n:] = np.asarray(values, dtype=np.float64).view(np.int64)
+        staging = torch.empty(self.n + HYPER_SLOTS, dtype=torch.int64, pin_memory=self._pin)
+        staging.copy_(self._mirror_t)
+        self.dyn.copy_(staging, non_blocking=True)
+        if self._pin and torch.cuda.is_current_stream_capturing():
+            self._kept.append(staging)  # replays copy from it: it must never be reused
+        self._grads = key
+        if values is not None:
+            self._values = values
+        return self.dyn, self.hyper
 
     def first_nonfinite(self, grads: Any, g_like: Any) -> int:
         """Index of the first tensor whose gradient holds inf or NaN, -1 if none: one launch
-        into a persistent one-element flag, and one host sync to read it."""
+        into a persistent ``[gate, first bad]`` pair, and one host sync to read it."""
         import torch
         if self.nchunks == 0:
             return -1
         if self._first_bad is None:
-            self._first_bad = torch.empty(1, dtype=torch.int32, device=self.device)
-        flag = self._first_bad
-        flag.fill_(self.n)
-        _nonfinite_kernel[(self.nchunks,)](self.static, grads, flag, flag, self.n,
-                                           self.nchunks, g_like, CHUNK=CHUNK, BLOCK=BLOCK)
-        bad = int(flag.item())
+            self._first_bad = torch.empty(2, dtype=torch.int32, device=self.device)
+        flags = self._first_bad
+        flags[0] = 0
+        flags[1] = self.n
+        check_into(self, grads, g_like, flags)
+        bad = int(flags[1].item())
         return -1 if bad >= self.n else bad
 
 
-def constexpr_flags(centered: bool, use_mom: bool, weight_decay: float, decoupled: bool,
-                    nesterov: bool, eps_in_sqrt: bool, lr_in_momentum: bool, stats: bool,
-                    math64: bool) -> dict:
-    """The step kernel's compile-time options (each combination is its own kernel)."""
-    return dict(CENTERED=centered, MOMENTUM=use_mom,
-                WD_COUPLED=weight_decay != 0 and not decoupled,
-                DECOUPLED=weight_decay != 0 and bool(decoupled),
-                NESTEROV=bool(nesterov) and use_mom, EPS_IN_SQRT=bool(eps_in_sqrt),
-                LR_IN_MOMENTUM=bool(lr_in_momentum), STATS=stats, MATH64=math64)
-
-
-def hyper_values(lr: float, alpha: float, eps: float, weight_decay: float, momentum: float,
-                 bias_correction: float, grad_scale: float | None, maximize: bool
-                 ) -> list[float]:
-    """The seven float64 hyperparameters the kernel reads, in its order."""
-    inv = 1.0 if grad_scale is None else 1.0 / float(grad_scale)
-    # AMP's inverse scale is a float32 number; the sign of maximize is exact either way
-    return [float(lr), float(alpha), float(eps), float(weight_decay), float(momentum),
-            float(bias_correction), -inv if maximize else inv]
-
-
 def launch(table: Table, grads: Any, hyper: Any, p_like: Any, s_like: Any, flags: dict,
-           stats: Any = None, gate: Any = None) -> None:
+           stats: Any = None, gate: Any = None, lr: Any = None, c: Any = None,
+           scale: Any = None) -> None:
     """One launch of the step over every chunk of ``table``, with the step's part of it
     (``grads``, ``hyper``) from :meth:`Table.upload`; ``stats`` as in :func:`fused_step`.
-    With ``gate`` (an int32 device flag, see :func:`check_into`) the kernel writes nothing
-    when the gate is set."""
+    With ``gate`` (a one-element device tensor of any dtype: the check's flag, see
+    :func:`check_into`, or GradScaler's ``found_inf``) the kernel writes nothing when it is
+    nonzero. ``lr`` (one element), ``c`` (``1 - alpha^t``, one element) and ``scale`` (the
+    gradients' scale, one element) are device tensors read in the kernel instead of their
+    slots of ``hyper``; with ``scale``, ``hyper``'s ``gmul`` slot holds just the sign."""
     if table.nchunks == 0:
         if stats is not None:
             _reset_stats(stats)
@@ -404,18 +428,34 @@ def launch(table: Table, grads: Any, hyper: Any, p_like: Any, s_like: Any, flags
     # no contraction of the kernel's separate multiplies and adds into fused multiply-adds:
     # the rounding of each operation is part of the rule (the interpreter never contracts)
     exact = {} if _interpret() else {"enable_fp_fusion": False}
-    _rmsprop_kernel[(table.nchunks,)](table.static, grads, hyper, st, sb,
-                                      hyper if gate is None else gate, table.n,
-                                      table.nchunks, p_like, s_like, GATED=gate is not None,
-                                      **flags, CHUNK=CHUNK, BLOCK=BLOCK, **exact)
+    _rmsprop_kernel[(table.nchunks,)](
+        table.static, grads, hyper, hyper if lr is None else lr,
+        hyper[5:] if c is None else c, hyper[7:] if scale is None else scale, st, sb,
+        hyper if gate is None else gate, table.n, table.nchunks, p_like, s_like,
+        GATED=gate is not None, **flags, CHUNK=CHUNK, BLOCK=BLOCK, **exact)
 
 
-def check_into(table: Table, grads: Any, g_like: Any, gate: Any) -> None:
-    """Queue the inf/NaN check of the gradients in ``table``: it sets the int32 device flag
-    ``gate`` to 1 if any element is inf or NaN (no host sync; ``gate`` is not cleared)."""
-    if table.nchunks:  # the gate doubles as the first-bad flag, which ends 1 (max after min)
-        _nonfinite_kernel[(table.nchunks,)](table.static, grads, gate, gate, table.n,
-                                            table.nchunks, g_like, CHUNK=CHUNK, BLOCK=BLOCK)
+def check_into(table: Table, grads: Any, g_like: Any, flags: Any, base: int = 0) -> None:
+    """Queue the inf/NaN check of the gradients in ``table`` into ``flags``, a two-element
+    int32 device tensor ``[gate, first bad]``: a tensor holding an inf or NaN sets the gate
+    to 1 and lowers ``first bad`` to ``base`` + its index. No host sync, nothing cleared:
+    the tables of one step share one pair, each with its own ``base``."""
+    if table.nchunks:
+        _nonfinite_kernel[(table.nchunks,)](table.static, grads, flags[1:], flags, table.n,
+                                            table.nchunks, base, g_like, CHUNK=CHUNK,
+                                            BLOCK=BLOCK)
+
+
+def advance(steps: Any, gate: Any, skipped: Any = None) -> None:
+    """Add 1 to each element of the float32 device tensor ``steps`` unless ``gate`` (one
+    element, any dtype) is nonzero, when ``skipped`` (one int64 element), if given, counts
+    the step instead. One launch, no host read."""
+    n = steps.numel()
+    if n:
+        _advance_kernel[(-(-n // BLOCK),)](steps, gate, steps if skipped is None else skipped,
+                                           n, COUNT=skipped is not None, BLOCK=BLOCK)
+    elif skipped is not None:
+        skipped.add_((gate.reshape(-1)[:1] != 0).to(skipped.dtype))
 
 
 def _reset_stats(stats: Any) -> None:

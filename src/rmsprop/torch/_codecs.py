@@ -39,7 +39,9 @@ Optional, for formats whose keys are stored together (a quantized ``square_avg``
 ``v - m^2`` needs ``grad_avg`` to decode): ``codec.decode_all(state, keys, dtype) -> {key:
 tensor}`` and ``codec.encode_all_(state, {key: tensor})``; the paths call them instead of
 the per-key methods when a codec has them. A decoded tensor may be flat: the paths view it
-as the param's (real) shape.
+as the param's (real) shape. ``codec.export(entry, p) -> dict`` (optional) is a param's state
+entry as a state dict holds it, when that differs from what the live state holds (a quantized
+codec's sharded codes become DTensors, one row per shard); ``check`` and ``load`` accept both.
 
 :func:`resolve` maps the optimizer's ``state_dtype`` option and a param's real dtype to a
 codec; :func:`register` adds a named format (``register("8bit", factory)``), after which

@@ -38,8 +38,8 @@ from ._paths import Hyper
 QUANTIZED_FORMATS = {"8bit": ("_QF_U8", "_QF_S8", "_QF_S8"),
                      "4bit": ("_QF_U4", "_QF_S4", "_QF_S4")}
 
-__all__ = ["Plan", "CpuPlan", "CudaPlan", "plan_for", "pack", "hyper_of", "FLAGS",
-           "QUANTIZED_FORMATS", "scale_table"]
+__all__ = ["Plan", "CpuPlan", "CudaPlan", "DeviceGate", "plan_for", "pack", "hyper_of",
+           "FLAGS", "QUANTIZED_FORMATS", "scale_table"]
 
 #: The kernels' option flags, by name (the C kernel's bit values are in its loader).
 FLAGS = ("CENTERED", "MOMENTUM", "WD_COUPLED", "NESTEROV", "EPS_IN_SQRT", "LR_IN_MOMENTUM",
@@ -98,6 +98,8 @@ class Plan:
     the state in one float dtype (the params' or float32)."""
 
     gated = False  # see CudaPlan
+    steps_device: torch.device | None = None  # where bind() keeps the step counts (None:
+    # where the states keep them)
 
     def __init__(self, params: Sequence[Tensor], square_avgs: Sequence[Tensor],
                  grad_avgs: Sequence[Tensor] | None,
@@ -119,6 +121,7 @@ class Plan:
         self.version = -1
         self.convert = False  # gradients need real() (complex or sharded params)
         self.validated: tuple | None = None  # the group's options when last validated
+        self.last_rows: Tensor | None = None  # the last statistics of a GradScaler step
 
     @staticmethod
     def accepts(codec: Codec, p_dtype: torch.dtype, device_type: str = "cpu") -> str | None:
@@ -149,6 +152,8 @@ class Plan:
         self.version = version
         self.convert = any(p.is_complex() or hasattr(p, "to_local") for p in group_params)
         steps = torch.stack([st["step"].reshape(()).to(torch.float32) for st in states])
+        if self.steps_device is not None:
+            steps = steps.to(self.steps_device)
         for i, st in enumerate(states):  # views: one add_ advances every param's step
             st["step"] = steps[i]
         self.steps = steps
@@ -279,12 +284,18 @@ class CpuPlan(Plan):
 
 class CudaPlan(Plan):
     """A plan over CUDA tensors (CPU tensors under ``TRITON_INTERPRET=1``): the pointer
-    tables live in a Triton :class:`~rmsprop.kernels.triton.Table` on the device, refreshed
-    per step with the gradients' pointers and the hyperparameters in one host-to-device copy;
-    the check and the step are one launch each. The check is *gated*: it raises a device
-    flag (the gate) that the step kernel reads, doing nothing when it is set, so check and
-    step are queued together and the host syncs once, after both, to learn whether the step
-    happened."""
+    tables live in a Triton :class:`~rmsprop.kernels.triton.Table` on the device, its
+    per-step part rewritten only when the gradients' pointers or the hyperparameters change;
+    the check and the step are one launch each, and the bound group's step counts live on
+    the device.
+
+    The plan is *gated*: the check raises a device flag (the gate, of a
+    :class:`DeviceGate`) that the step kernel reads, doing nothing when it is set, and the
+    step counts advance only when it is clear, so check and step are queued together and
+    nothing on the host has to wait for the verdict. The learning rate (a tensor), the bias
+    correction ``1 - alpha^t`` (from the device step count) and GradScaler's scale and
+    ``found_inf`` (the gate) can all be read on the device: a step then reads nothing on the
+    host, and ``torch.cuda.graph`` can capture it."""
 
     gated = True
 
@@ -297,6 +308,7 @@ class CudaPlan(Plan):
         self.p_like = params[0] if self.n else None
         self.s_like = square_avgs[0] if self.n else None
         self.device = params[0].device if self.n else torch.device("cpu")
+        self.steps_device = self.device
         self.math64 = self.p_dtype == torch.float64
         self.table = tk.Table((self.P, self.V, self.M if self.M is not None else self.V,
                                self.B if self.B is not None else self.V), self.numel,
@@ -304,33 +316,114 @@ class CudaPlan(Plan):
 
     def first_nonfinite(self, G: array.array) -> int:
         gdev, _ = self.table.upload(G)
-        return self.table.first_nonfinite(gdev, self.p_like)  # a checked step's one sync
+        return self.table.first_nonfinite(gdev, self.p_like)  # one sync
 
     def new_stats(self) -> Tensor:
         return torch.empty(self.n, 6, dtype=torch.float64, device=self.device)
 
-    def new_gate(self) -> Tensor:
-        """A zeroed int32 flag on this plan's device (shared by the plans of one step)."""
-        return torch.zeros(1, dtype=torch.int32, device=self.device)
-
-    def check(self, G: array.array, gate: Tensor) -> None:
-        """Queue the inf/NaN check of the gradients; it sets ``gate`` if it finds one."""
+    def check(self, G: array.array, gate: DeviceGate, base: int = 0) -> None:
+        """Queue the inf/NaN check of the gradients into ``gate`` (a tensor holding one
+        sets the gate and names itself as ``base`` + its index, if the lowest so far)."""
         gdev, _ = self.table.upload(G)
-        self._tk.check_into(self.table, gdev, self.p_like, gate)
+        self._tk.check_into(self.table, gdev, self.p_like, gate.flags, base)
 
     def run(self, G: array.array, h: Hyper, stats: Tensor | None = None,
-            gate: Tensor | None = None) -> None:
+            gate: Tensor | None = None, *, lr: Tensor | None = None,
+            scale: Tensor | None = None, c: Tensor | None = None) -> None:
+        """The kernel, reading ``lr``, ``scale`` (the gradients' scale: ``h.inv_scale`` is
+        then ignored) and ``c`` (float64 ``1 - alpha^t``) from these one-element device
+        tensors where given, else from ``h``; ``gate`` as in
+        :func:`rmsprop.kernels.triton.launch`."""
         tk = self._tk
         on, values = pack(h)
-        # the kernel folds maximize into the gradient multiplier (its sign is exact)
-        inv = -values[6] if "MAXIMIZE" in on else values[6]
-        gdev, hyper = self.table.upload(G, [*values[:6], inv])
+        # the kernel folds maximize into the gradient multiplier (its sign is exact) and
+        # divides it by the scale; a placeholder stands in a slot read from the device, so
+        # a device value that changes never makes the host upload the table again
+        sign = -1.0 if "MAXIMIZE" in on else 1.0
+        gmul = sign if scale is not None else sign * values[6]
+        gdev, hyper = self.table.upload(G, [0.0 if lr is not None else values[0],
+                                            *values[1:5], 1.0 if c is not None else values[5],
+                                            gmul, 1.0])
         flags = dict(CENTERED="CENTERED" in on, MOMENTUM="MOMENTUM" in on,
                      WD_COUPLED="WD_COUPLED" in on, DECOUPLED="DECOUPLED" in on,
                      NESTEROV="NESTEROV" in on, EPS_IN_SQRT="EPS_IN_SQRT" in on,
                      LR_IN_MOMENTUM="LR_IN_MOMENTUM" in on, STATS=stats is not None,
                      MATH64=self.math64)
-        tk.launch(self.table, gdev, hyper, self.p_like, self.s_like, flags, stats, gate)
+        tk.launch(self.table, gdev, hyper, self.p_like, self.s_like, flags, stats, gate,
+                  lr=lr, c=c, scale=scale)
+
+    def step(self, G: array.array, h: Hyper, stats: Tensor | None = None,
+             gate: Tensor | None = None, *, lr: Tensor | None = None,
+             scale: Tensor | None = None, bias: bool = False,
+             skipped: Tensor | None = None) -> None:
+        """:meth:`run`, then advance the bound group's step counts unless ``gate`` is set
+        (``skipped``, a one-element int64 device tensor, then counts the step). ``bias``:
+        ``c = 1 - alpha^t`` from the device step count (``t`` = the first count + 1; the
+        optimizer binds a bias-corrected group only when its counts agree), in float64 as
+        the host computes it (``torch.pow``), instead of ``h.c``."""
+        c = None
+        if bias:
+            if self.steps is None:
+                raise ValueError("a bias-corrected device step needs a bound plan (bind())")
+            c = torch.rsub(torch.pow(h.alpha, self.steps[:1].to(torch.float64) + 1), 1.0)
+        self.run(G, h, stats, gate, lr=lr, scale=scale, c=c)
+        if self.steps is None:
+            return
+        if gate is None:
+            self.steps.add_(1)
+        else:
+            self._tk.advance(self.steps, gate, skipped)
+
+
+class DeviceGate:
+    """One device's verdict on a step's gradients, on the device: ``flags`` is the int32
+    pair ``[gate, first bad]`` (see :func:`rmsprop.kernels.triton.check_into`), ``skipped``
+    an int64 count of the steps it skipped. :meth:`publish` copies the pair to pinned host
+    memory without waiting (``non_blocking``, with a CUDA event; on CPU tensors a plain
+    copy), so the host reads the verdict later, when the copy has long arrived. Every
+    tensor keeps its address: a captured graph resets, sets and counts the same ones."""
+
+    NONE_BAD = 2 ** 31 - 1  # "first bad" when no tensor was
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = torch.device(device)
+        cuda = self.device.type == "cuda"
+        self.flags = torch.zeros(2, dtype=torch.int32, device=self.device)
+        # filled on the device: a host-to-device copy of a small tensor would wait for it
+        self._clear = torch.full((2,), self.NONE_BAD, dtype=torch.int32, device=self.device)
+        self._clear[0] = 0
+        self.skipped = torch.zeros(1, dtype=torch.int64, device=self.device)
+        self.host = torch.zeros(2, dtype=torch.int32, pin_memory=cuda)
+        self._view = self.host.numpy()  # read through NumPy: host memory, no tensor op
+        self.event = torch.cuda.Event() if cuda else None
+
+    def reset(self) -> None:
+        """Clear the verdict (queued on the device, before the step's checks)."""
+        self.flags.copy_(self._clear)
+
+    def publish(self) -> None:
+        """Queue the copy of the verdict to host memory (no wait)."""
+        self.host.copy_(self.flags, non_blocking=True)
+        if self.event is not None:
+            self.event.record()
+
+    def arrived(self) -> bool:
+        """Whether the last :meth:`publish` has reached host memory (never waits)."""
+        return self.event is None or bool(self.event.query())
+
+    def first_bad(self, wait: bool = True) -> int | None:
+        """The published verdict: ``base`` + index of the first tensor that held inf or NaN,
+        or None when the step was clean. ``wait`` waits for the copy (a wait on that event
+        only, not on the device's later work)."""
+        if wait and self.event is not None:
+            self.event.synchronize()
+        return int(self._view[1]) if self._view[0] else None
+
+    def read_now(self) -> int | None:
+        """:meth:`first_bad` of the verdict on the device now (waits for the device: for the
+        immediate ``raise_now`` and for a step replayed in a captured graph)."""
+        self.host.copy_(self.flags)
+        return int(self._view[1]) if self._view[0] else None
 
 
 def plan_for(device_type: str) -> type[Plan] | None:

@@ -96,6 +96,114 @@ def _size(p: Tensor) -> int:
     return real(p).numel()
 
 
+# -- sharded params (FSDP2's DTensors) ---------------------------------------------------------
+#
+# Each rank quantizes its own shard: blocks start at the shard's start, so a block never spans
+# two ranks and no step needs a collective. In memory the codes and scales are plain tensors of
+# the local shard. In a state dict (:func:`export`) they become DTensors of shape ``(S, L)``, one
+# row per shard (``S`` shards, each row padded with zeros to the longest shard's ``L``), so that
+# ``torch.distributed.checkpoint`` saves every rank's row: a plain tensor there counts as
+# replicated and only one rank's copy would be saved. The block layout follows the shard
+# boundaries, so such a state loads at the same sharding only; another sharding is refused with
+# the route that works (a full-precision state dict, quantized again on load).
+
+
+def _is_dtensor(t: Any) -> bool:
+    return hasattr(t, "device_mesh") and hasattr(t, "to_local")
+
+
+def _shards(p: Tensor) -> tuple[list[int], int]:
+    """For a DTensor param: the real element count of each of its distinct shards (row-major
+    over the sharded mesh dimensions) and the index of this rank's shard. Placements other
+    than ``Replicate`` and ``Shard`` raise ``ValueError``: their local pieces are not a
+    contiguous range of rows."""
+    from torch.distributed.tensor.placement_types import Shard
+
+    mesh, placements = p.device_mesh, p.placements  # type: ignore[attr-defined]
+    dims = []
+    for i, pl in enumerate(placements):
+        if pl.is_replicate():
+            continue
+        if type(pl) is not Shard:
+            raise ValueError(f"quantized state of a DTensor placed as {tuple(placements)}: "
+                             "only Replicate and Shard placements are supported")
+        dims.append((i, pl.dim))
+    sizes = [mesh.size(i) for i, _ in dims]
+    coord = mesh.get_coordinate()
+    mine = 0
+    for (i, _), size in zip(dims, sizes):
+        mine = mine * size + (coord[i] if coord is not None else 0)
+    counts = []
+    for flat in range(int(np.prod(sizes, dtype=np.int64)) if sizes else 1):
+        at, rest = [], flat
+        for size in reversed(sizes):
+            at.append(rest % size)
+            rest //= size
+        shape = list(p.shape)
+        for (_, d), size, c in zip(dims, sizes, reversed(at)):
+            shape[d] = Shard.local_shard_size_and_offset(shape[d], size, c)[0]
+        counts.append(int(np.prod(shape, dtype=np.int64)) * (2 if p.is_complex() else 1))
+    return counts, mine
+
+
+def _quantizes(p: Tensor, name: str) -> bool:
+    """Whether format ``name`` quantizes ``p``'s state. A sharded param's is quantized only
+    if every shard's is, so that all ranks store one kind of state (a checkpoint holds one
+    kind per key)."""
+    if _is_dtensor(p):
+        return all(spec_codecs.quantizes(n, name) for n in _shards(p)[0])
+    return spec_codecs.quantizes(_size(p), name)
+
+
+def _row_lengths(p: Tensor, fmt: str) -> tuple[int, int, int, int]:
+    """``(S, codes, scales, shard)`` of a sharded param in format ``fmt``: the shard count,
+    the longest shard's code bytes and block count (a state dict's row lengths), and this
+    rank's shard index."""
+    f = spec_codecs.FORMATS[fmt]
+    counts, mine = _shards(p)
+    return (len(counts), max(n * f.bits // 8 for n in counts),
+            max(-(-n // f.block) for n in counts), mine)
+
+
+def _as_row(x: Tensor, p: Tensor, length: int, shards: int) -> Tensor:
+    """Flat local ``x`` as this rank's row of an ``(shards, length)`` DTensor on ``p``'s mesh
+    (zero padded; a copy, so the state dict never aliases the padding into the live state)."""
+    from torch.distributed.tensor import DTensor, Replicate, Shard
+
+    row = x.new_zeros(1, length)
+    row[0, : x.numel()] = x
+    placements = [Replicate() if pl.is_replicate() else Shard(0)
+                  for pl in p.placements]  # type: ignore[attr-defined]
+    return DTensor.from_local(row, p.device_mesh,  # type: ignore[attr-defined]
+                              placements, run_check=False,
+                              shape=torch.Size((shards, length)), stride=(length, 1))
+
+
+def _local_param(p: Tensor) -> Tensor:
+    """``p``'s local shard (``p`` itself when it is not a DTensor), complex kept."""
+    return p.to_local() if _is_dtensor(p) else p  # type: ignore[attr-defined]
+
+
+def _local(t: Any) -> Any:
+    return t.to_local() if _is_dtensor(t) else t
+
+
+def _wrap_like(t: Tensor, p: Tensor) -> Tensor:
+    """Local ``t`` (shaped like ``p``'s local shard) as a DTensor sharded like ``p``."""
+    from torch.distributed.tensor import DTensor
+    return DTensor.from_local(t, p.device_mesh, p.placements,  # type: ignore[attr-defined]
+                              run_check=False, shape=p.shape, stride=p.stride())
+
+
+def _like_param(x: Tensor, p: Tensor) -> Tensor:
+    """Flat real ``x`` of ``p``'s local shard shaped like ``p`` (complex for complex params),
+    as a DTensor sharded like ``p`` when ``p`` is one."""
+    x = x.view(real(p).shape)
+    if p.is_complex():
+        x = torch.view_as_complex(x.contiguous())
+    return _wrap_like(x, p) if _is_dtensor(p) else x
+
+
 class QuantizedCodec:
     """The ``"8bit"`` / ``"4bit"`` storage of :mod:`rmsprop.codecs` behind the codec seam
     (its contract: :mod:`rmsprop.torch._codecs`). Small tensors (and, in 4 bits, odd ones)
@@ -125,7 +233,7 @@ class QuantizedCodec:
         return (key, key + "_scale")
 
     def quantizes(self, p: Tensor) -> bool:
-        return spec_codecs.quantizes(_size(p), self.name)
+        return _quantizes(p, self.name)
 
     @staticmethod
     def _is_codes(state: dict, key: str) -> bool:
@@ -133,8 +241,8 @@ class QuantizedCodec:
         return t is not None and t.dtype == torch.uint8
 
     def init(self, key: str, p: Tensor, fill: float) -> dict[str, Tensor]:
-        if not self.quantizes(p):
-            return self.full.init(key, p, fill)
+        if not self.quantizes(p):  # a sharded param's local shard: see export()
+            return self.full.init(key, _local_param(p), fill)
         r = real(p)
         codes, scales = encode(torch.full((r.numel(),), fill, dtype=torch.float32,
                                           device=r.device), self.formats[key])
@@ -222,11 +330,84 @@ class QuantizedCodec:
 
     # -- state dicts --------------------------------------------------------------------------
 
+    def export(self, entry: dict, p: Tensor) -> dict:
+        """``entry`` as a state dict holds it: for a sharded param, each quantized key's codes
+        and scales as this rank's row of ``(S, L)`` DTensors (see :func:`_as_row`) and each
+        full-precision one as a DTensor sharded like the param; else ``entry`` itself. The
+        live state (plain tensors of the local shard) is not changed."""
+        if not _is_dtensor(p):
+            return entry
+        out = dict(entry)
+        for key in STATE_KEYS:
+            t = entry.get(key)
+            if not isinstance(t, Tensor) or _is_dtensor(t):
+                continue
+            if t.dtype == torch.uint8:
+                shards, codes, blocks, _ = _row_lengths(p, self.formats[key])
+                out[key] = _as_row(t, p, codes, shards)
+                out[key + "_scale"] = _as_row(entry[key + "_scale"], p, blocks, shards)
+            else:  # kept in full precision: sharded like the param, as a float codec's
+                out[key] = _wrap_like(t, p)
+        return out
+
+    def _rows(self, key: str, entry: dict, p: Tensor) -> tuple[str | None, str | None]:
+        """For ``key``'s codes saved as DTensor rows (:meth:`export`): (the quantized format
+        whose row lengths they have at ``p``'s sharding, or None; why they do not fit)."""
+        t: Any = entry[key]
+        scale: Any = entry.get(key + "_scale")
+        if not _is_dtensor(scale) or scale.dtype != torch.float32 or t.dim() != 2 \
+                or scale.dim() != 2 or scale.shape[0] != t.shape[0]:
+            return None, (f"holds sharded codes without a matching {key + '_scale'!r} "
+                          "(a float32 DTensor with one row per shard)")
+        saved = f"codes {tuple(t.shape)}, scales {tuple(scale.shape)}"
+        if not _is_dtensor(p):
+            return None, (f"was quantized in {t.shape[0]} shards ({saved}) and the parameter "
+                          f"is not sharded: {_RESHARD}")
+        for name, fmts in spec_codecs.QUANTIZED.items():
+            if _quantizes(p, name):
+                shards, codes, blocks, _ = _row_lengths(p, fmts[key])
+                if tuple(t.shape) == (shards, codes) and tuple(scale.shape) == (shards, blocks):
+                    return name, None
+        if not self.quantizes(p):
+            return None, (f"was quantized in {t.shape[0]} shards ({saved}); this optimizer "
+                          f"keeps the parameter's {key!r} in full precision: {_RESHARD}")
+        shards, codes, blocks, _ = _row_lengths(p, self.formats[key])
+        return None, (f"was quantized in {t.shape[0]} shards ({saved}); the parameter's "
+                      f"{shards} shards now take codes {(shards, codes)}, scales "
+                      f"{(shards, blocks)}: {_RESHARD}")
+
+    def _local(self, entry: dict, p: Tensor) -> dict:
+        """``entry`` with codes saved as DTensor rows cut to this rank's shard: plain flat
+        tensors, as the live state holds them (the entry has passed :meth:`check`)."""
+        if not any(_is_dtensor(entry.get(k)) and entry[k].dtype == torch.uint8
+                   for k in STATE_KEYS):
+            return entry
+        out = dict(entry)
+        n = _size(p)
+        for key in STATE_KEYS:
+            t: Any = entry.get(key)
+            if not (_is_dtensor(t) and t.dtype == torch.uint8):
+                continue
+            name, why = self._rows(key, entry, p)
+            if name is None:  # check() refuses it first; a direct call says the same
+                raise ValueError(f"state {key!r} {why}")
+            f = spec_codecs.FORMATS[spec_codecs.QUANTIZED[name][key]]
+            out[key] = t.to_local().reshape(-1)[: n * f.bits // 8]
+            out[key + "_scale"] = entry[key + "_scale"].to_local().reshape(-1)[
+                : -(-n // f.block)]
+        return out
+
     def _saved_format(self, key: str, entry: dict, p: Tensor) -> tuple[str | None, str | None]:
         """(the quantized format of a saved entry, or None for full precision; why not)."""
         t: Any = entry.get(key)
         if not isinstance(t, Tensor) or t.dtype != torch.uint8:
             return None, None
+        if _is_dtensor(t):
+            name, why = self._rows(key, entry, p)
+            if why:
+                return None, why
+            entry = self._local({key: t, key + "_scale": entry[key + "_scale"]}, p)
+            t = entry[key]
         n = _size(p)
         scale: Any = entry.get(key + "_scale")
         if scale is None:
@@ -235,7 +416,7 @@ class QuantizedCodec:
             return None, f"has a {key + '_scale'!r} that is not a 1-d float32 tensor"
         for name, fmts in spec_codecs.QUANTIZED.items():
             f = spec_codecs.FORMATS[fmts[key]]
-            if spec_codecs.quantizes(n, name) and t.dim() == 1 \
+            if _quantizes(p, name) and t.dim() == 1 \
                     and t.numel() * (8 // f.bits) == n \
                     and scale.numel() == -(-n // f.block):
                 if not bool(torch.isfinite(scale).all()) or bool((scale < 0).any()):
@@ -252,10 +433,21 @@ class QuantizedCodec:
             return "is not a tensor"
         if t.dtype == torch.uint8:
             return self._saved_format(key, entry, p)[1]
-        return self.full.check(key, entry, p)
+        if _is_dtensor(t) != _is_dtensor(p):
+            return ("is sharded, the parameter is not" if _is_dtensor(t)
+                    else "is not sharded, the parameter is")
+        # the local shard: a rank checks its own (no collective), the shapes check the layout
+        why = self.full.check(key, {key: _local(t)}, _local_param(p))
+        placed = (getattr(t, "placements", None), getattr(p, "placements", None))
+        if why is None and (t.shape != p.shape or placed[0] != placed[1]):
+            why = (f"has shape {tuple(t.shape)} placed {placed[0]}, the parameter "
+                   f"{tuple(p.shape)} placed {placed[1]}")
+        return why
 
     def _saved_value(self, key: str, entry: dict, p: Tensor) -> Tensor:
-        """A saved entry's values as a flat float tensor (``v`` itself for square_avg)."""
+        """A saved entry's values as a flat float tensor of this rank's shard (``v`` itself
+        for square_avg)."""
+        entry = self._local(entry, p)
         t = entry[key]
         name, _ = self._saved_format(key, entry, p)
         if name is None:
@@ -274,13 +466,15 @@ class QuantizedCodec:
     def load(self, key: str, entry: dict, p: Tensor) -> dict[str, Tensor]:
         if entry.get(key) is None:
             return {}
-        if not self.quantizes(p):
+        entry = self._local(entry, p)
+        if not self.quantizes(p):  # the local shard, a plain tensor: see export()
+            lp = _local_param(p)
             if entry[key].dtype == torch.uint8:
-                value = self._saved_value(key, entry, p).view_as(real(p))
+                value = self._saved_value(key, entry, p).view(real(lp).shape)
                 if p.is_complex():
                     value = torch.view_as_complex(value.contiguous())
-                return self.full.load(key, {key: value}, p)
-            return self.full.load(key, entry, p)
+                return self.full.load(key, {key: value}, lp)
+            return self.full.load(key, {key: _local(entry[key])}, lp)
         name, _ = self._saved_format(key, entry, p)
         if name == self.name:  # our own format: the codes as saved, bit for bit
             return {key: entry[key].to(real(p).device, copy=True),
@@ -296,6 +490,12 @@ class QuantizedCodec:
         return {key: codes, key + "_scale": scales}
 
 
+_RESHARD = ("blocks start at each shard's start, so quantized state loads only at the "
+            "sharding it was saved with; to change it, save the saving optimizer's "
+            "full_precision_state_dict() (float32, sharded like the params) and load that, "
+            "which quantizes it again")
+
+
 def _factory(name: str):
     return lambda param_dtype: QuantizedCodec(name, param_dtype)
 
@@ -304,26 +504,36 @@ for _name in spec_codecs.QUANTIZED:
     register(_name, _factory(_name))
 
 
-def full_precision_state_dict(optimizer: Any) -> dict[str, Any]:
-    """``optimizer.state_dict()`` with every quantized state tensor decoded to a float32
-    tensor shaped like its param (complex params: complex64) and the ``*_scale`` entries
-    dropped: what ``torch.optim.RMSprop.load_state_dict`` accepts."""
-    sd = optimizer.state_dict()
+def full_precision_state_dict(optimizer: Any,
+                              state_dict: dict[str, Any] | None = None) -> dict[str, Any]:
+    """``state_dict`` (default ``optimizer.state_dict()``; any state dict of ``optimizer``
+    with its entries in param-group order, such as ``get_optimizer_state_dict(model, opt)``'s,
+    keyed by names) with every quantized state tensor decoded to a float32 tensor shaped like
+    its param (complex params: complex64) and the ``*_scale`` entries dropped: what
+    ``torch.optim.RMSprop.load_state_dict`` accepts. A sharded (FSDP2) param's tensors are
+    DTensors sharded like it, which ``torch.distributed.checkpoint`` can load at another
+    sharding (quantized state cannot be resharded: its blocks start at the shards' starts)."""
+    sd = optimizer.state_dict() if state_dict is None else state_dict
     params = [p for g in optimizer.param_groups for p in g["params"]]
     ids = [i for g in sd["param_groups"] for i in g["params"]]
+    if len(ids) != len(params):
+        raise ValueError(f"the state dict lists {len(ids)} params, the optimizer has "
+                         f"{len(params)}")
+    helper = QuantizedCodec(next(iter(spec_codecs.QUANTIZED)), torch.float32)
     state = {}
     for pid, p in zip(ids, params):
         entry = sd["state"].get(pid)
         if entry is None:
             continue
         out = {k: v for k, v in entry.items() if not k.endswith("_scale")}
-        helper = QuantizedCodec(next(iter(spec_codecs.QUANTIZED)), torch.float32)
         for key in STATE_KEYS:
             t = entry.get(key)
             if isinstance(t, Tensor) and t.dtype == torch.uint8:
+                why = helper.check(key, entry, p)
+                if why:
+                    raise ValueError(f"state {key!r} of parameter {pid!r} {why}")
                 x = helper._saved_value(key, entry, p).to(torch.float32)
-                x = x.view(real(p).shape)
-                out[key] = torch.view_as_complex(x.contiguous()) if p.is_complex() else x
+                out[key] = _like_param(x, p)
         state[pid] = out
     return {"state": state, "param_groups": sd["param_groups"]}
 

@@ -12,6 +12,11 @@ differ from those defaults, and the others not at all, so a state dict of the op
 has holds exactly torch's keys:
 ``torch.distributed.checkpoint`` builds its load template from the live optimizer's state
 dict, and a template with keys a torch checkpoint lacks could not load it.
+
+:func:`export` gives a codec the say over how its entries appear in a state dict: a quantized
+codec writes a sharded (FSDP2) param's codes and scales as DTensors with one row per shard, so
+that ``torch.distributed.checkpoint`` saves every rank's own (a plain tensor there counts as
+replicated, and one rank's copy would be saved for all).
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ from ..options import RULE_OPTIONS, Options, validate
 from ._codecs import STATE_KEYS, Codec
 
 __all__ = ["check", "restore", "slim", "fill", "coerce_steps", "torch_keys",
-           "with_tensor_steps"]
+           "with_tensor_steps", "export"]
 
 _RULE_DEFAULTS = Options().as_dict()
 
@@ -119,24 +124,55 @@ def _label(gi: int, index: int, name: str | None) -> str:
 def check(groups: list[dict], state_dict: Any, codec_of: Any) -> None:
     """Raise ``ValueError`` naming the first entry of ``state_dict`` that does not fit the
     live param ``groups``: group count, sizes, options, state shapes and dtypes (each state
-    tensor checked by its codec, ``codec_of(group, p)``). Changes nothing."""
+    tensor checked by its codec, ``codec_of(group, p)``). Changes nothing. With sharded
+    (DTensor) params every rank checks its own shards and the ranks of their mesh agree: if
+    one refuses, all raise (a rank that loaded alone would leave the replicas apart)."""
+    why = _problem(groups, state_dict, codec_of)
+    mesh = next((p.device_mesh for g in groups for p in g["params"]
+                 if getattr(p, "device_mesh", None) is not None), None)
+    if mesh is not None:
+        why = _agree(why, mesh)
+    if why:
+        raise ValueError(why)
+
+
+def _agree(why: str | None, mesh: Any) -> str | None:
+    """The first refusal (by global rank) among the ranks of ``mesh``, ``why`` on a rank that
+    refused itself; None when every rank accepts."""
+    import torch.distributed as dist
+
+    found: dict[int, str | None] = {dist.get_rank(): why}
+    for pg in mesh.get_all_groups():  # every dimension in turn: then all ranks of the mesh
+        parts: list[Any] = [None] * dist.get_world_size(pg)
+        dist.all_gather_object(parts, found, group=pg)
+        found = {r: w for part in parts for r, w in part.items()}
+    refused = sorted((r, w) for r, w in found.items() if w)
+    if why is not None:
+        return why
+    return f"rank {refused[0][0]} refused the state dict: {refused[0][1]}" if refused else None
+
+
+def _problem(groups: list[dict], state_dict: Any, codec_of: Any) -> str | None:
+    """:func:`check`'s refusal on this rank, or None. Every entry is checked even after a
+    refusal: a codec's check of a sharded entry may be collective, and every rank must make
+    the same calls."""
     if not isinstance(state_dict, dict) or "state" not in state_dict \
             or "param_groups" not in state_dict:
-        raise ValueError("not an optimizer state dict: expected keys 'state' and "
-                         "'param_groups'")
+        return "not an optimizer state dict: expected keys 'state' and 'param_groups'"
     saved = state_dict["param_groups"]
     if len(groups) != len(saved):
-        raise ValueError(f"loaded state dict has {len(saved)} parameter groups, the "
-                         f"optimizer has {len(groups)}")
+        return (f"loaded state dict has {len(saved)} parameter groups, the optimizer has "
+                f"{len(groups)}")
+    first: str | None = None
     for gi, (g, sg) in enumerate(zip(groups, saved)):
         if len(g["params"]) != len(sg["params"]):
-            raise ValueError(f"parameter group {gi} has {len(g['params'])} params, the "
-                             f"loaded one has {len(sg['params'])}")
+            return (f"parameter group {gi} has {len(g['params'])} params, the loaded one has "
+                    f"{len(sg['params'])}")
         rule = {k: sg[k] for k in RULE_OPTIONS if k in sg}
         try:
             validate(rule, warn=False)  # warnings were given when the options were chosen
         except ValueError as e:
-            raise ValueError(f"parameter group {gi} of the state dict: {e}") from None
+            return f"parameter group {gi} of the state dict: {e}"
         names = g.get("param_names") or [None] * len(g["params"])
         for index, (p, pid, name) in enumerate(zip(g["params"], sg["params"], names)):
             entry = state_dict["state"].get(pid)
@@ -144,17 +180,19 @@ def check(groups: list[dict], state_dict: Any, codec_of: Any) -> None:
                 continue
             label = _label(gi, index, name)
             if not isinstance(entry, dict):
-                raise ValueError(f"state of parameter {label} is not a dict")
+                first = first or f"state of parameter {label} is not a dict"
+                continue
             codec: Codec = codec_of(g, p)
             for key in STATE_KEYS:
                 why = codec.check(key, entry, p)
                 if why:
-                    raise ValueError(f"state {key!r} of parameter {label} {why}")
+                    first = first or f"state {key!r} of parameter {label} {why}"
             step = entry.get("step")
             if step is not None and (isinstance(step, bool)
                                      or not isinstance(step, (Tensor, int, float))
                                      or isinstance(step, Tensor) and step.numel() != 1):
-                raise ValueError(f"state 'step' of parameter {label} is not a number")
+                first = first or f"state 'step' of parameter {label} is not a number"
+    return first
 
 
 def restore(groups: list[dict], state: Any, state_dict: dict[str, Any],
@@ -176,3 +214,25 @@ def restore(groups: list[dict], state: Any, state_dict: dict[str, Any],
             for name in codec.names(key):
                 st.pop(name, None)
             st.update(codec.load(key, entry, p))
+
+
+def export(groups: list[dict], state_dict: dict[str, Any], codec_of: Any) -> dict[str, Any]:
+    """``state_dict`` (``torch.optim.Optimizer.state_dict()``'s, whose entries are the live
+    state dicts) with each param's entry as its codec exports it (a codec's optional
+    ``export(entry, p)``, which returns a new dict or the entry itself). The live state is not
+    changed; without a codec that exports, ``state_dict`` is returned as it is."""
+    ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+    params = [(g, p) for g in groups for p in g["params"]]
+    state = state_dict["state"]
+    new_state = dict(state)
+    changed = False
+    for pid, (group, p) in zip(ids, params):
+        entry = state.get(pid)
+        export_ = getattr(codec_of(group, p), "export", None)
+        if entry is None or export_ is None:
+            continue
+        out = export_(entry, p)
+        if out is not entry:
+            new_state[pid] = out
+            changed = True
+    return {**state_dict, "state": new_state} if changed else state_dict

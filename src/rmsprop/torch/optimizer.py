@@ -31,7 +31,10 @@ from ._paths import Hyper
 
 __all__ = ["RMSprop", "NonFiniteGradientError"]
 
-_NONFINITE = ("raise", "skip", "ignore")
+_NONFINITE = ("raise", "raise_now", "skip", "ignore")
+#: Device types where capturable=True promises a step with no host read (CUDA graphs); the
+#: for-loop and foreach paths refuse the options that would read the host there.
+_CAPTURE_DEVICES = ("cuda",)
 _GRAD = operator.attrgetter("grad")
 _REAL = {torch.complex64: torch.float32, torch.complex128: torch.float64,
          torch.complex32: torch.float16}
@@ -39,7 +42,8 @@ _FOREACH_BATCH = _paths.FOREACH_BATCH  # the same dict (tests set it)
 
 
 class NonFiniteGradientError(FloatingPointError):
-    """A gradient holds inf or NaN and ``nonfinite="raise"``: no parameter or state changed."""
+    """A gradient held inf or NaN and ``nonfinite="raise"`` (or ``"raise_now"``): the step
+    that saw it changed no parameter, state or step count."""
 
 
 def _all_finite(grads: list[Tensor]) -> Tensor:
@@ -51,6 +55,11 @@ def _all_finite(grads: list[Tensor]) -> Tensor:
     if grads[0].is_cuda:
         return torch.stack(torch._foreach_norm(grads, float("inf"))).isfinite().all()
     return torch.stack([g.abs().amax() for g in grads]).isfinite().all()
+
+
+def _capturing() -> bool:
+    """Whether the current CUDA stream is capturing a graph."""
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
 def _fused_kernel(device_type: str) -> Any:
@@ -140,7 +149,10 @@ def _check_rounding(stochastic_rounding: Any, seed: Any) -> None:
 @dataclass
 class _Job:
     """One param group's work in a step: its params with a gradient and the route they take
-    (a cached plan with its gradient table, or a path)."""
+    (a cached plan with its gradient table, or a path). ``gate`` is the device flag its
+    kernel obeys (a :class:`~rmsprop.torch._plan.DeviceGate`'s, or GradScaler's
+    ``found_inf``: then ``amp``), ``base`` its first tensor's index in that gate's verdict,
+    ``scale`` GradScaler's scale read on the device."""
 
     group: dict
     params: list
@@ -148,8 +160,45 @@ class _Job:
     plan: Any = None
     G: Any = None
     gate: Any = None
+    base: int = 0
+    scale: Any = None
+    amp: bool = False
     rows: Any = None
     before: list | None = field(default=None)
+
+
+class _DeviceValue:
+    """An option held in a tensor on a gated plan's device, compared by identity (its
+    value stays on the device)."""
+
+    __slots__ = ("tensor",)
+
+    def __init__(self, tensor: Tensor) -> None:
+        if tensor.numel() != 1 or not tensor.is_floating_point():
+            raise ValueError(f"a tensor option must be a 1-element floating tensor, got "
+                             f"shape {tuple(tensor.shape)} and dtype {tensor.dtype}")
+        self.tensor = tensor
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _DeviceValue) and other.tensor is self.tensor
+
+    def __hash__(self) -> int:
+        return id(self.tensor)
+
+
+@dataclass
+class _Verdict:
+    """A deferred verdict: the gate of a step on one device and, per checked plan, where its
+    tensors start in the gate's "first bad" index, so the host names the parameter when it
+    reads the verdict later. ``counted``: the device's skip counter counted it;
+    ``stats``: the statistics before the step (restored if it was refused) and ``pending``
+    the step's own."""
+
+    gate: Any
+    checked: list  # (base, group, plan)
+    counted: bool
+    stats: tuple | None = None
+    pending: Any = None
 
 
 class RMSprop(Optimizer):
@@ -192,6 +241,31 @@ class RMSprop(Optimizer):
             ``step()`` itself on overflow, so AMP never trips it. ``"skip"`` skips the whole
             step (no param, state or step count changes) and counts it in
             :attr:`skipped_steps`; ``"ignore"`` applies the step as torch does.
+            ``"raise_now"`` is ``"raise"`` with the error always raised inside the
+            ``step()`` that saw the gradient (see below: on CUDA one host sync per step).
+
+            *When the error arrives.* On the CPU (and on every path but the fused CUDA
+            one) the check runs on the host and ``step()`` raises at once. On the fused
+            CUDA route the check is *gated* on the device: the step's kernels do nothing
+            when it finds inf or NaN, and the verdict travels to host memory without the
+            host waiting for it, so ``step()`` never syncs. The error (naming the parameter
+            and the step number) is then raised by the next call that reads the verdict:
+            the next ``step()`` (before it changes anything), :meth:`stats`,
+            :meth:`state_dict`, :meth:`check` (which waits for it), or ``zero_grad()`` once
+            it has arrived (``zero_grad`` never waits). After it is raised it is cleared.
+            With ``"skip"`` the count lives on the device (reading :attr:`skipped_steps`
+            waits for it) and the one-time warning comes when the verdict is read. A step
+            that mixes this route with another one (a group on the CPU, a plan being
+            built) reads the verdict at once.
+        capturable: as in torch, state ``step`` lives on the param's device and a step does
+            no host read, so ``torch.cuda.graph`` can capture ``opt.step()`` after warm-up
+            steps (lr and step counts as device tensors). The fused CUDA route does so with
+            every option; inside a captured graph the verdict of ``nonfinite="raise"``
+            stays on the device (the step is still gated): :meth:`check` after a replay
+            reads it. The for-loop and foreach paths on CUDA do so only with
+            ``nonfinite="ignore"``, no ``bias_correction``, a float ``lr`` and no
+            GradScaler; ``step()`` raises ``RuntimeError`` naming the option otherwise. On
+            the CPU it changes nothing (nothing there is a device sync).
         state_dtype: storage of ``square_avg``/``grad_avg``/``momentum_buffer`` (see
             :mod:`rmsprop.torch._codecs`): a floating ``torch.dtype`` or a registered format
             name. ``None`` (default) means float32 for float16/bfloat16 params (the math then
@@ -216,6 +290,7 @@ class RMSprop(Optimizer):
     """
 
     _step_supports_amp_scaling = True  # GradScaler passes grad_scale/found_inf to step()
+    _skipped_host: int  # skipped_steps counted on the host (the device counts the rest)
 
     def __init__(self, params: Iterable[Any], lr: float | Tensor = 1e-2, alpha: float = 0.99,
                  eps: float = 1e-8, weight_decay: float = 0, momentum: float = 0,
@@ -255,7 +330,9 @@ class RMSprop(Optimizer):
                         stochastic_rounding=stochastic_rounding, seed=seed)
         validate({k: defaults[k] for k in RULE_OPTIONS})
         self.track_stats = track_stats
+        self._reset_verdicts()
         self.skipped_steps = 0
+        self._skip_warned = False
         self._stats: dict[str, Any] = {}
         self._plans: dict[int, Any] = {}
         self._version = 0
@@ -303,8 +380,9 @@ class RMSprop(Optimizer):
         self._find_mesh()
 
     def __getstate__(self) -> dict[str, Any]:
+        # plans and device gates are caches: rebuilt on demand
         return {**super().__getstate__(), "track_stats": self.track_stats,
-                "skipped_steps": self.skipped_steps}  # plans are caches: rebuilt on demand
+                "skipped_steps": self.skipped_steps}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
@@ -318,7 +396,9 @@ class RMSprop(Optimizer):
         _state_dict.fill(self.param_groups, getattr(self, "defaults", {}), RMSprop)
         _state_dict.coerce_steps(self.param_groups, self.state)
         self.__dict__.setdefault("track_stats", False)
-        self.__dict__.setdefault("skipped_steps", 0)
+        self._reset_verdicts()
+        self.skipped_steps = int(self.__dict__.pop("skipped_steps", 0))
+        self._skip_warned = self.skipped_steps > 0
         self.__dict__.setdefault("_stats", {})
         self._plans = {}
         self._version = self.__dict__.get("_version", 0) + 1
@@ -330,8 +410,48 @@ class RMSprop(Optimizer):
         ``state_dtype``, ``stochastic_rounding`` and ``seed`` (how it runs, which a load
         keeps from the live optimizer) not at all: with the options torch has, it holds
         exactly torch's keys, so ``torch.distributed.checkpoint`` templates built from it
-        load torch checkpoints."""
-        return _state_dict.slim(super().state_dict(), RMSprop)
+        load torch checkpoints. A deferred :class:`NonFiniteGradientError` is raised first
+        (see ``nonfinite``)."""
+        self._read_verdicts(wait=True)
+        return _state_dict.slim(_state_dict.export(self.param_groups, super().state_dict(),
+                                                   self._codec), RMSprop)
+
+    @torch.compiler.disable  # as torch's own zero_grad: a compiled loop runs it eagerly
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """torch's ``zero_grad``, after raising a deferred :class:`NonFiniteGradientError`
+        whose verdict has reached the host (it never waits for one: see ``nonfinite``)."""
+        self._read_verdicts(wait=False)
+        super().zero_grad(set_to_none)
+
+    def check(self) -> None:
+        """Wait for the verdict of every gated step queued so far (see ``nonfinite``) and
+        raise its :class:`NonFiniteGradientError` (naming the parameter and the step that
+        changed nothing), then clear it; ``None`` when every step was clean. After replays
+        of a captured ``step()`` it reads the last replay's verdict on the device. With
+        ``"skip"`` it emits the skip warning instead, as the next ``step()`` would."""
+        self._read_verdicts(wait=True)
+        captured = self.__dict__.get("_captured") or {}
+        for rec in list(captured.values()):
+            bad = rec.gate.read_now()
+            if bad is not None:
+                rec.gate.reset()  # read once: cleared until a replay sets it again
+            error = self._settle(rec, bad)
+            if error is not None:
+                raise error
+
+    @property
+    def skipped_steps(self) -> int:
+        """How many steps ``nonfinite="skip"`` skipped. On the fused CUDA route the count is
+        kept on the device, and reading it waits for the device (a host sync)."""
+        gates = self.__dict__.get("_gates") or {}
+        return self.__dict__.get("_skipped_host", 0) + sum(
+            int(g.skipped.item()) for g in gates.values())
+
+    @skipped_steps.setter
+    def skipped_steps(self, value: int) -> None:
+        for g in (self.__dict__.get("_gates") or {}).values():
+            g.skipped.zero_()
+        self.__dict__["_skipped_host"] = int(value)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state dict of this class or of ``torch.optim.RMSprop``. As in torch, the
@@ -347,13 +467,17 @@ class RMSprop(Optimizer):
         super().load_state_dict(_state_dict.with_tensor_steps(state_dict))
         _state_dict.restore(self.param_groups, self.state, state_dict, self._codec)
 
-    def full_precision_state_dict(self) -> dict[str, Any]:
+    def full_precision_state_dict(self, state_dict: dict[str, Any] | None = None
+                                  ) -> dict[str, Any]:
         """:meth:`state_dict` with quantized state (``state_dtype="8bit"``/``"4bit"``)
         decoded to float32 tensors shaped like their params (complex64 for complex params)
         and the ``*_scale`` entries dropped: a state dict ``torch.optim.RMSprop`` loads. Float
-        state is returned as :meth:`state_dict` returns it."""
+        state is returned as :meth:`state_dict` returns it. ``state_dict``: one already taken
+        (e.g. ``get_optimizer_state_dict(model, opt)``, keyed by parameter names), decoded
+        instead of :meth:`state_dict`; under FSDP2 the float32 tensors are DTensors sharded
+        like their params, so ``torch.distributed.checkpoint`` can reshard them."""
         from . import _quantized
-        return _quantized.full_precision_state_dict(self)
+        return _quantized.full_precision_state_dict(self, state_dict)
 
     # -- where each param's state lives --------------------------------------------------------
 
@@ -429,8 +553,11 @@ class RMSprop(Optimizer):
         gi = next(i for i, g in enumerate(self.param_groups) if g is group)  # not ==: tensors
         return f"group {gi} index {index} (shape {tuple(p.shape)})"
 
-    def _hyper(self, group: dict, t: int, inv_scale: float | None = None) -> Hyper:
-        lr = group["lr"]
+    def _hyper(self, group: dict, t: int, inv_scale: float | None = None,
+               lr: float | None = None) -> Hyper:
+        """The group's :class:`Hyper` at step ``t``; ``lr`` replaces the group's (a
+        placeholder where the kernel reads a tensor lr on the device)."""
+        lr = group["lr"] if lr is None else lr
         if isinstance(lr, Tensor):
             lr = float(lr.detach().reshape(()))  # one sync: the paths take a Python scalar
         alpha = float(group["alpha"])
@@ -452,7 +579,10 @@ class RMSprop(Optimizer):
             self, closure: Callable[[], float] | None = None) -> float | None:
         """Perform one optimization step. ``closure`` re-evaluates the model and returns the
         loss. If anything raises (a non-finite gradient with ``nonfinite="raise"``, a bad
-        option, an unsupported tensor), no parameter and no state has changed."""
+        option, an unsupported tensor), no parameter and no state has changed; a deferred
+        error of an earlier step (see ``nonfinite``) is raised first."""
+        if self._verdicts:
+            self._read_verdicts(wait=True)
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -461,22 +591,25 @@ class RMSprop(Optimizer):
         # _step_supports_amp_scaling): an overflowed step is skipped, and the gradients are
         # unscaled inside the step (inside the fused kernel's single pass) instead of before it.
         found_inf = getattr(self, "found_inf", None)
-        if found_inf is not None and float(found_inf) > 0:
-            return loss
         grad_scale = getattr(self, "grad_scale", None)
-        inv_scale = 1.0 if grad_scale is None else 1.0 / float(grad_scale)
         differentiable = any(g["differentiable"] for g in self.param_groups)
         with torch.set_grad_enabled(differentiable):
-            self._step(inv_scale, scaler_checked=found_inf is not None)
+            self._step(grad_scale, found_inf)
         return loss
 
-    def _step(self, inv_scale: float = 1.0, scaler_checked: bool = False) -> None:
+    def _step(self, grad_scale: Tensor | float | None = None,
+              found_inf: Tensor | None = None) -> None:
         """Collect each group's work, check the gradients, apply: nothing is written before
-        every check has passed."""
+        every check has passed (on the device route: nothing is written if one fails)."""
         compiling = torch.compiler.is_compiling()
+        on_device = found_inf is not None and self._scaler_on_device(grad_scale, found_inf,
+                                                                     compiling)
+        if found_inf is not None and not on_device and float(found_inf) > 0:
+            return
+        inv_scale = 1.0 if grad_scale is None or on_device else 1.0 / float(grad_scale)
         if not compiling:  # dynamo refuses attribute writes inside a compiled step
             self._inv_scale = inv_scale
-        checked = scaler_checked
+        checked = found_inf is not None
         if self._mesh_groups() and not checked:
             # Sharded params: every rank must agree (and run the same collectives) before
             # any path is chosen, or one rank would raise while the others step.
@@ -488,27 +621,181 @@ class RMSprop(Optimizer):
             for group in self.param_groups:
                 self._init_group(group, [])
         jobs = [self._collect(group, compiling) for group in self.param_groups]
-        if not checked and self._check(jobs, compiling):
-            return
+        device = self._device_route(jobs)
+        if on_device and device is None:  # a group left the cached plans: read on the host
+            on_device = False
+            if float(cast(Tensor, found_inf)) > 0:
+                return
+            inv_scale = 1.0 if grad_scale is None else 1.0 / float(grad_scale)
+            self._inv_scale = inv_scale
+        if not compiling:
+            self._refuse_capturable(jobs, found_inf is not None)
+        if on_device:
+            for job in jobs:  # found_inf gates every kernel, silently (torch's semantics)
+                if job.plan is not None:
+                    job.gate, job.scale, job.amp = found_inf, grad_scale, True
+        gate = None
+        if not checked:
+            rejected, gate = self._check(jobs, compiling, device)
+            if rejected:
+                return
         if self.track_stats:
             for job in jobs:
                 if job.plan is None:
                     job.before = [p.detach().clone() for p in job.params]
                 else:
                     job.rows = job.plan.new_stats()
-        # Device plans step first, each kernel doing nothing if any check found inf or NaN;
-        # one host sync then reads the verdict before anything else changes.
-        gates = {id(j.gate): j.gate for j in jobs if j.gate is not None}
-        for job in sorted(jobs, key=lambda j: j.gate is None):
-            if gates and job.gate is None:
-                if self._gates_tripped(jobs, gates):
-                    return
-                gates = {}
+        # Gated plans step first, each kernel doing nothing if the check found inf or NaN.
+        gated = [j for j in jobs if j.gate is not None]
+        rest = [j for j in jobs if j.gate is None and j.params]
+        deferred = gate is not None and not rest and all(
+            j.group["nonfinite"] != "raise_now" for j in gated)
+        count = deferred and any(j.group["nonfinite"] == "skip" for j in gated)
+        for i, job in enumerate(gated):
+            self._run(job, inv_scale, skipped=gate.skipped if gate and count and i == 0
+                      else None)
+        verdict = None
+        if gate is not None:
+            if deferred:
+                verdict = self._defer(gate, jobs, count)
+            elif gate.read_now() is not None:  # "raise_now": wait for the verdict
+                found = self._find_nonfinite(self._all_work())
+                if found:
+                    self._reject(*found)
+                return
+        for job in rest:
             self._run(job, inv_scale)
-        if gates and self._gates_tripped(jobs, gates):
-            return
         if self.track_stats:
+            if verdict is not None:
+                verdict.stats = (self._stats, self.__dict__.get("_pending"))
             self._record_stats(jobs)
+            if verdict is not None:
+                verdict.pending = self.__dict__.get("_pending")
+
+    def _scaler_on_device(self, grad_scale: Any, found_inf: Tensor, compiling: bool) -> bool:
+        """Whether GradScaler's ``found_inf`` and scale can be read by the kernels: both on
+        the device of the cached gated plans every group with params has."""
+        if compiling or not isinstance(found_inf, Tensor) or found_inf.numel() != 1:
+            return False
+        dev = found_inf.device
+        if grad_scale is not None and not (isinstance(grad_scale, Tensor)
+                                           and grad_scale.numel() == 1
+                                           and grad_scale.device == dev):
+            return False
+        for group in self.param_groups:
+            plan = self._plans.get(id(group))
+            if plan is None:
+                if any(p.grad is not None for p in group["params"]):
+                    return False
+            elif not plan.gated or plan.device != dev:
+                return False
+        return True
+
+    def _device_route(self, jobs: list[_Job]) -> torch.device | None:
+        """The device of the gated route when every job with params takes a cached gated
+        plan and they share one device (a gate is one device's flag), else None."""
+        devices = {j.plan.device for j in jobs if j.plan is not None and j.plan.gated}
+        if len(devices) != 1 or any(j.params and (j.plan is None or not j.plan.gated)
+                                    for j in jobs):
+            return None
+        return next(iter(devices))
+
+    def _refuse_capturable(self, jobs: list[_Job], scaled: bool) -> None:
+        """capturable=True promises no host read: refuse, before anything changes, a
+        for-loop or foreach job on a device of :data:`_CAPTURE_DEVICES` whose options would
+        read the host."""
+        for job in jobs:
+            group = job.group
+            if not (group["capturable"] and job.path in ("forloop", "foreach")
+                    and any(p.device.type in _CAPTURE_DEVICES for p in job.params)):
+                continue
+            why = ("GradScaler's found_inf and scale, read on the host" if scaled else
+                   f"nonfinite={group['nonfinite']!r}, whose check reads the host"
+                   if group["nonfinite"] != "ignore" else
+                   "bias_correction, whose step count is read on the host"
+                   if group["bias_correction"] else
+                   "a tensor lr, read on the host" if isinstance(group["lr"], Tensor)
+                   else None)
+            if why:
+                raise RuntimeError(
+                    f"capturable=True cannot run on the {job.path} path with {why}: use the "
+                    "fused kernel (fused=None or True, foreach=None) or drop the option")
+
+    def _gate(self, device: torch.device) -> _plan.DeviceGate:
+        gates = self._gates
+        if device not in gates:
+            gates[device] = _plan.DeviceGate(device)
+        return gates[device]
+
+    def _defer(self, gate: _plan.DeviceGate, jobs: list[_Job], counted: bool) -> _Verdict:
+        """Queue the copy of the step's verdict to the host and remember how to read it
+        (inside a captured graph it stays on the device: :meth:`check` reads it)."""
+        checked = [(j.base, j.group, j.plan) for j in jobs
+                   if j.gate is gate.flags and j.group["nonfinite"] != "ignore"]
+        verdict = _Verdict(gate, checked, counted)
+        if gate.device.type == "cuda" and _capturing():
+            self._captured[gate.device] = verdict
+        else:
+            gate.publish()
+            self._verdicts.append(verdict)
+        return verdict
+
+    def _reset_verdicts(self) -> None:
+        self._gates: dict[torch.device, _plan.DeviceGate] = {}
+        self._verdicts: list[_Verdict] = []
+        self._captured: dict[torch.device, _Verdict] = {}
+
+    def _read_verdicts(self, wait: bool) -> None:
+        """Read the deferred verdicts (waiting for them with ``wait``, else only those that
+        have arrived) and raise the first refused step's error."""
+        pending = self.__dict__.get("_verdicts")
+        if not pending or _capturing():  # a graph being captured cannot wait for an event
+            return
+        error, keep = None, []
+        for rec in pending:
+            if not wait and not rec.gate.arrived():
+                keep.append(rec)
+                continue
+            found = self._settle(rec, rec.gate.first_bad(wait=True))
+            error = error or found
+        self._verdicts = keep
+        if error is not None:
+            raise error
+
+    def _settle(self, rec: _Verdict, bad: int | None) -> NonFiniteGradientError | None:
+        """Act on one verdict (``bad``: the first bad tensor's index, None if clean): count
+        and warn for "skip", or return the error for "raise"."""
+        if bad is None:
+            return None
+        base, group, plan = next(c for c in reversed(rec.checked) if c[0] <= bad)
+        p = plan.group_params[bad - base]
+        label = self._param_label(group, p)
+        if rec.stats is not None and self.__dict__.get("_pending") is rec.pending:
+            self._stats, pending = rec.stats  # the refused step's statistics are not kept
+            if pending is None:
+                self.__dict__.pop("_pending", None)
+            else:
+                self._pending = pending
+        if group["nonfinite"] == "skip":
+            if not rec.counted:
+                self._skipped_host += 1
+            self._warn_skipped(label, stacklevel=4)
+            return None
+        if rec.counted:  # a "skip" group's count, not this step's verdict
+            self._skipped_host -= 1
+        step = int(self.state[p]["step"]) + 1  # the refused step did not advance it
+        return NonFiniteGradientError(
+            f"non-finite gradient (inf or NaN) in parameter {label} at step {step}; that "
+            "step changed nothing (the error is read after it, see nonfinite). Pass "
+            "nonfinite='skip' to skip such steps, or 'ignore' to apply them as "
+            "torch.optim.RMSprop does.")
+
+    def _warn_skipped(self, label: str, stacklevel: int) -> None:
+        if not self._skip_warned:
+            self._skip_warned = True
+            warnings.warn(f"rmsprop: skipped a step: non-finite gradient in parameter "
+                          f"{label} (counted in optimizer.skipped_steps)", RuntimeWarning,
+                          stacklevel=stacklevel)
 
     def _all_work(self) -> list[tuple[dict, list[Tensor]]]:
         return [(g, [p for p in g["params"] if p.grad is not None]) for g in self.param_groups]
@@ -522,8 +809,15 @@ class RMSprop(Optimizer):
             # Options are validated when they change (schedulers write lr between steps),
             # not at every step: validation costs more than a small model's whole update.
             opts = tuple(map(group.__getitem__, RULE_OPTIONS))
+            if plan.gated:
+                # a tensor on the plan's device (a scheduler's lr) is read by the kernel
+                # only: its value is not validated per step, which would read the host
+                # (as torch.optim does not); a new tensor object is validated as such
+                opts = tuple(_DeviceValue(x) if isinstance(x, Tensor) and x.device == plan.device
+                             else x for x in opts)
             if plan.validated is None or opts != plan.validated:
-                validate(dict(zip(RULE_OPTIONS, opts)), warn=False)
+                validate({k: v for k, v in zip(RULE_OPTIONS, opts)
+                          if not isinstance(v, _DeviceValue)}, warn=False)
                 plan.validated = None if any(isinstance(x, Tensor) for x in opts) else opts
             if plan.valid_for(group, self._version):
                 G = plan.gradients(list(map(_GRAD, group["params"])))
@@ -566,52 +860,63 @@ class RMSprop(Optimizer):
             return "foreach"  # a state format or a rounding without a kernel: batched
         return "forloop"
 
-    def _check(self, jobs: list[_Job], compiling: bool) -> bool:
+    def _check(self, jobs: list[_Job], compiling: bool, device: torch.device | None
+               ) -> tuple[bool, _plan.DeviceGate | None]:
         """Check every job's gradients for inf/NaN (groups with ``nonfinite="ignore"``
-        excepted); True when the step was rejected. Device plans only queue their check
-        (see CudaPlan)."""
+        excepted). Returns (rejected, gate): True when the step was rejected here; on the
+        gated route (``device``) the plans only queue their check into the device's gate,
+        which every plan job (those of "ignore" groups too) then obeys."""
         checked = [j for j in jobs if j.params and j.group["nonfinite"] != "ignore"]
         if not checked:
-            return False
+            return False, None
         if compiling:
             self._find_nonfinite([(j.group, j.params) for j in checked])  # asserts in-graph
-            return False
-        gates: dict = {}
+            return False, None
+        if device is not None:
+            gate = self._gate(device)
+            gate.reset()
+            base = 0
+            for job in checked:
+                job.plan.check(job.G, gate, base)
+                job.base, base = base, base + job.plan.n
+            for job in jobs:
+                if job.plan is not None:
+                    job.gate = gate.flags
+            return False, gate
         for job in checked:
             plan = job.plan
-            if plan is not None and plan.gated:
-                job.gate = gates.setdefault(plan.device, plan.new_gate())
-                plan.check(job.G, job.gate)
-                continue
             bad = (plan.first_nonfinite(job.G) >= 0 if plan is not None
                    else self._check_finite([(job.group, job.params)]) is not None)
             if bad:
                 found = self._find_nonfinite(self._all_work())  # names the first one
                 if found:
                     self._reject(*found)
-                    return True
-        return False
+                    return True, None
+        return False, None
 
-    def _gates_tripped(self, jobs: list[_Job], gates: dict) -> bool:
-        """Read the device checks' verdict (the step's one host sync). If one found inf or
-        NaN, the gated kernels changed nothing: only their step counts go back, and the
-        step is rejected naming the parameter."""
-        if not any(int(g.item()) for g in gates.values()):
-            return False
-        for job in jobs:
-            if job.gate is not None:
-                job.plan.steps.sub_(1)
-        found = self._find_nonfinite(self._all_work())
-        if found:
-            self._reject(*found)
-        return True
-
-    def _run(self, job: _Job, inv_scale: float) -> None:
-        """Apply one job: its cached plan, or its path (a fused group gets its plan here)."""
+    def _run(self, job: _Job, inv_scale: float, skipped: Tensor | None = None) -> None:
+        """Apply one job: its cached plan, or its path (a fused group gets its plan here).
+        A device plan reads a tensor ``lr`` and the bias correction on the device."""
         group = job.group
-        if job.plan is not None:
-            t = int(job.plan.steps[0]) + 1 if group["bias_correction"] else 0
-            job.plan.step(job.G, self._hyper(group, t, inv_scale), stats=job.rows, gate=job.gate)
+        plan = job.plan
+        if plan is not None:
+            bias = bool(group["bias_correction"])
+            if plan.gated:
+                lr = group["lr"]
+                lr_dev = lr if isinstance(lr, Tensor) and lr.device == plan.device else None
+                h = self._hyper(group, 0, inv_scale, lr=0.0 if lr_dev is not None else None)
+                plan.step(job.G, h, stats=job.rows, gate=job.gate, lr=lr_dev,
+                          scale=job.scale, bias=bias, skipped=skipped)
+                if job.amp and job.rows is not None:
+                    # GradScaler's overflow gates the step silently: its statistics are the
+                    # last step's, chosen on the device
+                    if plan.last_rows is not None:
+                        job.rows = torch.where(job.gate.reshape(()) != 0, plan.last_rows,
+                                               job.rows)
+                    plan.last_rows = job.rows
+                return
+            t = int(plan.steps[0]) + 1 if bias else 0
+            plan.step(job.G, self._hyper(group, t, inv_scale), stats=job.rows)
             return
         if not job.params:
             return
@@ -742,7 +1047,7 @@ class RMSprop(Optimizer):
             flags = torch.tensor([0.0 if x is None else 1.0 for x in labels])
             for pg in groups:
                 dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=pg)
-            labels = [x if x is not None else ("a gradient shard on another rank"
+            labels = [x if x is not None else ("(a gradient shard on another rank)"
                                                if f > 0 else None)
                       for x, f in zip(labels, flags.tolist())]
         for (g, _), label in zip(checked, labels):
@@ -762,16 +1067,13 @@ class RMSprop(Optimizer):
     def _reject(self, label: str, mode: str, stacklevel: int = 5) -> None:
         """Raise, or count and skip, a step whose gradients are not finite (``stacklevel``
         points the warning at the caller of ``step()``)."""
-        if mode == "raise":
+        if mode in ("raise", "raise_now"):
             raise NonFiniteGradientError(
                 f"non-finite gradient (inf or NaN) in parameter {label}; nothing was "
                 "changed. Pass nonfinite='skip' to skip such steps, or 'ignore' to "
                 "apply them as torch.optim.RMSprop does.")
-        self.skipped_steps += 1
-        if self.skipped_steps == 1:
-            warnings.warn(f"rmsprop: skipped a step: non-finite gradient in parameter "
-                          f"{label} (counted in optimizer.skipped_steps)", RuntimeWarning,
-                          stacklevel=stacklevel)
+        self._skipped_host += 1
+        self._warn_skipped(label, stacklevel + 1)
         if self.track_stats and self._stats:
             for gs in self._stats.get("groups", []):
                 gs["skipped_steps"] = self.skipped_steps
@@ -822,6 +1124,7 @@ class RMSprop(Optimizer):
         """
         if not self.track_stats:
             raise RuntimeError("stats() needs the optimizer built with track_stats=True")
+        self._read_verdicts(wait=True)
         if "_pending" in self.__dict__:
             work, rows = self.__dict__.pop("_pending")
             with torch.no_grad():
