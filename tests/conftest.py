@@ -20,7 +20,9 @@ redefining them, so a new path, option or storage format is one row here:
 from __future__ import annotations
 
 import contextlib
+import importlib
 import inspect
+import os
 from contextlib import AbstractContextManager
 from typing import Any
 
@@ -134,3 +136,30 @@ def path(request: pytest.FixtureRequest) -> str:
 def path_kwargs(path: str) -> dict[str, Any]:
     """The constructor kwargs of the ``path`` fixture's path."""
     return dict(ALL_PATHS[path])
+
+
+#: Where the Triton tests run: the interpreter (CPU tensors) always, compiled CUDA where a GPU is.
+TRITON_BACKENDS = ["interpreter"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.fixture(scope="module", params=TRITON_BACKENDS)
+def tk(request):
+    """The kernel module, (re)imported with the interpreter on or off: triton.jit decides
+    between compiled and interpreted when the module is imported."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    interpret = request.param == "interpreter"
+    old = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1" if interpret else "0"
+    import rmsprop.kernels.triton as mod
+    reloaded = isinstance(mod._rmsprop_kernel, InterpretedFunction) != interpret
+    if reloaded:
+        mod = importlib.reload(mod)
+    assert mod.available(), mod.unavailable_reason()
+    yield mod
+    if old is None:
+        del os.environ["TRITON_INTERPRET"]
+    else:
+        os.environ["TRITON_INTERPRET"] = old
+    if reloaded:
+        importlib.reload(mod)

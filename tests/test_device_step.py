@@ -17,9 +17,7 @@ leave as if it never happened.
 
 from __future__ import annotations
 
-import importlib
 import math
-import os
 import traceback
 
 import pytest
@@ -32,7 +30,6 @@ from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 from rmsprop.torch import NonFiniteGradientError, RMSprop, _plan  # noqa: E402
 from rmsprop.torch import optimizer as _optimizer  # noqa: E402
 
-BACKENDS = ["interpreter"] + (["cuda"] if torch.cuda.is_available() else [])
 SHAPES = [(33,), (5, 4), (0,), ()]
 aten = torch.ops.aten
 
@@ -95,29 +92,6 @@ class HostReads(TorchDispatchMode):
             setattr(owner, name, old)
         self._undo.clear()
         return super().__exit__(*exc)
-
-
-@pytest.fixture(scope="module", params=BACKENDS)
-def tk(request):
-    """The Triton kernel module, (re)imported with the interpreter on or off (triton.jit
-    decides between compiled and interpreted when the module is imported)."""
-    from triton.runtime.interpreter import InterpretedFunction
-
-    interpret = request.param == "interpreter"
-    old = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1" if interpret else "0"
-    import rmsprop.kernels.triton as mod
-    reloaded = isinstance(mod._rmsprop_kernel, InterpretedFunction) != interpret
-    if reloaded:
-        mod = importlib.reload(mod)
-    assert mod.available(), mod.unavailable_reason()
-    yield mod
-    if old is None:
-        del os.environ["TRITON_INTERPRET"]
-    else:
-        os.environ["TRITON_INTERPRET"] = old
-    if reloaded:
-        importlib.reload(mod)
 
 
 @pytest.fixture

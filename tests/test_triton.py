@@ -7,9 +7,7 @@ option on at least once."""
 
 from __future__ import annotations
 
-import importlib
 import math
-import os
 
 import numpy as np
 import pytest
@@ -19,31 +17,6 @@ pytest.importorskip("triton")
 
 from rmsprop import spec  # noqa: E402
 from rmsprop.options import Options  # noqa: E402
-
-BACKENDS = ["interpreter"] + (["cuda"] if torch.cuda.is_available() else [])
-
-
-@pytest.fixture(scope="module", params=BACKENDS)
-def tk(request):
-    """The kernel module, (re)imported with the interpreter on or off: triton.jit decides
-    between compiled and interpreted when the module is imported."""
-    from triton.runtime.interpreter import InterpretedFunction
-
-    interpret = request.param == "interpreter"
-    old = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1" if interpret else "0"
-    import rmsprop.kernels.triton as mod
-    reloaded = isinstance(mod._rmsprop_kernel, InterpretedFunction) != interpret
-    if reloaded:
-        mod = importlib.reload(mod)
-    assert mod.available(), mod.unavailable_reason()
-    yield mod
-    if old is None:
-        del os.environ["TRITON_INTERPRET"]
-    else:
-        os.environ["TRITON_INTERPRET"] = old
-    if reloaded:
-        importlib.reload(mod)
 
 
 @pytest.fixture
