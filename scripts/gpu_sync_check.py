@@ -335,14 +335,19 @@ def check_deferred(dev: torch.device) -> str:
     bad_at = WARMUP + 1  # the step() call holding the NaN
     kwargs = {"bias_correction": True}
     arrivals = []
-    for reader in ("step", "check"):
-        s = Setup(dev, kwargs)
-        if not hasattr(s.opt, "check"):
-            raise Failure("RMSprop.check() is missing (the deferred error's explicit read)")
+    def at_bad_step(options: dict) -> tuple[Setup, list[torch.Tensor]]:
+        """A run WARMUP finite steps in with the NaN gradient set, and its snapshot."""
+        s = Setup(dev, options)
         for k in range(WARMUP):
             s.step(gdev[k])
         before = snapshot(s)
         s.set_grads(bad_grads(dev, grads[WARMUP]))
+        return s, before
+
+    for reader in ("step", "check"):
+        s, before = at_bad_step(kwargs)
+        if not hasattr(s.opt, "check"):
+            raise Failure("RMSprop.check() is missing (the deferred error's explicit read)")
         try:
             s.opt.step()
             where = None
@@ -377,11 +382,7 @@ def check_deferred(dev: torch.device) -> str:
         s.step(gdev[WARMUP])  # on as if the bad step never happened
         close(s.params, reference(initial_params(), grads, kwargs)[-1], "after the error")
         arrivals.append(f"raised by {where}")
-    s = Setup(dev, {"nonfinite": "raise_now"})
-    for k in range(WARMUP):
-        s.step(gdev[k])
-    before = snapshot(s)
-    s.set_grads(bad_grads(dev, grads[WARMUP]))
+    s, before = at_bad_step({"nonfinite": "raise_now"})
     try:
         s.opt.step()
     except NonFiniteGradientError as e:

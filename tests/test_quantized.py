@@ -668,3 +668,35 @@ def test_bitsandbytes_rmsprop8bit_ignores_momentum_where_ours_keeps_it():
 
 
 del itertools
+
+
+@pytest.mark.parametrize("fmt", ["8bit", "4bit"])
+@pytest.mark.parametrize("path", ["fused", "foreach"])
+def test_step_size_statistics_come_from_the_denominator_each_path_documents(fmt, path):
+    """One step from v0 = 0: the fresh v is (1 - alpha) g^2. The fused kernel reports the
+    lr/d the step used (from the fresh v), the unfused paths the lr/d of the v decoded from
+    the stored codes (rmsprop/torch/_stats.py); both are computed here in NumPy."""
+    gen = torch.Generator().manual_seed(3)
+    g = torch.exp(torch.randn(8192, generator=gen) * 3)  # magnitudes spread over decades
+    p = torch.nn.Parameter(torch.zeros(8192))
+    lr, eps = 1e-2, 1e-8
+    opt = RMSprop([p], lr=lr, eps=eps, state_dtype=fmt, track_stats=True,
+                  fused=True if path == "fused" else None, foreach=path == "foreach")
+    p.grad = g.clone()
+    opt.step()
+    stats = opt.stats()["groups"][0]
+    g32 = g.numpy()
+    fresh = np.float32(0.01) * (g32 * g32)
+    st = opt.state[p]
+    fmt_v = codecs.QUANTIZED[fmt]["square_avg"]
+    q = codecs.Quantized(fmt_v, st["square_avg"].numpy(), st["square_avg_scale"].numpy(),
+                         (8192,))
+    v = fresh if path == "fused" else codecs.decode(q)
+    step = lr / (np.sqrt(v.astype(np.float64)) + eps)
+    assert stats["step_max"] == pytest.approx(step.max(), rel=1e-5)
+    assert stats["step_min"] == pytest.approx(step.min(), rel=1e-5)
+    # and the data tells the two apart: the other source's extremes are elsewhere
+    other = lr / (np.sqrt((codecs.decode(q) if path == "fused" else fresh).astype(np.float64))
+                  + eps)
+    assert max(abs(stats["step_max"] / other.max() - 1),
+               abs(stats["step_min"] / other.min() - 1)) > 1e-3

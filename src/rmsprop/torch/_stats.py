@@ -7,6 +7,15 @@ fused kernels fill the rows in their own pass; elsewhere :func:`row` computes th
 params before and after the step, with the rule's own :func:`~rmsprop.torch._paths.denominator`
 on the state as the step left it (decoded through its codec). :func:`summarize` turns rows
 into the per-group (and per-parameter) dictionary users read.
+
+With quantized state (``state_dtype="8bit"``/``"4bit"``) the two sources differ by design in
+``min/max lr/d`` and the eps count: the fused kernel reports the denominator the step used
+(from the fresh ``v``), the unfused paths the one decoded from the stored codes, which is what
+the next step starts from. They differ by the quantization of ``v`` (a decoded ``sqrt(v)`` is
+at least 2/3 of the fresh one and may be larger, :mod:`rmsprop.codecs`); the sums of
+``g^2``, ``u^2`` and ``p^2`` are the same on every path. Recomputing the fresh ``v`` off the
+fused path would cost a second update pass for a statistic; matching the unfused paths
+inside the kernel would cost a decode there.
 """
 
 from __future__ import annotations
