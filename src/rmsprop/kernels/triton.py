@@ -14,6 +14,17 @@ Triton would narrow to float32); every per-step constant (``1 - alpha``, ``1/c``
 math precision, and the update follows torch.optim.RMSprop's operations (fused multiply-adds
 where ATen uses them), as the CPU kernel does. With ``TRITON_INTERPRET=1`` the kernel also runs
 on CPU tensors (tests).
+
+Block-quantized state (``state_dtype="8bit"``/``"4bit"``, :mod:`rmsprop.codecs`) has its own
+kernel, :func:`fused_step_quantized` (the signature of
+:func:`rmsprop.kernels.cpu.fused_step_quantized`; :func:`launch_quantized` over a
+:class:`Table` built with ``scales`` for a plan): a program owns whole blocks of one tensor
+and takes them a tile of several blocks at a time, decodes them with their scales, runs the
+same per-element update (one ``@triton.jit`` helper, ``_update``, serves both kernels), and
+encodes them with each block's new maximum as scale. The codes are
+:func:`rmsprop.codecs.encode`'s bit for bit: the quotient ``x / s`` is ``div_rn``, the
+unsigned code is the integer nearest ``sqrt(L^2 x / s)`` settled by exact comparisons with
+``(k +- 1/2)^2``, and the signed one rounds half to even.
 """
 from __future__ import annotations
 
@@ -23,8 +34,10 @@ from typing import Any
 
 from . import state_flags
 
-__all__ = ["available", "unavailable_reason", "fused_step", "first_nonfinite", "floor_call",
-           "Table", "launch", "check_into", "advance", "HYPER_SLOTS"]
+__all__ = ["available", "unavailable_reason", "fused_step", "fused_step_quantized",
+           "first_nonfinite", "floor_call", "Table", "launch", "launch_quantized",
+           "kernel_flags", "check_into", "advance", "quant_encode", "quant_decode",
+           "HYPER_SLOTS", "QFORMATS", "QTILE"]
 
 _reason: str | None = None
 try:
@@ -42,6 +55,14 @@ CHUNK = 4 * BLOCK  # elements per program: enough to amortise its setup, small e
 
 def _interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _exact() -> dict[str, bool]:
+    """Launch options of the step and codec kernels: no contraction of their separate
+    multiplies and adds into fused multiply-adds, since the rounding of each operation is
+    part of the rule (``K * u + 2^23`` fused would move a code; the interpreter never
+    contracts)."""
+    return {} if _interpret() else {"enable_fp_fusion": False}
 
 
 def available() -> bool:
@@ -105,8 +126,8 @@ if triton is not None:
     # The state codecs: every value of a stream (params, gradients, square_avg, grad_avg,
     # momentum_buffer) is read through _load (decode: stored format -> math type T) and
     # written through _store (encode: T -> the stored format, rounded once). The format is
-    # the pointer's element type; a block-scaled format would add its scale pointer here,
-    # and the kernel's arithmetic would not change.
+    # the pointer's element type. The block-scaled formats are decoded and encoded a tile
+    # of whole blocks at a time (_qload/_qstore, below), around the same _update.
     @triton.jit
     def _load(ptr, offs, mask, T: tl.constexpr):
         return tl.load(ptr + offs, mask=mask, other=0.0).to(T)
@@ -137,6 +158,114 @@ if triton is not None:
         return tl.load(column_ptr + t).to(tl.pointer_type(like.dtype.element_ty))
 
     @triton.jit
+    def _consts(hyper_ptr, lr_ptr, c_ptr, scale_ptr, T: tl.constexpr):
+        # hyper (see HYPER_SLOTS): lr, alpha, eps, wd, mu, c, gmul, 1.0, float64. lr, c and
+        # the grad scale are read through their own pointers: a hyper slot, or a device
+        # tensor (a scheduler's tensor lr, the device-side bias correction, GradScaler's
+        # scale), so nothing is read on the host. Every per-step constant is its expression
+        # evaluated in float64 and rounded once to T, as torch rounds the Python float it is
+        # given (1 - alpha above all: 0.99 -> 0.0099999998, where 1 - float32(0.99) would be
+        # 0.0099999905).
+        lr64 = tl.load(lr_ptr).to(tl.float64)
+        alpha64 = tl.load(hyper_ptr + 1)
+        wd64 = tl.load(hyper_ptr + 3)
+        invc = (1.0 / tl.load(c_ptr).to(tl.float64)).to(T)
+        # sign / grad_scale in float64 (IEEE division): 1/scale as the host computes it, or
+        # the host's +-1/scale over the 1.0 of slot 7, unchanged
+        gmul = (tl.load(hyper_ptr + 6) / tl.load(scale_ptr).to(tl.float64)).to(T)
+        pdecay = (1.0 - lr64 * wd64).to(T)
+        oma = (1.0 - alpha64).to(T)
+        # the centered average as torch's lerp(m, g, w): m + w*(g - m) for |w| < 0.5, else
+        # g + (w - 1)*(g - m), each one fused multiply-add
+        lerp_small = (oma < 0.5) & (oma > -0.5)
+        lerp_w = tl.where(lerp_small, oma, oma - tl.full((), 1.0, T))
+        return (lr64.to(T), alpha64.to(T), tl.load(hyper_ptr + 2).to(T), wd64.to(T),
+                tl.load(hyper_ptr + 4).to(T), invc, gmul, pdecay, oma, lerp_small, lerp_w)
+
+    @triton.jit
+    def _update(g, p, v, m, b, lr, alpha, eps, wd, mu, invc, gmul, pdecay, oma, lerp_small,
+                lerp_w, CENTERED: tl.constexpr, MOMENTUM: tl.constexpr,
+                WD_COUPLED: tl.constexpr, DECOUPLED: tl.constexpr, NESTEROV: tl.constexpr,
+                EPS_IN_SQRT: tl.constexpr, LR_IN_MOMENTUM: tl.constexpr,
+                MATH64: tl.constexpr):
+        # The rule on decoded values (any shape), with torch.optim.RMSprop's operations and
+        # roundings (see cpu_step.h for the table): the loaded gradient, param and state in,
+        # the new param and state out (m, b unchanged when their option is off), and what
+        # the statistics read: the rule's gradient g, the update u, s, sqrt and d.
+        g = g * gmul
+        if WD_COUPLED:
+            g = tl.fma(wd, p, g)
+        if DECOUPLED:
+            p = p * pdecay
+        v = tl.fma(oma * g, g, alpha * v)
+        if CENTERED:
+            m = tl.fma(lerp_w, g - m, tl.where(lerp_small, m, g))
+            mc = m * invc
+            s = tl.fma(-mc, mc, v * invc)
+            s = tl.where(s < 0, 0.0, s)  # NaN < 0 is false: NaN is kept
+        else:
+            s = v * invc
+        if EPS_IN_SQRT:
+            sq = _sqrt(s + eps, MATH64)
+            d = sq
+        else:
+            sq = _sqrt(s, MATH64)
+            d = sq + eps
+        if MOMENTUM:
+            nrm = _div(g, d, MATH64)
+            if LR_IN_MOMENTUM:
+                k = lr
+            else:
+                k = tl.full((), 1.0, lr.dtype)
+            b = mu * b + k * nrm
+            if NESTEROV:
+                u = mu * b + k * nrm
+            else:
+                u = b
+            if LR_IN_MOMENTUM:
+                p = p - u
+            else:
+                p = tl.fma(-lr, u, p)
+                u = lr * u  # the update, for the statistics
+        else:
+            u = _div(lr * g, d, MATH64)
+            p = p - u
+        return g, p, v, m, b, u, s, sq, d
+
+    @triton.jit
+    def _stats_add(acc_g, acc_u, acc_p, acc_lo, acc_hi, acc_dom, mask, g, u, p, s, sq, d, lr,
+                   eps, EPS_IN_SQRT: tl.constexpr, MATH64: tl.constexpr):
+        # this block's terms of the six statistics (see fused_step), masked lanes left out
+        acc_g += tl.where(mask, g * g, 0.0)
+        acc_u += tl.where(mask, u * u, 0.0)
+        acc_p += tl.where(mask, p * p, 0.0)
+        r = _div(lr + 0.0 * d, d, MATH64)
+        acc_lo = tl.where(mask & (r < acc_lo), r, acc_lo)
+        acc_hi = tl.where(mask & (r > acc_hi), r, acc_hi)
+        if EPS_IN_SQRT:
+            dom = eps > s
+        else:
+            dom = eps > sq
+        acc_dom += tl.where(mask & dom, 1.0, 0.0)
+        return acc_g, acc_u, acc_p, acc_lo, acc_hi, acc_dom
+
+    @triton.jit
+    def _stats_flush(stats_ptr, stats_bits_ptr, t, acc_g, acc_u, acc_p, acc_lo, acc_hi,
+                     acc_dom):
+        # one program's partial statistics into tensor t's row (accumulators of any shape)
+        base = stats_ptr + t * 6
+        tl.atomic_add(base + 0, tl.reduce(acc_g, None, _SUM).to(tl.float64))
+        tl.atomic_add(base + 1, tl.reduce(acc_u, None, _SUM).to(tl.float64))
+        tl.atomic_add(base + 2, tl.reduce(acc_p, None, _SUM).to(tl.float64))
+        # lr/d >= 0, and non-negative IEEE floats order like their bit patterns
+        bits = stats_bits_ptr + t * 6
+        tl.atomic_min(bits + 3, tl.reduce(acc_lo, None, _MIN).to(tl.float64)
+                      .to(tl.int64, bitcast=True))
+        tl.atomic_max(bits + 4, tl.reduce(acc_hi, None, _MAX).to(tl.float64)
+                      .to(tl.int64, bitcast=True))
+        tl.atomic_add(base + 5, tl.reduce(acc_dom, None, _SUM).to(tl.float64))
+
+    @triton.jit
     def _rmsprop_kernel(tab_ptr, grad_ptrs, hyper_ptr, lr_ptr, c_ptr, scale_ptr, stats_ptr,
                         stats_bits_ptr, gate_ptr, n, nchunks, p_like, s_like,
                         GATED: tl.constexpr,
@@ -154,32 +283,8 @@ if triton is not None:
             T = tl.float64
         else:
             T = tl.float32
-        # hyper (see HYPER_SLOTS): lr, alpha, eps, wd, mu, c, gmul, 1.0, float64. lr, c and
-        # the grad scale are read through their own pointers: a hyper slot, or a device
-        # tensor (a scheduler's tensor lr, the device-side bias correction, GradScaler's
-        # scale), so nothing is read on the host. Every per-step constant is its expression
-        # evaluated in float64 and rounded once to T, as torch rounds the Python float it is
-        # given (1 - alpha above all: 0.99 -> 0.0099999998, where 1 - float32(0.99) would be
-        # 0.0099999905).
-        lr64 = tl.load(lr_ptr).to(tl.float64)
-        alpha64 = tl.load(hyper_ptr + 1)
-        wd64 = tl.load(hyper_ptr + 3)
-        lr = lr64.to(T)
-        alpha = alpha64.to(T)
-        eps = tl.load(hyper_ptr + 2).to(T)
-        wd = wd64.to(T)
-        mu = tl.load(hyper_ptr + 4).to(T)
-        invc = (1.0 / tl.load(c_ptr).to(tl.float64)).to(T)
-        # sign / grad_scale in float64 (IEEE division): 1/scale as the host computes it, or
-        # the host's +-1/scale over the 1.0 of slot 7, unchanged
-        gmul = (tl.load(hyper_ptr + 6) / tl.load(scale_ptr).to(tl.float64)).to(T)
-        pdecay = (1.0 - lr64 * wd64).to(T)
-        oma = (1.0 - alpha64).to(T)
-        one = tl.full((), 1.0, T)
-        # the centered average as torch's lerp(m, g, w): m + w*(g - m) for |w| < 0.5, else
-        # g + (w - 1)*(g - m), each one fused multiply-add
-        lerp_small = (oma < 0.5) & (oma > -0.5)
-        lerp_w = tl.where(lerp_small, oma, oma - one)
+        (lr, alpha, eps, wd, mu, invc, gmul, pdecay, oma, lerp_small,
+         lerp_w) = _consts(hyper_ptr, lr_ptr, c_ptr, scale_ptr, T)
         if STATS:
             acc_g = tl.full((BLOCK,), 0.0, T)
             acc_u = tl.full((BLOCK,), 0.0, T)
@@ -192,75 +297,255 @@ if triton is not None:
         for lo in range(start, end, BLOCK):
             offs = lo + tl.arange(0, BLOCK)
             mask = offs < end
-            g = _load(g_ptr, offs, mask, T) * gmul
-            p = _load(p_ptr, offs, mask, T)
-            # torch.optim.RMSprop's operations and roundings (see cpu_step.h for the table)
-            if WD_COUPLED:
-                g = tl.fma(wd, p, g)
-            if DECOUPLED:
-                p = p * pdecay
-            v = tl.fma(oma * g, g, alpha * _load(v_ptr, offs, mask, T))
+            v = _load(v_ptr, offs, mask, T)
+            m = v
+            b = v
+            if CENTERED:
+                m = _load(m_ptr, offs, mask, T)
+            if MOMENTUM:
+                b = _load(b_ptr, offs, mask, T)
+            g, p, v, m, b, u, s, sq, d = _update(
+                _load(g_ptr, offs, mask, T), _load(p_ptr, offs, mask, T), v, m, b, lr, alpha,
+                eps, wd, mu, invc, gmul, pdecay, oma, lerp_small, lerp_w, CENTERED, MOMENTUM,
+                WD_COUPLED, DECOUPLED, NESTEROV, EPS_IN_SQRT, LR_IN_MOMENTUM, MATH64)
             _store(v_ptr + offs, v, mask)
             if CENTERED:
-                mo = _load(m_ptr, offs, mask, T)
-                mm = tl.fma(lerp_w, g - mo, tl.where(lerp_small, mo, g))
-                _store(m_ptr + offs, mm, mask)
-                mc = mm * invc
-                s = tl.fma(-mc, mc, v * invc)
-                s = tl.where(s < 0, 0.0, s)  # NaN < 0 is false: NaN is kept
-            else:
-                s = v * invc
-            if EPS_IN_SQRT:
-                sq = _sqrt(s + eps, MATH64)
-                d = sq
-            else:
-                sq = _sqrt(s, MATH64)
-                d = sq + eps
+                _store(m_ptr + offs, m, mask)
             if MOMENTUM:
-                nrm = _div(g, d, MATH64)
-                if LR_IN_MOMENTUM:
-                    k = lr
-                else:
-                    k = one
-                b = mu * _load(b_ptr, offs, mask, T) + k * nrm
                 _store(b_ptr + offs, b, mask)
-                if NESTEROV:
-                    u = mu * b + k * nrm
-                else:
-                    u = b
-                if LR_IN_MOMENTUM:
-                    p = p - u
-                else:
-                    p = tl.fma(-lr, u, p)
-                    u = lr * u  # the update, for the statistics
-            else:
-                u = _div(lr * g, d, MATH64)
-                p = p - u
             _store(p_ptr + offs, p, mask)
             if STATS:
-                acc_g += tl.where(mask, g * g, 0.0)
-                acc_u += tl.where(mask, u * u, 0.0)
-                acc_p += tl.where(mask, p * p, 0.0)
-                r = _div(lr + 0.0 * d, d, MATH64)
-                acc_lo = tl.where(mask & (r < acc_lo), r, acc_lo)
-                acc_hi = tl.where(mask & (r > acc_hi), r, acc_hi)
-                if EPS_IN_SQRT:
-                    dom = eps > s
-                else:
-                    dom = eps > sq
-                acc_dom += tl.where(mask & dom, 1.0, 0.0)
+                acc_g, acc_u, acc_p, acc_lo, acc_hi, acc_dom = _stats_add(
+                    acc_g, acc_u, acc_p, acc_lo, acc_hi, acc_dom, mask, g, u, p, s, sq, d,
+                    lr, eps, EPS_IN_SQRT, MATH64)
         if STATS:
-            base = stats_ptr + t * 6
-            tl.atomic_add(base + 0, tl.reduce(acc_g, 0, _SUM).to(tl.float64))
-            tl.atomic_add(base + 1, tl.reduce(acc_u, 0, _SUM).to(tl.float64))
-            tl.atomic_add(base + 2, tl.reduce(acc_p, 0, _SUM).to(tl.float64))
-            # lr/d >= 0, and non-negative IEEE floats order like their bit patterns
-            bits = stats_bits_ptr + t * 6
-            tl.atomic_min(bits + 3, tl.reduce(acc_lo, 0, _MIN).to(tl.float64)
-                          .to(tl.int64, bitcast=True))
-            tl.atomic_max(bits + 4, tl.reduce(acc_hi, 0, _MAX).to(tl.float64)
-                          .to(tl.int64, bitcast=True))
-            tl.atomic_add(base + 5, tl.reduce(acc_dom, 0, _SUM).to(tl.float64))
+            _stats_flush(stats_ptr, stats_bits_ptr, t, acc_g, acc_u, acc_p, acc_lo, acc_hi,
+                         acc_dom)
+
+    # -- block-quantized state (rmsprop.codecs: u8/s8 in blocks of 256, u4/s4 of 128) -------
+    # A tile is ROWS x QB: ROWS whole quantization blocks, one per row, so a block's scale is
+    # a reduction along its row. Every operation is float32 with one rounding (division by
+    # div_rn, sqrt by sqrt_rn, no contraction), as the spec states the codes.
+
+    @triton.jit
+    def _rint(x):
+        # round half to even for 0 <= x < 2^22: adding 2^23 leaves no fraction bits, so the
+        # float32 sum is the rounded value (IEEE round-to-nearest-even), and the difference
+        # is exact
+        return (x + 8388608.0) - 8388608.0
+
+    @triton.jit
+    def _codes_load(ptr, offs, boffs, mask, bmask, ROWS: tl.constexpr, QB: tl.constexpr,
+                    BITS: tl.constexpr):
+        # the tile's codes as int32: one byte each, or at 4 bits two per byte (element 2j in
+        # the low nibble)
+        if BITS == 8:
+            c = tl.load(ptr + offs, mask=mask, other=0).to(tl.int32)
+        else:
+            byte = tl.load(ptr + boffs, mask=bmask, other=0).to(tl.int32)
+            c = tl.reshape(tl.join(byte & 15, byte >> 4), (ROWS, QB))
+        return c
+
+    @triton.jit
+    def _codes_store(ptr, c, offs, boffs, mask, bmask, ROWS: tl.constexpr, QB: tl.constexpr,
+                     BITS: tl.constexpr):
+        if BITS == 8:
+            tl.store(ptr + offs, c.to(tl.uint8), mask=mask)
+        else:
+            lo, hi = tl.split(tl.reshape(c, (ROWS, QB // 2, 2)))
+            tl.store(ptr + boffs, (lo | (hi << 4)).to(tl.uint8), mask=bmask)
+
+    @triton.jit
+    def _decode(c, s, SIGNED: tl.constexpr, BITS: tl.constexpr):
+        # x' = s * U[q], U[q] = ((q + 1) / L)^2 (exact), or s * S[k], S[k] = RN(k / K) with
+        # the code -K - 1 read as -K; s: the rows' scales, (ROWS, 1)
+        if SIGNED:
+            if BITS == 8:
+                k = tl.where(c > 127, c - 256, c)
+                k = tl.where(k < -127, -127, k)
+                ratio = tl.div_rn(k.to(tl.float32), tl.full(k.shape, 127.0, tl.float32))
+            else:
+                k = tl.where(c > 7, c - 16, c)
+                k = tl.where(k < -7, -7, k)
+                ratio = tl.div_rn(k.to(tl.float32), tl.full(k.shape, 7.0, tl.float32))
+        else:
+            q = c + 1
+            if BITS == 8:
+                ratio = (q * q).to(tl.float32) * 0.0000152587890625  # 2^-16
+            else:
+                ratio = (q * q).to(tl.float32) * 0.00390625  # 2^-8
+        return s * ratio
+
+    @triton.jit
+    def _encode(x, mask, SIGNED: tl.constexpr, BITS: tl.constexpr):
+        # The codes of the tile x and each row's new scale s = max |x| (signed map) or
+        # max(x, 0) (unsigned), masked lanes left out, from the correctly rounded quotient
+        # u = x / s (0 where s = 0): signed k = rint(K * u), negated for x < 0, stored mod
+        # 2^BITS; unsigned q = clamp(k - 1, 0, L - 1) with k the integer nearest
+        # sqrt(L^2 * u), settled exactly by comparing with (k +- 1/2)^2 (ties to even).
+        if SIGNED:
+            mag = tl.abs(x)
+        else:
+            mag = tl.where(x > 0, x, 0.0)
+        mag = tl.where(mask, mag, 0.0)
+        s = tl.reduce(mag, 1, _MAX)
+        sb = tl.broadcast_to(s[:, None], mag.shape)
+        pos = sb > 0
+        u = tl.where(pos, tl.div_rn(mag, tl.where(pos, sb, 1.0)), 0.0)
+        if SIGNED:
+            if BITS == 8:
+                k = _rint(u * 127.0).to(tl.int32)
+            else:
+                k = _rint(u * 7.0).to(tl.int32)
+            k = tl.where(x < 0, -k, k)
+            c = k & ((1 << BITS) - 1)
+        else:
+            if BITS == 8:
+                y = u * 65536.0  # L^2: exact
+            else:
+                y = u * 256.0
+            kf = _rint(tl.sqrt_rn(y))
+            hi = (kf + 0.5) * (kf + 0.5)  # exact for k < 2^11
+            lo = (kf - 0.5) * (kf - 0.5)
+            k = kf.to(tl.int32)
+            odd = (k & 1) == 1
+            up = (y > hi) | ((y == hi) & odd)
+            down = (y < lo) | ((y == lo) & odd)
+            c = k + up.to(tl.int32) - down.to(tl.int32) - 1
+            c = tl.where(c < 0, 0, c)
+            c = tl.where(c > (1 << BITS) - 1, (1 << BITS) - 1, c)
+        return c, s
+
+    @triton.jit
+    def _qload(col, scol, t, quant, offs, boffs, mask, bmask, blk, rmask,
+               SIGNED: tl.constexpr, ROWS: tl.constexpr, QB: tl.constexpr,
+               BITS: tl.constexpr):
+        # tensor t's state in this tile as float32: decoded from its codes and block scales
+        # (scol's entry), or read as is from float32 state (a tensor the codecs keep in full
+        # precision: scol's entry is 0)
+        addr = tl.load(col + t)
+        if quant:
+            s = tl.load(tl.load(scol + t).to(tl.pointer_type(tl.float32)) + blk, mask=rmask,
+                        other=0.0)
+            x = _decode(_codes_load(addr.to(tl.pointer_type(tl.uint8)), offs, boffs, mask,
+                                    bmask, ROWS, QB, BITS), s[:, None], SIGNED, BITS)
+        else:
+            x = tl.load(addr.to(tl.pointer_type(tl.float32)) + offs, mask=mask, other=0.0)
+        return x
+
+    @triton.jit
+    def _qstore(col, scol, t, quant, x, offs, boffs, mask, bmask, blk, rmask,
+                SIGNED: tl.constexpr, ROWS: tl.constexpr, QB: tl.constexpr,
+                BITS: tl.constexpr):
+        # store x as _qload reads it; returns what the next step will read (the decoded
+        # codes, or x itself)
+        addr = tl.load(col + t)
+        if quant:
+            c, s = _encode(x, mask, SIGNED, BITS)
+            _codes_store(addr.to(tl.pointer_type(tl.uint8)), c, offs, boffs, mask, bmask,
+                         ROWS, QB, BITS)
+            tl.store(tl.load(scol + t).to(tl.pointer_type(tl.float32)) + blk, s, mask=rmask)
+            y = _decode(c, s[:, None], SIGNED, BITS)
+        else:
+            tl.store(addr.to(tl.pointer_type(tl.float32)) + offs, x, mask=mask)
+            y = x
+        return y
+
+    @triton.jit
+    def _rmsprop_q_kernel(tab_ptr, qtab_ptr, grad_ptrs, hyper_ptr, lr_ptr, c_ptr, scale_ptr,
+                          stats_ptr, stats_bits_ptr, gate_ptr, n, nchunks, p_like,
+                          GATED: tl.constexpr,
+                          CENTERED: tl.constexpr, MOMENTUM: tl.constexpr,
+                          WD_COUPLED: tl.constexpr, DECOUPLED: tl.constexpr,
+                          NESTEROV: tl.constexpr, EPS_IN_SQRT: tl.constexpr,
+                          LR_IN_MOMENTUM: tl.constexpr, STATS: tl.constexpr,
+                          BITS: tl.constexpr, CHUNK: tl.constexpr, ROWS: tl.constexpr,
+                          QB: tl.constexpr):
+        # The step over block-quantized state (rmsprop.codecs): one program per chunk of one
+        # tensor as _rmsprop_kernel, in tiles of ROWS whole blocks of QB elements (chunks
+        # start on block boundaries, so a block is one program's). Each tile is decoded,
+        # updated by _update, and encoded with its new block scales. With centered, v is
+        # stored as w = max(v - m'^2, 0) (m' the new grad_avg as decoded) and read back as
+        # w + m^2. Tensors whose scale entry (qtab column V) is 0 keep float32 state.
+        t, start, end = _chunk(tab_ptr, n, nchunks, CHUNK)
+        p_ptr, g_ptr = _pointer(tab_ptr, t, p_like), _pointer(grad_ptrs, t, p_like)
+        quant = tl.load(qtab_ptr + t) != 0
+        T = tl.float32
+        (lr, alpha, eps, wd, mu, invc, gmul, pdecay, oma, lerp_small,
+         lerp_w) = _consts(hyper_ptr, lr_ptr, c_ptr, scale_ptr, T)
+        if STATS:
+            acc_g = tl.full((ROWS, QB), 0.0, T)
+            acc_u = tl.full((ROWS, QB), 0.0, T)
+            acc_p = tl.full((ROWS, QB), 0.0, T)
+            acc_lo = tl.full((ROWS, QB), float("inf"), T)
+            acc_hi = tl.full((ROWS, QB), float("-inf"), T)
+            acc_dom = tl.full((ROWS, QB), 0.0, T)
+        if GATED:  # a check found inf or NaN: an empty range, nothing is written
+            end = tl.where(tl.load(gate_ptr) != 0, start, end)
+        rows = tl.arange(0, ROWS)
+        for lo in range(start, end, ROWS * QB):
+            offs = lo + rows[:, None] * QB + tl.arange(0, QB)[None, :]
+            mask = offs < end
+            boffs = lo // 2 + rows[:, None] * (QB // 2) + tl.arange(0, QB // 2)[None, :]
+            bmask = boffs * 2 < end  # 4-bit tensors have even sizes
+            blk = lo // QB + rows
+            rmask = lo + rows * QB < end
+            v = _qload(tab_ptr + n, qtab_ptr, t, quant, offs, boffs, mask, bmask, blk, rmask,
+                       False, ROWS, QB, BITS)
+            m = v
+            b = v
+            if CENTERED:
+                m = _qload(tab_ptr + 2 * n, qtab_ptr + n, t, quant, offs, boffs, mask, bmask,
+                           blk, rmask, True, ROWS, QB, BITS)
+                v = tl.where(quant, v + m * m, v)
+            if MOMENTUM:
+                b = _qload(tab_ptr + 3 * n, qtab_ptr + 2 * n, t, quant, offs, boffs, mask,
+                           bmask, blk, rmask, True, ROWS, QB, BITS)
+            g, p, v, m, b, u, s, sq, d = _update(
+                _load(g_ptr, offs, mask, T), _load(p_ptr, offs, mask, T), v, m, b, lr, alpha,
+                eps, wd, mu, invc, gmul, pdecay, oma, lerp_small, lerp_w, CENTERED, MOMENTUM,
+                WD_COUPLED, DECOUPLED, NESTEROV, EPS_IN_SQRT, LR_IN_MOMENTUM, False)
+            _store(p_ptr + offs, p, mask)
+            if CENTERED:
+                md = _qstore(tab_ptr + 2 * n, qtab_ptr + n, t, quant, m, offs, boffs, mask,
+                             bmask, blk, rmask, True, ROWS, QB, BITS)
+                w = v - md * md
+                v = tl.where(quant, tl.where(w < 0, 0.0, w), v)  # NaN is kept
+            _qstore(tab_ptr + n, qtab_ptr, t, quant, v, offs, boffs, mask, bmask, blk, rmask,
+                    False, ROWS, QB, BITS)
+            if MOMENTUM:
+                _qstore(tab_ptr + 3 * n, qtab_ptr + 2 * n, t, quant, b, offs, boffs, mask,
+                        bmask, blk, rmask, True, ROWS, QB, BITS)
+            if STATS:
+                acc_g, acc_u, acc_p, acc_lo, acc_hi, acc_dom = _stats_add(
+                    acc_g, acc_u, acc_p, acc_lo, acc_hi, acc_dom, mask, g, u, p, s, sq, d,
+                    lr, eps, EPS_IN_SQRT, False)
+        if STATS:
+            _stats_flush(stats_ptr, stats_bits_ptr, t, acc_g, acc_u, acc_p, acc_lo, acc_hi,
+                         acc_dom)
+
+    @triton.jit
+    def _codec_kernel(x_ptr, codes_ptr, scales_ptr, n, ENCODE: tl.constexpr,
+                      SIGNED: tl.constexpr, BITS: tl.constexpr, ROWS: tl.constexpr,
+                      QB: tl.constexpr):
+        # The step's codecs alone over one flat float32 array (tests against
+        # rmsprop.codecs): ROWS blocks per program, encoded into codes and scales, or decoded
+        rows = tl.arange(0, ROWS)
+        lo = tl.program_id(0) * ROWS * QB
+        offs = lo + rows[:, None] * QB + tl.arange(0, QB)[None, :]
+        mask = offs < n
+        boffs = lo // 2 + rows[:, None] * (QB // 2) + tl.arange(0, QB // 2)[None, :]
+        bmask = boffs * 2 < n
+        blk = lo // QB + rows
+        rmask = lo + rows * QB < n
+        if ENCODE:
+            c, s = _encode(tl.load(x_ptr + offs, mask=mask, other=0.0), mask, SIGNED, BITS)
+            _codes_store(codes_ptr, c, offs, boffs, mask, bmask, ROWS, QB, BITS)
+            tl.store(scales_ptr + blk, s, mask=rmask)
+        else:
+            s = tl.load(scales_ptr + blk, mask=rmask, other=0.0)
+            c = _codes_load(codes_ptr, offs, boffs, mask, bmask, ROWS, QB, BITS)
+            tl.store(x_ptr + offs, _decode(c, s[:, None], SIGNED, BITS), mask=mask)
 
     @triton.jit
     def _nonfinite_kernel(tab_ptr, grad_ptrs, flag_ptr, gate_ptr, n, nchunks, base, g_like,
@@ -335,10 +620,15 @@ class Table:
     ``dyn`` keeps its address for the table's life (a captured CUDA graph replays with it)
     and is rewritten only when the gradients' pointers or the hyperparameters changed: from
     a host mirror, through a fresh pinned staging buffer and an asynchronous copy on CUDA
-    (never a pageable one, which waits for the device)."""
+    (never a pageable one, which waits for the device).
+
+    ``scales`` (three columns ``VS, MS, BS`` of ``n`` data pointers) makes it a table of
+    block-quantized state for :func:`launch_quantized`: ``V``, ``M``, ``B`` then point at
+    uint8 codes and ``VS``, ``MS``, ``BS`` at their float32 block scales, or, where an entry
+    of ``VS`` is 0, at the float32 state of a tensor the codecs keep in full precision."""
 
     def __init__(self, ptrs: Sequence[Sequence[int]], numels: Sequence[int],
-                 device: Any) -> None:
+                 device: Any, scales: Sequence[Sequence[int]] | None = None) -> None:
         import numpy as np
         import torch
         n = len(numels)
@@ -354,6 +644,15 @@ class Table:
         host[5 * n:5 * n + self.nchunks] = tensor_of
         host[5 * n + self.nchunks:] = first * CHUNK
         self.static = torch.from_numpy(host).to(device)
+        self.chunk = CHUNK
+        # block-quantized state (launch_quantized): the scales' pointers [VS | MS | BS], 0
+        # for a tensor whose state is float32
+        self.qstatic = None
+        if scales is not None:
+            qhost = np.zeros(3 * n, dtype=np.int64)
+            for k, col in enumerate(scales):
+                qhost[k * n:(k + 1) * n] = np.asarray(col, dtype=np.uint64).view(np.int64)
+            self.qstatic = torch.from_numpy(qhost).to(device)
         self._pin = torch.device(device).type == "cuda"
         self._mirror = np.zeros(n + HYPER_SLOTS, dtype=np.int64)
         self._mirror_t = torch.from_numpy(self._mirror)  # the mirror's memory, as a tensor
@@ -425,14 +724,58 @@ def launch(table: Table, grads: Any, hyper: Any, p_like: Any, s_like: Any, flags
         st, sb = stats, stats.view(__import__("torch").int64)
     else:
         st = sb = hyper
-    # no contraction of the kernel's separate multiplies and adds into fused multiply-adds:
-    # the rounding of each operation is part of the rule (the interpreter never contracts)
-    exact = {} if _interpret() else {"enable_fp_fusion": False}
     _rmsprop_kernel[(table.nchunks,)](
         table.static, grads, hyper, hyper if lr is None else lr,
         hyper[5:] if c is None else c, hyper[7:] if scale is None else scale, st, sb,
         hyper if gate is None else gate, table.n, table.nchunks, p_like, s_like,
-        GATED=gate is not None, **flags, CHUNK=CHUNK, BLOCK=BLOCK, **exact)
+        GATED=gate is not None, **flags, CHUNK=CHUNK, BLOCK=BLOCK, **_exact())
+
+
+#: ``state_dtype`` -> (bits per code, elements per block scale): the formats of
+#: :data:`rmsprop.codecs.QUANTIZED` (``u8``/``s8`` or ``u4``/``s4``).
+QFORMATS = {"8bit": (8, 256), "4bit": (4, 128)}
+#: Elements per tile of the quantized kernel (``QTILE // block`` whole blocks).
+QTILE = 1024
+
+
+def launch_quantized(table: Table, grads: Any, hyper: Any, p_like: Any, flags: dict,
+                     state_dtype: str, stats: Any = None, gate: Any = None, lr: Any = None,
+                     c: Any = None, scale: Any = None) -> None:
+    """:func:`launch` over a table of block-quantized state (a :class:`Table` built with
+    ``scales``) in the formats of ``state_dtype`` (``"8bit"``, ``"4bit"``): each block is
+    decoded, updated by the float kernel's arithmetic (float32; ``p_like`` a float32,
+    float16 or bfloat16 param) and encoded with its new scale, as
+    :func:`rmsprop.spec.step` with quantized state. ``flags`` are :func:`launch`'s
+    (``MATH64``, if present, must be False); ``stats``, ``gate``, ``lr``, ``c``, ``scale``
+    as there."""
+    if table.qstatic is None:
+        raise ValueError("launch_quantized: the table has no block scales (Table(..., "
+                         "scales=...))")
+    if state_dtype not in QFORMATS:
+        raise ValueError(f"launch_quantized: state_dtype must be one of "
+                         f"{', '.join(QFORMATS)}, got {state_dtype!r}")
+    flags = dict(flags)
+    if flags.pop("MATH64", False):
+        raise TypeError("launch_quantized: quantized state needs float32 math (float32, "
+                        "float16 or bfloat16 params)")
+    bits, block = QFORMATS[state_dtype]
+    if table.chunk % QTILE or QTILE % block:  # chunks must start on block boundaries
+        raise ValueError(f"launch_quantized: chunks of {table.chunk} elements are not whole "
+                         f"tiles of {QTILE}")
+    if stats is not None:
+        _reset_stats(stats)
+    if table.nchunks == 0:
+        return
+    if stats is not None:
+        st, sb = stats, stats.view(__import__("torch").int64)
+    else:
+        st = sb = hyper
+    _rmsprop_q_kernel[(table.nchunks,)](
+        table.static, table.qstatic, grads, hyper, hyper if lr is None else lr,
+        hyper[5:] if c is None else c, hyper[7:] if scale is None else scale, st, sb,
+        hyper if gate is None else gate, table.n, table.nchunks, p_like,
+        GATED=gate is not None, **flags, BITS=bits, CHUNK=table.chunk, ROWS=QTILE // block,
+        QB=block, **_exact())
 
 
 def check_into(table: Table, grads: Any, g_like: Any, flags: Any, base: int = 0) -> None:
@@ -535,6 +878,186 @@ def fused_step(params: Sequence[Any], grads: Sequence[Any], square_avgs: Sequenc
                          eps_in_sqrt=eps_in_sqrt, lr_in_momentum=lr_in_momentum,
                          nesterov=nesterov, decoupled_weight_decay=decoupled_weight_decay,
                          bias_correction=bias_correction, grad_scale=grad_scale), stats)
+
+
+def _check_quantized(codes: Sequence[Any], scales: Sequence[Any | None], name: str,
+                     numels: list[int], block: int, per_byte: int,
+                     device: Any) -> tuple[list[int], list[int]]:
+    """Pointers of one quantized state list and of its scales (0 where ``scales[i]`` is
+    None: then ``codes[i]`` is the float32 state of ``numels[i]`` values), after checking
+    what would otherwise corrupt memory, as :func:`rmsprop.kernels.cpu.fused_step_quantized`
+    does on the CPU."""
+    import torch
+    n = len(numels)
+    if len(codes) != n or len(scales) != n:
+        raise ValueError(f"fused Triton step: {name} has {len(codes)} tensors and "
+                         f"{len(scales)} scale tensors, params has {n}")
+    cp, sp = [], []
+    for i, (c, sc, ne) in enumerate(zip(codes, scales, numels)):
+        want = torch.float32 if sc is None else torch.uint8
+        if not isinstance(c, torch.Tensor) or c.dtype != want or c.device != device:
+            raise TypeError(f"fused Triton step: {name}[{i}] must be a {want} tensor on "
+                            f"{device}" + ("" if sc is None else " of codes"))
+        if sc is not None and ne % per_byte:
+            raise ValueError(f"fused Triton step: params[{i}] has an odd element count ({ne}), "
+                             "which 4-bit state does not quantize")
+        want_n = ne if sc is None else ne // per_byte
+        if c.numel() != want_n or not c.is_contiguous():
+            raise ValueError(f"fused Triton step: {name}[{i}] must be contiguous with {want_n} "
+                             f"elements (has {c.numel()})")
+        cp.append(c.data_ptr())
+        if sc is None:
+            sp.append(0)
+            continue
+        nb = -(-ne // block)
+        if (not isinstance(sc, torch.Tensor) or sc.dtype != torch.float32
+                or sc.numel() != nb or not sc.is_contiguous() or sc.device != device):
+            raise ValueError(f"fused Triton step: {name} scales[{i}] must be a contiguous "
+                             f"float32 tensor of {nb} blocks on {device}")
+        sp.append(sc.data_ptr())
+    return cp, sp
+
+
+def fused_step_quantized(params: Sequence[Any], grads: Sequence[Any],
+                         square_avgs: Sequence[Any], grad_avgs: Sequence[Any] | None,
+                         momentum_buffers: Sequence[Any] | None, *,
+                         square_avg_scales: Sequence[Any | None],
+                         grad_avg_scales: Sequence[Any | None] | None = None,
+                         momentum_buffer_scales: Sequence[Any | None] | None = None,
+                         lr: float, alpha: float, eps: float, weight_decay: float,
+                         momentum: float, centered: bool, maximize: bool, eps_in_sqrt: bool,
+                         lr_in_momentum: bool, nesterov: bool, decoupled_weight_decay: bool,
+                         bias_correction: float, grad_scale: float | None = None,
+                         stats: Any = None, state_dtype: str = "8bit") -> None:
+    """One RMSProp step (:func:`rmsprop.spec.step` with ``state_dtype="8bit"`` or ``"4bit"``)
+    over CUDA tensors (CPU tensors under ``TRITON_INTERPRET=1``) in one launch, with
+    block-quantized state updated in place: arguments, layouts and checks exactly as
+    :func:`rmsprop.kernels.cpu.fused_step_quantized` (without ``nthreads``); the codes are
+    :func:`rmsprop.codecs.encode`'s bit for bit, the arithmetic that of :func:`fused_step`
+    (float32; the same operations as the CPU kernel's)."""
+    if triton is None:
+        raise RuntimeError(f"the fused Triton kernel is unavailable: {_reason}")
+    import torch
+    if state_dtype not in QFORMATS:
+        raise ValueError(f"fused Triton step: state_dtype must be one of "
+                         f"{', '.join(QFORMATS)}, got {state_dtype!r}")
+    bits, block = QFORMATS[state_dtype]
+    per_byte = 8 // bits
+    n = len(params)
+    centered, use_mom = state_flags("Triton", centered, grad_avgs, momentum, momentum_buffers)
+    if grad_scale is not None and not (grad_scale > 0):
+        raise ValueError(f"fused Triton step: grad_scale must be > 0, got {grad_scale}")
+    if n == 0:
+        if stats is not None and tuple(stats.shape) != (0, 6):
+            raise ValueError("fused Triton step: stats must have shape (0, 6)")
+        return
+    device = params[0].device
+    pdtype = params[0].dtype
+    if pdtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise TypeError(f"fused Triton step: quantized state needs float32, float16 or "
+                        f"bfloat16 params, not {pdtype} (float64 math keeps full-precision "
+                        "state)")
+    if stats is not None and (stats.dtype != torch.float64 or tuple(stats.shape) != (n, 6)
+                              or not stats.is_contiguous() or stats.device != device):
+        raise ValueError(f"fused Triton step: stats must be a contiguous float64 tensor of "
+                         f"shape ({n}, 6) on {device}")
+    # checked here, before any pointer is taken: a wrong list would corrupt memory
+    numels = [t.numel() for t in params]
+    P = _check(params, "params", n, pdtype, numels, device)
+    G = _check(grads, "grads", n, pdtype, numels, device)
+    V, VS = _check_quantized(square_avgs, square_avg_scales, "square_avgs", numels, block,
+                             per_byte, device)
+    quant = [s is not None for s in square_avg_scales]
+    cols = {}
+    for needed, codes, scales, name in ((centered, grad_avgs, grad_avg_scales, "grad_avgs"),
+                                        (use_mom, momentum_buffers, momentum_buffer_scales,
+                                         "momentum_buffers")):
+        if not needed:
+            continue
+        if scales is None or [s is not None for s in scales] != quant:
+            raise ValueError(f"fused Triton step: {name} must be quantized exactly where "
+                             "square_avgs is (give its scales, None for float32 state)")
+        cols[name] = _check_quantized(codes, scales, name,  # type: ignore[arg-type]
+                                      numels, block, per_byte, device)
+    M, MS = cols.get("grad_avgs", (V, VS))
+    B, BS = cols.get("momentum_buffers", (V, VS))
+    from ..torch._plan import hyper_of, pack
+    on, values = pack(hyper_of(lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay,
+                               momentum=momentum, centered=centered, maximize=maximize,
+                               eps_in_sqrt=eps_in_sqrt, lr_in_momentum=lr_in_momentum,
+                               nesterov=nesterov,
+                               decoupled_weight_decay=decoupled_weight_decay,
+                               bias_correction=bias_correction, grad_scale=grad_scale))
+    table = Table((P, V, M, B), numels, device, scales=(VS, MS, BS))
+    sign = -1.0 if "MAXIMIZE" in on else 1.0
+    gdev, hyper = table.upload(G, [*values[:6], sign * values[6], 1.0])
+    launch_quantized(table, gdev, hyper, params[0], kernel_flags(on, stats is not None),
+                     state_dtype, stats)
+
+
+def kernel_flags(on: Any, stats: bool, math64: bool = False) -> dict[str, bool]:
+    """The step kernels' option constants from :func:`rmsprop.torch._plan.pack`'s set of
+    flags that are on (``MAXIMIZE`` is the sign of the gradient multiplier, not a flag)."""
+    return dict(CENTERED="CENTERED" in on, MOMENTUM="MOMENTUM" in on,
+                WD_COUPLED="WD_COUPLED" in on, DECOUPLED="DECOUPLED" in on,
+                NESTEROV="NESTEROV" in on, EPS_IN_SQRT="EPS_IN_SQRT" in on,
+                LR_IN_MOMENTUM="LR_IN_MOMENTUM" in on, STATS=stats, MATH64=math64)
+
+
+def _codec_args(fmt: str, n: int) -> tuple[int, int, bool]:
+    from ..codecs import FORMATS
+    if fmt not in FORMATS:
+        raise ValueError(f"quantized codec: fmt must be one of {', '.join(FORMATS)}, "
+                         f"got {fmt!r}")
+    f = FORMATS[fmt]
+    if f.bits == 4 and n % 2:
+        raise ValueError(f"quantized codec: {fmt} needs an even element count, got {n}")
+    return f.bits, f.block, f.signed
+
+
+def quant_encode(x: Any, fmt: str) -> tuple[Any, Any]:
+    """The step kernel's own block encoder on its own: the codes (uint8) and block scales
+    (float32) of the flat float32 tensor ``x`` in the :mod:`rmsprop.codecs` format ``fmt``
+    (``"u8"``, ``"s8"``, ``"u4"``, ``"s4"``), laid out as :class:`rmsprop.codecs.Quantized`'s.
+    For tests against :func:`rmsprop.codecs.encode`."""
+    if triton is None:
+        raise RuntimeError(f"the fused Triton kernel is unavailable: {_reason}")
+    import torch
+    if not isinstance(x, torch.Tensor) or x.dtype != torch.float32:
+        raise TypeError("quant_encode: x must be a float32 tensor")
+    x = x.reshape(-1).contiguous()
+    n = x.numel()
+    bits, block, signed = _codec_args(fmt, n)
+    codes = torch.empty(n * bits // 8, dtype=torch.uint8, device=x.device)
+    scales = torch.empty(-(-n // block), dtype=torch.float32, device=x.device)
+    if n:
+        _codec_kernel[(-(-n // QTILE),)](x, codes, scales, n, ENCODE=True, SIGNED=signed,
+                                        BITS=bits, ROWS=QTILE // block, QB=block, **_exact())
+    return codes, scales
+
+
+def quant_decode(codes: Any, scales: Any, fmt: str, n: int) -> Any:
+    """The step kernel's own block decoder on its own: the ``n`` float32 values that
+    ``codes`` and ``scales`` (as :func:`quant_encode` returns them) stand for. For tests
+    against :func:`rmsprop.codecs.decode`."""
+    if triton is None:
+        raise RuntimeError(f"the fused Triton kernel is unavailable: {_reason}")
+    import torch
+    bits, block, signed = _codec_args(fmt, n)
+    if (not isinstance(codes, torch.Tensor) or codes.dtype != torch.uint8
+            or not codes.is_contiguous() or codes.numel() != n * bits // 8):
+        raise ValueError(f"quant_decode: codes must be a contiguous uint8 tensor of "
+                         f"{n * bits // 8} bytes")
+    if (not isinstance(scales, torch.Tensor) or scales.dtype != torch.float32
+            or not scales.is_contiguous() or scales.numel() != -(-n // block)
+            or scales.device != codes.device):
+        raise ValueError(f"quant_decode: scales must be a contiguous float32 tensor of "
+                         f"{-(-n // block)} blocks on the codes' device")
+    out = torch.empty(n, dtype=torch.float32, device=codes.device)
+    if n:
+        _codec_kernel[(-(-n // QTILE),)](out, codes, scales, n, ENCODE=False, SIGNED=signed,
+                                        BITS=bits, ROWS=QTILE // block, QB=block, **_exact())
+    return out
 
 
 def first_nonfinite(grads: Sequence[Any]) -> int:
