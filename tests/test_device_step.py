@@ -498,3 +498,99 @@ def test_cuda_graph_capture_replays_the_eager_steps(tk, dev):
         assert torch.equal(a, b)
         assert torch.equal(oe.state[a]["square_avg"], oc.state[b]["square_avg"])
         assert float(oe.state[a]["step"]) == float(oc.state[b]["step"]) == 7
+
+
+@pytest.mark.parametrize("change", ["new_grads", "param_swap", "noncontiguous", "dtype"])
+def test_cached_route_detects_what_moved(tk, dev, change):
+    """Steps replayed along the cached device route (``RMSprop._route``) still see every
+    change that makes the pointer table wrong: new gradient tensors (their row rewritten),
+    a param whose storage moved (``p.data = ...``), a non-contiguous gradient and a param
+    whose dtype changed (the plan is dropped). Oracle: the synced route's bits
+    (:class:`Reference`), or torch's tolerance for the general path; the stale table would
+    write into the old storage, which must stay as it was."""
+    params = _params(dev)
+    opt = RMSprop(params, lr=0.01)
+    ref = Reference(params, {})
+    for k in range(3):
+        grads = _grads(params, k)
+        _set_grads(params, grads)
+        opt.step()
+        ref.step(tk, grads, 0.01)
+    route = opt._route
+    assert route is not None and route.plans == list(opt._plans.values())
+    grads = _grads(params, 3)
+    p = params[1]  # shape (5, 4)
+    old = p.detach()
+    before = old.clone()
+    if change == "new_grads":  # zero_grad(set_to_none=True): backward makes new ones
+        for q, g in zip(params, grads):
+            q.grad = g.clone()
+    else:
+        _set_grads(params, grads)
+    if change == "param_swap":
+        p.data = p.detach().clone()
+    elif change == "noncontiguous":
+        p.grad = grads[1].t().contiguous().t()
+        assert not p.grad.is_contiguous() and torch.equal(p.grad, grads[1])
+    elif change == "dtype":
+        p.data = p.detach().double()
+        try:
+            opt.step()
+        except (RuntimeError, ValueError):
+            pass  # a refusal naming the mismatch is as good as a general step
+        assert opt._route is not route
+        assert torch.equal(old, before)  # the stale float32 row was not written
+        return
+    opt.step()
+    ref.step(tk, grads, 0.01)
+    if change == "new_grads":
+        assert opt._route is route  # the row was rewritten, the route kept
+        ref.assert_same(opt, params)
+    else:
+        assert opt._route is not route or change == "param_swap"
+        for i, q in enumerate(params):
+            torch.testing.assert_close(q.detach(), ref.p[i], rtol=1e-6, atol=1e-7)
+    if change == "param_swap":
+        assert torch.equal(old, before) and not torch.equal(p.detach(), before)
+
+
+@pytest.mark.parametrize("state_dtype,opts", [("8bit", dict(momentum=0.9)),
+                                              ("4bit", dict(centered=True))])
+def test_quantized_state_on_the_device_route(tk, dev, monkeypatch, state_dtype, opts):
+    """Block-quantized state takes the gated device plan (the Triton quantized kernel), reads
+    nothing on the host after warm-up and gives the C kernel's quantized step bit for bit:
+    params, codes, block scales and the float32 state of a small tensor."""
+    shapes = [(4096,), (33,)]  # one quantized tensor, one kept in float32
+
+    def make():
+        gen = torch.Generator().manual_seed(7)
+        ps = [torch.randn(s, generator=gen).to(dev).requires_grad_() for s in shapes]
+        return ps, RMSprop(ps, lr=0.01, state_dtype=state_dtype, **opts)
+
+    params, opt = make()
+    with monkeypatch.context() as m:  # the oracle: the CPU plan's C kernel
+        m.setattr(_plan, "plan_for", lambda device_type: _plan.CpuPlan)
+        twins, ref = make()
+        twins = [t.cpu() for t in twins] if dev == "cuda" else twins
+        for k in range(4):
+            for t, g in zip(twins, _grads(twins, k)):
+                t.grad = g
+            ref.step()
+    reads = HostReads()
+    for k in range(4):
+        _set_grads(params, _grads(params, k))
+        if k >= 2:
+            with reads:
+                opt.step()
+        else:
+            opt.step()
+    plan = next(iter(opt._plans.values()))
+    assert isinstance(plan, _plan.CudaPlan) and plan.quantized == state_dtype
+    assert reads.reads == [], reads.reads[0]
+    opt.check()
+    for p, t in zip(params, twins):
+        assert torch.equal(p.detach().cpu(), t.detach())
+        st, rt = opt.state[p], ref.state[t]
+        assert set(st) == set(rt)
+        for key in rt:
+            assert torch.equal(st[key].cpu(), rt[key]), key

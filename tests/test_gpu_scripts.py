@@ -124,3 +124,21 @@ def test_compile_check_cpu_mode_traces_a_training_step():
     for r in rows:
         err = float(r[-1])
         assert err < 1e-4, r  # lr 1e-3, 3 steps: a wrong step moves params by ~1e-3
+
+
+def test_host_overhead_cpu_mode_runs_and_prints(capsys):
+    """``scripts/host_overhead.py --device cpu``: the timed steps take the cached device plan
+    (the script raises otherwise) and a row per size and the ratio line are printed; the
+    stubs are removed afterwards. No timing is asserted."""
+    pytest.importorskip("triton")
+    mod = _load("host_overhead")
+    from rmsprop.kernels import triton as tk
+    kernel = tk._rmsprop_kernel
+    assert mod.main(["--device", "cpu", "--counts", "1,3", "--calls", "3",
+                     "--repeats", "1"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert "Triton launches stubbed out" in out[0]
+    rows = [line.split() for line in out[2:4]]
+    assert [r[0] for r in rows] == ["1", "3"] and all(float(x) > 0 for r in rows for x in r[1:])
+    assert any(line.startswith("new grads: ratio 3/1 = ") for line in out)
+    assert tk._rmsprop_kernel is kernel

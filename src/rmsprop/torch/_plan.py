@@ -1,10 +1,10 @@
 """Plans: the only way to a fused kernel. What can be decided once is decided once.
 
 A plan holds the pointer tables of a list of real tensors (params and their state) of one
-device, one param dtype and one state codec (a float one, or on the CPU the ``"8bit"``
-quantized one: codes and block scales as the codec stores them, small tensors in float32 in
-the same plan), and runs the kernel over them with the step's gradients. :class:`CpuPlan`
-calls the C kernel (:mod:`rmsprop.kernels.cpu`, imported
+device, one param dtype and one state codec (a float one, or a block-quantized one,
+``"8bit"`` or ``"4bit"``: codes and block scales as the codec stores them, small tensors in
+float32 in the same plan), and runs the kernel over them with the step's gradients.
+:class:`CpuPlan` calls the C kernel (:mod:`rmsprop.kernels.cpu`, imported
 when the first CPU plan is built: a CUDA user never loads the ctypes module) and
 :class:`CudaPlan` the Triton kernel; both are siblings of :class:`Plan`.
 
@@ -121,17 +121,21 @@ class Plan:
         self.version = -1
         self.convert = False  # gradients need real() (complex or sharded params)
         self.validated: tuple | None = None  # the group's options when last validated
+        self.hyper_memo: tuple | None = None  # (key, Hyper) of the optimizer's last step
+        self._g_list: list[int] = []  # the last gradients' pointers, and their table
+        self._g_table: array.array | None = None
         self.last_rows: Tensor | None = None  # the last statistics of a GradScaler step
 
     @staticmethod
     def accepts(codec: Codec, p_dtype: torch.dtype, device_type: str = "cpu") -> str | None:
         """Why the kernels cannot store state with ``codec`` for params of real dtype
         ``p_dtype`` on ``device_type`` (None if they can): they take float state of the
-        params' dtype or float32, and the C kernel also the ``"8bit"`` and ``"4bit"``
+        params' dtype or float32, and both kernels also the ``"8bit"`` and ``"4bit"``
         block-quantized state of float32, float16 or bfloat16 params
-        (:func:`rmsprop.kernels.cpu.fused_step_quantized`)."""
+        (:func:`rmsprop.kernels.cpu.fused_step_quantized`,
+        :func:`rmsprop.kernels.triton.launch_quantized`)."""
         name = getattr(codec, "name", None)
-        if codec.dtype is None and name in QUANTIZED_FORMATS and device_type == "cpu":
+        if codec.dtype is None and name in QUANTIZED_FORMATS and device_type in ("cpu", "cuda"):
             if p_dtype in (torch.float32, torch.float16, torch.bfloat16):
                 return None
             return (f"state_dtype {name!r} of {p_dtype} params has no fused kernel "
@@ -168,7 +172,18 @@ class Plan:
     def gradients(self, grads: list) -> array.array | None:
         """The gradients' pointer table, or None when the general route must run: a
         gradient that is missing, sparse or not contiguous, or a param whose storage moved
-        (``p.data = ...``, ``model.half()``: the plan's dtypes may no longer hold)."""
+        (``p.data = ...``, ``model.half()``: the plan's dtypes may no longer hold).
+
+        What is checked here, per tensor, at every step, and why nothing cheaper holds:
+        the gradients' pointers (``zero_grad()`` frees the gradients, so backward makes new
+        ones each step; the table row is rewritten only when one moved), their contiguity
+        (a same tensor object can be restrided in place, ``g.data = g.t()``, without moving)
+        and the params' pointers (``p.data = x`` keeps the object and moves its storage).
+        Each is one C-level ``map`` over the list (~50 ns a tensor). Not checked per step:
+        a gradient's dtype and shape, which torch's ``.grad`` setter and autograd keep equal
+        to the param's (unless a user sets ``p.grad_dtype = None`` or swaps a gradient's
+        ``.data`` for another dtype: a dtype check would cost as much again per tensor);
+        the params' identities are :meth:`valid_for`'s."""
         params = self.group_params or []
         try:
             if self.convert:
@@ -180,9 +195,12 @@ class Plan:
                 return None
             if list(map(Tensor.data_ptr, params)) != self.P_list:
                 return None
-            return _ptrs(grads)
+            ptrs = list(map(Tensor.data_ptr, grads))
         except (RuntimeError, TypeError, AttributeError):  # sparse gradients have no data
             return None                                  # pointer; a missing one is None
+        if ptrs != self._g_list or self._g_table is None:
+            self._g_list, self._g_table = ptrs, array.array("Q", ptrs)
+        return self._g_table
 
     # -- the kernel ----------------------------------------------------------------------------
 
@@ -301,18 +319,32 @@ class CudaPlan(Plan):
 
     def __init__(self, params: Sequence[Tensor], square_avgs: Sequence[Tensor],
                  grad_avgs: Sequence[Tensor] | None,
-                 momentum_buffers: Sequence[Tensor] | None) -> None:
+                 momentum_buffers: Sequence[Tensor] | None,
+                 scales: dict[str, list[Tensor | None]] | None = None,
+                 quantized: str | None = None) -> None:
+        """``scales`` and ``quantized`` as in :class:`CpuPlan` (block-quantized state, run
+        by :func:`rmsprop.kernels.triton.launch_quantized`)."""
         from ..kernels import triton as tk
         super().__init__(params, square_avgs, grad_avgs, momentum_buffers)
+        if quantized is not None and scales is None:
+            raise ValueError("a quantized device plan needs the state's block scales")
+        self.quantized = quantized
+        qscales = None
+        if scales is not None and quantized is not None:
+            vs = scale_table(scales["square_avg"])
+            qscales = (vs, scale_table(scales["grad_avg"]) if self.centered else vs,
+                       scale_table(scales["momentum_buffer"]) if self.momentum else vs)
+            self.keep = (*self.keep, scales)
         self._tk = tk
         self.p_like = params[0] if self.n else None
         self.s_like = square_avgs[0] if self.n else None
         self.device = params[0].device if self.n else torch.device("cpu")
         self.steps_device = self.device
         self.math64 = self.p_dtype == torch.float64
+        self._launch_memo: tuple | None = None
         self.table = tk.Table((self.P, self.V, self.M if self.M is not None else self.V,
                                self.B if self.B is not None else self.V), self.numel,
-                              self.device)
+                              self.device, scales=qscales)
 
     def first_nonfinite(self, G: array.array) -> int:
         gdev, _ = self.table.upload(G)
@@ -334,23 +366,36 @@ class CudaPlan(Plan):
         then ignored) and ``c`` (float64 ``1 - alpha^t``) from these one-element device
         tensors where given, else from ``h``; ``gate`` as in
         :func:`rmsprop.kernels.triton.launch`."""
-        tk = self._tk
+        key = (h, lr is None, c is None, scale is None, stats is None)
+        if self._launch_memo is None or self._launch_memo[0] != key:
+            self._launch_memo = (key, *self._launch_args(h, lr is not None, c is not None,
+                                                         scale is not None, stats is not None))
+        _, values, flags = self._launch_memo
+        gdev, hyper = self.table.upload(G, values)
+        if self.quantized is not None:
+            self._tk.launch_quantized(self.table, gdev, hyper, self.p_like, flags,
+                                      self.quantized, stats, gate, lr=lr, c=c, scale=scale)
+            return
+        self._tk.launch(self.table, gdev, hyper, self.p_like, self.s_like, flags, stats, gate,
+                        lr=lr, c=c, scale=scale)
+
+    def _launch_args(self, h: Hyper, lr: bool, c: bool, scale: bool, stats: bool
+                     ) -> tuple[tuple[float, ...], dict[str, bool]]:
+        """The hyperparameter slots and kernel flags of a step with ``h`` (``lr``, ``c``,
+        ``scale``: read from the device instead), kept by :meth:`run` while they hold."""
         on, values = pack(h)
         # the kernel folds maximize into the gradient multiplier (its sign is exact) and
         # divides it by the scale; a placeholder stands in a slot read from the device, so
         # a device value that changes never makes the host upload the table again
         sign = -1.0 if "MAXIMIZE" in on else 1.0
-        gmul = sign if scale is not None else sign * values[6]
-        gdev, hyper = self.table.upload(G, [0.0 if lr is not None else values[0],
-                                            *values[1:5], 1.0 if c is not None else values[5],
-                                            gmul, 1.0])
+        gmul = sign if scale else sign * values[6]
+        slots = (0.0 if lr else values[0], *values[1:5], 1.0 if c else values[5], gmul, 1.0)
         flags = dict(CENTERED="CENTERED" in on, MOMENTUM="MOMENTUM" in on,
                      WD_COUPLED="WD_COUPLED" in on, DECOUPLED="DECOUPLED" in on,
                      NESTEROV="NESTEROV" in on, EPS_IN_SQRT="EPS_IN_SQRT" in on,
-                     LR_IN_MOMENTUM="LR_IN_MOMENTUM" in on, STATS=stats is not None,
+                     LR_IN_MOMENTUM="LR_IN_MOMENTUM" in on, STATS=stats,
                      MATH64=self.math64)
-        tk.launch(self.table, gdev, hyper, self.p_like, self.s_like, flags, stats, gate,
-                  lr=lr, c=c, scale=scale)
+        return slots, flags
 
     def step(self, G: array.array, h: Hyper, stats: Tensor | None = None,
              gate: Tensor | None = None, *, lr: Tensor | None = None,

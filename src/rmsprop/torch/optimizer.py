@@ -17,6 +17,7 @@ import operator
 import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from itertools import repeat
 from typing import Any, cast
 
 import torch
@@ -129,11 +130,12 @@ def _kernel_state(codec: Codec, states: list[dict], centered: bool, momentum: bo
 def _new_plan(plan_cls: type[_plan.Plan], codec: Codec, params: list[Tensor],
               sq: list[Tensor], ga: list[Tensor] | None, mb: list[Tensor] | None,
               scales: dict[str, list[Tensor | None]] | None) -> _plan.Plan:
-    """A plan over these tensors; quantized state (``scales`` given) goes to the C kernel's
-    quantized entry, which :meth:`_plan.Plan.accepts` admits on the CPU only."""
+    """A plan over these tensors; quantized state (``scales`` given) goes to the kernels'
+    quantized entries (the C kernel's, the Triton one's)."""
     if scales is None:
         return plan_cls(params, sq, ga, mb)
-    return _plan.CpuPlan(params, sq, ga, mb, scales=scales, quantized=codec.name)
+    return plan_cls(params, sq, ga, mb, scales=scales,  # type: ignore[call-arg]
+                    quantized=codec.name)
 
 
 def _check_rounding(stochastic_rounding: Any, seed: Any) -> None:
@@ -199,6 +201,25 @@ class _Verdict:
     counted: bool
     stats: tuple | None = None
     pending: Any = None
+
+
+@dataclass
+class _Route:
+    """The decisions of a step on the gated device route, replayed by the next steps while
+    they hold (:meth:`RMSprop._step_route`): every group has a cached gated plan on one
+    device, in this order, with these ``nonfinite`` modes, no GradScaler, no statistics, no
+    sharded params. Each step still validates each plan and reads its gradients
+    (:meth:`RMSprop._plan_grads`); what it skips is choosing the route again. ``bases``:
+    each group's first index in the gate's verdict (None: not checked, "ignore");
+    ``checked`` and ``count`` as in :class:`_Verdict`."""
+
+    groups: list
+    plans: list
+    modes: list
+    bases: list
+    gate: Any
+    checked: list
+    count: bool
 
 
 class RMSprop(Optimizer):
@@ -291,6 +312,7 @@ class RMSprop(Optimizer):
 
     _step_supports_amp_scaling = True  # GradScaler passes grad_scale/found_inf to step()
     _skipped_host: int  # skipped_steps counted on the host (the device counts the rest)
+    _route: _Route | None  # the cached device route of the last step, if it took one
 
     def __init__(self, params: Iterable[Any], lr: float | Tensor = 1e-2, alpha: float = 0.99,
                  eps: float = 1e-8, weight_decay: float = 0, momentum: float = 0,
@@ -602,6 +624,10 @@ class RMSprop(Optimizer):
         """Collect each group's work, check the gradients, apply: nothing is written before
         every check has passed (on the device route: nothing is written if one fails)."""
         compiling = torch.compiler.is_compiling()
+        if found_inf is None and grad_scale is None and not compiling:
+            if self._route is not None and self._step_route(self._route):
+                return
+            self._route = None
         on_device = found_inf is not None and self._scaler_on_device(grad_scale, found_inf,
                                                                      compiling)
         if found_inf is not None and not on_device and float(found_inf) > 0:
@@ -657,7 +683,9 @@ class RMSprop(Optimizer):
         verdict = None
         if gate is not None:
             if deferred:
-                verdict = self._defer(gate, jobs, count)
+                verdict = self._defer(gate, [(j.base, j.group, j.plan) for j in jobs
+                                             if j.gate is gate.flags
+                                             and j.group["nonfinite"] != "ignore"], count)
             elif gate.read_now() is not None:  # "raise_now": wait for the verdict
                 found = self._find_nonfinite(self._all_work())
                 if found:
@@ -665,12 +693,53 @@ class RMSprop(Optimizer):
                 return
         for job in rest:
             self._run(job, inv_scale)
+        if (device is not None and found_inf is None and grad_scale is None and not compiling
+                and not checked and not self.track_stats and (gate is None or verdict)
+                and all(j.plan is not None for j in jobs)):
+            self._route = _Route(list(self.param_groups), [j.plan for j in jobs],
+                                 [j.group["nonfinite"] for j in jobs],
+                                 [None if j.group["nonfinite"] == "ignore" else j.base
+                                  for j in jobs],
+                                 gate, verdict.checked if verdict else [], count)
         if self.track_stats:
             if verdict is not None:
                 verdict.stats = (self._stats, self.__dict__.get("_pending"))
             self._record_stats(jobs)
             if verdict is not None:
                 verdict.pending = self.__dict__.get("_pending")
+
+    def _step_route(self, route: _Route) -> bool:
+        """One step along the cached route (see :class:`_Route`): the general step's
+        decisions replayed; False, with nothing done, when they no longer hold."""
+        groups = self.param_groups
+        if len(groups) != len(route.groups) or self.track_stats:
+            return False
+        plans = self._plans
+        grads = []
+        for group, kept, plan, mode in zip(groups, route.groups, route.plans, route.modes):
+            if group is not kept or plans.get(id(group)) is not plan \
+                    or group["nonfinite"] != mode:
+                return False
+            G = self._plan_grads(group, plan)
+            if G is None:
+                return False
+            grads.append(G)
+        gate = route.gate
+        flags = skipped = None
+        if gate is not None:
+            gate.reset()
+            for plan, G, base in zip(route.plans, grads, route.bases):
+                if base is not None:
+                    plan.check(G, gate, base)
+            flags = gate.flags
+            skipped = gate.skipped if route.count else None
+        for group, plan, G in zip(groups, route.plans, grads):
+            self._device_step(group, plan, G, 1.0, flags, None, skipped)
+            skipped = None  # the first plan counts a refused step
+        self._inv_scale = 1.0
+        if gate is not None:
+            self._defer(gate, route.checked, route.count)
+        return True
 
     def _scaler_on_device(self, grad_scale: Any, found_inf: Tensor, compiling: bool) -> bool:
         """Whether GradScaler's ``found_inf`` and scale can be read by the kernels: both on
@@ -727,11 +796,10 @@ class RMSprop(Optimizer):
             gates[device] = _plan.DeviceGate(device)
         return gates[device]
 
-    def _defer(self, gate: _plan.DeviceGate, jobs: list[_Job], counted: bool) -> _Verdict:
+    def _defer(self, gate: _plan.DeviceGate, checked: list, counted: bool) -> _Verdict:
         """Queue the copy of the step's verdict to the host and remember how to read it
-        (inside a captured graph it stays on the device: :meth:`check` reads it)."""
-        checked = [(j.base, j.group, j.plan) for j in jobs
-                   if j.gate is gate.flags and j.group["nonfinite"] != "ignore"]
+        (``checked``: see :class:`_Verdict`; inside a captured graph it stays on the device:
+        :meth:`check` reads it)."""
         verdict = _Verdict(gate, checked, counted)
         if gate.device.type == "cuda" and _capturing():
             self._captured[gate.device] = verdict
@@ -741,6 +809,7 @@ class RMSprop(Optimizer):
         return verdict
 
     def _reset_verdicts(self) -> None:
+        self._route = None  # it holds a gate of those below
         self._gates: dict[torch.device, _plan.DeviceGate] = {}
         self._verdicts: list[_Verdict] = []
         self._captured: dict[torch.device, _Verdict] = {}
@@ -800,29 +869,37 @@ class RMSprop(Optimizer):
     def _all_work(self) -> list[tuple[dict, list[Tensor]]]:
         return [(g, [p for p in g["params"] if p.grad is not None]) for g in self.param_groups]
 
+    def _plan_grads(self, group: dict, plan: Any) -> Any:
+        """The gradients' pointer table of a group through its cached plan, or None when the
+        plan no longer holds (:meth:`_plan.Plan.valid_for`, :meth:`_plan.Plan.gradients`) or
+        the group's options left the fused route; raises for an invalid option."""
+        if group["fused"] is False or group["foreach"] or group["differentiable"]:
+            return None
+        # Options are validated when they change (schedulers write lr between steps),
+        # not at every step: validation costs more than a small model's whole update.
+        opts = tuple(map(group.__getitem__, RULE_OPTIONS))
+        if plan.gated and any(map(isinstance, opts, repeat(Tensor))):
+            # a tensor on the plan's device (a scheduler's lr) is read by the kernel
+            # only: its value is not validated per step, which would read the host
+            # (as torch.optim does not); a new tensor object is validated as such
+            opts = tuple(_DeviceValue(x) if isinstance(x, Tensor) and x.device == plan.device
+                         else x for x in opts)
+        if plan.validated is None or opts != plan.validated:
+            validate({k: v for k, v in zip(RULE_OPTIONS, opts)
+                      if not isinstance(v, _DeviceValue)}, warn=False)
+            plan.validated = None if any(isinstance(x, Tensor) for x in opts) else opts
+        if not plan.valid_for(group, self._version):
+            return None
+        return plan.gradients(list(map(_GRAD, group["params"])))
+
     def _collect(self, group: dict, compiling: bool) -> _Job:
         """A group's job: through its cached plan when the plan still holds (the same
         params, dense contiguous gradients, unchanged storage), else the general path."""
         plan = None if compiling else self._plans.get(id(group))
-        if plan is not None and group["fused"] is not False and not group["foreach"] \
-                and not group["differentiable"]:
-            # Options are validated when they change (schedulers write lr between steps),
-            # not at every step: validation costs more than a small model's whole update.
-            opts = tuple(map(group.__getitem__, RULE_OPTIONS))
-            if plan.gated:
-                # a tensor on the plan's device (a scheduler's lr) is read by the kernel
-                # only: its value is not validated per step, which would read the host
-                # (as torch.optim does not); a new tensor object is validated as such
-                opts = tuple(_DeviceValue(x) if isinstance(x, Tensor) and x.device == plan.device
-                             else x for x in opts)
-            if plan.validated is None or opts != plan.validated:
-                validate({k: v for k, v in zip(RULE_OPTIONS, opts)
-                          if not isinstance(v, _DeviceValue)}, warn=False)
-                plan.validated = None if any(isinstance(x, Tensor) for x in opts) else opts
-            if plan.valid_for(group, self._version):
-                G = plan.gradients(list(map(_GRAD, group["params"])))
-                if G is not None:
-                    return _Job(group, group["params"], "plan", plan, G)
+        if plan is not None:
+            G = self._plan_grads(group, plan)
+            if G is not None:
+                return _Job(group, group["params"], "plan", plan, G)
         self._plans.pop(id(group), None)
         validate({k: group[k] for k in RULE_OPTIONS}, warn=False)
         params = [p for p in group["params"] if p.grad is not None]
@@ -900,13 +977,9 @@ class RMSprop(Optimizer):
         group = job.group
         plan = job.plan
         if plan is not None:
-            bias = bool(group["bias_correction"])
             if plan.gated:
-                lr = group["lr"]
-                lr_dev = lr if isinstance(lr, Tensor) and lr.device == plan.device else None
-                h = self._hyper(group, 0, inv_scale, lr=0.0 if lr_dev is not None else None)
-                plan.step(job.G, h, stats=job.rows, gate=job.gate, lr=lr_dev,
-                          scale=job.scale, bias=bias, skipped=skipped)
+                self._device_step(group, plan, job.G, inv_scale, job.gate, job.scale,
+                                  skipped, job.rows)
                 if job.amp and job.rows is not None:
                     # GradScaler's overflow gates the step silently: its statistics are the
                     # last step's, chosen on the device
@@ -915,7 +988,7 @@ class RMSprop(Optimizer):
                                                job.rows)
                     plan.last_rows = job.rows
                 return
-            t = int(plan.steps[0]) + 1 if bias else 0
+            t = int(plan.steps[0]) + 1 if group["bias_correction"] else 0
             plan.step(job.G, self._hyper(group, t, inv_scale), stats=job.rows)
             return
         if not job.params:
@@ -931,6 +1004,24 @@ class RMSprop(Optimizer):
                 self._plans.pop(id(group), None)
                 job.plan = None
         self._apply(group, job.params, job.path, inv_scale)
+
+    def _device_step(self, group: dict, plan: Any, G: Any, inv_scale: float, gate: Any,
+                     scale: Any, skipped: Tensor | None, rows: Tensor | None = None) -> None:
+        """A gated plan's step of ``group``: a tensor ``lr`` on the plan's device and the
+        bias correction are read on the device. The :class:`Hyper` is built again only when
+        the group's validated options, ``inv_scale`` or where ``lr`` is read change: the
+        options tuple :meth:`_plan_grads` keeps is the same object while they hold."""
+        lr = group["lr"]
+        lr_dev = lr if isinstance(lr, Tensor) and lr.device == plan.device else None
+        key = (plan.validated, inv_scale, lr_dev is None)
+        memo = plan.hyper_memo
+        if memo is not None and key[0] is not None and memo[0] == key:
+            h = memo[1]
+        else:  # validated None: a host tensor option, read (and validated) at every step
+            h = self._hyper(group, 0, inv_scale, lr=0.0 if lr_dev is not None else None)
+            plan.hyper_memo = (key, h)
+        plan.step(G, h, stats=rows, gate=gate, lr=lr_dev, scale=scale,
+                  bias=bool(group["bias_correction"]), skipped=skipped)
 
     def _build_plan(self, group: dict, params: list[Tensor]) -> _plan.Plan | None:
         """The cached plan of a fused group whose params all have a gradient, share one
