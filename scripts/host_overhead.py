@@ -8,7 +8,8 @@ size (``--counts``, default 1, 147 and 1000 tensors of ``--numel`` elements) it 
 second the device gate) and then times each ``opt.step()`` alone with ``time.thread_time``
 (the CPU time of this thread: time spent descheduled, or waiting for the device without
 spinning, is not counted), printing the median over ``--calls`` calls in µs per step, the
-ratio of the largest model's to the smallest's and the cost per extra tensor.
+ratio of the largest model's to the smallest's, the cost per extra tensor, and the floor of that
+cost for any step that reads each gradient from Python (reading ``p.grad`` alone).
 
 Two gradient regimes, both ordinary in training:
 
@@ -144,7 +145,24 @@ def main(argv: Sequence[str] | None = None) -> int:
             per = (us[r, hi] - us[r, lo]) * 1e3 / (hi - lo)
             print(f"{r} grads: ratio {hi}/{lo} = {us[r, hi] / us[r, lo]:.2f}, "
                   f"{per:.0f} ns per extra tensor")
+    print(f"per-tensor floor of any step that reads every gradient from Python: "
+          f"{grad_read_ns(hi):.0f} ns per tensor for list(map(attrgetter('grad'), params)) "
+          f"alone ({hi} tensors)")
     return 0
+
+
+def grad_read_ns(n: int, rounds: int = 200) -> float:
+    """Nanoseconds per tensor of reading ``p.grad`` for ``n`` params (best of 5 x
+    ``rounds``): what a step that must see each gradient pays per tensor at least, however
+    little else it does, and why its host time cannot be flat in the tensor count."""
+    import operator
+    import timeit
+    params = [torch.zeros(1, requires_grad=True) for _ in range(n)]
+    for p in params:
+        p.grad = torch.zeros(1)
+    read = operator.attrgetter("grad")
+    best = min(timeit.repeat(lambda: list(map(read, params)), number=rounds, repeat=5))
+    return best / rounds / n * 1e9
 
 
 if __name__ == "__main__":

@@ -141,4 +141,5 @@ def test_host_overhead_cpu_mode_runs_and_prints(capsys):
     rows = [line.split() for line in out[2:4]]
     assert [r[0] for r in rows] == ["1", "3"] and all(float(x) > 0 for r in rows for x in r[1:])
     assert any(line.startswith("new grads: ratio 3/1 = ") for line in out)
+    assert out[-1].startswith("per-tensor floor of any step that reads every gradient")
     assert tk._rmsprop_kernel is kernel

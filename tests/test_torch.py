@@ -559,3 +559,42 @@ def test_stats_every_step_match_numpy_reference(path):
         assert s["step_min"] == pytest.approx(steps.min(), rel=1e-9)
         assert s["step_max"] == pytest.approx(steps.max(), rel=1e-9)
         assert s["step_median"] == pytest.approx(np.median(steps), rel=0.2)
+
+
+def test_step_wrapper_behaves_as_torchs_hooks_profiler_label_args():
+    """Our ``step`` skips torch's wrapper when it has nothing to do; whenever it does, the
+    behaviour is torch's: oracle torch.optim.RMSprop under the same hooks and profiler. Pre-
+    and post-hooks (per optimizer and global) run in torch's order with the same arguments, a
+    pre-hook's returned ``(args, kwargs)`` replace the step's, and the profiler records the
+    ``Optimizer.step#<class>.step`` label once per step."""
+    from torch.optim.optimizer import (
+        register_optimizer_step_post_hook,
+        register_optimizer_step_pre_hook,
+    )
+
+    def run(cls):
+        p = torch.zeros(3)
+        opt = cls([p], lr=0.1)
+        calls = []
+        handles = [register_optimizer_step_pre_hook(lambda o, a, k: calls.append("gpre")),
+                   register_optimizer_step_post_hook(lambda o, a, k: calls.append("gpost")),
+                   opt.register_step_pre_hook(lambda o, a, k: calls.append(("pre", len(a)))),
+                   opt.register_step_post_hook(lambda o, a, k: calls.append("post"))]
+        p.grad = torch.ones(3)
+        opt.step()
+        for h in handles:
+            h.remove()
+        swap = opt.register_step_pre_hook(lambda o, a, k: ((o, lambda: 7.0), {}))
+        loss = opt.step()  # the hook's closure replaces the missing one
+        swap.remove()
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            opt.step()
+            opt.step()
+        label = f"Optimizer.step#{cls.__name__}.step"
+        n_label = sum(e.name == label for e in prof.events())
+        bare = opt.step()  # no hook, no profiler: the bare step
+        return calls, loss, n_label, bare, p
+
+    ours, theirs = run(RMSprop), run(torch.optim.RMSprop)
+    assert ours[:4] == theirs[:4] == (["gpre", ("pre", 1), "post", "gpost"], 7.0, 2, None)
+    torch.testing.assert_close(ours[4], theirs[4])
