@@ -658,6 +658,8 @@ class Table:
         self._mirror_t = torch.from_numpy(self._mirror)  # the mirror's memory, as a tensor
         self.dyn = torch.zeros(n + HYPER_SLOTS, dtype=torch.int64, device=device)
         self.hyper = self.dyn[n:].view(torch.float64)
+        # the c and scale slots as the kernels take them (a view made once, not per launch)
+        self.hyper_c, self.hyper_scale = self.hyper[5:], self.hyper[7:]
         self._grads: bytes | None = None
         self._values: tuple | None = None
         self._kept: list = []  # staging buffers a captured graph copies from
@@ -705,6 +707,16 @@ class Table:
         return -1 if bad >= self.n else bad
 
 
+def _slot(table: Table, hyper: Any, k: int, value: Any) -> Any:
+    """What the kernel reads for slot ``k`` (5: ``c``, 7: the scale): ``value``, a device
+    tensor, if given, else ``hyper[k:]`` (the table's own view when ``hyper`` is its own)."""
+    if value is not None:
+        return value
+    if hyper is table.hyper:
+        return table.hyper_c if k == 5 else table.hyper_scale
+    return hyper[k:]
+
+
 def launch(table: Table, grads: Any, hyper: Any, p_like: Any, s_like: Any, flags: dict,
            stats: Any = None, gate: Any = None, lr: Any = None, c: Any = None,
            scale: Any = None) -> None:
@@ -726,7 +738,7 @@ def launch(table: Table, grads: Any, hyper: Any, p_like: Any, s_like: Any, flags
         st = sb = hyper
     _rmsprop_kernel[(table.nchunks,)](
         table.static, grads, hyper, hyper if lr is None else lr,
-        hyper[5:] if c is None else c, hyper[7:] if scale is None else scale, st, sb,
+        _slot(table, hyper, 5, c), _slot(table, hyper, 7, scale), st, sb,
         hyper if gate is None else gate, table.n, table.nchunks, p_like, s_like,
         GATED=gate is not None, **flags, CHUNK=CHUNK, BLOCK=BLOCK, **_exact())
 
@@ -772,7 +784,7 @@ def launch_quantized(table: Table, grads: Any, hyper: Any, p_like: Any, flags: d
         st = sb = hyper
     _rmsprop_q_kernel[(table.nchunks,)](
         table.static, table.qstatic, grads, hyper, hyper if lr is None else lr,
-        hyper[5:] if c is None else c, hyper[7:] if scale is None else scale, st, sb,
+        _slot(table, hyper, 5, c), _slot(table, hyper, 7, scale), st, sb,
         hyper if gate is None else gate, table.n, table.nchunks, p_like,
         GATED=gate is not None, **flags, BITS=bits, CHUNK=table.chunk, ROWS=QTILE // block,
         QB=block, **_exact())
