@@ -163,3 +163,43 @@ def tk(request):
         os.environ["TRITON_INTERPRET"] = old
     if reloaded:
         importlib.reload(mod)
+
+
+# -- the quantized codecs' boundaries (tests of every encoder against rmsprop.codecs) ----------
+
+CODEC_FORMATS = ("u8", "s8", "u4", "s4")
+
+
+def boundary_quotients(fmt: str) -> Any:
+    """The quotients x / s where the code of ``fmt`` changes: (k - 1/2)^2 / L^2 for the
+    unsigned map, (k + 1/2) / K for the signed one."""
+    import numpy as np
+
+    from rmsprop import codecs
+    f = codecs.FORMATS[fmt]
+    k = np.arange(1, f.levels + 1, dtype=np.float64)
+    if f.signed:
+        return (k[:f.levels] - 0.5) / f.levels
+    return (k - 0.5) ** 2 / f.levels ** 2
+
+
+def boundary_blocks(fmt: str, scales: Any, ulps: int) -> Any:
+    """Blocks whose first element is the scale s (the block maximum) followed by the float32
+    values within ``ulps`` of s times every code boundary (negated for every other block of
+    a signed map), padded with s."""
+    import numpy as np
+
+    from rmsprop import codecs
+    f = codecs.FORMATS[fmt]
+    t = boundary_quotients(fmt)
+    steps = np.arange(-ulps, ulps + 1)
+    out = []
+    for i, s in enumerate(scales):
+        x = (t * float(s)).astype(np.float32)
+        xs = x.view(np.int32)[:, None] + steps[None, :]  # neighbours by their bits
+        vals = np.clip(xs.reshape(-1), 0, None).astype(np.int32).view(np.float32)
+        vals = np.minimum(vals, np.float32(s))
+        body = np.concatenate([[np.float32(s)], vals]).astype(np.float32)
+        body = np.concatenate([body, np.full(-len(body) % f.block, s, np.float32)])
+        out.append(-body if f.signed and i % 2 else body)
+    return np.concatenate(out)

@@ -15,7 +15,12 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import QUANTIZED_EXACT, QUANTIZED_NEAR  # noqa: E402
+from conftest import (  # noqa: E402
+    CODEC_FORMATS,
+    QUANTIZED_EXACT,
+    QUANTIZED_NEAR,
+    boundary_blocks,
+)
 from rmsprop import Options, codecs, spec
 from rmsprop.kernels import cpu
 
@@ -250,41 +255,6 @@ def test_bad_input_raises_and_changes_nothing():
 
 # -- the codecs on their own: every code boundary, every code --------------------------------
 
-CODEC_FORMATS = ("u8", "s8", "u4", "s4")
-
-
-def _boundary_quotients(fmt):
-    """The quotients x / s where the code of ``fmt`` changes: (k - 1/2)^2 / L^2 for the
-    unsigned map, (k + 1/2) / K for the signed one."""
-    f = codecs.FORMATS[fmt]
-    k = np.arange(1, f.levels + 1, dtype=np.float64)
-    if f.signed:
-        return (k[:f.levels] - 0.5) / f.levels
-    return (k - 0.5) ** 2 / f.levels ** 2
-
-
-def _boundary_blocks(fmt, scales, ulps=4):
-    """Blocks whose first element is the scale s (the block maximum) followed by the float32
-    values within ``ulps`` of s times every code boundary (negated for every other block of
-    a signed map), padded with s."""
-    f = codecs.FORMATS[fmt]
-    t = _boundary_quotients(fmt)
-    steps = np.arange(-ulps, ulps + 1)
-    out = []
-    for i, s in enumerate(scales):
-        x = (t * float(s)).astype(np.float32)
-        xs = x.view(np.int32)[:, None] + steps[None, :]  # neighbours by their bits
-        vals = np.clip(xs.reshape(-1), 0, None).astype(np.int32).view(np.float32)
-        vals = np.minimum(vals, np.float32(s))
-        body = np.concatenate([[np.float32(s)], vals]).astype(np.float32)
-        pad = -len(body) % f.block
-        body = np.concatenate([body, np.full(pad, s, np.float32)])
-        if f.signed and i % 2:
-            body = -body
-        out.append(body)
-    return np.concatenate(out)
-
-
 def _scales():
     """Block scales over the float32 range: random mantissas at exponents -125..125, the
     ends of the range (subnormal, 2^126 and above) and round values."""
@@ -310,7 +280,7 @@ def test_encoder_writes_the_spec_codes_at_every_code_boundary(fmt, isa):
     """The step's encoder (x86-64-v3: a division-free quotient and an rsqrt estimate, each
     settled by exact comparisons) against rmsprop.codecs.encode on the float32 values
     nearest every code boundary, at scales over the whole float32 range."""
-    x = _boundary_blocks(fmt, _scales())
+    x = boundary_blocks(fmt, _scales(), ulps=4)
     want = codecs.encode(x, fmt)
     codes, scales = cpu.quant_encode(torch.from_numpy(x), fmt)
     np.testing.assert_array_equal(scales.numpy(), want.scales)

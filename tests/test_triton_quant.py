@@ -24,7 +24,12 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("triton")
 
-from conftest import QUANTIZED_EXACT, QUANTIZED_NEAR  # noqa: E402
+from conftest import (  # noqa: E402
+    CODEC_FORMATS,
+    QUANTIZED_EXACT,
+    QUANTIZED_NEAR,
+    boundary_blocks,
+)
 from rmsprop import Options, codecs, spec  # noqa: E402
 from rmsprop.kernels import cpu  # noqa: E402
 
@@ -351,36 +356,6 @@ def test_bad_input_raises_and_changes_nothing(tk, dev):
 
 # -- the codecs on their own: every code boundary, every code --------------------------------
 
-CODEC_FORMATS = ("u8", "s8", "u4", "s4")
-
-
-def _boundary_quotients(fmt):
-    """The quotients x / s where the code of ``fmt`` changes: (k - 1/2)^2 / L^2 for the
-    unsigned map, (k + 1/2) / K for the signed one."""
-    f = codecs.FORMATS[fmt]
-    k = np.arange(1, f.levels + 1, dtype=np.float64)
-    if f.signed:
-        return (k[:f.levels] - 0.5) / f.levels
-    return (k - 0.5) ** 2 / f.levels ** 2
-
-
-def _boundary_blocks(fmt, scales, ulps=3):
-    """Blocks led by their scale s (the block maximum), then the float32 values within
-    ``ulps`` of s times every code boundary (negated in every other block of a signed map),
-    padded with s; the last block is cut short."""
-    f = codecs.FORMATS[fmt]
-    steps = np.arange(-ulps, ulps + 1)
-    out = []
-    for i, s in enumerate(scales):
-        x = (_boundary_quotients(fmt) * float(s)).astype(np.float32)
-        vals = np.clip((x.view(np.int32)[:, None] + steps).reshape(-1), 0, None)
-        vals = np.minimum(vals.astype(np.int32).view(np.float32), np.float32(s))
-        body = np.concatenate([[np.float32(s)], vals]).astype(np.float32)
-        body = np.concatenate([body, np.full(-len(body) % f.block, s, np.float32)])
-        out.append(-body if f.signed and i % 2 else body)
-    return np.concatenate(out)[:-f.block // 2 - 2]
-
-
 # scales over the float32 range: subnormal, the smallest normal, round values, the largest
 SCALES = np.array([1.0e-45, 3.0e-39, 2.0 ** -126, 2.0 ** -110, 0.1, 1.0, 1.5, 3.0, 2.0 ** 125,
                    3.0e38, float(np.finfo(np.float32).max)], dtype=np.float32)
@@ -388,8 +363,9 @@ SCALES = np.array([1.0e-45, 3.0e-39, 2.0 ** -126, 2.0 ** -110, 0.1, 1.0, 1.5, 3.
 
 @pytest.mark.parametrize("fmt", CODEC_FORMATS)
 def test_encoder_writes_the_spec_codes_at_every_code_boundary(tk, dev, fmt):
-    x = _boundary_blocks(fmt, SCALES)
-    x[:codecs.FORMATS[fmt].block] = 0.0  # a block of zeros: scale 0, every code 0
+    f = codecs.FORMATS[fmt]
+    x = boundary_blocks(fmt, SCALES, ulps=3)[:-f.block // 2 - 2]  # the last block cut short
+    x[:f.block] = 0.0  # a block of zeros: scale 0, every code 0
     want = codecs.encode(x, fmt)
     codes, scales = tk.quant_encode(torch.from_numpy(x).to(dev), fmt)
     np.testing.assert_array_equal(scales.cpu().numpy(), want.scales)
