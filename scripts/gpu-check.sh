@@ -6,11 +6,13 @@
 #                               CUDA-graph replay vs eager, the deferred error (SYNC_TIMEOUT=60)
 #   bench       bench.log       rmsprop bench --device cuda, host CPU time per step included;
 #                               bench_cuda.json (BENCH_TIMEOUT=165; BENCH_ARGS adds options)
+#   host        host.log        scripts/host_overhead.py --device cuda: host CPU time of a cached
+#                               step with real launches, 1/147/1000 tensors (HOST_TIMEOUT=30)
 #   compile     compile.log     scripts/gpu_compile_check.py: a training step under
 #                               torch.compile, ours against torch's, both modes (COMPILE_TIMEOUT=90)
 #   share*      step_share.log  examples/step_share.py --device cuda at 3.4M, 9.9M and 118.6M
 #                               params (STEP_SHARE_TIMEOUT=15 each)
-# The timeouts add up to 8 minutes. summary.txt: each part's exit status (124: timed out) and
+# The timeouts add up to 8.5 minutes. summary.txt: each part's exit status (124: timed out) and
 # seconds; the exit status is the number of parts that failed (0: all passed).
 # Uses the python3 that holds torch+triton there (PYTHON overrides); the package runs from
 # src/ (no install).
@@ -44,7 +46,7 @@ part() {  # part NAME TIMEOUT LOG COMMAND...: run, append to LOG, record the exi
 
 # the compiled (CUDA) half of the kernel tests; the interpreted half runs in CI
 tests=(tests/test_triton.py)
-[ -f tests/test_device_step.py ] && tests+=(tests/test_device_step.py)
+for f in tests/test_triton_quant.py tests/test_device_step.py; do [ -f "$f" ] && tests+=("$f"); done
 part tests "${TESTS_TIMEOUT:-120}" tests.log \
   "$PY" -m pytest "${tests[@]}" -q -p no:cacheprovider -k "not interpreter"
 part sync "${SYNC_TIMEOUT:-60}" sync.log "$PY" scripts/gpu_sync_check.py
@@ -52,6 +54,8 @@ part sync "${SYNC_TIMEOUT:-60}" sync.log "$PY" scripts/gpu_sync_check.py
 part bench "${BENCH_TIMEOUT:-165}" bench.log \
   "$PY" -m rmsprop.cli bench --device cuda --no-progress --json "$OUT/bench_cuda.json" \
   ${BENCH_ARGS:-}
+part host "${HOST_TIMEOUT:-30}" host.log \
+  "$PY" scripts/host_overhead.py --device cuda --calls 300 --repeats 2
 part compile "${COMPILE_TIMEOUT:-90}" compile.log "$PY" scripts/gpu_compile_check.py
 for size in "3.4M:--width 1024 --depth 4 --batch 64" "9.9M:" \
             "118.6M:--width 4096 --depth 8 --batch 1024"; do

@@ -46,11 +46,12 @@ def test_gpu_check_parses_and_runs_every_part_recording_each_exit_status(tmp_pat
     assert proc.returncode == 2, proc.stdout + proc.stderr  # the tests' timeout, one size
     summary = (out / "summary.txt").read_text().splitlines()
     assert [line.split()[:2] for line in summary] == [
-        ["tests", "rc=124"], ["sync", "rc=0"], ["bench", "rc=0"], ["compile", "rc=0"],
-        ["share3.4M", "rc=0"], ["share9.9M", "rc=0"], ["share118.6M", "rc=3"]]
+        ["tests", "rc=124"], ["sync", "rc=0"], ["bench", "rc=0"], ["host", "rc=0"],
+        ["compile", "rc=0"], ["share3.4M", "rc=0"], ["share9.9M", "rc=0"], ["share118.6M", "rc=3"]]
     assert "timed out after 1s" in summary[0]
-    ran = {log: (out / log).read_text() for log in ("sync.log", "bench.log", "compile.log",
-                                                     "step_share.log")}
+    ran = {log: (out / log).read_text() for log in ("sync.log", "bench.log", "host.log",
+                                                     "compile.log", "step_share.log")}
+    assert "ran: scripts/host_overhead.py --device cuda" in ran["host.log"]
     assert "ran: scripts/gpu_sync_check.py" in ran["sync.log"]
     assert f"ran: -m rmsprop.cli bench --device cuda --no-progress --json " \
            f"{out / 'bench_cuda.json'}" in ran["bench.log"]
@@ -58,7 +59,8 @@ def test_gpu_check_parses_and_runs_every_part_recording_each_exit_status(tmp_pat
     assert ran["step_share.log"].count("ran: examples/step_share.py --device cuda") == 3
     assert "--width 1024 --depth 4 --batch 64" in ran["step_share.log"]
     for name in ("scripts/gpu_sync_check.py", "scripts/gpu_compile_check.py",
-                 "examples/step_share.py", "tests/test_triton.py"):
+                 "scripts/host_overhead.py", "examples/step_share.py", "tests/test_triton.py",
+                 "tests/test_triton_quant.py"):
         assert (ROOT / name).exists() and name in script.read_text()
 
 
