@@ -203,3 +203,76 @@ def boundary_blocks(fmt: str, scales: Any, ulps: int) -> Any:
         body = np.concatenate([body, np.full(-len(body) % f.block, s, np.float32)])
         out.append(-body if f.signed and i % 2 else body)
     return np.concatenate(out)
+
+
+def spec_step_all(o: Any, params: list, grads: list, states: list) -> tuple[list, list]:
+    """:func:`rmsprop.spec.step` over lists: the new params and states, the oracle of the
+    fused quantized kernels' tests."""
+    from rmsprop import spec
+    out = [spec.step(p, g, st, o) for p, g, st in zip(params, grads, states)]
+    return [p for p, _ in out], [st for _, st in out]
+
+
+def assert_quantized_state(lists: dict, states: list, exact: bool) -> None:
+    """A kernel's state ``lists`` (``{key: (codes or float32 tensors, scales or None)}``)
+    against the spec's ``states``: codes and scales bit for bit when ``exact``, else scales
+    to 1e-6 and at most 0.1 % of codes off by rounding; float32 state to 0 or 4 ulp."""
+    import numpy as np
+
+    from rmsprop import codecs
+    eps32 = float(np.finfo(np.float32).eps)
+    for k in ("square_avg", "grad_avg", "momentum_buffer"):
+        codes, scales = lists[k]
+        for i, st in enumerate(states[:len(codes)]):
+            e = st[k]
+            got = codes[i].cpu().numpy()
+            if isinstance(e, codecs.Quantized):
+                got_s = scales[i].cpu().numpy()
+                if exact:
+                    np.testing.assert_array_equal(got, e.codes, err_msg=f"{k}[{i}] codes")
+                    np.testing.assert_array_equal(got_s, e.scales, err_msg=f"{k}[{i}] scales")
+                else:
+                    np.testing.assert_allclose(got_s, e.scales, rtol=1e-6, err_msg=k)
+                    assert np.mean(got != e.codes) <= 1e-3, k
+            else:
+                tol = 0 if exact else 4 * eps32
+                np.testing.assert_allclose(got, e, rtol=tol, atol=tol, err_msg=f"{k}[{i}]")
+
+
+def state_lists(states: list, device: Any = "cpu") -> dict:
+    """The fused quantized kernels' state lists ``{key: (codes or float32 values, scales or
+    None)}`` from spec states, as fresh tensors on ``device``."""
+    import numpy as np
+
+    from rmsprop import codecs
+    lists: dict = {k: ([], []) for k in ("square_avg", "grad_avg", "momentum_buffer")}
+    for st in states:
+        for k, (values, scales) in lists.items():
+            e = st.get(k)
+            if e is None:
+                continue
+            if isinstance(e, codecs.Quantized):
+                values.append(torch.from_numpy(e.codes.copy()).to(device))
+                scales.append(torch.from_numpy(e.scales.copy()).to(device))
+            else:
+                values.append(torch.from_numpy(np.array(e, np.float32)).to(device))
+                scales.append(None)
+    return lists
+
+
+def quantized_kernel_step(fn: Any, o: Any, t: int, params: list, grads: list, lists: dict,
+                          fmt: str, **extra: Any) -> None:
+    """Step ``t`` of a fused quantized kernel ``fn`` (either kernel's
+    ``fused_step_quantized``) with the options ``o`` over :func:`state_lists`; the bias
+    correction is rounded to float32, as the spec computes it for float32 params."""
+    import numpy as np
+    c = float(np.float32(1.0 - o.alpha ** t)) if o.bias_correction else 1.0
+    fn(params, grads, lists["square_avg"][0], lists["grad_avg"][0] or None,
+       lists["momentum_buffer"][0] or None, square_avg_scales=lists["square_avg"][1],
+       grad_avg_scales=lists["grad_avg"][1] or None,
+       momentum_buffer_scales=lists["momentum_buffer"][1] or None,
+       lr=o.lr, alpha=o.alpha, eps=o.eps, weight_decay=o.weight_decay, momentum=o.momentum,
+       centered=o.centered, maximize=o.maximize, eps_in_sqrt=o.eps_in_sqrt,
+       lr_in_momentum=o.lr_in_momentum, nesterov=o.nesterov,
+       decoupled_weight_decay=o.decoupled_weight_decay, bias_correction=c,
+       state_dtype=fmt, **extra)

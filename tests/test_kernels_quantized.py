@@ -19,7 +19,11 @@ from conftest import (  # noqa: E402
     CODEC_FORMATS,
     QUANTIZED_EXACT,
     QUANTIZED_NEAR,
+    assert_quantized_state,
     boundary_blocks,
+    quantized_kernel_step,
+    spec_step_all,
+    state_lists,
 )
 from rmsprop import Options, codecs, spec
 from rmsprop.kernels import cpu
@@ -77,61 +81,9 @@ def _grads(step, fmt="8bit", dtype=np.float32):
     return out
 
 
-def _to_torch(states):
-    """The kernel's state lists (codes or float32 values, and scales or None) from spec
-    states, as fresh tensors."""
-    lists = {k: ([], []) for k in KEYS}
-    for st in states:
-        for k in KEYS:
-            e = st.get(k)
-            if e is None:
-                continue
-            if isinstance(e, codecs.Quantized):
-                lists[k][0].append(torch.from_numpy(e.codes.copy()))
-                lists[k][1].append(torch.from_numpy(e.scales.copy()))
-            else:
-                lists[k][0].append(torch.from_numpy(np.array(e, np.float32)))
-                lists[k][1].append(None)
-    return lists
-
-
 def _kernel_step(o, t, params, grads, lists, nthreads, stats=None, fmt="8bit"):
-    c = float(np.float32(1.0 - o.alpha ** t)) if o.bias_correction else 1.0
-    cpu.fused_step_quantized(
-        params, grads, lists["square_avg"][0], lists["grad_avg"][0] or None,
-        lists["momentum_buffer"][0] or None, square_avg_scales=lists["square_avg"][1],
-        grad_avg_scales=lists["grad_avg"][1] or None,
-        momentum_buffer_scales=lists["momentum_buffer"][1] or None,
-        lr=o.lr, alpha=o.alpha, eps=o.eps, weight_decay=o.weight_decay, momentum=o.momentum,
-        centered=o.centered, maximize=o.maximize, eps_in_sqrt=o.eps_in_sqrt,
-        lr_in_momentum=o.lr_in_momentum, nesterov=o.nesterov,
-        decoupled_weight_decay=o.decoupled_weight_decay, bias_correction=c, stats=stats,
-        nthreads=nthreads, state_dtype=fmt)
-
-
-def _spec_step(o, params, grads, states):
-    out = [spec.step(p, g, st, o) for p, g, st in zip(params, grads, states)]
-    return [p for p, _ in out], [st for _, st in out]
-
-
-def _assert_state(lists, states, exact):
-    for k in KEYS:
-        codes, scales = lists[k]
-        if not codes:
-            continue
-        for i, st in enumerate(states):
-            e = st[k]
-            if isinstance(e, codecs.Quantized):
-                got_c, got_s = codes[i].numpy(), scales[i].numpy()
-                if exact:
-                    np.testing.assert_array_equal(got_c, e.codes, err_msg=f"{k}[{i}] codes")
-                    np.testing.assert_array_equal(got_s, e.scales, err_msg=f"{k}[{i}] scales")
-                else:
-                    np.testing.assert_allclose(got_s, e.scales, rtol=1e-6, err_msg=k)
-                    assert np.mean(got_c != e.codes) <= 1e-3, k
-            else:
-                np.testing.assert_allclose(codes[i].numpy(), e, rtol=0 if exact else 4 * EPS32,
-                                           atol=0 if exact else 4 * EPS32, err_msg=f"{k}[{i}]")
+    quantized_kernel_step(cpu.fused_step_quantized, o, t, params, grads, lists, fmt,
+                          stats=stats, nthreads=nthreads)
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
@@ -143,15 +95,15 @@ def test_codes_and_params_equal_the_spec(kw, fmt, isa_threads):
             for i, n in enumerate(sizes)]
     states = [_init(n, o, fmt) for n in sizes]
     params = [torch.from_numpy(p.copy()) for p in p_np]
-    lists = _to_torch(states)
+    lists = state_lists(states)
     for t in range(1, 4):
         g = _grads(t, fmt)
         _kernel_step(o, t, params, [torch.from_numpy(x) for x in g], lists, isa_threads,
                      fmt=fmt)
-        p_np, states = _spec_step(o, p_np, g, states)
+        p_np, states = spec_step_all(o, p_np, g, states)
         for i in range(len(sizes)):
             np.testing.assert_array_equal(params[i].numpy(), p_np[i], err_msg=f"step {t}, {i}")
-        _assert_state(lists, states, exact=True)
+        assert_quantized_state(lists, states, exact=True)
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
@@ -169,15 +121,15 @@ def test_options_the_float_kernel_rounds_differently_stay_within_ulps(kw, fmt, i
     for t in range(6, 9):
         g = _grads(t, fmt)
         params = [torch.from_numpy(p.copy()) for p in p_np]
-        lists = _to_torch(states)  # each step from the spec's state
+        lists = state_lists(states)  # each step from the spec's state
         _kernel_step(o, t, params, [torch.from_numpy(x) for x in g], lists, isa_threads,
                      fmt=fmt)
-        p_np, states = _spec_step(o, p_np, g, states)
+        p_np, states = spec_step_all(o, p_np, g, states)
         for i in range(len(sizes)):
             # the float32-state kernel's tolerance against the spec (tests/test_kernels.py)
             np.testing.assert_allclose(params[i].numpy(), p_np[i], rtol=4 * EPS32,
                                        atol=4 * EPS32, err_msg=f"step {t}, {i}")
-        _assert_state(lists, states, exact=False)
+        assert_quantized_state(lists, states, exact=False)
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
@@ -189,15 +141,15 @@ def test_bfloat16_params_round_to_nearest_like_the_spec(fmt):
     p_np = [np.random.default_rng(i).standard_normal(n).astype(bf) for i, n in enumerate(sizes)]
     states = [_init(n, o, fmt) for n in sizes]
     params = [torch.from_numpy(p.astype(np.float32)).bfloat16() for p in p_np]
-    lists = _to_torch(states)
+    lists = state_lists(states)
     for t in range(1, 3):
         g = [x.astype(bf) for x in _grads(t, fmt)]
         grads = [torch.from_numpy(x.astype(np.float32)).bfloat16() for x in g]
         _kernel_step(o, t, params, grads, lists, 2, fmt=fmt)
-        p_np, states = _spec_step(o, p_np, g, states)
+        p_np, states = spec_step_all(o, p_np, g, states)
         for i in range(len(sizes)):
             np.testing.assert_array_equal(params[i].float().numpy(), p_np[i].astype(np.float32))
-        _assert_state(lists, states, exact=True)
+        assert_quantized_state(lists, states, exact=True)
 
 
 def test_statistics_equal_their_closed_form():
@@ -206,7 +158,7 @@ def test_statistics_equal_their_closed_form():
     o = Options(lr=1e-2, momentum=0.9, initial_square_avg=1.0)
     n = 5000
     g64 = _grads(1)[3][:n].astype(np.float64)
-    lists = _to_torch([_init(n, o)])
+    lists = state_lists([_init(n, o)])
     p = torch.ones(n)
     stats = torch.empty(1, 6, dtype=torch.float64)
     _kernel_step(o, 1, [p], [torch.from_numpy(g64.astype(np.float32))], lists, 1, stats=stats)

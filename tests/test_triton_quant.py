@@ -28,7 +28,13 @@ from conftest import (  # noqa: E402
     CODEC_FORMATS,
     QUANTIZED_EXACT,
     QUANTIZED_NEAR,
+    assert_quantized_state,
     boundary_blocks,
+    spec_step_all,
+    state_lists,
+)
+from conftest import (  # noqa: E402
+    quantized_kernel_step as _step,
 )
 from rmsprop import Options, codecs, spec  # noqa: E402
 from rmsprop.kernels import cpu  # noqa: E402
@@ -74,61 +80,6 @@ def _grads(step, sizes, dtype=np.float32):
     return out
 
 
-def _lists(states, dev):
-    """The kernels' state lists (codes or float32 values, and scales or None) from spec
-    states, as fresh tensors on ``dev``."""
-    lists = {k: ([], []) for k in KEYS}
-    for st in states:
-        for k in KEYS:
-            e = st.get(k)
-            if e is None:
-                continue
-            if isinstance(e, codecs.Quantized):
-                lists[k][0].append(torch.from_numpy(e.codes.copy()).to(dev))
-                lists[k][1].append(torch.from_numpy(e.scales.copy()).to(dev))
-            else:
-                lists[k][0].append(torch.from_numpy(np.array(e, np.float32)).to(dev))
-                lists[k][1].append(None)
-    return lists
-
-
-def _step(fn, o, t, params, grads, lists, fmt, **extra):
-    c = float(np.float32(1.0 - o.alpha ** t)) if o.bias_correction else 1.0
-    fn(params, grads, lists["square_avg"][0], lists["grad_avg"][0] or None,
-       lists["momentum_buffer"][0] or None, square_avg_scales=lists["square_avg"][1],
-       grad_avg_scales=lists["grad_avg"][1] or None,
-       momentum_buffer_scales=lists["momentum_buffer"][1] or None,
-       lr=o.lr, alpha=o.alpha, eps=o.eps, weight_decay=o.weight_decay, momentum=o.momentum,
-       centered=o.centered, maximize=o.maximize, eps_in_sqrt=o.eps_in_sqrt,
-       lr_in_momentum=o.lr_in_momentum, nesterov=o.nesterov,
-       decoupled_weight_decay=o.decoupled_weight_decay, bias_correction=c,
-       state_dtype=fmt, **extra)
-
-
-def _spec_step(o, params, grads, states):
-    out = [spec.step(p, g, st, o) for p, g, st in zip(params, grads, states)]
-    return [p for p, _ in out], [st for _, st in out]
-
-
-def _assert_state(lists, states, exact):
-    for k in KEYS:
-        codes, scales = lists[k]
-        for i, st in enumerate(states[:len(codes)]):
-            e = st[k]
-            got = codes[i].cpu().numpy()
-            if isinstance(e, codecs.Quantized):
-                got_s = scales[i].cpu().numpy()
-                if exact:
-                    np.testing.assert_array_equal(got, e.codes, err_msg=f"{k}[{i}] codes")
-                    np.testing.assert_array_equal(got_s, e.scales, err_msg=f"{k}[{i}] scales")
-                else:
-                    np.testing.assert_allclose(got_s, e.scales, rtol=1e-6, err_msg=k)
-                    assert np.mean(got != e.codes) <= 1e-3, k
-            else:
-                tol = 0 if exact else 4 * EPS32
-                np.testing.assert_allclose(got, e, rtol=tol, atol=tol, err_msg=f"{k}[{i}]")
-
-
 def _assert_same(a_params, a_lists, b_params, b_lists):
     """Two kernels' params, codes and scales, bit for bit."""
     for x, y in zip(a_params, b_params):
@@ -155,18 +106,18 @@ def test_codes_and_params_equal_the_spec(tk, dev, kw, fmt):
     o = Options(lr=1e-2, **kw)
     sizes, p_np, states = _setup(o, fmt)
     params = [torch.from_numpy(p.copy()).to(dev) for p in p_np]
-    lists = _lists(states, dev)
+    lists = state_lists(states, dev)
     c_params = [torch.from_numpy(p.copy()) for p in p_np]
-    c_lists = _lists(states, "cpu")
+    c_lists = state_lists(states, "cpu")
     for t in range(1, 4):
         g = _grads(t, sizes)
         _step(tk.fused_step_quantized, o, t, params, [torch.from_numpy(x).to(dev) for x in g],
               lists, fmt)
-        p_np, states = _spec_step(o, p_np, g, states)
+        p_np, states = spec_step_all(o, p_np, g, states)
         for i in range(len(sizes)):
             np.testing.assert_array_equal(params[i].cpu().numpy(), p_np[i],
                                           err_msg=f"step {t}, {i}")
-        _assert_state(lists, states, exact=True)
+        assert_quantized_state(lists, states, exact=True)
         if CPU:
             _step(cpu.fused_step_quantized, o, t, c_params, [torch.from_numpy(x) for x in g],
                   c_lists, fmt)
@@ -186,20 +137,20 @@ def test_options_rounded_differently_stay_within_ulps_and_equal_the_cpu_kernel(t
     for t in range(6, 8):
         g = _grads(t, sizes)
         params = [torch.from_numpy(p.copy()).to(dev) for p in p_np]
-        lists = _lists(states, dev)  # each step from the spec's state
+        lists = state_lists(states, dev)  # each step from the spec's state
         _step(tk.fused_step_quantized, o, t, params, [torch.from_numpy(x).to(dev) for x in g],
               lists, fmt)
         if CPU:
             c_params = [torch.from_numpy(p.copy()) for p in p_np]
-            c_lists = _lists(states, "cpu")
+            c_lists = state_lists(states, "cpu")
             _step(cpu.fused_step_quantized, o, t, c_params, [torch.from_numpy(x) for x in g],
                   c_lists, fmt)
             _assert_same(params, lists, c_params, c_lists)
-        p_np, states = _spec_step(o, p_np, g, states)
+        p_np, states = spec_step_all(o, p_np, g, states)
         for i in range(len(sizes)):
             np.testing.assert_allclose(params[i].cpu().numpy(), p_np[i], rtol=4 * EPS32,
                                        atol=4 * EPS32, err_msg=f"step {t}, {i}")
-        _assert_state(lists, states, exact=False)
+        assert_quantized_state(lists, states, exact=False)
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
@@ -211,16 +162,16 @@ def test_16bit_params_round_to_nearest_like_the_spec(tk, dev, fmt, pdtype):
     o = Options(lr=1e-2, momentum=0.9, centered=True)
     sizes, p_np, states = _setup(o, fmt, npdt)
     params = [torch.from_numpy(p.astype(np.float32)).to(dev, tdt) for p in p_np]
-    lists = _lists(states, dev)
+    lists = state_lists(states, dev)
     for t in range(1, 3):
         g = [x.astype(npdt) for x in _grads(t, sizes)]
         _step(tk.fused_step_quantized, o, t, params,
               [torch.from_numpy(x.astype(np.float32)).to(dev, tdt) for x in g], lists, fmt)
-        p_np, states = _spec_step(o, p_np, g, states)
+        p_np, states = spec_step_all(o, p_np, g, states)
         for i in range(len(sizes)):
             np.testing.assert_array_equal(params[i].float().cpu().numpy(),
                                           p_np[i].astype(np.float32))
-        _assert_state(lists, states, exact=True)
+        assert_quantized_state(lists, states, exact=True)
 
 
 def test_grad_scale_and_maximize_equal_the_spec_on_unscaled_gradients(tk, dev):
@@ -228,14 +179,14 @@ def test_grad_scale_and_maximize_equal_the_spec_on_unscaled_gradients(tk, dev):
     o = Options(lr=1e-2, momentum=0.9, maximize=True, weight_decay=0.1)
     sizes, p_np, states = _setup(o, "8bit")
     params = [torch.from_numpy(p.copy()).to(dev) for p in p_np]
-    lists = _lists(states, dev)
+    lists = state_lists(states, dev)
     g = _grads(1, sizes)
     _step(tk.fused_step_quantized, o, 1, params, [torch.from_numpy(x * 4).to(dev) for x in g],
           lists, "8bit", grad_scale=4.0)
-    p_np, states = _spec_step(o, p_np, g, states)
+    p_np, states = spec_step_all(o, p_np, g, states)
     for i in range(len(sizes)):
         np.testing.assert_array_equal(params[i].cpu().numpy(), p_np[i])
-    _assert_state(lists, states, exact=True)
+    assert_quantized_state(lists, states, exact=True)
 
 
 def test_statistics_equal_their_closed_form_and_the_cpu_kernel(tk, dev):
@@ -246,7 +197,7 @@ def test_statistics_equal_their_closed_form_and_the_cpu_kernel(tk, dev):
     sizes, p_np, states = _setup(o, "8bit")
     params = [torch.ones(n, device=dev) for n in sizes]
     g = _grads(1, sizes)
-    lists = _lists(states, dev)
+    lists = state_lists(states, dev)
     stats = torch.full((len(sizes), 6), 7.0, dtype=torch.float64, device=dev)
     _step(tk.fused_step_quantized, o, 1, params, [torch.from_numpy(x).to(dev) for x in g],
           lists, "8bit", stats=stats)
@@ -260,7 +211,7 @@ def test_statistics_equal_their_closed_form_and_the_cpu_kernel(tk, dev):
     if CPU:
         c_stats = torch.empty(len(sizes), 6, dtype=torch.float64)
         _step(cpu.fused_step_quantized, o, 1, [torch.ones(n) for n in sizes],
-              [torch.from_numpy(x) for x in g], _lists(states, "cpu"), "8bit", stats=c_stats)
+              [torch.from_numpy(x) for x in g], state_lists(states, "cpu"), "8bit", stats=c_stats)
         np.testing.assert_allclose(stats.cpu().numpy(), c_stats.numpy(), rtol=1e-6)
 
 
@@ -285,7 +236,7 @@ def test_gate_and_device_values_through_the_plan_api(tk, dev):
     for device_values in (False, True):
         params = [torch.from_numpy(p.copy()).to(dev) for p in p_np]
         grads = [torch.from_numpy(x.copy()).to(dev) for x in g]  # written to below
-        lists = _lists(states, dev)
+        lists = state_lists(states, dev)
         table = _table(tk, dev, params, lists)
         gdev, hyper = table.upload([t.data_ptr() for t in grads], hyper_vals)
         bad = torch.tensor([0, 2 ** 31 - 1], dtype=torch.int32, device=dev)
@@ -312,11 +263,11 @@ def test_gate_and_device_values_through_the_plan_api(tk, dev):
         tk.launch_quantized(table, gdev, hyper, params[0], flags, "4bit", gate=bad, **extra)
         runs.append((params, lists))
     _assert_same(*runs[0], *runs[1])
-    p_np, states = _spec_step(o, p_np, g, states)
+    p_np, states = spec_step_all(o, p_np, g, states)
     for i in range(len(sizes)):
         np.testing.assert_allclose(runs[0][0][i].cpu().numpy(), p_np[i], rtol=4 * EPS32,
                                    atol=4 * EPS32)
-    _assert_state(runs[0][1], states, exact=False)
+    assert_quantized_state(runs[0][1], states, exact=False)
 
 
 def test_bad_input_raises_and_changes_nothing(tk, dev):

@@ -378,37 +378,14 @@ def fused_step(params: Sequence[Any], grads: Sequence[Any], square_avgs: Sequenc
 def _quantized_table(codes: Sequence[Any], scales: Sequence[Any | None], name: str,
                      numels: list[int], block: int = QBLOCK,
                      per_byte: int = 1) -> tuple[array.array, array.array]:
-    """Pointer tables of one quantized state list: ``codes[i]`` uint8 (``numels[i] /
-    per_byte`` bytes) with ``scales[i]`` float32 (one per ``block`` elements), or, where
-    ``scales[i]`` is None, a float32 tensor of ``numels[i]`` values. Everything that could
-    corrupt memory is checked first."""
+    """Pointer tables of one quantized state list of CPU tensors and of its scales
+    (:func:`rmsprop.kernels.quantized_pointers`, which checks them first)."""
     import torch
-    n = len(numels)
-    if len(codes) != n or len(scales) != n:
-        raise ValueError(f"fused CPU step: {name} has {len(codes)} tensors and "
-                         f"{len(scales)} scale tensors, params has {n}")
-    cp, sp = array.array("Q", bytes(8 * n)), array.array("Q", bytes(8 * n))
-    for i, (c, sc, ne) in enumerate(zip(codes, scales, numels)):
-        want = torch.float32 if sc is None else torch.uint8
-        if not isinstance(c, torch.Tensor) or not c.is_cpu or c.dtype != want:
-            raise TypeError(f"fused CPU step: {name}[{i}] must be a {want} CPU tensor"
-                            + ("" if sc is None else " of codes"))
-        want_n = ne if sc is None else ne // per_byte
-        if sc is not None and ne % per_byte:
-            raise ValueError(f"fused CPU step: params[{i}] has an odd element count ({ne}), "
-                             "which 4-bit state does not quantize")
-        if c.numel() != want_n or not c.is_contiguous():
-            raise ValueError(f"fused CPU step: {name}[{i}] must be contiguous with {want_n} "
-                             f"elements (has {c.numel()})")
-        cp[i] = c.data_ptr()
-        if sc is not None:
-            nb = -(-ne // block)
-            if (not isinstance(sc, torch.Tensor) or not sc.is_cpu or sc.dtype != torch.float32
-                    or sc.numel() != nb or not sc.is_contiguous()):
-                raise ValueError(f"fused CPU step: {name} scales[{i}] must be a contiguous "
-                                 f"float32 CPU tensor of {nb} blocks")
-            sp[i] = sc.data_ptr()
-    return cp, sp
+
+    from . import quantized_pointers
+    cp, sp = quantized_pointers("CPU", codes, scales, name, numels, block, per_byte,
+                                torch.device("cpu"), "CPU tensor")
+    return array.array("Q", cp), array.array("Q", sp)
 
 
 def fused_step_quantized(params: Sequence[Any], grads: Sequence[Any],

@@ -32,7 +32,7 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
-from . import state_flags
+from . import quantized_pointers, state_flags
 
 __all__ = ["available", "unavailable_reason", "fused_step", "fused_step_quantized",
            "first_nonfinite", "floor_call", "Table", "launch", "launch_quantized",
@@ -892,44 +892,6 @@ def fused_step(params: Sequence[Any], grads: Sequence[Any], square_avgs: Sequenc
                          bias_correction=bias_correction, grad_scale=grad_scale), stats)
 
 
-def _check_quantized(codes: Sequence[Any], scales: Sequence[Any | None], name: str,
-                     numels: list[int], block: int, per_byte: int,
-                     device: Any) -> tuple[list[int], list[int]]:
-    """Pointers of one quantized state list and of its scales (0 where ``scales[i]`` is
-    None: then ``codes[i]`` is the float32 state of ``numels[i]`` values), after checking
-    what would otherwise corrupt memory, as :func:`rmsprop.kernels.cpu.fused_step_quantized`
-    does on the CPU."""
-    import torch
-    n = len(numels)
-    if len(codes) != n or len(scales) != n:
-        raise ValueError(f"fused Triton step: {name} has {len(codes)} tensors and "
-                         f"{len(scales)} scale tensors, params has {n}")
-    cp, sp = [], []
-    for i, (c, sc, ne) in enumerate(zip(codes, scales, numels)):
-        want = torch.float32 if sc is None else torch.uint8
-        if not isinstance(c, torch.Tensor) or c.dtype != want or c.device != device:
-            raise TypeError(f"fused Triton step: {name}[{i}] must be a {want} tensor on "
-                            f"{device}" + ("" if sc is None else " of codes"))
-        if sc is not None and ne % per_byte:
-            raise ValueError(f"fused Triton step: params[{i}] has an odd element count ({ne}), "
-                             "which 4-bit state does not quantize")
-        want_n = ne if sc is None else ne // per_byte
-        if c.numel() != want_n or not c.is_contiguous():
-            raise ValueError(f"fused Triton step: {name}[{i}] must be contiguous with {want_n} "
-                             f"elements (has {c.numel()})")
-        cp.append(c.data_ptr())
-        if sc is None:
-            sp.append(0)
-            continue
-        nb = -(-ne // block)
-        if (not isinstance(sc, torch.Tensor) or sc.dtype != torch.float32
-                or sc.numel() != nb or not sc.is_contiguous() or sc.device != device):
-            raise ValueError(f"fused Triton step: {name} scales[{i}] must be a contiguous "
-                             f"float32 tensor of {nb} blocks on {device}")
-        sp.append(sc.data_ptr())
-    return cp, sp
-
-
 def fused_step_quantized(params: Sequence[Any], grads: Sequence[Any],
                          square_avgs: Sequence[Any], grad_avgs: Sequence[Any] | None,
                          momentum_buffers: Sequence[Any] | None, *,
@@ -977,8 +939,9 @@ def fused_step_quantized(params: Sequence[Any], grads: Sequence[Any],
     numels = [t.numel() for t in params]
     P = _check(params, "params", n, pdtype, numels, device)
     G = _check(grads, "grads", n, pdtype, numels, device)
-    V, VS = _check_quantized(square_avgs, square_avg_scales, "square_avgs", numels, block,
-                             per_byte, device)
+    place = f"tensor on {device}"
+    V, VS = quantized_pointers("Triton", square_avgs, square_avg_scales, "square_avgs", numels,
+                               block, per_byte, device, place)
     quant = [s is not None for s in square_avg_scales]
     cols = {}
     for needed, codes, scales, name in ((centered, grad_avgs, grad_avg_scales, "grad_avgs"),
@@ -989,8 +952,8 @@ def fused_step_quantized(params: Sequence[Any], grads: Sequence[Any],
         if scales is None or [s is not None for s in scales] != quant:
             raise ValueError(f"fused Triton step: {name} must be quantized exactly where "
                              "square_avgs is (give its scales, None for float32 state)")
-        cols[name] = _check_quantized(codes, scales, name,  # type: ignore[arg-type]
-                                      numels, block, per_byte, device)
+        cols[name] = quantized_pointers("Triton", codes, scales,  # type: ignore[arg-type]
+                                        name, numels, block, per_byte, device, place)
     M, MS = cols.get("grad_avgs", (V, VS))
     B, BS = cols.get("momentum_buffers", (V, VS))
     from ..torch._plan import hyper_of, pack
