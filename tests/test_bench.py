@@ -73,6 +73,15 @@ def test_bench_quick_end_to_end(tmp_path, capsys):
             assert x["median_ms"] > 0 and x["frac_floor"] > 0
         assert res["floor 8bit"]["frac_floor"] == pytest.approx(1.0)
         assert res["rmsprop fused 8bit"]["vs_fp32"] > 0
+        # the arithmetic-only bound: the row's own floor time over the in-cache cost per
+        # element spread over the row's threads (a unit slip would be 1e3x off)
+        for name, fl in (("rmsprop fused 8bit", "floor 8bit"), ("rmsprop fused fp32",
+                                                                "floor fp32")):
+            x = res[name]
+            assert 0 < x["cache_ns"] < 1e3
+            assert x["compute_bound_frac_floor"] == pytest.approx(
+                res[fl]["median_ms"] * 1e6 / (x["cache_ns"] * n / x["threads"]))
+            assert x["threads"] == data["meta"]["torch_threads"] == 1
     # the default step's host time by tensor count: the plain float32 rows of 1, 50, 147
     hosts = data["host_overhead"]
     assert [(h["tensors"], h["row"]) for h in hosts] == [(1, "20K"), (50, "tiny50x64"),

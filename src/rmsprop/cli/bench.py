@@ -32,7 +32,11 @@ in the same rounds, each with its own floor: ``floor 8bit`` moves one code byte 
 element (not the block scales, 1.6 % of the 8-bit state), ``floor fp32`` four bytes;
 ``%floor`` pairs each step with its own floor (GB/s over the floor's GB/s; the 4-bit step
 against the 1-byte-code floor, as the floor loop has no half-byte elements) and the note gives
-bytes moved per element and the quantized step's speed-up over the float32 one.
+bytes moved per element and the quantized step's speed-up over the float32 one. It also gives
+each kernel's arithmetic alone: the fastest of a few one-thread calls over a slice small enough
+to stay in a core's L2 cache (``in cache`` ns per element per thread), and the %floor that this
+bounds the kernel to (floor time over that cost spread over every thread without loss): a
+kernel whose bound is under 100 % is limited by its arithmetic, not by memory, on this machine.
 
 Beside the floor, each row prints STREAM-style copy (8 B/element) and triad (12 B/element)
 bandwidth over float32 arrays with the row's element count. ``torch.compile`` rows report the
@@ -641,10 +645,49 @@ def _quant_calls(params: list, opts: dict, fmt: str = "8bit") -> dict[str, dict]
                              None, [torch.zeros(k, dtype=torch.uint8) for k in sizes]
                              if mom else None)
     fbytes = 3 * pbytes + 2 * (nbytes(vf) + nbytes(bf))
-    return {f"rmsprop fused {fmt}": dict(step=step_q, bytes=3 * pbytes + 2 * qstate),
-            "rmsprop fused fp32": dict(step=step_f, bytes=fbytes),
+    return {f"rmsprop fused {fmt}": dict(step=step_q, bytes=3 * pbytes + 2 * qstate,
+                                         cache=_in_cache_call(fmt, kw, mom)),
+            "rmsprop fused fp32": dict(step=step_f, bytes=fbytes,
+                                       cache=_in_cache_call("fp32", kw, mom)),
             "floor 8bit": dict(step=floor_q, bytes=3 * pbytes + 2 * streams * n),
             "floor fp32": dict(step=cpu.floor_call(flat, gflat, vf, None, bf), bytes=fbytes)}
+
+
+#: Elements of the slice the in-cache calls step: one thread's params, grads and float32 state
+#: (768 KiB) stay in a core's L2 cache, and 64 of them make one call long enough to time.
+CACHE_SLICE, CACHE_REPEATS = 1 << 16, 64
+
+
+def _in_cache_call(fmt: str, kw: dict, mom: bool) -> Callable[[], None]:
+    """One thread's kernel call over one cache-resident slice listed ``CACHE_REPEATS`` times
+    (``fmt``: "8bit", "4bit" or "fp32" state): the step's arithmetic without its memory
+    traffic, per element a lower bound on what the kernel costs a core."""
+    import torch
+
+    from .. import codecs
+    from ..kernels import cpu
+    gen = torch.Generator().manual_seed(1)
+    n, k = CACHE_SLICE, CACHE_REPEATS
+    p = torch.randn(n, generator=gen)
+    g = torch.randn(n, generator=gen) * 1e-2
+    if fmt == "fp32":
+        v, b = torch.rand(n, generator=gen), torch.zeros(n)
+
+        def one_thread() -> None:  # the float32 kernel takes torch's thread count
+            threads = torch.get_num_threads()
+            torch.set_num_threads(1)
+            try:
+                cpu.fused_step([p] * k, [g] * k, [v] * k, None, [b] * k if mom else None, **kw)
+            finally:
+                torch.set_num_threads(threads)
+        return one_thread
+    fmts = codecs.QUANTIZED[fmt]
+    vq, vs = cpu.quant_encode(torch.rand(n, generator=gen), fmts["square_avg"])
+    bq, bs = cpu.quant_encode(torch.zeros(n), fmts["momentum_buffer"])
+    return lambda: cpu.fused_step_quantized(
+        [p] * k, [g] * k, [vq] * k, None, [bq] * k if mom else None,
+        square_avg_scales=[vs] * k, momentum_buffer_scales=[bs] * k if mom else None,
+        state_dtype=fmt, nthreads=1, **kw)
 
 
 def bench_quant_row(row: dict, args: argparse.Namespace, slots: int, bar: Any) -> dict:
@@ -681,6 +724,14 @@ def bench_quant_row(row: dict, args: argparse.Namespace, slots: int, bar: Any) -
             if bar is not None:
                 bar.update(slots)
     stream = stream_bandwidth(nelem, max(1, min(args.repeats, 3)))
+    threads = torch.get_num_threads()
+    cache_s: dict[str, float] = {}
+    with torch.no_grad():
+        for name, c in live.items():
+            if "cache" in c:
+                c["cache"]()
+                cache_s[name] = min(_time_once(c["cache"])
+                                    for _ in range(max(3, min(args.repeats, 7))))
     own = {qname: "floor 8bit", "rmsprop fused fp32": "floor fp32",
            "floor 8bit": "floor 8bit", "floor fp32": "floor fp32"}
     results = []
@@ -697,6 +748,13 @@ def bench_quant_row(row: dict, args: argparse.Namespace, slots: int, bar: Any) -
         if name == qname:
             r["vs_fp32"] = _median([f / t for f, t in zip(rounds["rmsprop fused fp32"],
                                                           rounds[name])])
+        if name in cache_s:
+            # the arithmetic alone, spread over every thread without loss: the least time
+            # this kernel can take on this row, so floor time over it bounds its %floor
+            r["cache_ns"] = cache_s[name] / (CACHE_SLICE * CACHE_REPEATS) * 1e9
+            r["threads"] = threads
+            best_ms = r["cache_ns"] * nelem / threads / 1e6
+            r["compute_bound_frac_floor"] = _median(times[fl]) * 1e3 / best_ms
         results.append(r)
     floor_gbps = live["floor fp32"]["bytes"] / _median(times["floor fp32"]) / 1e9
     return dict(row=row["name"], dtype=row["dtype"], tensors=len(params), elements=nelem,
@@ -773,6 +831,9 @@ def format_row(r: dict) -> str:
             note = f"{x['vs_fp32']:.2f}x the fp32-state step"
         if "bytes_per_element" in x:
             note = f"{x['bytes_per_element']:.3f} B/element; {note}".rstrip("; ")
+        if "cache_ns" in x:
+            note += (f"; in cache {x['cache_ns']:.2f} ns/element/thread: at most "
+                     f"{100 * x['compute_bound_frac_floor']:.0f}%floor")
         ms = x["median_ms"]
         lines.append(f"{x['candidate']:<22}{ms:>11.3f}{x['gbps']:>8.1f}"
                      f"{100 * x['frac_floor']:>7.0f}%{vs:>10}{adam:>8}{hus:>9}{extra:>10}"
