@@ -107,6 +107,48 @@ def test_codes_and_params_equal_the_spec(kw, fmt, isa_threads):
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("kw", [{}, {"momentum": 0.9}],
+                         ids=_ids)
+def test_blocks_outside_the_fast_encoders_range_between_ordinary_ones(kw, fmt, isa_threads):
+    """Blocks whose new scale the divider-free encoder does not take (0: every code 0;
+    subnormal or tiny; 2^126 and above: the portable encoder) lying between ordinary blocks
+    of one tensor, with a short tail: codes, scales and params equal the spec's. The zero
+    block starts from nonzero codes under a zero scale, so codes left unwritten would show."""
+    o = Options(lr=1e-2, **kw)
+    f = codecs.QUANTIZED[fmt]
+    blk = codecs.FORMATS[f["square_avg"]].block
+    n = 6 * blk + 40
+    rng = np.random.default_rng(3)
+    # per block: ordinary, tiny (subnormal momentum), zero, ordinary, >= 2^126, ordinary
+    v0 = rng.uniform(0.5, 1.0, n).astype(np.float32)
+    b0 = rng.standard_normal(n).astype(np.float32)
+    for k, (vs, bs) in enumerate([(1, 1), (1e-37, 1e-39), (0, 0), (1, 1), (2e38, 1e38)]):
+        v0[k * blk:(k + 1) * blk] *= np.float32(vs)
+        b0[k * blk:(k + 1) * blk] *= np.float32(bs)
+    st = {"step": 0, "square_avg": codecs.encode(v0, f["square_avg"])}
+    if o.momentum > 0:
+        st["momentum_buffer"] = codecs.encode(b0, f["momentum_buffer"])
+    for q in (x for k, x in st.items() if k != "step"):
+        assert q.scales[2] == 0
+        q.codes[(2 * blk) // (2 if fmt == "4bit" else 1):(3 * blk) //
+                (2 if fmt == "4bit" else 1)] = 0x77
+    p_np = [rng.standard_normal(n).astype(np.float32)]
+    states = [st]
+    params = [torch.from_numpy(p_np[0].copy())]
+    lists = state_lists(states)
+    for t in range(1, 4):
+        g = rng.standard_normal(n).astype(np.float32)
+        g[blk:3 * blk] = 0  # the tiny and zero blocks stay so
+        _kernel_step(o, t, params, [torch.from_numpy(g)], lists, isa_threads, fmt=fmt)
+        p_np, states = spec_step_all(o, p_np, [g], states)
+        np.testing.assert_array_equal(params[0].numpy(), p_np[0], err_msg=f"step {t}")
+        assert_quantized_state(lists, states, exact=True)
+    # the blocks did reach the ranges named above
+    sc = states[0]["square_avg"].scales
+    assert sc[1] < 2.0 ** -110 and sc[2] == 0 and sc[4] >= 2.0 ** 126
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("kw", NEAR, ids=_ids)
 def test_options_the_float_kernel_rounds_differently_stay_within_ulps(kw, fmt, isa_threads):
     o = Options(lr=1e-2, **kw)
