@@ -262,13 +262,65 @@ def test_mismatched_state_dict_changes_nothing():
     bad_dtype["state"][0]["momentum_buffer"] = torch.zeros(3, dtype=torch.int64)
     bad_value = copy.deepcopy(good)
     bad_value["param_groups"][0]["alpha"] = 3.0
-    for sd, match in [(bad_shape, "shape"), (bad_groups, "parameter groups"),
-                      (bad_len, "params"), (bad_dtype, "dtype"), (bad_value, "alpha"),
-                      ({"foo": 1}, "not an optimizer state dict")]:
+    def edited(edit):
+        sd = copy.deepcopy(good)
+        edit(sd)
+        return sd
+    cases = [(bad_shape, "shape"), (bad_groups, "parameter groups"),
+             (bad_len, "params"), (bad_dtype, "dtype"), (bad_value, "alpha"),
+             ({"foo": 1}, "not an optimizer state dict"),
+             # what every step reads, and what a step count and a mean of squares can be
+             (edited(lambda sd: sd["state"][0].pop("square_avg")), "lacks 'square_avg'"),
+             (edited(lambda sd: sd["state"][0].pop("step")), "lacks 'step'"),
+             (edited(lambda sd: sd["state"][0].update(step=torch.tensor(float("nan")))),
+              "'step' .* is nan: a count of steps taken must be finite and >= 0"),
+             (edited(lambda sd: sd["state"][0].update(step=-5)), "'step' .* is -5.0"),
+             (edited(lambda sd: sd["state"][1]["square_avg"].fill_(-1.0)),
+              "'square_avg' .* holds negative values"),
+             (edited(lambda sd: sd["state"][1].update(
+                 square_avg=torch.empty(2, 2, device="meta"))), "is a meta tensor"),
+             # the structure itself
+             (edited(lambda sd: sd["param_groups"][0].update(params=[0, 0])),
+              "parameter id 0 appears more than once"),
+             (edited(lambda sd: sd.update(state=[1])), "'state' is not a dict"),
+             (edited(lambda sd: sd["param_groups"][0].pop("params")), "no 'params' list"),
+             # torch's own run options, which a load takes from the file
+             (edited(lambda sd: sd["param_groups"][0].update(foreach="x")),
+              "foreach must be None or True or False, got 'x'"),
+             (edited(lambda sd: sd["param_groups"][0].update(capturable=1)),
+              "capturable must be True or False, got 1")]
+    for sd, match in cases:
         with pytest.raises(ValueError, match=match):
             opt.load_state_dict(sd)
         _assert_unchanged(opt, ps, snap)
         assert opt.param_groups[0]["alpha"] == 0.99
+
+
+def test_load_keeps_each_live_groups_run_options_whatever_the_file_holds():
+    """fused, nonfinite, state_dtype, stochastic_rounding and seed are how a group runs:
+    a load keeps the live group's (per group, not the constructor's), and values the file
+    holds for them, valid or not, change nothing. Oracle: the state before the round trip."""
+    a, b = torch.nn.Parameter(torch.randn(8192)), torch.nn.Parameter(torch.randn(8192))
+    opt = RMSprop([{"params": [a]}, {"params": [b], "state_dtype": None, "nonfinite": "skip",
+                                     "seed": 7}], state_dtype="8bit")
+    a.grad, b.grad = torch.randn(8192), torch.randn(8192)
+    opt.step()
+    run = [{k: g[k] for k in ("fused", "nonfinite", "state_dtype", "stochastic_rounding",
+                              "seed")} for g in opt.param_groups]
+    state = copy.deepcopy({k: v for k, v in opt.state[b].items()})
+    opt.load_state_dict(copy.deepcopy(opt.state_dict()))
+    assert [{k: g[k] for k in r} for g, r in zip(opt.param_groups, run)] == run
+    assert opt.state[b]["square_avg"].dtype == torch.float32
+    assert all(torch.equal(opt.state[b][k], v) for k, v in state.items())
+    sd = copy.deepcopy(opt.state_dict())
+    sd["param_groups"][0].update(state_dtype="3bit", nonfinite="bogus", fused="yes", seed=-1)
+    sd["param_groups"][1].update(state_dtype="4bit", stochastic_rounding=7)
+    opt.load_state_dict(sd)
+    assert [{k: g[k] for k in r} for g, r in zip(opt.param_groups, run)] == run
+    assert opt.state[a]["square_avg"].dtype == torch.uint8
+    assert opt.state[a]["square_avg"].numel() == 8192  # 8-bit codes, not 4-bit
+    a.grad, b.grad = torch.randn(8192), torch.randn(8192)
+    opt.step()
 
 
 def test_foreign_state_dict_without_our_flags_loads():

@@ -153,6 +153,8 @@ class FloatCodec:
             return f"has dtype {t.dtype}, incompatible with the parameter's {p.dtype}"
         if not bool(torch.isfinite(t).all()):
             return "holds inf or NaN"
+        if key == "square_avg" and bool((real(t) < 0).any()):
+            return "holds negative values (a mean of squares is >= 0)"
         return None
 
     def load(self, key: str, entry: dict, p: Tensor) -> dict[str, Tensor]:

@@ -4,8 +4,9 @@ As in ``torch.optim``, a loaded state dict brings its options with it (a schedul
 ``momentum`` or ``centered`` of the run that saved it). Options the file does not hold take
 the defaults: the rule's options (``eps_in_sqrt``, ``nesterov``...) their
 :class:`rmsprop.options.Options` defaults, which are ``torch.optim.RMSprop``'s rule, so a
-torch state dict runs torch's rule; how the optimizer runs (``fused``, ``nonfinite``,
-``state_dtype``) keeps the live optimizer's constructor values.
+torch state dict runs torch's rule; how each group runs (:func:`run_keys`: ``fused``, ``nonfinite``,
+``state_dtype``, ``stochastic_rounding``, ``seed``) keeps the live group's values, whatever
+the file holds.
 
 :func:`slim` writes this class's extra rule options into a state dict only where they
 differ from those defaults, and the others not at all, so a state dict of the options torch
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import math
 from typing import Any
 
 import torch
@@ -31,7 +33,7 @@ from torch import Tensor
 from ..options import RULE_OPTIONS, Options, validate
 from ._codecs import STATE_KEYS, Codec
 
-__all__ = ["check", "restore", "slim", "fill", "coerce_steps", "torch_keys",
+__all__ = ["run_keys", "check", "restore", "slim", "fill", "coerce_steps", "torch_keys",
            "with_tensor_steps", "export"]
 
 _RULE_DEFAULTS = Options().as_dict()
@@ -42,6 +44,13 @@ def torch_keys() -> frozenset[str]:
     """The option names ``torch.optim.RMSprop`` itself saves in its param groups."""
     names = inspect.signature(torch.optim.RMSprop.__init__).parameters
     return frozenset(names) - {"self", "params"}
+
+
+def run_keys(cls: Any) -> tuple[str, ...]:
+    """The optimizer class's options of how a group runs, not of the rule, that torch's
+    optimizer lacks (``fused``, ``nonfinite``, ``state_dtype``, ``stochastic_rounding``,
+    ``seed``): never saved (:func:`slim`), and a load keeps the live group's."""
+    return tuple(sorted(set(class_defaults(cls)) - torch_keys() - set(_RULE_DEFAULTS)))
 
 
 def class_defaults(cls: Any) -> dict[str, Any]:
@@ -160,9 +169,26 @@ def _problem(groups: list[dict], state_dict: Any, codec_of: Any) -> str | None:
             or "param_groups" not in state_dict:
         return "not an optimizer state dict: expected keys 'state' and 'param_groups'"
     saved = state_dict["param_groups"]
+    if not isinstance(state_dict["state"], dict):
+        return "the state dict's 'state' is not a dict keyed by parameter id"
+    if not isinstance(saved, (list, tuple)):
+        return "the state dict's 'param_groups' is not a list"
+    for gi, sg in enumerate(saved):
+        if not isinstance(sg, dict) or not isinstance(sg.get("params"), (list, tuple)):
+            return f"parameter group {gi} of the state dict has no 'params' list"
     if len(groups) != len(saved):
         return (f"loaded state dict has {len(saved)} parameter groups, the optimizer has "
                 f"{len(groups)}")
+    seen: set = set()
+    for sg in saved:
+        for pid in sg["params"]:
+            try:
+                if pid in seen:
+                    return (f"parameter id {pid!r} appears more than once in the state "
+                            "dict's param groups")
+                seen.add(pid)
+            except TypeError:
+                return f"parameter id {pid!r} in the state dict is not a key"
     first: str | None = None
     for gi, (g, sg) in enumerate(zip(groups, saved)):
         if len(g["params"]) != len(sg["params"]):
@@ -173,6 +199,10 @@ def _problem(groups: list[dict], state_dict: Any, codec_of: Any) -> str | None:
             validate(rule, warn=False)  # warnings were given when the options were chosen
         except ValueError as e:
             return f"parameter group {gi} of the state dict: {e}"
+        for key, allowed in _TORCH_RUN_KEYS.items():  # torch's own, which a load takes
+            if key in sg and not any(sg[key] is a for a in allowed):
+                return (f"parameter group {gi} of the state dict: {key} must be "
+                        f"{' or '.join(map(repr, allowed))}, got {sg[key]!r}")
         names = g.get("param_names") or [None] * len(g["params"])
         for index, (p, pid, name) in enumerate(zip(g["params"], sg["params"], names)):
             entry = state_dict["state"].get(pid)
@@ -182,17 +212,51 @@ def _problem(groups: list[dict], state_dict: Any, codec_of: Any) -> str | None:
             if not isinstance(entry, dict):
                 first = first or f"state of parameter {label} is not a dict"
                 continue
+            meta = next((k for k, v in entry.items()
+                         if isinstance(v, Tensor) and v.device.type == "meta"), None)
+            if meta is not None:
+                first = first or f"state {meta!r} of parameter {label} is a meta tensor (no data)"
+                continue
             codec: Codec = codec_of(g, p)
             for key in STATE_KEYS:
-                why = codec.check(key, entry, p)
+                try:
+                    why = codec.check(key, entry, p)
+                except (RuntimeError, NotImplementedError) as e:  # e.g. meta tensors
+                    why = f"cannot be read ({type(e).__name__}: {e})"
                 if why:
                     first = first or f"state {key!r} of parameter {label} {why}"
-            step = entry.get("step")
-            if step is not None and (isinstance(step, bool)
-                                     or not isinstance(step, (Tensor, int, float))
-                                     or isinstance(step, Tensor) and step.numel() != 1):
-                first = first or f"state 'step' of parameter {label} is not a number"
+            if entry:  # what every step reads
+                for need in ("step", codec.names("square_avg")[0]):
+                    if need not in entry:
+                        first = first or f"state of parameter {label} lacks {need!r}"
+            why = _step_problem(entry.get("step"))
+            if why:
+                first = first or f"state 'step' of parameter {label} {why}"
     return first
+
+
+#: The options of how torch's own optimizer runs that a load takes from the file (as torch
+#: does), with the values they may hold. Ours (``fused``, ``nonfinite``, ``state_dtype``,
+#: ``stochastic_rounding``, ``seed``) keep the live groups' values whatever the file says.
+_TORCH_RUN_KEYS = {"foreach": (None, True, False), "capturable": (True, False),
+                   "differentiable": (True, False)}
+
+
+def _step_problem(step: Any) -> str | None:
+    """Why a saved ``step`` cannot be a step count (None when it can): a finite number
+    >= 0, or a one-element tensor holding one."""
+    if step is None:
+        return None
+    if isinstance(step, bool) or not isinstance(step, (Tensor, int, float)) \
+            or isinstance(step, Tensor) and step.numel() != 1:
+        return "is not a number"
+    try:
+        value = float(step)
+    except (RuntimeError, NotImplementedError, ValueError):
+        return "cannot be read as a number"
+    if not math.isfinite(value) or value < 0:
+        return f"is {value}: a count of steps taken must be finite and >= 0"
+    return None
 
 
 def restore(groups: list[dict], state: Any, state_dict: dict[str, Any],

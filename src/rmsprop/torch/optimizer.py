@@ -504,13 +504,20 @@ class RMSprop(Optimizer):
         options come from the state dict (``lr``, ``momentum``, ``centered``... of the run
         that saved it replace the current ones). Options it lacks take their defaults: the
         rule's (``eps_in_sqrt``, ``nesterov``, ...) those of :class:`rmsprop.Options`
-        (torch's rule), ``fused``, ``nonfinite`` and ``state_dtype`` this optimizer's
-        constructor values. A ``step`` saved as a number becomes a tensor, as in torch.
-        Raises ``ValueError`` naming the first entry that does not fit the current params
-        (group count, sizes, state shapes, dtypes, options); nothing is changed then."""
+        (torch's rule). How each group runs (``fused``, ``nonfinite``, ``state_dtype``,
+        ``stochastic_rounding``, ``seed``) keeps the live group's values, whatever the file
+        holds. A ``step`` saved as a number becomes a tensor, as in torch. Raises
+        ``ValueError`` naming the first entry that does not fit the current params (group
+        count, duplicate ids, sizes, state shapes, dtypes, non-finite or negative state, a
+        missing ``step`` or ``square_avg``, a step count that is not finite and >= 0,
+        options); nothing is changed then."""
         _state_dict.check(self.param_groups, state_dict, self._codec)
+        run = _state_dict.run_keys(type(self))
+        kept = [{k: g[k] for k in run if k in g} for g in self.param_groups]
         self._plans = {}
         super().load_state_dict(_state_dict.with_tensor_steps(state_dict))
+        for group, run in zip(self.param_groups, kept):
+            group.update(run)
         _state_dict.restore(self.param_groups, self.state, state_dict, self._codec)
 
     def full_precision_state_dict(self, state_dict: dict[str, Any] | None = None
