@@ -512,8 +512,8 @@ class RMSprop(Optimizer):
         missing ``step`` or ``square_avg``, a step count that is not finite and >= 0,
         options); nothing is changed then."""
         _state_dict.check(self.param_groups, state_dict, self._codec)
-        run = _state_dict.run_keys(type(self))
-        kept = [{k: g[k] for k in run if k in g} for g in self.param_groups]
+        keys = _state_dict.run_keys(type(self))
+        kept = [{k: g[k] for k in keys if k in g} for g in self.param_groups]
         self._plans = {}
         super().load_state_dict(_state_dict.with_tensor_steps(state_dict))
         for group, run in zip(self.param_groups, kept):
