@@ -405,6 +405,41 @@ def test_corrupt_header_and_trailing_garbage_are_refused(saved, tmp_path) -> Non
     _expect_refused(bad, live, r"trailing bytes")
 
 
+def _with_header(data: bytes, edit) -> bytes:
+    """The checkpoint ``data`` with its JSON header edited by ``edit(header)`` (the payload and
+    its hash unchanged: the header is not covered by the hash)."""
+    hlen = int.from_bytes(data[19:27], "big")
+    header = json.loads(data[27:27 + hlen])
+    edit(header)
+    raw = json.dumps(header).encode()
+    return data[:19] + len(raw).to_bytes(8, "big") + raw + data[27 + hlen:]
+
+
+@pytest.mark.parametrize("edit", [
+    lambda h: h["description"].pop("optimizer_class"),
+    lambda h: h["description"].pop("model"),
+    lambda h: h["description"].pop("options"),
+    lambda h: h["description"].update(groups=5),
+    lambda h: h["description"]["groups"][0]["params"][0].pop("name"),
+    lambda h: h["description"]["groups"][0]["params"][0].update(shape="big"),
+    lambda h: h.update(description=[]),
+    lambda h: h.update(payload_bytes=-5),
+    lambda h: h.update(payload_bytes="abc"),
+    lambda h: h.update(has=[]),
+], ids=["no-class", "no-model", "no-options", "groups-int", "no-name", "shape-str",
+        "description-list", "negative-length", "length-str", "has-list"])
+def test_damaged_header_is_refused_as_corrupt(saved, tmp_path, edit) -> None:
+    ckpt, live = saved
+    bad = tmp_path / "hdr.pt"
+    bad.write_bytes(_with_header(ckpt.read_bytes(), edit))
+    _expect_refused(bad, live, r"corrupt: its header cannot be read")
+
+
+def test_a_folder_is_refused(saved, tmp_path) -> None:
+    _, live = saved
+    _expect_refused(tmp_path, live, r"is a folder, not a checkpoint file")
+
+
 def test_foreign_files_and_other_versions_are_refused(saved, tmp_path) -> None:
     ckpt, live = saved
     plain = tmp_path / "plain.pt"

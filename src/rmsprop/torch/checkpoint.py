@@ -329,6 +329,10 @@ def _read(path: str) -> tuple[dict[str, Any], bytes]:
         f = open(path, "rb")
     except FileNotFoundError:
         raise CheckpointError(f"no checkpoint at {path!r}") from None
+    except IsADirectoryError:
+        raise CheckpointError(f"{path!r} is a folder, not a checkpoint file") from None
+    except OSError as e:
+        raise CheckpointError(f"{path!r} cannot be read: {e.strerror or e}") from None
     with f:
         magic = f.read(len(_MAGIC))
         if magic != _MAGIC:
@@ -353,9 +357,13 @@ def _read(path: str) -> tuple[dict[str, Any], bytes]:
             version = header["format_version"]
             size = int(header["payload_bytes"])
             digest = header["payload_sha256"]
-            header["description"]["groups"]
-        except (ValueError, KeyError, TypeError) as e:
-            raise CheckpointError(f"{path!r} is corrupt: its header cannot be read ({e})") from None
+            _check_description(header["description"])
+            if size < 0 or not isinstance(digest, str) or not isinstance(header.get("has", {}),
+                                                                         dict):
+                raise ValueError("payload_bytes, payload_sha256 or has")
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise CheckpointError(f"{path!r} is corrupt: its header cannot be read "
+                                  f"({type(e).__name__}: {e})") from None
         if version != FORMAT_VERSION:
             raise CheckpointError(f"{path!r} has checkpoint format version {version!r}; this "
                                   f"version of rmsprop reads version {FORMAT_VERSION}")
@@ -367,6 +375,26 @@ def _read(path: str) -> tuple[dict[str, Any], bytes]:
     if hashlib.sha256(data).hexdigest() != digest:
         raise CheckpointError(f"{path!r} is corrupt: payload SHA-256 does not match the header")
     return header, data
+
+
+def _check_description(d: Any) -> None:
+    """Raise (KeyError, TypeError, ValueError) unless ``d`` has the shape :func:`_describe`
+    writes, so that a damaged header is refused as such and not as a confusing mismatch:
+    the header is not covered by the payload hash."""
+    def entry(x: Any) -> None:
+        if not isinstance(x["shape"], list) or not isinstance(x["dtype"], str):
+            raise TypeError("shape or dtype")
+    if not isinstance(d["optimizer_class"], str) or not isinstance(d["options"], list):
+        raise TypeError("optimizer_class or options")
+    for x in d["model"].values():
+        entry(x)
+    if not isinstance(d["groups"], list):
+        raise TypeError("groups")
+    for g in d["groups"]:
+        for x in g["params"]:
+            entry(x)
+            if not (x["name"] is None or isinstance(x["name"], str)):
+                raise TypeError("param name")
 
 
 def read_checkpoint_header(path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -430,8 +458,15 @@ def load_checkpoint(path: str | os.PathLike[str], model: torch.nn.Module,
             done.append(snap)
             obj.load_state_dict(payload[name])
     except Exception as e:
-        for _name, obj, state in reversed(done):
-            obj.load_state_dict(state)
+        unrestored = []
+        for done_name, obj, state in reversed(done):
+            try:
+                obj.load_state_dict(state)
+            except Exception as again:  # noqa: BLE001 - named in the error below
+                unrestored.append(f"{done_name} ({again})")
+        if unrestored:
+            raise CheckpointError(f"loading the {name} state from {path!r} failed ({e}), and "
+                                  f"restoring {', '.join(unrestored)} failed too") from e
         raise CheckpointError(f"loading the {name} state from {path!r} failed ({e}); "
                               "everything was restored to its state before the call") from e
     return payload.get("extra")
