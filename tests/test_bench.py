@@ -102,6 +102,18 @@ def test_bench_rejects_bad_arguments(capsys):
     assert "no row matches nosuchrow" in capsys.readouterr().err
     assert main(["bench", "--sizes", "ten"]) == 2
     assert "bad size" in capsys.readouterr().err
+    for flag, value, needle in (("--sizes", "nan", "bad size 'nan'"),
+                                ("--sizes", "inf", "bad size 'inf'"),
+                                ("--sizes", "1e400", "bad size '1e400'"),
+                                ("--variant-size", "nan", "bad size 'nan'"),
+                                ("--rows", "", "--rows names nothing"),
+                                ("--rows", ",", "--rows names nothing"),
+                                ("--sizes", "", "--sizes names nothing"),
+                                ("--candidates", "", "--candidates names nothing"),
+                                ("--json", "", "--json needs a file name")):
+        assert main(["bench", flag, value]) == 2, (flag, value)
+        out = capsys.readouterr()
+        assert needle in out.err and out.err.count("\n") == 1 and out.out == "", (flag, out)
     assert main(["bench", "--quick", "--candidates", "adam"]) == 2
     assert "unknown candidate" in capsys.readouterr().err
     assert main(["bench", "--list"]) == 0

@@ -200,6 +200,9 @@ def test_ctrl_c_keeps_finished_runs_and_resumes(tmp_path, monkeypatch, capsys):
     (["--trials", "-1"], "--trials must be an integer >= 0"),
     (["--steps", "0"], "--steps must be an integer >= 1"),
     (["--suite", "huge"], "invalid choice"),
+    (["--problem", ""], "--problem names nothing"),
+    (["--problem", ","], "--problem names nothing"),
+    (["--optimizer", ""], "--optimizer names nothing"),
 ])
 def test_bad_input_is_one_line_exit_2_and_creates_nothing(tmp_path, capsys, bad, needle):
     out = tmp_path / "never"

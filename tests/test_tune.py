@@ -520,6 +520,13 @@ BAD = [
     (["--problem", "tune_toy_mod:NOT_A_PROBLEM"], "neither a Problem nor a function"),
     (["--problem", "tune_toy_mod:missing"], "has no attribute 'missing'"),
     (["--objective", "steps"], "needs --target"),
+    (["--target", "0.1"], "--target is used only with --objective steps"),
+    (["--seed", "-1"], "--seed must be >= 0, got -1"),
+    (["--train-seed", "-1"], "--train-seed must be >= 0, got -1"),
+    (["--study", " "], "--study must not be empty"),
+    (["--out", "/proc/no-such/x"], "cannot be written"),
+    # a file of a few bytes, which SQLite would take for an empty database and overwrite
+    (["--storage", "sqlite:///{tmp}/tiny"], "exists and is not an SQLite database"),
     (["--storage", "postgresql+psycopg2://nobody@127.0.0.1:1/none"], "cannot open storage"),
     (["--storage", "postgresql+psycopg2://nobody:Zq8-secret@127.0.0.1:1/none"],
      "cannot open storage postgresql+psycopg2://nobody:***@127.0.0.1:1/none"),
@@ -539,6 +546,7 @@ def test_bad_input_is_one_line_and_leaves_the_study_alone(toy, capsys):
     before = [(t.number, t.state, t.params) for t in load(db, "base").get_trials()]
     attrs = load(db, "base").user_attrs
     (tmp / "a-file").write_text("not a folder")
+    (tmp / "tiny").write_bytes(b"x")
     for extra, needle in BAD:
         args = list(ok)
         flag, value = extra[0], extra[1].format(tmp=tmp)
@@ -556,6 +564,7 @@ def test_bad_input_is_one_line_and_leaves_the_study_alone(toy, capsys):
         # no study corrupted: same trials, same configuration
         assert [(t.number, t.state, t.params) for t in load(db, "base").get_trials()] == before
         assert load(db, "base").user_attrs == attrs
+    assert (tmp / "tiny").read_bytes() == b"x"
 
 
 def test_programmatic_tune_in_memory_picks_the_oracle_best(toy):

@@ -134,7 +134,7 @@ def parse_size(text: str) -> int:
         value = float(num) * mult
     except ValueError:
         raise CLIError(f"bench: bad size {text!r} (use e.g. 1M, 250K, 4096)") from None
-    if value < 1 or value != int(value):
+    if not math.isfinite(value) or value < 1 or value != int(value):
         raise CLIError(f"bench: bad size {text!r} (a positive whole number of elements)")
     return int(value)
 
@@ -165,10 +165,19 @@ def model_shapes(total: int) -> list[tuple[int, ...]]:
     return shapes
 
 
+def _listed(flag: str, text: str) -> list[str]:
+    """The comma-separated names of ``flag``; an empty list is an error, not the default."""
+    names = [x.strip() for x in text.split(",") if x.strip()]
+    if not names:
+        raise CLIError(f"bench: {flag} names nothing (give comma-separated names, or leave "
+                       "the option out for the default)")
+    return names
+
+
 def build_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
     quick = args.quick
-    if args.sizes:
-        singles = models = [parse_size(s) for s in args.sizes.split(",") if s.strip()]
+    if args.sizes is not None:
+        singles = models = [parse_size(s) for s in _listed("--sizes", args.sizes)]
     elif quick:
         singles, models = [20_000], [50_000]
     else:
@@ -209,8 +218,8 @@ def build_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
                              dtype="float32", opts={}, quant="8bit"))
         rows.append(dict(name=f"4bit-{vs}", shapes=[(vsize,)], dtype="float32", opts={},
                          quant="4bit"))
-    if args.rows:
-        pats = [r.strip() for r in args.rows.split(",") if r.strip()]
+    if args.rows is not None:
+        pats = _listed("--rows", args.rows)
         bad = [p for p in pats if not any(fnmatch.fnmatch(r["name"], p) for r in rows)]
         if bad:
             raise CLIError(f"bench: no row matches {', '.join(bad)} (rows: "
@@ -873,6 +882,8 @@ def format_host_overhead(hosts: list[dict], cuda: bool) -> str:
 def _check_output(path: str) -> None:
     """Refuse an output path the results could not be written to, before any timing: a
     folder, a missing folder, or one (or a file) without write permission."""
+    if not path.strip():
+        raise CLIError("bench: --json needs a file name, e.g. bench.json")
     out = Path(path)
     if out.is_dir():
         raise CLIError(f"bench: --json {path} is a folder; give a file name, e.g. "
@@ -894,7 +905,7 @@ def run(args: argparse.Namespace) -> int:
         raise CLIError("bench: --calls must be >= 1")
     if args.threads is not None and args.threads < 1:
         raise CLIError("bench: --threads must be >= 1")
-    if args.json:
+    if args.json is not None:
         _check_output(args.json)
     rows = build_rows(args)
     if args.list:
@@ -903,8 +914,8 @@ def run(args: argparse.Namespace) -> int:
                   f"{sum(math.prod(s) for s in r['shapes']):,} {r['dtype']} {r['opts'] or ''}")
         return 0
     names = list(CANDIDATES[:-1])
-    if args.candidates:
-        want = [c.strip() for c in args.candidates.split(",") if c.strip()]
+    if args.candidates is not None:
+        want = _listed("--candidates", args.candidates)
         bad = [c for c in want if c not in CANDIDATES]
         if bad:
             raise CLIError(f"bench: unknown candidate {bad[0]!r} (one of: "

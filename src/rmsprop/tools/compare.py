@@ -135,9 +135,19 @@ def _describe_space(space: Sequence[Any], search: str, trials: int) -> list[str]
     return [p.describe() for p in space]
 
 
-def _split(values: str | Sequence[Any] | None) -> list[Any] | None:
+def _split(values: str | Sequence[Any] | None, flag: str) -> list[Any] | None:
+    """The names (or objects) in ``values``, comma-separated strings split; None when not
+    given. Given but naming nothing (``""``, ``","``) is an error, not the default."""
     if values is None:
         return None
+    out = _names(values)
+    if not out:
+        raise CompareError(f"{flag} names nothing (give comma-separated names, or leave the "
+                           "option out for the suite's)")
+    return out
+
+
+def _names(values: str | Sequence[Any]) -> list[Any]:
     if isinstance(values, str):
         values = [values]
     out: list[Any] = []
@@ -146,7 +156,7 @@ def _split(values: str | Sequence[Any] | None) -> list[Any] | None:
             out.extend(x.strip() for x in v.split(",") if x.strip())
         else:
             out.append(v)
-    return out or None
+    return out
 
 
 def _resolve_problems(wanted: list[Any]) -> tuple[dict[str, str], dict[str, Any]]:
@@ -221,7 +231,7 @@ def plan(problems: str | Sequence[Any] | None = None,
     schedule = schedule or ("cosine" if suite == "extended" else "constant")
     if schedule not in SCHEDULES:
         raise CompareError(f"unknown schedule {schedule!r}; valid: {', '.join(SCHEDULES)}")
-    explicit = _split(problems)
+    explicit = _split(problems, "--problem")
     wanted: list[Any] = list(explicit) if explicit else _suite_problems(suite)
     skipped = []
     if not explicit:
@@ -240,7 +250,7 @@ def plan(problems: str | Sequence[Any] | None = None,
         if missing:
             pip = " ".join("scikit-learn" if m == "sklearn" else m for m in missing)
             raise CompareError(f"problem {name!r} needs {', '.join(missing)}: pip install {pip}")
-    names = _split(optimizers) or list(OPTIMIZER_DEFAULTS[suite])
+    names = _split(optimizers, "--optimizer") or list(OPTIMIZER_DEFAULTS[suite])
     specs: dict[str, Any] = {}
     for name in names:
         try:

@@ -192,6 +192,21 @@ def _journal(url: str) -> Any:
         raise StorageError(f"cannot open journal {path!r}: {e}") from None
 
 
+def _refuse_non_database(path: Path, url: str) -> None:
+    """Refuse an existing file that is not an SQLite database: SQLite would take a file
+    shorter than its header (one of a few bytes) for an empty database and overwrite it."""
+    try:
+        if not path.is_file() or path.stat().st_size == 0:
+            return
+        with path.open("rb") as f:
+            head = f.read(16)
+    except OSError as e:
+        raise StorageError(f"cannot open {redact(url)!r}: {e.strerror or e}") from None
+    if head != b"SQLite format 3\0":
+        raise StorageError(f"cannot open {redact(url)!r}: {path} exists and is not an SQLite "
+                           "database")
+
+
 def _engine_kwargs(url: str) -> dict[str, Any]:
     if url.startswith("sqlite"):
         from sqlalchemy.engine import make_url
@@ -205,6 +220,7 @@ def _engine_kwargs(url: str) -> dict[str, Any]:
             if not folder.is_dir():
                 raise StorageError(f"cannot open {redact(url)!r}: directory {folder} "
                                    "does not exist")
+            _refuse_non_database(Path(db), url)
             return {"creator": functools.partial(_sqlite_connect, db)}
         return {"connect_args": {"timeout": 60}}
     if url.startswith("postgresql"):

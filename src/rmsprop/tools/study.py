@@ -9,8 +9,10 @@ Sobol points come from :func:`rmsprop.tools.search_space.unit_point`.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -74,6 +76,15 @@ class TuneConfig:
             raise TuneError(f"unknown objective {self.objective!r}; choose loss or steps")
         if self.objective == "steps" and self.target is None:
             raise TuneError("--objective steps needs --target (a validation loss to reach)")
+        if self.target is not None and self.objective != "steps":
+            raise TuneError("--target is used only with --objective steps")
+        if self.target is not None and not math.isfinite(self.target):
+            raise TuneError(f"--target must be a finite loss, got {self.target}")
+        for flag, value in (("--seed", self.seed), ("--train-seed", self.train_seed)):
+            if value < 0:
+                raise TuneError(f"{flag} must be >= 0, got {value}")
+        if self.study is not None and not self.study.strip():
+            raise TuneError("--study must not be empty")
         if self.trials is not None and self.trials < 1:
             raise TuneError(f"--trials must be >= 1, got {self.trials}")
         if self.steps is not None and self.steps < 1:
@@ -131,11 +142,27 @@ def check_out(out: str | os.PathLike[str] | None) -> None:
     path = Path(out)
     if path.exists() and not path.is_dir():
         raise TuneError(f"--out {str(path)!r} exists and is not a folder")
-    probe = path
-    while not probe.exists():  # the nearest existing ancestor must be writable
-        probe = probe.parent
-    if not os.access(probe, os.W_OK | os.X_OK):
-        raise TuneError(f"--out {str(path)!r}: folder {str(probe)!r} is not writable")
+    # tried, not predicted (permission bits do not bind root, nor tell a read-only or
+    # pseudo file system), and undone: the folder is made when the report is written
+    missing = []
+    p = path
+    while not p.exists():
+        missing.append(p)
+        p = p.parent
+    made: list[Path] = []
+    try:
+        for d in reversed(missing):
+            d.mkdir()
+            made.append(d)
+        probe = path / f".write-test-{os.getpid()}"
+        probe.open("w").close()
+        probe.unlink()
+    except OSError as e:
+        raise TuneError(f"--out {str(path)!r} cannot be written: {e.strerror or e}") from None
+    finally:
+        for d in reversed(made):
+            with contextlib.suppress(OSError):
+                d.rmdir()
 
 
 class _DeterministicSampler:
