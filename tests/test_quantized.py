@@ -1,6 +1,7 @@
 """Quantized state (8-bit, 4-bit) and stochastic rounding: the NumPy spec against the float
 spec and closed forms, then the torch codecs against the NumPy spec (same codes)."""
 
+import copy
 import io
 import itertools
 import math
@@ -507,6 +508,25 @@ def test_full_precision_export_loads_into_torch(fmt):
     for q in (q for g in theirs.param_groups for q in g["params"]):
         q.grad = torch.ones_like(q)
     theirs.step()
+
+
+@pytest.mark.parametrize("fmt", ["8bit", "4bit"])
+def test_full_precision_export_refuses_a_damaged_state_dict_naming_it(fmt):
+    """Codes without their scales, in whichever key the decoding of another needs first
+    (centered square_avg decodes through grad_avg): refused naming the key, the live state
+    unchanged."""
+    ps, opt, gen = _trained(fmt, 0, dict(momentum=0.9, centered=True))
+    _run(opt, ps, gen, 2)
+    live = copy.deepcopy(opt.state_dict())
+    for key in ("grad_avg_scale", "square_avg_scale", "momentum_buffer_scale"):
+        sd = copy.deepcopy(live)
+        pid = next(i for i, e in sd["state"].items() if key in e)
+        del sd["state"][pid][key]
+        with pytest.raises(ValueError, match=f"holds codes but no {key!r}"):
+            opt.full_precision_state_dict(sd)
+    now = opt.state_dict()
+    for pid, e in live["state"].items():
+        assert all(torch.equal(v, now["state"][pid][k]) for k, v in e.items())
 
 
 def test_full_precision_export_of_a_given_state_dict_keyed_by_names():

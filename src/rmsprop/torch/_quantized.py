@@ -526,14 +526,15 @@ def full_precision_state_dict(optimizer: Any,
         if entry is None:
             continue
         out = {k: v for k, v in entry.items() if not k.endswith("_scale")}
-        for key in STATE_KEYS:
-            t = entry.get(key)
-            if isinstance(t, Tensor) and t.dtype == torch.uint8:
-                why = helper.check(key, entry, p)
-                if why:
-                    raise ValueError(f"state {key!r} of parameter {pid!r} {why}")
-                x = helper._saved_value(key, entry, p).to(torch.float32)
-                out[key] = _like_param(x, p)
+        coded = [k for k in STATE_KEYS
+                 if isinstance(entry.get(k), Tensor) and entry[k].dtype == torch.uint8]
+        for key in coded:  # all first: decoding square_avg of centered state reads grad_avg
+            why = helper.check(key, entry, p)
+            if why:
+                raise ValueError(f"state {key!r} of parameter {pid!r} {why}")
+        for key in coded:
+            x = helper._saved_value(key, entry, p).to(torch.float32)
+            out[key] = _like_param(x, p)
         state[pid] = out
     return {"state": state, "param_groups": sd["param_groups"]}
 
