@@ -296,6 +296,16 @@ _WRITER = textwrap.dedent("""
 
 @pytest.mark.slow  # one torch import in a subprocess: seconds, not milliseconds
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs POSIX fork and SIGKILL")
+def test_unwritable_target_is_named_not_its_temporary_file(tmp_path) -> None:
+    model, opt, sched, scaler = _training(seed=0)
+    with pytest.raises(FileNotFoundError, match=r"cannot write checkpoint .*no-such.*its "
+                                                r"folder does not exist"):
+        save_checkpoint(tmp_path / "no-such" / "c.pt", model, opt)
+    with pytest.raises(IsADirectoryError, match=r"cannot write checkpoint .*it is a folder"):
+        save_checkpoint(tmp_path, model, opt)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_killed_writer_leaves_a_complete_checkpoint(tmp_path) -> None:
     ckpt = tmp_path / "ckpt.pt"
     model = torch.nn.Sequential(*[torch.nn.Linear(256, 256) for _ in range(8)])

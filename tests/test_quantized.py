@@ -529,6 +529,17 @@ def test_full_precision_export_refuses_a_damaged_state_dict_naming_it(fmt):
         assert all(torch.equal(v, now["state"][pid][k]) for k, v in e.items())
 
 
+def test_quantized_state_into_a_full_precision_optimizer_says_what_it_is():
+    ps, opt, gen = _trained("8bit", 0, {})
+    _run(opt, ps, gen, 1)
+    sd = copy.deepcopy(opt.state_dict())
+    full = RMSprop([torch.nn.Parameter(p.detach().clone()) for p in ps], lr=1e-2)
+    with pytest.raises(ValueError, match=r"holds quantized codes .*full_precision_state_dict"):
+        full.load_state_dict(sd)
+    assert not full.state
+    full.load_state_dict(opt.full_precision_state_dict())
+
+
 def test_full_precision_export_of_a_given_state_dict_keyed_by_names():
     """The state dict ``get_optimizer_state_dict`` returns (entries keyed by parameter names,
     in param-group order) decodes as the optimizer's own; one that lists other params is

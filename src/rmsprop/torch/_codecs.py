@@ -147,6 +147,10 @@ class FloatCodec:
             return None
         if not isinstance(t, Tensor):
             return "is not a tensor"
+        if t.dtype == torch.uint8 and f"{key}_scale" in entry:
+            return ("holds quantized codes (state_dtype='8bit' or '4bit'): load it into an "
+                    "optimizer with that state_dtype, or convert it with "
+                    "full_precision_state_dict()")
         if t.shape != p.shape:
             return f"has shape {tuple(t.shape)}, the parameter {tuple(p.shape)}"
         if t.is_complex() != p.is_complex() or not (t.is_floating_point() or t.is_complex()):

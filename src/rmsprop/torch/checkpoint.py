@@ -36,6 +36,7 @@ File layout (version 1)::
 from __future__ import annotations
 
 import copy
+import errno
 import hashlib
 import io
 import json
@@ -288,8 +289,15 @@ def save_checkpoint(path: str | os.PathLike[str], model: torch.nn.Module,
 
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp",
-                               dir=directory)
+    if os.path.isdir(path):
+        raise IsADirectoryError(errno.EISDIR, f"cannot write checkpoint {path!r}: it is a "
+                                "folder")
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp",
+                                   dir=directory)
+    except OSError as e:  # named by the target, not by the temporary file's name
+        why = "its folder does not exist" if not os.path.isdir(directory) else e.strerror
+        raise OSError(e.errno, f"cannot write checkpoint {path!r}: {why}") from None
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(_MAGIC)
