@@ -228,6 +228,121 @@ def test_bad_numpy_arguments_are_refused():
         NumpyRMSprop([np.zeros(3)], stochastic_rounding="yes")
 
 
+def _q(fmt, n=8192, seed=0):
+    return codecs.encode(np.random.default_rng(seed).random(n, dtype=np.float32), fmt)
+
+
+def _qlike(q, **change):
+    return codecs.Quantized(**{"fmt": q.fmt, "codes": q.codes, "scales": q.scales,
+                               "shape": q.shape, **change})
+
+
+@pytest.mark.parametrize("fmt", ["u8", "u4"])
+@pytest.mark.parametrize("edit, match", [
+    (lambda q: _qlike(q, codes=q.codes[:-1]), "codes must be"),
+    (lambda q: _qlike(q, codes=np.concatenate([q.codes, q.codes[:1]])), "codes must be"),
+    (lambda q: _qlike(q, codes=q.codes.astype(np.int16)), "codes must be"),
+    (lambda q: _qlike(q, scales=q.scales[:-1]), "scales must be"),
+    (lambda q: _qlike(q, scales=np.concatenate([q.scales, q.scales[:1]])), "scales must be"),
+    (lambda q: _qlike(q, scales=-q.scales), "scales hold NaN or negative"),
+    (lambda q: _qlike(q, scales=q.scales * np.float32("nan")), "scales hold NaN or negative"),
+    (lambda q: _qlike(q, shape=(4096,)), "codes must be"),
+    (lambda q: _qlike(q, fmt=q.fmt.replace("u", "s")), "square_avg takes an unsigned map"),
+])
+def test_spec_step_refuses_corrupt_quantized_state_naming_it(fmt, edit, match):
+    """The reference itself checks what it is given: codes, scales, shape and map of each
+    entry against the param (the oracle: the entries init_state makes, which it accepts)."""
+    o = Options(lr=1e-2)
+    p = np.random.default_rng(1).standard_normal(8192).astype(np.float32)
+    state = {"step": 3, "square_avg": _q(fmt)}
+    spec.step(p, p, state, o)  # the control: the undamaged state steps
+    bad = {**state, "square_avg": edit(state["square_avg"])}
+    with pytest.raises(ValueError, match=match):
+        spec.step(p, p, bad, o)
+    if "map" not in match:  # the codes themselves are damaged: decoding refuses them too
+        with pytest.raises(ValueError, match=match):
+            codecs.decode(bad["square_avg"])
+
+
+@pytest.mark.parametrize("make, error, match", [
+    (lambda p, st: (p.astype(np.int64), p, st), TypeError, "param must be floating"),
+    (lambda p, st: (p, p.astype(np.int64), st), TypeError, "grad dtype int64 does not fit"),
+    (lambda p, st: (p, p.astype(bool), st), TypeError, "grad dtype bool does not fit"),
+    (lambda p, st: (p, p[:4].astype(np.complex64), st), TypeError, "grad dtype complex64"),
+    (lambda p, st: (p, p[:4], st), ValueError, "grad shape"),
+    (lambda p, st: (p, p, {**st, "square_avg": st["square_avg"][:1]}), ValueError,
+     "'square_avg' has shape"),
+    (lambda p, st: (p, p, {**st, "square_avg": np.zeros((5, 8), np.float32)}), ValueError,
+     "'square_avg' has shape"),
+    (lambda p, st: (p, p, {**st, "square_avg": st["square_avg"].astype(np.int32)}),
+     ValueError, "has dtype int32"),
+    (lambda p, st: (p, p, {**st, "square_avg": -st["square_avg"] - 1}), ValueError,
+     "negative values"),
+    (lambda p, st: (p, p, {**st, "square_avg": list(st["square_avg"])}), ValueError,
+     "is a list"),
+    (lambda p, st: (p, p, {"step": 1}), ValueError, "holding 'square_avg'"),
+    (lambda p, st: (p, p, {**st, "step": -1}), ValueError, "'step' must be an integer >= 0"),
+    (lambda p, st: (p, p, {**st, "step": "x"}), ValueError, "'step' must be an integer"),
+    (lambda p, st: (p, p, {**st, "seed": -5}), ValueError, "'seed' must be an integer"),
+    (lambda p, st: (p, p, {**st, "seed": 2 ** 40}), ValueError, "'seed' must be an integer"),
+    (lambda p, st: (p, p, {**st, "grad_avg": _q("s8", n=8)}), ValueError,
+     "mixes quantized and full-precision"),
+])
+def test_spec_step_refuses_what_it_cannot_take(make, error, match):
+    o = Options(lr=1e-2, centered=True)
+    p = np.random.default_rng(2).standard_normal(8192).astype(np.float32)
+    st = spec.init_state(np.zeros(8), o)
+    st["square_avg"] = np.abs(np.random.default_rng(3).standard_normal(8)).astype(np.float32)
+    small = p[:8].copy()
+    spec.step(small, small, st, o)  # the control
+    with pytest.raises(error, match=match):
+        spec.step(*make(small, st), o)
+
+
+def test_codecs_refuse_unknown_formats_and_inputs_they_cannot_encode():
+    x = np.ones(300, np.float32)
+    for name in ("u3", "8bit"):
+        with pytest.raises(ValueError, match="unknown quantized format"):
+            codecs.encode(x, name)
+    with pytest.raises(ValueError, match="unknown quantized format"):
+        codecs.Quantized("zz", np.zeros(1, np.uint8), np.zeros(1, np.float32), (1,))
+    with pytest.raises(TypeError, match="real floating-point array"):
+        codecs.encode(x.astype(np.complex64), "s8")
+    with pytest.raises(TypeError, match="floating-point values, not int8"):
+        codecs.decode(codecs.encode(x, "u8"), np.int8)
+    with pytest.raises(ValueError, match="not a quantized state_dtype"):
+        codecs.quantizes(8192, "3bit")
+
+
+def test_numpy_optimizer_refuses_params_it_cannot_update_in_place_and_duplicates():
+    a, ro = np.ones(3), np.ones(3)
+    ro.setflags(write=False)
+    with pytest.raises(ValueError, match="writable"):
+        NumpyRMSprop([a, ro], lr=0.1)
+    with pytest.raises(ValueError, match="more than one parameter group"):
+        NumpyRMSprop([a, a], lr=0.1)
+    with pytest.raises(ValueError, match="more than one parameter group"):
+        NumpyRMSprop([{"params": [a]}, {"params": [a]}], lr=0.1)
+    with pytest.raises(TypeError, match="all arrays or all param-group dicts"):
+        NumpyRMSprop([{"params": [a]}, a], lr=0.1)
+    with pytest.raises(ValueError, match="needs a 'params' list"):
+        NumpyRMSprop([{"lr": 0.1}], lr=0.1)
+    b = np.ones(3)
+    opt = NumpyRMSprop([a, b], lr=0.1)
+    opt.step([np.ones(3), np.ones(3)])
+    before = (a.copy(), b.copy(), [dict(s) for s in opt.state[0]])
+    opt.state[0][1]["square_avg"] = np.zeros((5, 3))  # the second param's state damaged
+    with pytest.raises(ValueError, match="'square_avg' has shape"):
+        opt.step([np.ones(3), np.ones(3)])
+    assert np.array_equal(a, before[0]) and np.array_equal(b, before[1])
+    assert opt.state[0][0] is not None and opt.state[0][0]["step"] == before[2][0]["step"]
+    opt.state[0][1] = before[2][1]
+    b.setflags(write=False)
+    with pytest.raises(ValueError, match="read-only"):
+        opt.step([np.ones(3), np.ones(3)])
+    assert np.array_equal(a, before[0])
+
+
 # -- torch: the same codes as the spec --------------------------------------------------------
 
 torch = pytest.importorskip("torch")

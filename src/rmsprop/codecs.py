@@ -155,6 +155,14 @@ QUANTIZED: dict[str, dict[str, str]] = {
 }
 
 
+def _format(fmt: Any) -> QFormat:
+    """The format named ``fmt``, or ``ValueError`` naming the known ones."""
+    if not isinstance(fmt, str) or fmt not in FORMATS:
+        raise ValueError(f"unknown quantized format {fmt!r} (one of {', '.join(FORMATS)}; "
+                         f"a state_dtype {', '.join(map(repr, QUANTIZED))} picks them per key)")
+    return FORMATS[fmt]
+
+
 @dataclass(frozen=True)
 class Quantized:
     """A quantized state array: ``codes`` (uint8, flat; two per byte for 4 bits), ``scales``
@@ -164,6 +172,27 @@ class Quantized:
     codes: np.ndarray
     scales: np.ndarray
     shape: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        _format(self.fmt)
+
+    def problem(self) -> str | None:
+        """Why these codes and scales cannot stand for an array of ``shape`` (None when
+        they can): uint8 codes, one per element (4 bits: one per two), float32 scales, one
+        per block, none negative or NaN."""
+        f = FORMATS[self.fmt]
+        codes, scales = np.asarray(self.codes), np.asarray(self.scales)
+        n = self.size
+        want = -(-n // 2) if f.bits == 4 else n
+        if codes.dtype != np.uint8 or codes.ndim != 1 or codes.size != want:
+            return (f"{self.fmt} codes must be {want} uint8 values for {n} elements, got "
+                    f"{codes.size} {codes.dtype}")
+        if scales.dtype != np.float32 or scales.ndim != 1 or scales.size != _blocks(n, f.block):
+            return (f"{self.fmt} scales must be {_blocks(n, f.block)} float32 values (one per "
+                    f"{f.block} elements), got {scales.size} {scales.dtype}")
+        if bool(np.any(np.isnan(scales) | (scales < 0))):
+            return f"{self.fmt} scales hold NaN or negative values"
+        return None
 
     @property
     def size(self) -> int:
@@ -209,8 +238,12 @@ def _block_max(a: np.ndarray, block: int) -> np.ndarray:
 
 def encode(x: np.ndarray, fmt: str) -> Quantized:
     """Quantize a real array in format ``fmt`` (formulas in the module docstring)."""
-    f = FORMATS[fmt]
-    x32 = np.asarray(x).astype(np.float32)
+    f = _format(fmt)
+    x = np.asarray(x)
+    if not (np.issubdtype(x.dtype, np.floating) or x.dtype.name == "bfloat16"):
+        raise TypeError(f"encode needs a real floating-point array, got {x.dtype} (complex "
+                        "state is encoded as its interleaved real view)")
+    x32 = x.astype(np.float32)
     shape = x32.shape
     flat = x32.reshape(-1)
     n = flat.size
@@ -250,6 +283,12 @@ def decode(q: Quantized, dtype: Any = np.float32) -> np.ndarray:
     """The values a quantized array stands for, as float32 ``s * table[code]`` cast to
     ``dtype`` (exact for float64)."""
     f = FORMATS[q.fmt]
+    why = q.problem()
+    if why:
+        raise ValueError(f"cannot decode: {why}")
+    out = _float_dtype(dtype) if isinstance(dtype, str) else np.dtype(dtype)
+    if not (np.issubdtype(out, np.floating) or out.name == "bfloat16"):
+        raise TypeError(f"decode gives floating-point values, not {out}")
     n = q.size
     codes = _unpack4(q.codes, n) if f.bits == 4 else q.codes[:n]
     table = signed_table(f.bits) if f.signed else unsigned_table(f.levels)
@@ -314,6 +353,9 @@ def quantizes(size: int, state_dtype: str) -> bool:
     """Whether a tensor of ``size`` real elements is quantized under ``state_dtype``: at least
     :data:`MIN_QUANTIZED` elements, and for 4 bits an even count (two codes per byte, so the
     codes' length gives the element count)."""
+    if state_dtype not in QUANTIZED:
+        raise ValueError(f"not a quantized state_dtype: {state_dtype!r} (one of "
+                         f"{', '.join(map(repr, QUANTIZED))})")
     return size >= MIN_QUANTIZED and (state_dtype != "4bit" or size % 2 == 0)
 
 

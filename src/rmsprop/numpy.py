@@ -54,6 +54,8 @@ class RMSprop:
         params = list(params)
         if not params:
             raise ValueError("optimizer got an empty parameter list")
+        if len({isinstance(x, dict) for x in params}) > 1:
+            raise TypeError("params must be all arrays or all param-group dicts, not both")
         groups = params if isinstance(params[0], dict) else [{"params": params}]
         self.param_groups: list[dict[str, Any]] = []
         self.state: list[list[spec.State | None]] = []
@@ -68,13 +70,23 @@ class RMSprop:
 
     def add_param_group(self, group: dict[str, Any]) -> None:
         group = dict(group)
+        if "params" not in group:
+            raise ValueError("a param group needs a 'params' list")
         arrays = list(group.pop("params"))
+        known = {id(a) for g in getattr(self, "param_groups", []) for a in g["params"]}
         for a in arrays:
             if not isinstance(a, np.ndarray):
                 raise TypeError(f"params must be numpy arrays, got {type(a).__name__}")
             if not (np.issubdtype(a.dtype, np.floating) or a.dtype.name == "bfloat16"
                     or np.issubdtype(a.dtype, np.complexfloating)):
                 raise TypeError(f"params must be floating point or complex, got {a.dtype}")
+            if not a.flags.writeable:
+                raise ValueError("params must be writable arrays (the step updates them in "
+                                 "place); got a read-only one")
+            if id(a) in known:
+                raise ValueError("some parameters appear in more than one parameter group "
+                                 "(or twice in one)")
+            known.add(id(a))
         unknown = set(group) - set(RULE_OPTIONS)
         if unknown:
             raise TypeError(f"unknown option(s): {', '.join(sorted(unknown))}")
@@ -113,6 +125,8 @@ class RMSprop:
                         if self.stochastic_rounding else None)
                 state = spec.init_state(p, options, state_dtype=self.state_dtype, seed=seed)
             results.append((gi, pi, p, *spec.step(p, g, state, options)))
+        if not all(p.flags.writeable for _, _, p, _, _ in results):
+            raise ValueError("a param has become read-only; nothing was changed")
         for gi, pi, p, new_p, new_state in results:  # write only after every step succeeded
             p[...] = new_p
             self.state[gi][pi] = new_state

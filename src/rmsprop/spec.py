@@ -125,13 +125,12 @@ def step(param: np.ndarray, grad: np.ndarray, state: State,
     (an option switched on mid-run) start from zeros; entries of an option switched off are
     kept unchanged, as torch keeps them."""
     o = options if isinstance(options, Options) else Options(**options)
-    param = np.asarray(param)
+    param, grad = np.asarray(param), np.asarray(grad)
+    _check(param, grad, state)
     p_real = _real(param)
     f = math_dtype(p_real.dtype)
     p = p_real.astype(f)
-    g = _real(np.asarray(grad)).astype(f)
-    if g.shape != p.shape:
-        raise ValueError(f"grad shape {g.shape} does not match param shape {p.shape}")
+    g = _real(grad).astype(f)
     v = codecs.load(state["square_avg"], f)
     joint = _joint(state)
     if joint:  # square_avg holds w = v - m^2 (see rmsprop.codecs): v = w + m^2
@@ -200,6 +199,63 @@ def step(param: np.ndarray, grad: np.ndarray, state: State,
     if np.iscomplexobj(param):
         out = out.view(param.dtype).reshape(param.shape)
     return out, new
+
+
+def _floating(dtype: np.dtype) -> bool:
+    return bool(np.issubdtype(dtype, np.floating) or dtype.name == "bfloat16"
+                or np.issubdtype(dtype, np.complexfloating))
+
+
+def _check(param: np.ndarray, grad: np.ndarray, state: Any) -> None:
+    """Raise naming what :func:`step` cannot take: a param or grad that is not floating or
+    complex, a grad of another shape or kind, or a state that does not fit the param (what
+    :func:`init_state` and :func:`step` make: ``square_avg``, optional ``grad_avg`` and
+    ``momentum_buffer`` of the param's real shape, all float arrays or all
+    :class:`~rmsprop.codecs.Quantized` of one family, unsigned codes for ``square_avg``; a
+    step count >= 0; a uint32 ``seed``)."""
+    if not _floating(param.dtype):
+        raise TypeError(f"param must be floating point or complex, got {param.dtype}")
+    if not _floating(grad.dtype) or np.iscomplexobj(grad) != np.iscomplexobj(param):
+        raise TypeError(f"grad dtype {grad.dtype} does not fit param dtype {param.dtype}")
+    if grad.shape != param.shape:
+        raise ValueError(f"grad shape {grad.shape} does not match param shape {param.shape}")
+    if not isinstance(state, Mapping) or "square_avg" not in state:
+        raise ValueError("state must be a dict holding 'square_avg' (see init_state)")
+    shape = _real(param).shape
+    families = set()
+    for key in ("square_avg", "grad_avg", "momentum_buffer"):
+        entry = state.get(key)
+        if entry is None:
+            continue
+        if isinstance(entry, codecs.Quantized):
+            why = entry.problem()
+            if why is None and tuple(entry.shape) != tuple(shape):
+                why = f"stands for shape {tuple(entry.shape)}, the param's is {shape}"
+            if why is None and codecs.FORMATS[entry.fmt].signed == (key == "square_avg"):
+                why = (f"has format {entry.fmt!r}: square_avg takes an unsigned map, "
+                       "grad_avg and momentum_buffer signed ones")
+        elif isinstance(entry, np.ndarray):
+            why = None
+            if not (np.issubdtype(entry.dtype, np.floating) or entry.dtype.name == "bfloat16"):
+                why = f"has dtype {entry.dtype}, not a real floating-point one"
+            elif entry.shape != shape:
+                why = f"has shape {entry.shape}, the param's real shape is {shape}"
+            elif key == "square_avg" and bool(np.any(entry < 0)):
+                why = "holds negative values (a mean of squares is >= 0)"
+        else:
+            why = f"is a {type(entry).__name__}, not an array or codecs.Quantized"
+        if why:
+            raise ValueError(f"state {key!r} {why}")
+        families.add(isinstance(entry, codecs.Quantized))
+    if len(families) > 1:
+        raise ValueError("state mixes quantized and full-precision entries")
+    t = state.get("step", 0)
+    if isinstance(t, bool) or not isinstance(t, (int, np.integer)) or t < 0:
+        raise ValueError(f"state 'step' must be an integer >= 0, got {t!r}")
+    seed = state.get("seed")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer))
+                             or not 0 <= int(seed) < 2 ** 32):
+        raise ValueError(f"state 'seed' must be an integer in [0, 2**32), got {seed!r}")
 
 
 def _fma64(a: Any, b: Any, c: Any) -> np.ndarray:
