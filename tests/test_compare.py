@@ -46,12 +46,12 @@ def _json_files(out):
                   if f.endswith(".json"))
 
 
-def _counting(monkeypatch, fail_after=None):
+def _counting(monkeypatch, fail_after=None, error=KeyboardInterrupt):
     calls = []
 
     def fake(job):
         if fail_after is not None and len(calls) >= fail_after:
-            raise KeyboardInterrupt
+            raise error
         calls.append(job["path"])
         return REAL_RUN_JOB(job)
 
@@ -189,6 +189,31 @@ def test_ctrl_c_keeps_finished_runs_and_resumes(tmp_path, monkeypatch, capsys):
     calls = _counting(monkeypatch)
     assert cli.main(args) == 0
     # 1 trial + 1 default + 1 cross-check + 1 tuned = 4 runs, 2 of them kept from before
+    assert len(calls) == 2 and len(_json_files(out)) == 4
+
+
+def test_a_run_that_raises_is_one_line_naming_it_and_keeps_only_finished_runs(tmp_path,
+                                                                             monkeypatch,
+                                                                             capsys):
+    """A model or loss that raises mid-training: a one-line error naming the run; with
+    nothing finished the folder is gone, with finished runs they are kept to resume."""
+    out = tmp_path / "cmp"
+    args = ["compare", "--problem", "saddle", "--optimizer", "rmsprop", "--trials", "1",
+            "--seeds", "1", "--steps", "5", "--jobs", "1", "--no-plots", "--out", str(out)]
+    def failed(code, needle):  # after the banner and the progress bar: the last line
+        out_, err = capsys.readouterr()
+        last = err.strip().splitlines()[-1]
+        assert code == 2 and "Traceback" not in err and not out_, (out_, err)
+        assert last.startswith("rmsprop: error: the run saddle with ") and needle in last
+    _counting(monkeypatch, fail_after=0, error=RuntimeError("loss boom"))
+    failed(cli.main(args), "tune trial 0, seed 0) failed: RuntimeError: loss boom; nothing was "
+                           "kept")
+    assert not out.exists()
+    calls = _counting(monkeypatch, fail_after=2, error=RuntimeError("loss boom"))
+    failed(cli.main(args), "2 finished runs kept in")
+    assert len(_json_files(out)) == 2 == len(calls)
+    calls = _counting(monkeypatch)
+    assert cli.main(args) == 0
     assert len(calls) == 2 and len(_json_files(out)) == 4
 
 

@@ -234,7 +234,8 @@ def _check(param: np.ndarray, grad: np.ndarray, state: Any) -> None:
             if why is None and codecs.FORMATS[entry.fmt].signed == (key == "square_avg"):
                 why = (f"has format {entry.fmt!r}: square_avg takes an unsigned map, "
                        "grad_avg and momentum_buffer signed ones")
-        elif isinstance(entry, np.ndarray):
+        elif isinstance(entry, (np.ndarray, np.generic)):  # a 0-d param's math gives scalars
+            entry = np.asarray(entry)
             why = None
             if not (np.issubdtype(entry.dtype, np.floating) or entry.dtype.name == "bfloat16"):
                 why = f"has dtype {entry.dtype}, not a real floating-point one"

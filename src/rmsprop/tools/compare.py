@@ -26,6 +26,7 @@ Nothing heavy is imported at import time: torch, matplotlib and the problems loa
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -425,6 +426,36 @@ def _ours_class() -> Any:
     return RMSprop
 
 
+class RunFailed(RuntimeError):
+    """A run raised: the message names the run and the error."""
+
+
+def run_named(job: Mapping[str, Any]) -> dict[str, Any]:
+    """:func:`run_job` (looked up at call time), its failure raised as :class:`RunFailed`
+    naming the run: a user model or loss that raises mid-training is an input error."""
+    try:
+        return sys.modules[__name__].run_job(job)
+    except (KeyboardInterrupt, RunFailed):
+        raise
+    except Exception as e:  # noqa: BLE001 - any error of the user's problem, named below
+        what = (f"{job['problem']} with {job['optimizer']} ({job['phase']}"
+                + (f" trial {job['trial']}" if job.get("trial") is not None else "")
+                + f", seed {job['seed']})")
+        raise RunFailed(f"the run {what} failed: {_one_line(e)}") from None
+
+
+def _undo_out(out: str, existed: bool) -> None:
+    """Remove what this call wrote to ``out`` before any run finished: the folder itself if
+    it made it, else its compare.json and runs/ (the folder was empty but for dot files)."""
+    import shutil
+    if not existed:
+        shutil.rmtree(out, ignore_errors=True)
+        return
+    with contextlib.suppress(OSError):
+        os.remove(os.path.join(out, "compare.json"))
+    shutil.rmtree(os.path.join(out, "runs"), ignore_errors=True)
+
+
 def run_job(job: Mapping[str, Any]) -> dict[str, Any]:
     """Run one (problem, optimizer, hyperparameters, seed) and write its JSON atomically.
 
@@ -647,6 +678,7 @@ def run(problems: str | Sequence[Any] | None = None,
     out = os.fspath(out) if out is not None else os.path.join(
         os.getcwd(), datetime.now().strftime("compare-%Y%m%d-%H%M%S"))
     identity = p.identity()
+    existed = os.path.exists(out)
     resumed = prepare_out(out, identity)
     for d, _, files in os.walk(os.path.join(out, "runs")):
         for f in files:
@@ -691,9 +723,9 @@ def run(problems: str | Sequence[Any] | None = None,
         f"{p.jobs} jobs -> {out}")
     t_start = time.perf_counter()
     runner = _Runner(p.jobs, total, progress)
-    this = sys.modules[__name__]
+    run_one = run_named
     try:
-        records = runner.run(first, this.run_job)
+        records = runner.run(first, run_one)
         if p.trials:
             from rmsprop.tools.report import select_best
 
@@ -705,12 +737,19 @@ def run(problems: str | Sequence[Any] | None = None,
                     best = select_best(trials_)
                     tuned += [job(prob, o, "tuned", best["tuned_hyperparameters"], s)
                               for s in seed_list]
-            records += runner.run(tuned, this.run_job)
+            records += runner.run(tuned, run_one)
     except KeyboardInterrupt:
         runner.close(cancel=True)
         say(f"\nrmsprop compare: interrupted; {runner.made} new runs kept in {out}; run the "
             f"same command with --out {out} to resume")
         raise
+    except RunFailed as e:
+        runner.close(cancel=True)
+        if runner.made == 0 and not resumed:  # nothing to resume: leave no trace
+            _undo_out(out, existed)
+            raise CompareError(f"{e}; nothing was kept") from None
+        raise CompareError(f"{e}; {runner.made} finished runs kept in {out}: fix it and run "
+                           f"the same command with --out {out} to resume") from None
     runner.close()
     elapsed = time.perf_counter() - t_start
     if resumed:
