@@ -538,6 +538,47 @@ def test_weight_decay_without_params_is_an_error():
         tx.update(params, tx.init(params))
 
 
+def test_updates_and_state_that_do_not_fit_are_refused_naming_the_leaf():
+    """Shapes and dtypes are static, so the checks hold under jit; broadcasting would
+    otherwise give the update (and the state) another shape without a word."""
+    p = {"w": jnp.ones(3)}
+    tx = rmsprop(0.1)
+    st = tx.init(p)
+    jax.jit(tx.update)({"w": jnp.ones(3)}, st, p)  # the control
+    cases = [
+        (lambda: tx.update({"w": jnp.ones((4, 3))}, st, p), ValueError,
+         "update leaf 0: gradient \\(4, 3\\) float32 does not fit param \\(3,\\)"),
+        (lambda: tx.update({"w": jnp.ones((1,))}, st), ValueError,
+         "nu \\(3,\\) float32 is not the state of a \\(1,\\) parameter"),
+        (lambda: jax.jit(tx.update)({"w": jnp.ones((1,))}, st), ValueError,
+         "is not the state of a"),
+        (lambda: tx.update({"w": jnp.ones(3, jnp.int32)}, st, p), TypeError,
+         "gradients must be floating point or complex, got int32"),
+        (lambda: rmsprop(0.1, centered=True).update({"w": jnp.ones(3)}, st, p), ValueError,
+         "grad average missing"),
+        (lambda: scale_by_rmsprop(centered=True).update({"w": jnp.ones(3)},
+                                                        scale_by_rmsprop().init(p)),
+         ValueError, "grad average missing"),
+    ]
+    for fmt_a, fmt_b in (("8bit", "8bit"), ("4bit", "8bit")):
+        big = {"w": jnp.ones(8192)}
+        sq = rmsprop(0.1, state_dtype=fmt_a).init(big)
+        cases.append((lambda sq=sq, fmt_b=fmt_b: rmsprop(0.1, state_dtype=fmt_b).update(
+            {"w": jnp.ones(4096)}, sq, {"w": jnp.ones(4096)}), ValueError,
+            "is not the state of 4096 elements"))
+    sq4 = rmsprop(0.1, state_dtype="4bit").init({"w": jnp.ones(8192)})
+    cases.append((lambda: rmsprop(0.1, state_dtype="8bit").update(
+        {"w": jnp.ones(8192)}, sq4, {"w": jnp.ones(8192)}), ValueError,
+        "holds 4bit codes, this transformation uses state_dtype='8bit'"))
+    for f, error, match in cases:
+        with pytest.raises(error, match=match):
+            f()
+    for make in (lambda: rmsprop(0.1, state_dtype=jnp.int8),
+                 lambda: scale_by_rmsprop(state_dtype=jnp.int32)):
+        with pytest.raises(ValueError, match="a floating or complex dtype"):
+            make()
+
+
 def test_jax_is_optional_and_optax_module_has_no_torch():
     code = ("import sys, rmsprop, rmsprop.spec, rmsprop.options, rmsprop.presets, rmsprop.numpy;"
             "assert 'jax' not in sys.modules, 'rmsprop imports jax';"

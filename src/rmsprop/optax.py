@@ -224,13 +224,57 @@ def _q_decode(leaf: QuantizedLeaf, fmt: str, n: int) -> jax.Array:
 
 
 def _quantized(state_dtype: Any) -> str | None:
-    """The quantized format name of ``state_dtype``, or None for a dtype."""
+    """The quantized format name of ``state_dtype``, or None for a dtype (refused unless
+    floating or complex: an integer ``v`` would truncate to 0 at every step)."""
     if isinstance(state_dtype, str):
         if state_dtype not in _codecs.QUANTIZED:
             raise ValueError(f"Invalid state_dtype: {state_dtype!r} (a dtype or one of "
                              f"{', '.join(map(repr, _codecs.QUANTIZED))})")
         return state_dtype
+    if state_dtype is not None:
+        try:
+            ok = jnp.issubdtype(state_dtype, jnp.inexact)
+        except TypeError:
+            ok = False
+        if not ok:
+            raise ValueError(f"Invalid state_dtype: {state_dtype!r} (a floating or complex "
+                             f"dtype, or one of {', '.join(map(repr, _codecs.QUANTIZED))})")
     return None
+
+
+def _check_leaf(i: int, g: Any, p: Any, state: Mapping[str, Any], family: str | None) -> None:
+    """Raise naming leaf ``i`` when its gradient, param or state cannot be stepped: a
+    gradient that is not floating or complex, a param of another shape or kind, a state leaf
+    shaped for another param, or quantized state of another size or format (shapes and
+    dtypes are static, so this holds under ``jit``)."""
+    if not jnp.issubdtype(g.dtype, jnp.inexact):
+        raise TypeError(f"update leaf {i}: gradients must be floating point or complex, got "
+                        f"{g.dtype}")
+    if p is not None and (jnp.shape(p) != g.shape
+                          or jnp.iscomplexobj(p) != jnp.iscomplexobj(g)):
+        raise ValueError(f"update leaf {i}: gradient {g.shape} {g.dtype} does not fit param "
+                         f"{jnp.shape(p)} {jnp.result_type(p)}")
+    n = g.size * (2 if jnp.iscomplexobj(g) else 1)
+    for which, leaf in state.items():
+        if leaf is None:
+            continue
+        if isinstance(leaf, QuantizedLeaf):
+            fam = "8bit" if leaf.codes.size == n else "4bit" if leaf.codes.size == -(-n // 2) \
+                else None
+            block = _codecs.FORMATS[_codecs.QUANTIZED[fam or "8bit"][_KEY[which]]].block
+            if fam is None or leaf.scales.size != -(-n // block) \
+                    or leaf.codes.dtype != jnp.uint8:
+                raise ValueError(f"update leaf {i}: quantized {which} ({leaf.codes.size} codes, "
+                                 f"{leaf.scales.size} scales) is not the state of {n} "
+                                 "elements; build the state with init()")
+            if family is not None and fam != family:
+                raise ValueError(f"update leaf {i}: {which} holds {fam} codes, this "
+                                 f"transformation uses state_dtype={family!r}")
+        elif jnp.shape(leaf) != g.shape or not jnp.issubdtype(jnp.result_type(leaf),
+                                                              jnp.inexact):
+            raise ValueError(f"update leaf {i}: {which} {jnp.shape(leaf)} "
+                             f"{jnp.result_type(leaf)} is not the state of a {g.shape} "
+                             "parameter; build the state with init()")
 
 
 def _fmt(leaf: QuantizedLeaf, which: str, n: int) -> str:
@@ -354,6 +398,7 @@ def scale_by_rmsprop(
     """
     _check(dict(decay=decay, eps=eps, initial_scale=initial_scale, eps_in_sqrt=eps_in_sqrt,
                 centered=centered, bias_correction=bias_correction))
+    family = _quantized(state_dtype)
 
     def init_fn(params: optax.Params) -> ScaleByRmsPropState:
         nu = jax.tree.map(lambda p: _state_leaf(p, initial_scale, state_dtype), params)
@@ -363,10 +408,15 @@ def scale_by_rmsprop(
 
     def update_fn(updates, state: ScaleByRmsPropState, params=None):
         del params
+        if (state.mu is None) == centered:
+            raise ValueError("the state does not match this transformation (grad average "
+                             f"{'missing' if centered else 'present'}); build it with init()")
         count = _safe_increment(state.count)
         leaves, treedef = jax.tree.flatten(updates)
         nus = treedef.flatten_up_to(state.nu)
         mus = _flatten_like(treedef, state.mu, len(leaves))
+        for i, (g, nu, mu) in enumerate(zip(leaves, nus, mus)):
+            _check_leaf(i, g, None, {"nu": nu, "mu": mu}, family)
         out, new_nu, new_mu = [], [], []
         for g, nu, mu in zip(leaves, nus, mus):
             f = _math_dtype(g.dtype)
@@ -492,6 +542,7 @@ def rmsprop(
         weight_decay=weight_decay, decoupled_weight_decay=decoupled_weight_decay,
         maximize=maximize))
     _check(o)
+    family = _quantized(state_dtype)
     lr = o["learning_rate"]
     has_trace = _maybe_nonzero(o["momentum"])
     has_wd = _maybe_nonzero(o["weight_decay"])
@@ -510,6 +561,10 @@ def rmsprop(
         if (state.trace is None) == has_trace:
             raise ValueError("the state does not match this transformation (momentum buffer "
                              f"{'missing' if has_trace else 'present'}); build it with init()")
+        if (state.mu is None) == bool(o["centered"]):
+            raise ValueError("the state does not match this transformation (grad average "
+                             f"{'present' if state.mu is not None else 'missing'}); build it "
+                             "with init()")
         count = _safe_increment(state.count)
         lr_now = lr(state.count) if callable(lr) else lr
         leaves, treedef = jax.tree.flatten(updates)
@@ -517,6 +572,8 @@ def rmsprop(
         mus = _flatten_like(treedef, state.mu, len(leaves))
         trs = _flatten_like(treedef, state.trace, len(leaves))
         ps = _flatten_like(treedef, params, len(leaves))
+        for i, (g, nu, mu, tr, p) in enumerate(zip(leaves, nus, mus, trs, ps)):
+            _check_leaf(i, g, p, {"nu": nu, "mu": mu, "trace": tr}, family)
         out, new_nu, new_mu, new_tr = [], [], [], []
         for g, nu, mu, tr, p in zip(leaves, nus, mus, trs, ps):
             u, nu_f, mu_f, b_f = _rule_leaf(g, p, nu, mu, tr, lr_now, o, has_wd, count)
