@@ -195,9 +195,27 @@ def test_bad_arguments_are_refused():
                       ({"vanishing_drop": 1.0}, "Invalid vanishing_drop"),
                       ({"eps_fraction": 0}, "Invalid eps_fraction"),
                       ({"exploding_growth": 0.5}, "Invalid exploding_growth"),
-                      ({"stall_ratio": -1}, "Invalid stall_ratio")]:
+                      ({"stall_ratio": -1}, "Invalid stall_ratio"),
+                      ({"stall_ratio": float("inf")}, "Invalid stall_ratio"),
+                      ({"exploding_floor": float("nan")}, "Invalid exploding_floor"),
+                      ({"exploding_floor": -1.0}, "Invalid exploding_floor"),
+                      ({"exploding_rms": "5"}, "Invalid exploding_rms"),
+                      ({"cooldown": -5}, "Invalid cooldown"),
+                      ({"cooldown": 2.7}, "Invalid cooldown"),
+                      ({"cooldown": "x"}, "Invalid cooldown"),
+                      ({"patience": True}, "Invalid patience")]:
         with pytest.raises(ValueError, match=match):
             Monitor(opt, **kw)
+    for kw, match in [({"emit": "no"}, "emit must be True or False"),
+                      ({"prefix": 5}, "prefix must be a str")]:
+        with pytest.raises(TypeError, match=match):
+            Monitor(opt, **kw)
+    m = Monitor(opt)
+    with pytest.raises(ValueError, match="Invalid every"):
+        m.attach(every=True)
+    with pytest.raises(ValueError, match="Invalid step: 'abc'"):
+        m.update("abc")
+    assert m.updates == 0 and m.warnings == []  # the refused call changed nothing
     with pytest.raises(TypeError, match="needs an optimizer with stats"):
         Monitor(object())
     with pytest.raises(TypeError, match="logger must be a callable"):

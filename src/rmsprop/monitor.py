@@ -141,21 +141,35 @@ class Monitor:
         if getattr(optimizer, "track_stats", True) is False:
             raise ValueError("the optimizer was built without track_stats: pass "
                              "track_stats=True (or 'params') to RMSprop")
-        if not (isinstance(window, int) and window >= 2):
+        def whole(x: Any) -> bool:
+            return isinstance(x, int) and not isinstance(x, bool)
+
+        def number(x: Any) -> bool:  # a finite real number, not a bool
+            return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+        if not (whole(window) and window >= 2):
             raise ValueError(f"Invalid window: {window!r} (an int >= 2)")
-        if not (isinstance(patience, int) and patience >= 1):
+        if not (whole(patience) and patience >= 1):
             raise ValueError(f"Invalid patience: {patience!r} (an int >= 1)")
+        if cooldown is not None and not (whole(cooldown) and cooldown >= 0):
+            raise ValueError(f"Invalid cooldown: {cooldown!r} (an int >= 0, or None)")
         for name, value, lo, hi in (("vanishing_drop", vanishing_drop, 0, 1),
                                     ("vanishing_spread", vanishing_spread, 0, 1),
                                     ("eps_fraction", eps_fraction, 0, 1)):
-            if not (isinstance(value, (int, float)) and lo < value < hi):
+            if not (number(value) and lo < value < hi):
                 raise ValueError(f"Invalid {name}: {value!r} (must be in ({lo}, {hi}))")
-        if not (isinstance(exploding_growth, (int, float)) and exploding_growth > 1):
+        if not (number(exploding_growth) and exploding_growth > 1):
             raise ValueError(f"Invalid exploding_growth: {exploding_growth!r} (must be > 1)")
-        if not (isinstance(stall_ratio, (int, float)) and stall_ratio >= 0):
+        if not (number(stall_ratio) and stall_ratio >= 0):
             raise ValueError(f"Invalid stall_ratio: {stall_ratio!r} (must be >= 0)")
-        if exploding_rms is not None and not exploding_rms > 0:
+        if exploding_rms is not None and not (number(exploding_rms) and exploding_rms > 0):
             raise ValueError(f"Invalid exploding_rms: {exploding_rms!r} (must be > 0)")
+        if exploding_floor is not None and not (number(exploding_floor)
+                                                and exploding_floor >= 0):
+            raise ValueError(f"Invalid exploding_floor: {exploding_floor!r} (must be >= 0)")
+        if not isinstance(prefix, str):
+            raise TypeError(f"prefix must be a str, got {type(prefix).__name__}")
+        if not isinstance(emit, bool):
+            raise TypeError(f"emit must be True or False, got {emit!r}")
         if logger is not None and not callable(logger):
             raise TypeError("logger must be a callable logger(scalars: dict, step: int)")
         self.optimizer = optimizer
@@ -202,7 +216,7 @@ class Monitor:
     def attach(self, every: int = 1) -> Monitor:
         """Call :meth:`update` after every ``every``-th ``optimizer.step()`` (a step post-hook;
         a step skipped by ``GradScaler`` or raising never reaches it). Returns ``self``."""
-        if not (isinstance(every, int) and every >= 1):
+        if not (isinstance(every, int) and not isinstance(every, bool) and every >= 1):
             raise ValueError(f"Invalid every: {every!r} (an int >= 1)")
         self.detach()
         calls = [0]
@@ -236,9 +250,16 @@ class Monitor:
         Stats of a skipped step are stale (the optimizer changed nothing), so they are logged
         but not added to the history.
         """
+        if step is not None and (isinstance(step, bool) or not isinstance(step, int)):
+            try:
+                if isinstance(step, bool) or int(step) != step:
+                    raise ValueError
+                step = int(step)
+            except (TypeError, ValueError):
+                raise ValueError(f"Invalid step: {step!r} (an int, or None)") from None
         stats = self.optimizer.stats() or {}
         self.updates += 1
-        step = self.updates if step is None else int(step)
+        step = self.updates if step is None else step
         groups = list(stats.get("groups") or [])
         per_param: Mapping[str, Mapping[str, float]] = stats.get("params") or {}
         if not groups and not per_param:
