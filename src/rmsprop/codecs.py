@@ -120,7 +120,7 @@ import numpy as np
 __all__ = ["QFormat", "Quantized", "FORMATS", "QUANTIZED", "MIN_QUANTIZED", "encode", "decode",
            "init_entry", "nearest_sqrt", "quantizes", "store", "load", "family", "state_bytes",
            "unsigned_table", "signed_table", "round_bfloat16", "fmix32", "random_bits",
-           "param_seed", "stochastic_round", "Entry"]
+           "param_seed", "stochastic_round", "is_float_dtype", "Entry"]
 
 #: Tensors with fewer real elements than this keep full-precision state.
 MIN_QUANTIZED = 4096
@@ -153,6 +153,13 @@ QUANTIZED: dict[str, dict[str, str]] = {
     "8bit": {"square_avg": "u8", "grad_avg": "s8", "momentum_buffer": "s8"},
     "4bit": {"square_avg": "u4", "grad_avg": "s4", "momentum_buffer": "s4"},
 }
+
+
+def is_float_dtype(dtype: Any) -> bool:
+    """Whether ``dtype`` is a real floating-point dtype, ml_dtypes' ``bfloat16`` included
+    (which NumPy does not count as floating)."""
+    dt = np.dtype(dtype)
+    return bool(np.issubdtype(dt, np.floating) or dt.name == "bfloat16")
 
 
 def _format(fmt: Any) -> QFormat:
@@ -240,7 +247,7 @@ def encode(x: np.ndarray, fmt: str) -> Quantized:
     """Quantize a real array in format ``fmt`` (formulas in the module docstring)."""
     f = _format(fmt)
     x = np.asarray(x)
-    if not (np.issubdtype(x.dtype, np.floating) or x.dtype.name == "bfloat16"):
+    if not is_float_dtype(x.dtype):
         raise TypeError(f"encode needs a real floating-point array, got {x.dtype} (complex "
                         "state is encoded as its interleaved real view)")
     x32 = x.astype(np.float32)
@@ -287,7 +294,7 @@ def decode(q: Quantized, dtype: Any = np.float32) -> np.ndarray:
     if why:
         raise ValueError(f"cannot decode: {why}")
     out = _float_dtype(dtype) if isinstance(dtype, str) else np.dtype(dtype)
-    if not (np.issubdtype(out, np.floating) or out.name == "bfloat16"):
+    if not is_float_dtype(out):
         raise TypeError(f"decode gives floating-point values, not {out}")
     n = q.size
     codes = _unpack4(q.codes, n) if f.bits == 4 else q.codes[:n]
@@ -323,7 +330,7 @@ def _float_dtype(name: Any) -> np.dtype:
     except TypeError:
         raise ValueError(f"Invalid state_dtype: {name!r} (a float dtype, 'bfloat16', "
                          f"{', '.join(map(repr, QUANTIZED))})") from None
-    if dt.kind != "f" and dt.name != "bfloat16":
+    if not is_float_dtype(dt):
         raise ValueError(f"Invalid state_dtype: {name!r} (a float dtype, 'bfloat16', "
                          f"{', '.join(map(repr, QUANTIZED))})")
     return dt

@@ -77,8 +77,7 @@ class RMSprop:
         for a in arrays:
             if not isinstance(a, np.ndarray):
                 raise TypeError(f"params must be numpy arrays, got {type(a).__name__}")
-            if not (np.issubdtype(a.dtype, np.floating) or a.dtype.name == "bfloat16"
-                    or np.issubdtype(a.dtype, np.complexfloating)):
+            if not spec.steppable(a.dtype):
                 raise TypeError(f"params must be floating point or complex, got {a.dtype}")
             if not a.flags.writeable:
                 raise ValueError("params must be writable arrays (the step updates them in "

@@ -64,7 +64,7 @@ from . import codecs
 from .codecs import Entry
 from .options import Options
 
-__all__ = ["State", "init_state", "step", "math_dtype"]
+__all__ = ["State", "init_state", "step", "math_dtype", "steppable"]
 
 
 class State(TypedDict, total=False):
@@ -201,9 +201,10 @@ def step(param: np.ndarray, grad: np.ndarray, state: State,
     return out, new
 
 
-def _floating(dtype: np.dtype) -> bool:
-    return bool(np.issubdtype(dtype, np.floating) or dtype.name == "bfloat16"
-                or np.issubdtype(dtype, np.complexfloating))
+def steppable(dtype: Any) -> bool:
+    """Whether :func:`step` takes params (and gradients) of ``dtype``: real floating point
+    (``bfloat16`` too) or complex."""
+    return codecs.is_float_dtype(dtype) or bool(np.issubdtype(dtype, np.complexfloating))
 
 
 def _check(param: np.ndarray, grad: np.ndarray, state: Any) -> None:
@@ -213,9 +214,9 @@ def _check(param: np.ndarray, grad: np.ndarray, state: Any) -> None:
     ``momentum_buffer`` of the param's real shape, all float arrays or all
     :class:`~rmsprop.codecs.Quantized` of one family, unsigned codes for ``square_avg``; a
     step count >= 0; a uint32 ``seed``)."""
-    if not _floating(param.dtype):
+    if not steppable(param.dtype):
         raise TypeError(f"param must be floating point or complex, got {param.dtype}")
-    if not _floating(grad.dtype) or np.iscomplexobj(grad) != np.iscomplexobj(param):
+    if not steppable(grad.dtype) or np.iscomplexobj(grad) != np.iscomplexobj(param):
         raise TypeError(f"grad dtype {grad.dtype} does not fit param dtype {param.dtype}")
     if grad.shape != param.shape:
         raise ValueError(f"grad shape {grad.shape} does not match param shape {param.shape}")
@@ -237,7 +238,7 @@ def _check(param: np.ndarray, grad: np.ndarray, state: Any) -> None:
         elif isinstance(entry, (np.ndarray, np.generic)):  # a 0-d param's math gives scalars
             entry = np.asarray(entry)
             why = None
-            if not (np.issubdtype(entry.dtype, np.floating) or entry.dtype.name == "bfloat16"):
+            if not codecs.is_float_dtype(entry.dtype):
                 why = f"has dtype {entry.dtype}, not a real floating-point one"
             elif entry.shape != shape:
                 why = f"has shape {entry.shape}, the param's real shape is {shape}"
