@@ -215,3 +215,45 @@ def test_cuda_rows_have_no_quantized_state_rows(capsys):
     cpu_rows = capsys.readouterr().out
     assert "bit-" not in cuda_rows and "model50M" in cuda_rows
     assert "8bit-10M" in cpu_rows and "4bit-10M" in cpu_rows
+
+
+@pytest.mark.skipif(not cpu.available() or cpu.isa() != "x86-64-v3",
+                    reason="needs the CPU kernel's x86-64-v3 build")
+def test_arithmetic_bound_times_the_exact_work_and_prints_the_allowance(tmp_path, capsys):
+    """``scripts/arithmetic_bound.py``: its divider loop computes NumPy's float32
+    ``g / (sqrt(v) + eps)`` bit for bit (so it times the exact work), its codec timing calls
+    the kernel's codec (the codes equal ``cpu.quant_encode``'s), and the report's allowance
+    is the floor time over the target per element and thread. No timing is asserted."""
+    import importlib.util
+    from pathlib import Path
+
+    import torch
+    path = Path(__file__).resolve().parents[1] / "scripts" / "arithmetic_bound.py"
+    spec = importlib.util.spec_from_file_location("arithmetic_bound", path)
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    h = mod.Harness(tmp_path)
+    gen = torch.Generator().manual_seed(3)
+    v = torch.rand(1029, generator=gen) * torch.logspace(-30, 3, 1029)  # a scalar tail too
+    g = torch.randn(1029, generator=gen)
+    out = torch.empty(1029)
+    assert h.sqrtdiv(v, g, out, 1e-8, 1, 1) > 0
+    import numpy as np
+    vn, gn = v.numpy(), g.numpy()
+    assert np.array_equal(out.numpy(), gn / (np.sqrt(vn) + np.float32(1e-8)))
+    x = torch.rand(512, generator=gen)
+    for fmt in ("u8", "s4"):
+        ns, codes, scales = h.codec_ns(fmt, True, x, 1, 1)
+        want_codes, want_scales = cpu.quant_encode(x, fmt)
+        assert ns > 0 and torch.equal(codes, want_codes) and torch.equal(scales, want_scales)
+    assert mod.main(["--elements", "512", "--rounds", "1", "--calls", "1", "--numel", "4096",
+                     "--repeats", "3", "--target", "0.5"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1].startswith("  exact sqrt + division") and [ln.split(":")[0].strip() for ln in lines[2:6]] == [
+        "u8 codec", "s8 codec", "u4 codec", "s4 codec"]
+    head = lines[6]
+    floor_ms = float(head.split("floor ")[1].split(" ms")[0])
+    allowed = float(head.split("allows ")[1].split()[0])
+    threads = torch.get_num_threads()
+    assert allowed == pytest.approx(floor_ms * 1e6 * threads / 4096 / 0.5, rel=2e-3)
