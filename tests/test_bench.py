@@ -250,7 +250,8 @@ def test_arithmetic_bound_times_the_exact_work_and_prints_the_allowance(tmp_path
     assert mod.main(["--elements", "512", "--rounds", "1", "--calls", "1", "--numel", "4096",
                      "--repeats", "3", "--target", "0.5"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[1].startswith("  exact sqrt + division") and [ln.split(":")[0].strip() for ln in lines[2:6]] == [
+    assert lines[1].startswith("  exact sqrt + division")
+    assert [ln.split(":")[0].strip() for ln in lines[2:6]] == [
         "u8 codec", "s8 codec", "u4 codec", "s4 codec"]
     head = lines[6]
     floor_ms = float(head.split("floor ")[1].split(" ms")[0])

@@ -650,3 +650,221 @@ def test_step_wrapper_behaves_as_torchs_hooks_profiler_label_args():
     ours, theirs = run(RMSprop), run(torch.optim.RMSprop)
     assert ours[:4] == theirs[:4] == (["gpre", ("pre", 1), "post", "gpost"], 7.0, 2, None)
     torch.testing.assert_close(ours[4], theirs[4])
+
+
+#: Each explicit path and the default choice (fused=None, foreach=None).
+WITH_DEFAULT = [*PATHS, {}]
+WITH_DEFAULT_IDS = [*PATH_IDS, "default"]
+
+
+def _two_groups(path, n=(10, 1000), **kw):
+    ps = [torch.nn.Parameter(torch.zeros(k)) for k in n]
+    opt = RMSprop([{"params": [ps[0]]}, {"params": [ps[1]]}], **{**path, **kw})
+    for p in ps:
+        p.grad = torch.ones_like(p)
+    opt.step()  # state made, and the fused path's plans cached
+    return ps, opt
+
+
+@pytest.mark.parametrize("path", WITH_DEFAULT, ids=WITH_DEFAULT_IDS)
+@pytest.mark.parametrize("state_dtype", [None, "8bit"])
+@pytest.mark.parametrize("size", [500, 2000])
+def test_a_param_resized_under_its_state_is_refused_and_changes_nothing(path, state_dtype,
+                                                                         size):
+    """``p.data = <another size>`` leaves state of the old size: torch's arithmetic raises a
+    size mismatch. Here a clear error names the param and the state before any group is
+    written (the fused kernel read and wrote past the state's end)."""
+    ps, opt = _two_groups(path, n=(10, 5000), state_dtype=state_dtype)
+    ps[1].data = torch.zeros(size)
+    for p in ps:
+        p.grad = torch.ones_like(p)
+    snap = _snapshot(opt, ps[:1])
+    with pytest.raises(RuntimeError, match=r"state 'square_avg' of parameter group 1 index 0 "
+                                           rf"\(shape \({size},\)\)"):
+        opt.step()
+    _assert_unchanged(opt, ps[:1], snap)
+
+
+@pytest.mark.skipif(not FUSED, reason="fused CPU kernel unavailable")
+def test_a_gradient_swapped_under_a_cached_plan_is_checked_as_on_the_first_step():
+    """The cached plan re-reads a gradient's pointer each step; one that moved is checked
+    for its element count and dtype before the kernel reads it (it read the param's count
+    of elements from a one-element buffer)."""
+    ps, opt = _two_groups({})
+    snap = _snapshot(opt, ps)
+    ps[1].grad = torch.ones(1000)
+    ps[1].grad.data = torch.ones(1)
+    with pytest.raises(RuntimeError, match=r"gradient of parameter group 1 index 0 .* has "
+                                           r"shape \(1,\), the parameter \(1000,\)"):
+        opt.step()
+    _assert_unchanged(opt, ps, snap)
+
+
+@pytest.mark.parametrize("path", WITH_DEFAULT, ids=WITH_DEFAULT_IDS)
+def test_a_gradient_of_another_dtype_steps_as_torchs(path):
+    """torch 2.13 lets a param take a gradient of another dtype (``p.grad_dtype = None``);
+    torch.optim.RMSprop then computes with it. Every path gives torch's result, to float32
+    rounding (the fused kernel read the float64 bytes as float32: off by orders of
+    magnitude), before and after a plan was cached."""
+    ours, ref = torch.nn.Parameter(torch.ones(64)), torch.nn.Parameter(torch.ones(64))
+    opt, topt = RMSprop([ours], lr=0.1, **path), torch.optim.RMSprop([ref], lr=0.1)
+    gen = torch.Generator().manual_seed(0)
+    for t in range(4):
+        g = torch.randn(64, generator=gen)
+        if t >= 2:
+            g = g.double()
+            ours.grad_dtype = ref.grad_dtype = None
+        ours.grad, ref.grad = g.clone(), g.clone()
+        if t >= 2 and path.get("fused"):
+            with pytest.raises(RuntimeError, match="fused=True cannot apply: the gradient of "
+                                                   "a torch.float32 parameter is torch.float64"):
+                opt.step()
+            return
+        opt.step()
+        topt.step()
+        torch.testing.assert_close(ours.detach(), ref.detach())
+
+
+@pytest.mark.parametrize("path", WITH_DEFAULT, ids=WITH_DEFAULT_IDS)
+def test_a_complex_gradient_on_a_real_param_is_refused_and_changes_nothing(path):
+    ps, opt = _two_groups(path)
+    ps[1].grad_dtype = None
+    ps[0].grad = torch.ones(10)
+    ps[1].grad = torch.ones(1000, dtype=torch.complex64)
+    snap = _snapshot(opt, ps)
+    with pytest.raises(RuntimeError, match=r"gradient of parameter group 1 index 0 .* has "
+                                           r"dtype torch.complex64, the parameter torch.float32"):
+        opt.step()
+    _assert_unchanged(opt, ps, snap)
+
+
+@pytest.mark.parametrize("path", WITH_DEFAULT, ids=WITH_DEFAULT_IDS)
+@pytest.mark.parametrize("reset", ["replace", "clear", "delete"])
+def test_state_reset_by_hand_restarts_as_torchs(path, reset):
+    """``opt.state = defaultdict(dict)``, ``opt.state.clear()`` or ``del opt.state[p]``
+    between steps: torch starts the state again; so does every path here (a cached plan
+    kept stepping hidden tensors, and state_dict() saved none)."""
+    from collections import defaultdict
+    ours, ref = torch.nn.Parameter(torch.ones(16)), torch.nn.Parameter(torch.ones(16))
+    opt = RMSprop([ours], lr=0.1, momentum=0.9, **path)
+    topt = torch.optim.RMSprop([ref], lr=0.1, momentum=0.9)
+    gen = torch.Generator().manual_seed(1)
+    for t in range(5):
+        if t == 3:
+            for o, p in ((opt, ours), (topt, ref)):
+                if reset == "replace":
+                    o.state = defaultdict(dict)
+                elif reset == "clear":
+                    o.state.clear()
+                else:
+                    del o.state[p]
+        g = torch.randn(16, generator=gen)
+        ours.grad, ref.grad = g.clone(), g.clone()
+        opt.step()
+        topt.step()
+        torch.testing.assert_close(ours.detach(), ref.detach())
+    assert opt.state[ours]["step"].item() == topt.state[ref]["step"].item() == 2
+    torch.testing.assert_close(opt.state_dict()["state"][0]["momentum_buffer"],
+                               topt.state_dict()["state"][0]["momentum_buffer"])
+
+
+@pytest.mark.parametrize("path", WITH_DEFAULT, ids=WITH_DEFAULT_IDS)
+@pytest.mark.parametrize("key,value,match", [
+    ("state_dtype", "3bit", "Invalid state_dtype"),
+    ("state_dtype", torch.int8, "Invalid state_dtype"),
+    ("nonfinite", "rasie", "Invalid nonfinite value"),
+    ("stochastic_rounding", "yes", "Invalid stochastic_rounding"),
+    ("seed", -1, "Invalid seed"),
+    ("fused", "maybe", "Invalid fused value"),
+])
+def test_run_options_edited_between_steps_are_checked_before_anything_changes(path, key,
+                                                                             value, match):
+    """A group's run options written between steps (as a scheduler writes lr) are checked
+    as the constructor checks them, on every path, before any group is written (the cached
+    fused plan ignored them; the for-loop path raised after group 0 had stepped)."""
+    ps, opt = _two_groups(path)
+    opt.param_groups[1][key] = value
+    for p in ps:
+        p.grad = torch.ones_like(p)
+    snap = _snapshot(opt, ps)
+    with pytest.raises((ValueError, TypeError), match=match):
+        opt.step()
+    _assert_unchanged(opt, ps, snap)
+
+
+@pytest.mark.skipif(not FUSED, reason="fused CPU kernel unavailable")
+def test_a_state_dtype_edited_between_steps_takes_effect_on_the_cached_path():
+    """The cached plan was built under the old format: it gives way to the general route,
+    where existing float32 state carries on (as a load of it would keep it) and new state
+    takes the format the group names now."""
+    p = torch.nn.Parameter(torch.zeros(8192))
+    opt = RMSprop([p])
+    p.grad = torch.ones(8192)
+    opt.step()
+    opt.param_groups[0]["state_dtype"] = "8bit"
+    p.grad = torch.full((8192,), 2.0)
+    opt.step()  # the existing float32 state carries on
+    assert opt.state[p]["square_avg"].dtype == torch.float32
+    opt.state.clear()
+    p.grad = torch.full((8192,), 2.0)
+    opt.step()  # new state: the format the group names now
+    assert opt.state[p]["square_avg"].dtype == torch.uint8
+
+
+def test_add_param_group_checks_what_the_constructor_checks():
+    def one():
+        return torch.nn.Parameter(torch.zeros(3))
+    for kw, exc, match in [({"fused": True, "foreach": True}, RuntimeError, "cannot be `True`"),
+                           ({"fused": True, "differentiable": True}, ValueError,
+                            "differentiable"),
+                           ({"foreach": True, "differentiable": True}, RuntimeError,
+                            "mutually exclusive"),
+                           ({"fused": True, "stochastic_rounding": True, "params_dtype":
+                             torch.bfloat16}, RuntimeError, "stochastic_rounding"),
+                           ({"fused": True, "state_dtype": "8bit", "params_dtype":
+                             torch.float64}, RuntimeError, "fused=True cannot apply")]:
+        dtype = kw.pop("params_dtype", torch.float32)
+        with pytest.raises(exc, match=match):
+            RMSprop([one().to(dtype)], **kw)
+        opt = RMSprop([one()])
+        with pytest.raises(exc, match=match):
+            opt.add_param_group({"params": [one().to(dtype)], **kw})
+        assert len(opt.param_groups) == 1
+    with pytest.raises(TypeError, match="param_group must be a dict"):
+        RMSprop([one()]).add_param_group([one()])
+
+
+def test_complex_params_with_bfloat16_state_are_refused_up_front():
+    p = torch.nn.Parameter(torch.zeros(4, dtype=torch.complex64))
+    with pytest.raises(ValueError, match="no complex bfloat16"):
+        RMSprop([p], state_dtype=torch.bfloat16)
+    opt = RMSprop([torch.nn.Parameter(torch.zeros(4))], state_dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="no complex bfloat16"):
+        opt.add_param_group({"params": [p]})
+
+
+@pytest.mark.parametrize("path", WITH_DEFAULT, ids=WITH_DEFAULT_IDS)
+def test_a_param_listed_twice_in_a_group_steps_as_torchs(path):
+    """torch.optim warns and updates such a param twice per step, counting both; so does
+    every path here that may choose (the fused kernel updated it twice but counted one
+    step); ``fused=True`` refuses it."""
+    ours, ref = torch.nn.Parameter(torch.ones(8)), torch.nn.Parameter(torch.ones(8))
+    with pytest.warns(UserWarning, match="duplicate parameters"):
+        opt = RMSprop([ours, ours], lr=0.1, **path)
+    if path.get("fused"):
+        ours.grad = torch.ones(8)
+        with pytest.raises(RuntimeError, match="fused=True cannot apply: a parameter is "
+                                               "listed twice"):
+            opt.step()
+        assert not opt.state[ours]
+        return
+    with pytest.warns(UserWarning, match="duplicate parameters"):  # torch's path of the same
+        topt = torch.optim.RMSprop([ref, ref], lr=0.1, foreach=bool(path.get("foreach")))
+    gen = torch.Generator().manual_seed(2)
+    for _ in range(3):
+        g = torch.randn(8, generator=gen)
+        ours.grad, ref.grad = g.clone(), g.clone()
+        opt.step()
+        topt.step()
+    torch.testing.assert_close(ours.detach(), ref.detach())
+    assert opt.state[ours]["step"].item() == topt.state[ref]["step"].item() == 6

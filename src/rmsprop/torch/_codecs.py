@@ -34,6 +34,11 @@ Interface (``key`` is one of :data:`STATE_KEYS`; ``state`` is a parameter's stat
                                          precision: a quantized codec quantizes it), or {}
                                          when the entry has no such state
     codec.names(key)                     -> the state-dict names this codec uses for ``key``
+    codec.layout(key, state, p)          -> why the live ``state`` cannot be ``p``'s in this
+                                         format: shapes, dtypes and devices only, no value
+                                         read (cheap enough for every step of the general
+                                         route, which checks it before anything is written),
+                                         or None; None also when ``state`` lacks the key
 
 Optional, for formats whose keys are stored together (a quantized ``square_avg`` kept as
 ``v - m^2`` needs ``grad_avg`` to decode): ``codec.decode_all(state, keys, dtype) -> {key:
@@ -98,6 +103,8 @@ class Codec(Protocol):
 
     def check(self, key: str, entry: dict, p: Tensor) -> str | None: ...
 
+    def layout(self, key: str, state: dict, p: Tensor) -> str | None: ...
+
     def load(self, key: str, entry: dict, p: Tensor) -> dict[str, Tensor]: ...
 
 
@@ -120,7 +127,24 @@ class FloatCodec:
         return (key,)
 
     def _stored_dtype(self, p: Tensor) -> torch.dtype:
-        return _COMPLEX[self._dtype] if p.is_complex() else self._dtype
+        if not p.is_complex():
+            return self._dtype
+        if self._dtype not in _COMPLEX:
+            raise ValueError(f"state dtype {self._dtype} cannot store the state of complex "
+                             "params (torch has no complex type of it)")
+        return _COMPLEX[self._dtype]
+
+    def layout(self, key: str, state: dict, p: Tensor) -> str | None:
+        t = state.get(key)
+        if t is None:
+            return None
+        if not isinstance(t, Tensor):
+            return "is not a tensor"
+        want = self._stored_dtype(p)
+        if t.shape != p.shape or t.dtype != want or t.device != p.device:
+            return (f"is a {tuple(t.shape)} {t.dtype} tensor on {t.device}; the parameter "
+                    f"needs a {tuple(p.shape)} {want} one on {p.device}")
+        return None
 
     def init(self, key: str, p: Tensor, fill: float) -> dict[str, Tensor]:
         # complex state holds fill in both components: the rule treats them independently

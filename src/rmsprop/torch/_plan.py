@@ -76,6 +76,9 @@ def hyper_of(*, lr: float, alpha: float, eps: float, weight_decay: float, moment
                  inv_scale=1.0 if grad_scale is None else 1.0 / float(grad_scale))
 
 
+_DTYPE = operator.attrgetter("dtype")
+
+
 def _ptrs(tensors: Sequence[Tensor]) -> array.array:
     # map() is a C-level loop (~2x a comprehension); an array from a list of known length
     # is cheaper than one grown from an iterator
@@ -122,6 +125,10 @@ class Plan:
         self.convert = False  # gradients need real() (complex or sharded params)
         self.validated: tuple | None = None  # the group's options when last validated
         self.hyper_memo: tuple | None = None  # (key, Hyper) of the optimizer's last step
+        self._numels = self.numel.tolist()  # what a gradient must hold, checked when one moves
+        self._dtypes = [self.p_dtype] * self.n
+        self.state_of: tuple[object, int] | None = None  # bind(): the optimizer's state map
+        self.run_options: tuple | None = None  # the group's run options it was built under
         self._g_list: list[int] = []  # the last gradients' pointers, and their table
         self._g_table: array.array | None = None
         self.last_rows: Tensor | None = None  # the last statistics of a GradScaler step
@@ -149,11 +156,16 @@ class Plan:
 
     # -- the cached plan of a param group ------------------------------------------------------
 
-    def bind(self, group_params: list, states: list[dict], version: int) -> None:
+    def bind(self, group_params: list, states: list[dict], version: int,
+             state_map: dict | None = None) -> None:
         """Cache this plan for a group whose params (all with state, in order) it covers:
-        every ``state["step"]`` becomes a view into one tensor that :meth:`step` advances."""
+        every ``state["step"]`` becomes a view into one tensor that :meth:`step` advances.
+        ``state_map`` (the optimizer's ``state``): the plan stops holding when that map is
+        replaced, cleared or loses or gains an entry."""
         self.group_params = group_params
         self.version = version
+        if state_map is not None:
+            self.state_of = (state_map, len(state_map))
         self.convert = any(p.is_complex() or hasattr(p, "to_local") for p in group_params)
         steps = torch.stack([st["step"].reshape(()).to(torch.float32) for st in states])
         if self.steps_device is not None:
@@ -162,9 +174,12 @@ class Plan:
             st["step"] = steps[i]
         self.steps = steps
 
-    def valid_for(self, group: dict, version: int) -> bool:
-        """The cached plan still describes ``group`` (same params, same state tensors)."""
+    def valid_for(self, group: dict, version: int, state_map: dict | None = None) -> bool:
+        """The cached plan still describes ``group`` (same params, same state map of the
+        same size)."""
+        held = self.state_of
         return (version == self.version and group["params"] is self.group_params
+                and (held is None or (held[0] is state_map and held[1] == len(held[0])))
                 and len(self.group_params) == self.n
                 and (group["momentum"] > 0) == self.momentum
                 and bool(group["centered"]) == self.centered)
@@ -179,11 +194,11 @@ class Plan:
         ones each step; the table row is rewritten only when one moved), their contiguity
         (a same tensor object can be restrided in place, ``g.data = g.t()``, without moving)
         and the params' pointers (``p.data = x`` keeps the object and moves its storage).
-        Each is one C-level ``map`` over the list (~50 ns a tensor). Not checked per step:
-        a gradient's dtype and shape, which torch's ``.grad`` setter and autograd keep equal
-        to the param's (unless a user sets ``p.grad_dtype = None`` or swaps a gradient's
-        ``.data`` for another dtype: a dtype check would cost as much again per tensor);
-        the params' identities are :meth:`valid_for`'s."""
+        Each is one C-level ``map`` over the list (~50 ns a tensor). When a gradient has
+        moved, its dtype and element count are checked too (the kernel reads as many bytes
+        as the param holds: a gradient of another dtype, ``p.grad_dtype = None``, or swapped
+        through ``.data`` must never be read as the param's); a gradient that stays put is
+        the one checked when it arrived. The params' identities are :meth:`valid_for`'s."""
         params = self.group_params or []
         try:
             if self.convert:
@@ -199,6 +214,9 @@ class Plan:
         except (RuntimeError, TypeError, AttributeError):  # sparse gradients have no data
             return None                                  # pointer; a missing one is None
         if ptrs != self._g_list or self._g_table is None:
+            if (list(map(_DTYPE, grads)) != self._dtypes
+                    or list(map(Tensor.numel, grads)) != self._numels):
+                return None
             self._g_list, self._g_table = ptrs, array.array("Q", ptrs)
         return self._g_table
 

@@ -444,6 +444,24 @@ class QuantizedCodec:
                    f"{tuple(p.shape)} placed {placed[1]}")
         return why
 
+    def layout(self, key: str, state: dict, p: Tensor) -> str | None:
+        t = state.get(key)
+        if not isinstance(t, Tensor) or t.dtype != torch.uint8:
+            return self.full.layout(key, state, _local_param(p))
+        if not self.quantizes(p):
+            return f"holds codes, but {self.name} keeps this parameter's state in full precision"
+        f = spec_codecs.FORMATS[self.formats[key]]
+        n, dev = _size(p), real(p).device
+        codes, blocks = n * f.bits // 8, -(-n // f.block)
+        if t.dim() != 1 or t.numel() != codes or t.device != dev:
+            return (f"holds {tuple(t.shape)} codes on {t.device}; the parameter's {n} "
+                    f"elements need {codes} on {dev}")
+        s = state.get(key + "_scale")
+        if not (isinstance(s, Tensor) and s.dtype == torch.float32 and s.dim() == 1
+                and s.numel() == blocks and s.device == dev):
+            return f"needs a {key + '_scale'!r} of {blocks} float32 block scales on {dev}"
+        return None
+
     def _saved_value(self, key: str, entry: dict, p: Tensor) -> Tensor:
         """A saved entry's values as a flat float tensor of this rank's shard (``v`` itself
         for square_avg)."""

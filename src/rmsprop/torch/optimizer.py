@@ -148,6 +148,36 @@ def _check_rounding(stochastic_rounding: Any, seed: Any) -> None:
         raise ValueError(f"Invalid seed value: {seed!r} (an integer in [0, 2**32))")
 
 
+#: The run options a cached plan was built under (see _plan_grads).
+_RUN_KEYS = ("fused", "nonfinite", "state_dtype", "stochastic_rounding", "seed")
+
+
+def _check_run_options(group: dict) -> None:
+    """Raise for a group's run options (how it steps, beside the rule's): the constructor's
+    checks, asked again wherever a group may have been edited since (``add_param_group``,
+    and the general route before each step)."""
+    if group.get("nonfinite", "raise") not in _NONFINITE:
+        raise ValueError(f"Invalid nonfinite value: {group['nonfinite']!r} "
+                         f"(choose one of {', '.join(map(repr, _NONFINITE))})")
+    _codecs.check_state_dtype(group.get("state_dtype"))
+    _check_rounding(group.get("stochastic_rounding", False), group.get("seed", 0))
+    fused, foreach = group.get("fused"), group.get("foreach")
+    differentiable = group.get("differentiable", False)
+    for name, value in (("fused", fused), ("foreach", foreach)):
+        if value not in (None, True, False):
+            raise ValueError(f"Invalid {name} value: {value!r} (None, True or False)")
+    if fused and differentiable:
+        raise ValueError("fused=True does not support differentiable=True")
+    if foreach and differentiable:
+        raise RuntimeError("`foreach` and `differentiable` are mutually exclusive.")
+    if fused and foreach:
+        raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
+    if group.get("state_dtype") == torch.bfloat16 and any(
+            isinstance(p, Tensor) and p.is_complex() for p in group.get("params", ())):
+        raise ValueError("state_dtype=torch.bfloat16 cannot store the state of complex "
+                         "params: torch has no complex bfloat16")
+
+
 @dataclass
 class _Job:
     """One param group's work in a step: its params with a gradient and the route they take
@@ -327,20 +357,12 @@ class RMSprop(Optimizer):
                  track_stats: bool | str = False) -> None:
         if isinstance(lr, Tensor) and lr.numel() != 1:
             raise ValueError("Tensor lr must be 1-element")
-        if nonfinite not in _NONFINITE:
-            raise ValueError(f"Invalid nonfinite value: {nonfinite!r} "
-                             f"(choose one of {', '.join(map(repr, _NONFINITE))})")
-        _codecs.check_state_dtype(state_dtype)
-        _check_rounding(stochastic_rounding, seed)
+        _check_run_options(dict(nonfinite=nonfinite, state_dtype=state_dtype,
+                                stochastic_rounding=stochastic_rounding, seed=seed,
+                                fused=fused, foreach=foreach, differentiable=differentiable))
         if track_stats not in (False, True, "params"):
             raise ValueError(f"Invalid track_stats value: {track_stats!r} "
                              "(False, True or 'params')")
-        if fused and differentiable:
-            raise ValueError("fused=True does not support differentiable=True")
-        if foreach and differentiable:
-            raise RuntimeError("`foreach` and `differentiable` are mutually exclusive.")
-        if fused and foreach:
-            raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
         defaults = dict(lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay,
                         momentum=momentum, centered=centered, capturable=capturable,
                         foreach=foreach, maximize=maximize, differentiable=differentiable,
@@ -359,14 +381,6 @@ class RMSprop(Optimizer):
         self._plans: dict[int, Any] = {}
         self._version = 0
         super().__init__(params, defaults)
-        if fused:
-            for group in self.param_groups:
-                for p in group["params"]:
-                    if p.device.type == "meta":
-                        continue  # as torch's fused optimizers: checked when it steps
-                    reason = self._fused_reason(group, p)
-                    if reason:
-                        raise RuntimeError(f"fused=True cannot apply: {reason}")
 
     @classmethod
     def from_preset(cls, name: str, params: Iterable[Any], **overrides: Any) -> RMSprop:
@@ -379,24 +393,31 @@ class RMSprop(Optimizer):
     # -- torch.optim.Optimizer contract -------------------------------------------------------
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
+        if not isinstance(param_group, dict):
+            raise TypeError(f"param_group must be a dict, but got {type(param_group).__name__}")
         rule = {k: param_group[k] for k in RULE_OPTIONS if k in param_group}
         validate(rule)
         if param_group.get("nesterov", self.defaults.get("nesterov")) and not rule.get(
                 "momentum", self.defaults.get("momentum", 0)):
             raise ValueError("Nesterov momentum requires a momentum > 0")
-        if "nonfinite" in param_group and param_group["nonfinite"] not in _NONFINITE:
-            raise ValueError(f"Invalid nonfinite value: {param_group['nonfinite']!r}")
-        if "state_dtype" in param_group:
-            _codecs.check_state_dtype(param_group["state_dtype"])
-        _check_rounding(param_group.get("stochastic_rounding", False),
-                        param_group.get("seed", 0))
         if not isinstance(param_group["params"], (Tensor, set)):
             # a generator (module.parameters()) is read once, here and for the base class
             param_group = {**param_group, "params": list(param_group["params"])}
-        for p in ([param_group["params"]] if isinstance(param_group["params"], Tensor)
-                  else param_group["params"]):
+        params = ([param_group["params"]] if isinstance(param_group["params"], Tensor)
+                  else param_group["params"])
+        for p in params:
             if isinstance(p, Tensor) and not (p.is_floating_point() or p.is_complex()):
                 raise ValueError(f"RMSprop needs floating-point or complex params, got {p.dtype}")
+        # the group as it will step: its own options over the defaults
+        group = {**self.defaults, **param_group, "params": params}
+        _check_run_options(group)
+        if group.get("fused"):
+            for p in params:
+                if not isinstance(p, Tensor) or p.device.type == "meta":
+                    continue  # as torch's fused optimizers: checked when it steps
+                reason = self._fused_reason(group, p)
+                if reason:
+                    raise RuntimeError(f"fused=True cannot apply: {reason}")
         super().add_param_group(param_group)
         self.__dict__["_version"] = self.__dict__.get("_version", 0) + 1
         self._find_mesh()
@@ -906,6 +927,8 @@ class RMSprop(Optimizer):
         the group's options left the fused route; raises for an invalid option."""
         if group["fused"] is False or group["foreach"] or group["differentiable"]:
             return None
+        if tuple(map(group.get, _RUN_KEYS)) != plan.run_options:
+            return None  # edited since the plan was built: the general route checks them
         # Options are validated when they change (schedulers write lr between steps),
         # not at every step: validation costs more than a small model's whole update.
         opts = tuple(map(group.__getitem__, RULE_OPTIONS))
@@ -919,7 +942,7 @@ class RMSprop(Optimizer):
             validate({k: v for k, v in zip(RULE_OPTIONS, opts)
                       if not isinstance(v, _DeviceValue)}, warn=False)
             plan.validated = None if any(isinstance(x, Tensor) for x in opts) else opts
-        if not plan.valid_for(group, self._version):
+        if not plan.valid_for(group, self._version, self.state):
             return None
         return plan.gradients(list(map(_GRAD, group["params"])))
 
@@ -933,18 +956,41 @@ class RMSprop(Optimizer):
                 return _Job(group, group["params"], "plan", plan, G)
         self._plans.pop(id(group), None)
         validate({k: group[k] for k in RULE_OPTIONS}, warn=False)
+        _check_run_options(group)
         params = [p for p in group["params"] if p.grad is not None]
         for p in params:
-            if p.grad.is_sparse:
-                raise RuntimeError("RMSprop does not support sparse gradients")
-            if p.grad.shape != p.shape:
-                raise RuntimeError(f"gradient of parameter {self._param_label(group, p)} "
-                                   f"has shape {tuple(p.grad.shape)}, the parameter "
-                                   f"{tuple(p.shape)}")
+            why = self._tensor_problem(group, p)
+            if why:
+                raise RuntimeError(why)
         path = self._path(group, params) if params else "none"
         if compiling and path == "fused":  # the ctypes kernel is opaque to dynamo
             path = "foreach"
         return _Job(group, params, path)
+
+    def _tensor_problem(self, group: dict, p: Tensor) -> str | None:
+        """Why ``p`` (with a gradient) cannot step: a sparse gradient, or one of another
+        shape or kind, or live state that is not ``p``'s in the group's format (a param
+        resized through ``p.data``, state replaced by hand); None if it can. The general
+        route asks before any group is written."""
+        g = p.grad
+        if g.is_sparse:
+            return "RMSprop does not support sparse gradients"
+        label = None
+        if g.shape != p.shape:
+            label = self._param_label(group, p)
+            return f"gradient of parameter {label} has shape {tuple(g.shape)}, the " \
+                   f"parameter {tuple(p.shape)}"
+        if g.is_complex() != p.is_complex() or not (g.is_floating_point() or g.is_complex()):
+            return (f"gradient of parameter {self._param_label(group, p)} has dtype "
+                    f"{g.dtype}, the parameter {p.dtype}")
+        state = self.state.get(p)
+        if state:
+            codec = self._codec(group, p)
+            for key in _codecs.STATE_KEYS:
+                why = codec.layout(key, state, p)
+                if why:
+                    return f"state {key!r} of parameter {self._param_label(group, p)} {why}"
+        return None
 
     def _path(self, group: dict, params: list[Tensor]) -> str:
         """torch's rule: the fused (here) or foreach (torch) default applies only when both
@@ -957,6 +1003,12 @@ class RMSprop(Optimizer):
         if fused or (fused is None and foreach is None):
             reasons = [self._fused_reason(group, p) for p in params]
             why = next((r for r in reasons if r), None)
+            if why is None and len(set(map(id, params))) != len(params):
+                # torch's for-loop updates a param listed twice twice, each with its step
+                why = "a parameter is listed twice in its group"
+            if why is None:
+                why = next((f"the gradient of a {p.dtype} parameter is {p.grad.dtype}"
+                            for p in params if p.grad.dtype != p.dtype), None)
             if why is None:
                 return "fused"
             if fused:
@@ -1073,7 +1125,8 @@ class RMSprop(Optimizer):
         if not all(t.is_contiguous() for ts in (reals, sq, ga or [], mb or []) for t in ts):
             return None
         plan = _new_plan(plan_cls, codec, reals, sq, ga, mb, scales)
-        plan.bind(group["params"], states, self._version)
+        plan.bind(group["params"], states, self._version, self.state)
+        plan.run_options = tuple(map(group.get, _RUN_KEYS))
         self._plans[id(group)] = plan
         return plan
 
