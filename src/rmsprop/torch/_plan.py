@@ -127,7 +127,7 @@ class Plan:
         self.hyper_memo: tuple | None = None  # (key, Hyper) of the optimizer's last step
         self._numels = self.numel.tolist()  # what a gradient must hold, checked when one moves
         self._dtypes = [self.p_dtype] * self.n
-        self.state_of: tuple[object, int] | None = None  # bind(): the optimizer's state map
+        self.state_of: tuple[dict, int] | None = None  # bind(): the optimizer's state map
         self.run_options: tuple | None = None  # the group's run options it was built under
         self._g_list: list[int] = []  # the last gradients' pointers, and their table
         self._g_table: array.array | None = None

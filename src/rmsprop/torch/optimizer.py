@@ -972,14 +972,12 @@ class RMSprop(Optimizer):
         shape or kind, or live state that is not ``p``'s in the group's format (a param
         resized through ``p.data``, state replaced by hand); None if it can. The general
         route asks before any group is written."""
-        g = p.grad
+        g = cast(Tensor, p.grad)
         if g.is_sparse:
             return "RMSprop does not support sparse gradients"
-        label = None
         if g.shape != p.shape:
-            label = self._param_label(group, p)
-            return f"gradient of parameter {label} has shape {tuple(g.shape)}, the " \
-                   f"parameter {tuple(p.shape)}"
+            return (f"gradient of parameter {self._param_label(group, p)} has shape "
+                    f"{tuple(g.shape)}, the parameter {tuple(p.shape)}")
         if g.is_complex() != p.is_complex() or not (g.is_floating_point() or g.is_complex()):
             return (f"gradient of parameter {self._param_label(group, p)} has dtype "
                     f"{g.dtype}, the parameter {p.dtype}")
@@ -1007,8 +1005,9 @@ class RMSprop(Optimizer):
                 # torch's for-loop updates a param listed twice twice, each with its step
                 why = "a parameter is listed twice in its group"
             if why is None:
-                why = next((f"the gradient of a {p.dtype} parameter is {p.grad.dtype}"
-                            for p in params if p.grad.dtype != p.dtype), None)
+                why = next((f"the gradient of a {p.dtype} parameter is {g.dtype}"
+                            for p, g in zip(params, map(_GRAD, params))
+                            if g is not None and g.dtype != p.dtype), None)
             if why is None:
                 return "fused"
             if fused:
