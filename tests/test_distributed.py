@@ -52,7 +52,7 @@ Q_BATCH = 12  # divides among 2 and 3 ranks
 SCENARIOS = ["ddp", "zero", "fsdp_nonfinite", "dcp", "dcp_from_torch"] + [
     f"fsdpq_{fmt}_{k}" for fmt in Q_FORMATS for k in FSDP_PATHS] + [
     "fsdpq_float32", "fsdpq_nonfinite", "zeroq", "dcpq_from_torch"] + [
-    f"dcpq_{fmt}" for fmt in Q_FORMATS] + [
+    f"dcpq_{fmt}" for fmt in Q_FORMATS] + [f"sr_{k}" for k in ("forloop", "foreach")] + [
     f"fsdp_{k}" for k in FSDP_PATHS]
 # then, in 3 processes, the checkpoints the 2-rank dcpq scenarios wrote
 SCENARIOS_3 = [f"reshardq_{fmt}" for fmt in Q_FORMATS]
@@ -147,6 +147,35 @@ def _fsdp_run(rank, mesh, path):
                           | {"param_local": tuple(p.to_local().shape)})
     return {"params": [_full(p).detach().clone() for p in model.parameters()],
             "shards": shard_info}
+
+
+SR_SHAPE = (64, 130)  # rows split unevenly across ranks: not a multiple of any block
+
+
+def _sr_inputs():
+    gen = torch.Generator().manual_seed(5)
+    return (torch.full(SR_SHAPE, 1.5, dtype=torch.bfloat16),
+            torch.randn(SR_SHAPE, generator=gen).to(torch.bfloat16))
+
+
+def _sr_step(path, p, g):
+    from rmsprop.torch import RMSprop
+    p.grad = g
+    RMSprop([p], lr=1e-3, stochastic_rounding=True, seed=3, **FSDP_PATHS[path]).step()
+
+
+def _scenario_sr(path):
+    def run(rank, mesh, out):
+        from torch.distributed.tensor import Shard, distribute_tensor
+        full, g = _sr_inputs()
+        p = torch.nn.Parameter(distribute_tensor(full, mesh, [Shard(0)]))
+        _sr_step(path, p, distribute_tensor(g, mesh, [Shard(0)]))
+        return {"full": p.full_tensor().detach().clone()}
+    return run
+
+
+scenario_sr_forloop = _scenario_sr("forloop")
+scenario_sr_foreach = _scenario_sr("foreach")
 
 
 def scenario_fsdp_nonfinite(rank, mesh, out):
@@ -701,6 +730,20 @@ def test_fsdp2_steps_sharded_dtensors_and_matches(runs, path):
         for key in ("square_avg", "grad_avg", "momentum_buffer"):
             kind, shape = info[key]
             assert kind == "DTensor" and shape == info["param_local"], (key, info)
+
+
+@pytest.mark.parametrize("path", ["forloop", "foreach"])
+def test_stochastic_rounding_of_row_shards_draws_the_whole_params_bits(runs, path):
+    """``rmsprop.codecs`` draws each element's bits by its index in the param's flat view;
+    a rank stepping its ``Shard(0)`` rows draws those of its rows, so the sharded step is the
+    single-process one bit for bit (each rank drew the bits of indices 0.. before, so rank
+    1's rows took rank 0's bits)."""
+    full, g = _sr_inputs()
+    want = torch.nn.Parameter(full.clone())
+    _sr_step(path, want, g.clone())
+    for r in result(runs, f"sr_{path}"):
+        assert torch.equal(r["full"], want.detach())
+    assert not torch.equal(want.detach(), full)
 
 
 def test_fsdp2_nonfinite_gradient_on_one_rank_raises_on_every_rank(runs):

@@ -780,6 +780,42 @@ def test_torch_stochastic_rounding_resumes_from_a_state_dict():
     assert torch.equal(a, c)
 
 
+@pytest.mark.parametrize("path", ["forloop", "foreach"])
+@pytest.mark.parametrize("source", ["ours, the other rounding", "torch.optim.RMSprop"])
+@pytest.mark.parametrize("live_sr", [True, False])
+def test_the_live_groups_rounding_decides_whatever_state_it_loads(path, source, live_sr):
+    """A load keeps the live group's ``stochastic_rounding`` (README, load_state_dict): an
+    optimizer that rounds stochastically gets its own seeds for a state saved without them
+    (it rounded to nearest for ever), and one that does not drops the seeds a state brings
+    (it rounded stochastically). Oracle: the NumPy spec stepping the same state."""
+    if source == "torch.optim.RMSprop" and not live_sr:
+        pytest.skip("torch's state holds no seeds to drop")
+    gen = torch.Generator().manual_seed(4)
+    w0 = torch.randn(3000, generator=gen).bfloat16()
+    grads = [torch.randn(3000, generator=gen).bfloat16() for _ in range(5)]
+    src = torch.nn.Parameter(w0.clone())
+    other = (torch.optim.RMSprop([src], lr=1e-3) if source == "torch.optim.RMSprop" else
+             RMSprop([src], lr=1e-3, stochastic_rounding=not live_sr, seed=1))
+    for g in grads[:2]:
+        src.grad = g.clone()
+        other.step()
+    sd = copy.deepcopy(other.state_dict())
+    p = torch.nn.Parameter(src.detach().clone())
+    opt = RMSprop([p], lr=1e-3, stochastic_rounding=live_sr, seed=9,
+                  foreach=path == "foreach")
+    opt.load_state_dict(sd)
+    w = p.detach().float().numpy().astype(BF16)
+    st = {"step": 2, "square_avg": sd["state"][0]["square_avg"].float().numpy()}
+    if live_sr:
+        st["seed"] = codecs.param_seed(9, 0)
+    for g in grads[2:]:
+        p.grad = g.clone()
+        opt.step()
+        w, st = spec.step(w, g.float().numpy().astype(BF16), st, Options(lr=1e-3))
+    np.testing.assert_array_equal(p.detach().float().numpy(), w.astype(np.float32))
+    assert ("sr_seed" in opt.state[p]) == live_sr
+
+
 # -- peer evidence: bitsandbytes' 8-bit RMSprop drops momentum --------------------------------
 
 @pytest.mark.peer

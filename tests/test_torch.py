@@ -868,3 +868,23 @@ def test_a_param_listed_twice_in_a_group_steps_as_torchs(path):
         topt.step()
     torch.testing.assert_close(ours.detach(), ref.detach())
     assert opt.state[ours]["step"].item() == topt.state[ref]["step"].item() == 6
+
+
+def test_differentiable_refuses_a_tensor_lr_it_cannot_differentiate_through():
+    """torch raises a TypeError for it; the lr's meta-gradient was silently None."""
+    lr = torch.tensor(0.01, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(5, dtype=torch.float64, requires_grad=True)
+    p = w.clone()
+    p.grad = torch.randn(5, dtype=torch.float64)
+    with pytest.raises(TypeError, match="tensor lr that requires grad"):
+        RMSprop([p], lr=lr, differentiable=True)
+    opt = RMSprop([p], lr=0.01, differentiable=True)
+    opt.param_groups[0]["lr"] = lr
+    before = p.detach().clone()
+    with pytest.raises(TypeError, match="tensor lr that requires grad"):
+        opt.step()
+    assert torch.equal(p.detach(), before)
+    q = w.clone()
+    q.grad = p.grad.clone()
+    with pytest.raises(TypeError):
+        torch.optim.RMSprop([q], lr=lr, differentiable=True).step()

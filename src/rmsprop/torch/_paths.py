@@ -267,7 +267,8 @@ def apply_unfused(ps: list[Tensor], sts: list[dict], h: Hyper, path: str,
                                 ("momentum_buffer", h.momentum > 0)) if on]
     # rows of (param, grad, state or a slice of it, offset of the slice in the param)
     rows: list[tuple[Tensor, Tensor, Any, int]] = [
-        (real(p), real(cast(Tensor, p.grad)), st, 0) for p, st in zip(ps, sts)]
+        (real(p), real(cast(Tensor, p.grad)), st, _first_index(p, st))
+        for p, st in zip(ps, sts)]
     if path != "foreach" or torch.compiler.is_compiling():
         return _unfused(rows, keys, h, path, codec)
     limit = FOREACH_BATCH.get(rows[0][0].device.type, FOREACH_BATCH["cuda"])
@@ -282,7 +283,7 @@ def apply_unfused(ps: list[Tensor], sts: list[dict], h: Hyper, path: str,
             cut = [(lo, min(lo + limit, n)) for lo in range(0, n, limit)]
             subs = [_slice_state(codec, keys, st, lo, hi) for lo, hi in cut]
             if all(sub is not None for sub in subs):
-                parts = [(p.view(-1)[lo:hi], g.view(-1)[lo:hi], sub, lo)
+                parts = [(p.view(-1)[lo:hi], g.view(-1)[lo:hi], sub, row[3] + lo)
                          for (lo, hi), sub in zip(cut, subs)]
         for part in parts:
             if size and size + part[0].numel() > limit:
@@ -292,6 +293,15 @@ def apply_unfused(ps: list[Tensor], sts: list[dict], h: Hyper, path: str,
             size += part[0].numel()
     if batch:
         _unfused(batch, keys, h, path, codec)
+
+def _first_index(p: Tensor, st: dict) -> int:
+    """The element index of ``p``'s first local element for its rounding bits: 0, or a
+    sharded param's shard offset (:func:`_quantized.shard_offset`)."""
+    if "sr_seed" not in st or not hasattr(p, "to_local"):
+        return 0
+    from . import _quantized
+    return _quantized.shard_offset(p)
+
 
 def _slice_state(codec: Any, keys: list[str], st: dict, lo: int, hi: int) -> dict | None:
     """One dict with every key's entries for elements [lo, hi), or None if one cannot be

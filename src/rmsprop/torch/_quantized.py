@@ -146,6 +146,18 @@ def _shards(p: Tensor) -> tuple[list[int], int]:
     return counts, mine
 
 
+def shard_offset(p: Tensor) -> int:
+    """Where a DTensor param's local shard starts among its shards' real elements, in the
+    row-major order of :func:`_shards` (0 for a plain tensor). For shards that are ranges of
+    rows (FSDP2's ``Shard(0)``) that is the flat index of the shard's first element, so a
+    sharded run draws the rounding bits of the whole param; other shardings get disjoint
+    index ranges, so that no two ranks draw the same bits."""
+    if not _is_dtensor(p):
+        return 0
+    counts, mine = _shards(p)
+    return sum(counts[:mine])
+
+
 def _quantizes(p: Tensor, name: str) -> bool:
     """Whether format ``name`` quantizes ``p``'s state. A sharded param's is quantized only
     if every shard's is, so that all ranks store one kind of state (a checkpoint holds one

@@ -172,6 +172,12 @@ def _check_run_options(group: dict) -> None:
         raise RuntimeError("`foreach` and `differentiable` are mutually exclusive.")
     if fused and foreach:
         raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
+    lr = group.get("lr")
+    if differentiable and isinstance(lr, Tensor) and lr.requires_grad:
+        # the paths take lr as a Python number: its gradient would silently be None
+        raise TypeError("differentiable=True cannot differentiate through a tensor lr that "
+                        "requires grad (torch.optim.RMSprop refuses it too); pass "
+                        "lr.detach() or a float")
     if group.get("state_dtype") == torch.bfloat16 and any(
             isinstance(p, Tensor) and p.is_complex() for p in group.get("params", ())):
         raise ValueError("state_dtype=torch.bfloat16 cannot store the state of complex "
@@ -595,10 +601,16 @@ class RMSprop(Optimizer):
             device = p.device if group["capturable"] or group["fused"] else "cpu"
             state["step"] = torch.zeros((), dtype=torch.float32, device=device)
             state.update(codec.init("square_avg", p, float(group["initial_square_avg"])))
-            if self._rounds(group, p):
-                from ..codecs import param_seed
-                from . import _quantized
-                _quantized.sr_init(state, p, param_seed(group["seed"], self._param_index(p)))
+        # The live group decides the rounding, whatever state it was given: a state loaded
+        # from a run without it (or from torch) gets its seed, one from a run with it loses
+        # it (the paths round stochastically exactly where a state holds a seed).
+        rounds = self._rounds(group, p)
+        if rounds and "sr_seed" not in state:
+            from ..codecs import param_seed
+            from . import _quantized
+            _quantized.sr_init(state, p, param_seed(group["seed"], self._param_index(p)))
+        elif not rounds and "sr_seed" in state:
+            del state["sr_seed"]
         # Created lazily so that turning momentum/centered on mid-run (OneCycleLR writes
         # group["momentum"]) starts the new buffer from zero instead of raising KeyError.
         if group["momentum"] > 0 and codec.names("momentum_buffer")[0] not in state:
