@@ -258,3 +258,19 @@ def test_arithmetic_bound_times_the_exact_work_and_prints_the_allowance(tmp_path
     allowed = float(head.split("allows ")[1].split()[0])
     threads = torch.get_num_threads()
     assert allowed == pytest.approx(floor_ms * 1e6 * threads / 4096 / 0.5, rel=2e-3)
+
+
+def test_bench_refuses_conflicting_options_before_running(tmp_path, capsys):
+    """What --json records as the command must be what ran: --quick's one round and no
+    compile do not silently override --repeats or --compile-all."""
+    out = tmp_path / "q.json"
+    for args, needle in ((["--quick", "--repeats", "5"], "--quick runs 1 round without "
+                                                         "torch.compile; drop --repeats"),
+                         (["--quick", "--compile-all"], "drop --compile-all or --quick"),
+                         (["--compile-all", "--no-compile"], "--compile-all and --no-compile "
+                                                             "contradict each other")):
+        assert main(["bench", *args, "--no-progress", "--json", str(out)]) == 2, args
+        o, err = capsys.readouterr()
+        assert needle in err and err.count("\n") == 1 and "Traceback" not in err, (args, err)
+        assert o == ""
+    assert not out.exists()

@@ -640,7 +640,7 @@ def test_a_changed_problem_definition_is_a_mismatch(user_module, tmp_path, capsy
     capsys.readouterr()
     user_module(TINY_PROBLEM.replace("steps=30, eval_every=2", "steps=30, eval_every=3"))
     user_problem._LOADED.clear()
-    _one_line_error(capsys, cli.main(args), "problems' definitions (eval_every)")
+    _one_line_error(capsys, cli.main(args), "problems' definitions (eval_every, source_hash)")
 
 
 def test_claims_are_about_the_first_rmsprop_variant_without_plain_rmsprop():
@@ -655,3 +655,88 @@ def test_claims_are_about_the_first_rmsprop_variant_without_plain_rmsprop():
     assert "rmsprop-momentum's profile score 1" in cl["Fast convergence"].summary
     assert claims(aggregate([r for r in recs if r["optimizer"] == "adam"],
                             {"problems": ["saddle"], "optimizers": ["adam"]})) == []
+
+
+def test_a_resume_of_an_edited_user_problem_is_refused(user_module, tmp_path, capsys):
+    mod = user_module(TINY_PROBLEM)
+    out = tmp_path / "o"
+    args = ["compare", "--problem", f"{mod}:make_problem", "--optimizer", "sgd", "--trials", "1",
+            "--seeds", "1", "--jobs", "1", "--no-plots", "--out", str(out)]
+    assert cli.main(args) == 0
+    capsys.readouterr()
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    # the same name and fields, another model: 4-6-1 instead of 4-8-1
+    user_module(TINY_PROBLEM.replace("Linear(4, 8)", "Linear(4, 6)")
+                .replace("Linear(8, 1)", "Linear(6, 1)"))
+    user_problem._LOADED.clear()
+    _one_line_error(capsys, cli.main(args), "problems' definitions (parameter_shapes, "
+                                            "source_hash)")
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+
+def test_an_optimizer_class_imports_from_the_working_directory(user_module, tmp_path, capsys):
+    user_module("import torch\n\n\nclass MyAdam(torch.optim.Adam):\n    pass\n", "myopt_cwd")
+    code = cli.main(["compare", "--problem", "saddle", "--optimizer", "myopt_cwd:MyAdam",
+                     "--trials", "0", "--seeds", "1", "--steps", "1", "--jobs", "1",
+                     "--no-plots", "--out", str(tmp_path / "o")])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert "| saddle | myopt_cwd:MyAdam |" in out
+
+
+def test_an_optimizer_named_like_ours_is_not_taken_for_ours(user_module, tmp_path, capsys):
+    # the registry's `ours` flag decides, not the name: this is torch's Adam
+    user_module("import torch\n\n\nclass Adam(torch.optim.Adam):\n    pass\n", "rmsprop_fork")
+    code = cli.main(["compare", "--problem", "saddle", "--optimizer", "rmsprop_fork:Adam,adam",
+                     "--trials", "0", "--seeds", "1", "--steps", "5", "--jobs", "1",
+                     "--no-plots", "--out", str(tmp_path / "o")])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert "verdict:" not in out
+    report = (tmp_path / "o" / "report.md").read_text()
+    assert "(ours)" not in report and "the claims are assessed only when an RMSProp" in report
+
+
+def test_few_hyperparameters_is_not_shown_without_tuning_or_a_rival():
+    from rmsprop.tools.report import aggregate, claims
+
+    def few(recs, opts):
+        agg = aggregate(recs, {"problems": ["saddle"], "optimizers": opts})
+        return next(c for c in claims(agg) if c.title == "Few hyperparameters")
+
+    recs = _saddle_records()  # rmsprop: 2 tuning trials, adam: 1
+    both = recs + [_rec("adam", "tune", 0, [1.0, 0.5, -0.5], lr=0.1, trial=1)]
+    assert few(both, ["rmsprop", "adam"]).verdict != "not shown"
+    # one trial (the defaults) tunes nothing: its gap is 0 by construction
+    defaults_only = [r for r in both if r["trial"] in (None, 0)]
+    for case, opts in ((defaults_only, ["rmsprop", "adam"]),
+                       ([r for r in both if r["optimizer"] == "rmsprop"], ["rmsprop"]),
+                       (recs, ["rmsprop", "adam"])):
+        c = few(case, opts)
+        assert c.verdict == "not shown", (opts, c)
+        assert "needs at least 2 tuning trials of rmsprop and of a rival" in c.summary
+
+
+@pytest.mark.parametrize("kwargs, needle", [
+    (dict(optimizers=[torch.optim.Adam]), "an optimizer must be a registered name or an import "
+                                          "path 'pkg.module:Class', got a type"),
+    (dict(optimizers=[None]), "got a NoneType"),
+    (dict(problems=123), "a problem must be a name, an import path 'pkg.module:attr' or a "
+                         "Problem, got a int"),
+], ids=["class", "none", "int-problems"])
+def test_the_python_api_names_a_bad_argument(tmp_path, kwargs, needle):
+    args = {"problems": "saddle", "optimizers": "adam", **kwargs}
+    with pytest.raises(compare.CompareError, match=re.escape(needle)):
+        compare.run(**args, trials=0, seeds=1, steps=1, jobs=1, out=tmp_path / "o",
+                    progress=False, log=None)
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_failed_compare_leaves_no_folder_it_made(tmp_path, monkeypatch, capsys):
+    _counting(monkeypatch, fail_after=0, error=RuntimeError("boom"))
+    code = cli.main(["compare", "--problem", "saddle", "--optimizer", "sgd", "--trials", "0",
+                     "--seeds", "1", "--steps", "2", "--jobs", "1", "--no-plots", "--out",
+                     str(tmp_path / "deep" / "x" / "y")])
+    assert code == 2
+    assert "RuntimeError: boom; nothing was kept" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []

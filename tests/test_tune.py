@@ -18,6 +18,7 @@ import itertools
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -814,3 +815,218 @@ def test_a_url_without_a_driver_names_sqlalchemys_default_driver(monkeypatch):
     with pytest.raises(storage.StorageError) as err:
         storage._check_driver(url)
     assert repr(default) in str(err.value) and "hunter2" not in str(err.value)
+
+
+def _one_line_error(out, needle):
+    lines = out.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("rmsprop: error: "), out.err
+    assert needle in lines[0], lines[0]
+    assert "Traceback" not in out.err and out.out == "", out
+    return lines[0]
+
+
+def _contents(folder):
+    return {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+def test_an_out_folder_of_other_files_is_refused_and_left_as_it_was(toy, capsys):
+    tmp, _ = toy
+    ok = [*BASE, "--trials", "1", "--confirm-seeds", "0", "--storage", f"sqlite:///{tmp / 'o.db'}"]
+    proj = tmp / "proj"
+    proj.mkdir()
+    (proj / "README.md").write_text("my precious notes\n")
+    (proj / "trials.csv").write_text("a,b\n")
+    before = _contents(proj)
+    rc, out = cli([*ok, "--study", "s", "--out", str(proj)], capsys)
+    assert rc == 2
+    _one_line_error(out, f"--out {str(proj)!r} is not empty and holds no report of study 's'")
+    assert _contents(proj) == before
+    # the folder of the same study's report is its own: re-running writes it again
+    rep = tmp / "rep"
+    assert cli([*ok, "--study", "s", "--out", str(rep)], capsys)[0] == 0
+    assert cli([*ok, "--study", "s", "--out", str(rep)], capsys)[0] == 0
+    before = _contents(rep)
+    rc, out = cli([*ok, "--study", "t", "--out", str(rep)], capsys)
+    assert rc == 2
+    _one_line_error(out, "holds no report of study 't'")
+    assert _contents(rep) == before
+
+
+def test_the_documented_extra_hyperparameters_are_tunable_where_the_optimizer_takes_them(
+        tmp_path, capsys):
+    """README: ``--tune momentum,eps``. Every name an error lists as known is accepted, and the
+    optimizer it builds takes it; a name the optimizer does not take is never listed."""
+    import torch
+
+    from rmsprop.tools import tuning
+    from rmsprop.tools.problems import optimizers
+
+    rc, out = cli(["tune", "--problem", "saddle", "--tune", "momentum,eps", "--trials", "2",
+                   "--steps", "5", "--confirm-seeds", "0", "--no-plots", "--no-progress",
+                   "--storage", f"sqlite:///{tmp_path / 'm.db'}", "--out", str(tmp_path / "m")],
+                  capsys)
+    assert rc == 0, out.err
+    assert "momentum: 1-momentum log-uniform in [0.01, 1]" in out.out
+    assert "eps: log-uniform in [1e-10, 1]" in out.out
+    for name, spec in optimizers.OPTIMIZERS.items():
+        with pytest.raises(tuning.SearchSpaceError) as err:
+            tuning.build_space(spec, ["nesterov"])
+        known = str(err.value).split("known: ")[1].split(", ")
+        assert "weight_decay" in known, (name, known)
+        space = tuning.build_space(spec, known)
+        hp = {p.name: p.at(0.5) for p in space}
+        x = torch.nn.Parameter(torch.ones(4))
+        opt = tuning.make_factory(spec, hp)([x])
+        x.grad = torch.ones(4)
+        opt.step()
+        group = opt.param_groups[0]
+        for k in ("momentum", "weight_decay"):
+            if k in hp:
+                assert group[k] == pytest.approx(hp[k]), (name, k)
+    with pytest.raises(tuning.SearchSpaceError, match=r"cannot tune 'momentum' for optimizer "
+                                                       r"'adam'; known: beta1, beta2, eps, lr, "
+                                                       r"weight_decay$"):
+        tuning.build_space(optimizers.resolve("adam"), ["momentum"])
+
+
+def test_a_resumed_study_of_an_edited_user_problem_is_refused(toy, capsys, monkeypatch):
+    import importlib
+
+    from rmsprop.tools import user_problem
+
+    tmp, _ = toy
+    monkeypatch.setattr(user_problem, "_LOADED", {})
+    (tmp / "tune_edit_mod.py").write_text(TOY)
+    monkeypatch.delitem(sys.modules, "tune_edit_mod", raising=False)
+    db = f"sqlite:///{tmp / 'ed.db'}"
+    args = [*BASE, "--problem", "tune_edit_mod:make_problem", "--trials", "1", "--confirm-seeds",
+            "0", "--storage", db, "--study", "ed", "--out", str(tmp / "ed")]
+    assert cli(args, capsys)[0] == 0
+    attrs = load(db, "ed").user_attrs
+    # a 3-D quadratic instead of the 2-D one, same name, same fields
+    (tmp / "tune_edit_mod.py").write_text(
+        TOY.replace("[1.0, 1.0], dtype", "[1.0, 1.0, 1.0], dtype")
+           .replace("[1.0, 10.0], dtype", "[1.0, 10.0, 5.0], dtype"))
+    user_problem._LOADED.clear()
+    del sys.modules["tune_edit_mod"]
+    importlib.invalidate_caches()
+    rc, out = cli(args, capsys)
+    assert rc == 2
+    _one_line_error(out, "study 'ed' exists with a different problem_source_hash, "
+                         "problem_parameter_shapes")
+    assert load(db, "ed").user_attrs == attrs and len(load(db, "ed").get_trials()) == 1
+
+
+def test_an_optimizer_class_imports_from_the_working_directory(tmp_path, monkeypatch, capsys):
+    (tmp_path / "myopt_cwd.py").write_text("import torch\n\n\nclass MyAdam(torch.optim.Adam):\n"
+                                           "    pass\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
+    monkeypatch.delitem(sys.modules, "myopt_cwd", raising=False)
+    rc, out = cli(["tune", "--problem", "saddle", "--optimizer", "myopt_cwd:MyAdam", "--trials",
+                   "1", "--steps", "2", "--confirm-seeds", "0", "--no-plots", "--no-progress",
+                   "--storage", f"sqlite:///{tmp_path / 'o.db'}", "--out", str(tmp_path / "o")],
+                  capsys)
+    assert rc == 0, out.err
+    assert "study saddle-myopt_cwd-MyAdam-random" in out.out
+
+
+@pytest.mark.parametrize("url", ["sqlite://", "sqlite:///:memory:"])
+def test_an_in_memory_storage_for_several_jobs_is_one_line(toy, capsys, url):
+    tmp, _ = toy
+    rc, out = cli([*BASE, "--trials", "2", "--jobs", "2", "--storage", url, "--out",
+                   str(tmp / "mem")], capsys)
+    assert rc == 2
+    _one_line_error(out, f"--jobs > 1 needs a shared --storage (an sqlite file, journal or "
+                         f"postgresql), not {url}")
+    assert not (tmp / "mem").exists()
+
+
+def test_a_range_given_twice_is_one_line(toy, capsys):
+    tmp, _ = toy
+    rc, out = cli([*BASE, "--range", "lr=1e-3:1e-1", "--range", "lr=1e-5:1e-4", "--storage",
+                   f"sqlite:///{tmp / 'r.db'}", "--out", str(tmp / "r")], capsys)
+    assert rc == 2
+    _one_line_error(out, "--range lr is given twice")
+    assert not (tmp / "r.db").exists() and not (tmp / "r").exists()
+
+
+def test_a_short_password_is_redacted_in_its_field_not_in_every_word():
+    from rmsprop.tools.storage import scrub
+
+    url = "postgresql+psycopg2://u:on@127.0.0.1:1/db"
+    msg = (f"(psycopg2.OperationalError) connection to {url} failed: Connection refused; dsn "
+           "'user=u password=on host=127.0.0.1'; again postgresql://u:on@127.0.0.1:1/db")
+    assert scrub(msg, url) == (
+        "(psycopg2.OperationalError) connection to postgresql+psycopg2://u:***@127.0.0.1:1/db "
+        "failed: Connection refused; dsn 'user=u password=*** host=127.0.0.1'; again "
+        "postgresql://u:***@127.0.0.1:1/db")
+
+
+API_BAD = [
+    (dict(problem=42), "problem must be a suite name, 'pkg.module:make_problem' or a Problem, "
+                       "got 42"),
+    (dict(optimizer=None), "optimizer must be a name (rmsprop, adam...) or 'pkg.module:Class', "
+                           "got None"),
+    (dict(study=123), "--study must be a string, got 123"),
+    (dict(trials="2"), "--trials must be an integer, got '2'"),
+    (dict(trials=2.5), "--trials must be an integer, got 2.5"),
+    (dict(seed=1.5), "--seed must be an integer, got 1.5"),
+    (dict(extra=["alpha", 3]), "extra: expected names (strings)"),
+    (dict(ranges=[("lr", 1e-3)]), "ranges: expected (name, low, high) or 'NAME=LOW:HIGH', got "
+                                  "('lr', 0.001)"),
+    (dict(ranges=["lr=1e-3"]), "bad --range 'lr=1e-3'"),
+]
+
+
+@pytest.mark.parametrize("kwargs, needle", API_BAD, ids=[next(iter(k)) + str(i)
+                                                        for i, (k, _) in enumerate(API_BAD)])
+def test_the_python_api_names_the_bad_argument(toy, kwargs, needle):
+    from rmsprop.tools import tuning
+
+    args = {"problem": "tune_toy_mod:PROBLEM", "optimizer": "tune_toy_mod:SPEC", "trials": 2,
+            **kwargs}
+    with pytest.raises(ValueError) as err:
+        tuning.tune(**args)
+    assert needle in str(err.value)
+
+
+def test_the_python_api_takes_problem_objects_names_and_range_strings(toy):
+    import tune_toy_mod as m
+
+    from rmsprop.tools import search_space, tuning
+    from rmsprop.tools.problems import optimizers
+
+    res = tuning.tune(m.PROBLEM, "tune_toy_mod:SPEC", trials=2, extra="alpha",
+                      ranges=["lr=1e-3:1e-1"])
+    assert res.study_name == "toy-tune_toy_mod-SPEC-random"
+    assert len([r for r in res.trials if r["state"] == "COMPLETE"]) == 2
+    assert [p.describe() for p in res.space] == [
+        "lr: log-uniform in [0.001, 0.1]",
+        "alpha: 1-alpha log-uniform in [0.0001, 0.1] (alpha in [0.9, 0.9999])"]
+    rms = optimizers.resolve("rmsprop")
+    assert search_space.build_space("rmsprop") == search_space.build_space(rms)
+    assert search_space.build_space(rms, "momentum, eps") == search_space.build_space(
+        rms, ["momentum", "eps"])
+    for bad, needle in (("nosuchopt", "unknown optimizer 'nosuchopt'"),
+                        (None, "spec must be an OptimizerSpec")):
+        with pytest.raises(search_space.SearchSpaceError, match=re.escape(needle)):
+            search_space.build_space(bad)
+    for kw, needle in ((dict(n=2, seed=-1), "suggest: seed must be an integer >= 0, got -1"),
+                       (dict(n=-1), "suggest: n must be an integer >= 0, got -1"),
+                       (dict(n=2.0), "suggest: n must be an integer >= 0, got 2.0")):
+        with pytest.raises(search_space.SearchSpaceError, match=re.escape(needle)):
+            search_space.suggest(rms, **kw)
+
+
+def test_resuming_with_fewer_trials_than_the_study_holds_is_one_line(toy, capsys):
+    tmp, _ = toy
+    db = f"sqlite:///{tmp / 'f.db'}"
+    args = [*BASE, "--confirm-seeds", "0", "--storage", db, "--study", "f", "--out",
+            str(tmp / "f")]
+    assert cli([*args, "--trials", "3"], capsys)[0] == 0
+    before = _contents(tmp / "f")
+    rc, out = cli([*args, "--trials", "1"], capsys)
+    assert rc == 2
+    _one_line_error(out, "study 'f' already holds 3 complete trials, more than --trials 1")
+    assert _contents(tmp / "f") == before and len(load(db, "f").get_trials()) == 3

@@ -99,7 +99,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("--candidates", default=None, metavar="NAME[,NAME]",
                    help="subset of: " + ", ".join(CANDIDATES) + " (floor and "
                    f"'{BASELINE}' are always timed)")
-    p.add_argument("--repeats", type=int, default=5, help="interleaved rounds (default 5)")
+    p.add_argument("--repeats", type=int, default=None,
+                   help="interleaved rounds (default 5; --quick: 1)")
     p.add_argument("--calls", type=int, default=None,
                    help="timed calls per block (default: about 0.15 s worth, 3..30)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
@@ -110,7 +111,7 @@ def register(subparsers: Any) -> None:
                    help="torch.set_num_threads (default: torch's default)")
     p.add_argument("--json", default=None, metavar="FILE", help="write all rows as JSON")
     p.add_argument("--quick", action="store_true",
-                   help="smoke test: small sizes, 2 rounds, no torch.compile")
+                   help="smoke test: small sizes, 1 round, no torch.compile")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile column")
     p.add_argument("--compile-all", action="store_true",
                    help="also compile rows of more than 200 tensors (minutes each)")
@@ -899,6 +900,15 @@ def _check_output(path: str) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run the benchmark; print one table per row (and write --json)."""
+    for flag, given in (("--repeats", args.repeats is not None),
+                        ("--compile-all", args.compile_all)):
+        if args.quick and given:  # the recorded command must be what ran
+            raise CLIError(f"bench: --quick runs 1 round without torch.compile; drop {flag} "
+                           "or --quick")
+    if args.compile_all and args.no_compile:
+        raise CLIError("bench: --compile-all and --no-compile contradict each other; give one")
+    if args.repeats is None:
+        args.repeats = 1 if args.quick else 5
     if args.repeats < 1:
         raise CLIError("bench: --repeats must be >= 1")
     if args.calls is not None and args.calls < 1:
@@ -922,7 +932,6 @@ def run(args: argparse.Namespace) -> int:
                            f"{', '.join(CANDIDATES)})")
         names = [n for n in CANDIDATES[:-1] if n in want or n == BASELINE]
     if args.quick:
-        args.repeats = 1
         args.calls = args.calls or 2
 
     os.environ.setdefault("KINETO_LOG_LEVEL", "5")  # the profiler's start/stop chatter

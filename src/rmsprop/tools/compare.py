@@ -33,7 +33,7 @@ import os
 import platform
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -99,13 +99,16 @@ class Plan:
 
     def identity(self) -> dict[str, Any]:
         """Everything that changes a run's result: what a resumed ``out`` must match."""
+        from rmsprop.tools.user_problem import fingerprint
+
         probs = []
         for name in self.problems:
             p = self.objects[name]
             probs.append({"name": name, "source": self.sources[name], "steps": p.steps,
                           "eval_every": p.eval_every, "batch_size": p.batch_size,
                           "target_tau": p.target_tau, "known_min": p.known_min,
-                          "target_loss": getattr(p, "target_loss", None), "kind": p.kind})
+                          "target_loss": getattr(p, "target_loss", None), "kind": p.kind,
+                          **(fingerprint(self.sources[name], p) or {})})
         opts = [{"name": o, "defaults": dict(self.specs[o].defaults),
                  "search_space": [d.to_json() for d in self.spaces[o]]}
                 for o in self.optimizers]
@@ -149,8 +152,8 @@ def _split(values: str | Sequence[Any] | None, flag: str) -> list[Any] | None:
 
 
 def _names(values: str | Sequence[Any]) -> list[Any]:
-    if isinstance(values, str):
-        values = [values]
+    if isinstance(values, str) or not isinstance(values, Iterable):
+        values = [values]  # one name or object; a wrong type is named by the caller
     out: list[Any] = []
     for v in values:
         if isinstance(v, str):
@@ -191,8 +194,8 @@ def _resolve_problems(wanted: list[Any]) -> tuple[dict[str, str], dict[str, Any]
 
 def _is_ours(spec: Any, registry: Any) -> bool:
     """Whether a spec names our optimizer (the registry marks it ``ours``)."""
-    default = spec.name in registry.OPTIMIZERS and spec.name.startswith("rmsprop")
-    return bool(getattr(spec, "ours", default))
+    entry = registry.OPTIMIZERS.get(spec.name)
+    return bool(getattr(spec, "ours", entry is not None and entry.ours))
 
 
 def _check_ours(specs: Mapping[str, Any]) -> None:
@@ -254,6 +257,9 @@ def plan(problems: str | Sequence[Any] | None = None,
     names = _split(optimizers, "--optimizer") or list(OPTIMIZER_DEFAULTS[suite])
     specs: dict[str, Any] = {}
     for name in names:
+        if not isinstance(name, str):
+            raise CompareError("an optimizer must be a registered name or an import path "
+                               f"'pkg.module:Class', got a {type(name).__name__} ({name!r:.40})")
         try:
             specs[name] = registry.resolve(name)
         except ValueError as e:
@@ -444,16 +450,30 @@ def run_named(job: Mapping[str, Any]) -> dict[str, Any]:
         raise RunFailed(f"the run {what} failed: {_one_line(e)}") from None
 
 
-def _undo_out(out: str, existed: bool) -> None:
-    """Remove what this call wrote to ``out`` before any run finished: the folder itself if
-    it made it, else its compare.json and runs/ (the folder was empty but for dot files)."""
+def _missing_dirs(out: str) -> list[str]:
+    """The folders ``out`` and its parents that do not exist yet, ``out`` first."""
+    missing, d = [], os.path.abspath(out)
+    while not os.path.exists(d):
+        missing.append(d)
+        d = os.path.dirname(d)
+    return missing
+
+
+def _undo_out(out: str, made: Sequence[str], run_files: bool = False) -> None:
+    """Remove what this call wrote to ``out``: the folders it made (``out`` and the parents
+    in ``made``, see :func:`_missing_dirs`), else, with ``run_files``, its compare.json and
+    runs/ (the folder was empty but for dot files)."""
     import shutil
-    if not existed:
-        shutil.rmtree(out, ignore_errors=True)
+    if made:
+        shutil.rmtree(made[0], ignore_errors=True)
+        for d in made[1:]:
+            with contextlib.suppress(OSError):
+                os.rmdir(d)
         return
-    with contextlib.suppress(OSError):
-        os.remove(os.path.join(out, "compare.json"))
-    shutil.rmtree(os.path.join(out, "runs"), ignore_errors=True)
+    if run_files:
+        with contextlib.suppress(OSError):
+            os.remove(os.path.join(out, "compare.json"))
+        shutil.rmtree(os.path.join(out, "runs"), ignore_errors=True)
 
 
 def run_job(job: Mapping[str, Any]) -> dict[str, Any]:
@@ -678,8 +698,12 @@ def run(problems: str | Sequence[Any] | None = None,
     out = os.fspath(out) if out is not None else os.path.join(
         os.getcwd(), datetime.now().strftime("compare-%Y%m%d-%H%M%S"))
     identity = p.identity()
-    existed = os.path.exists(out)
-    resumed = prepare_out(out, identity)
+    made = _missing_dirs(out)
+    try:
+        resumed = prepare_out(out, identity)
+    except CompareError:
+        _undo_out(out, made)
+        raise
     for d, _, files in os.walk(os.path.join(out, "runs")):
         for f in files:
             if ".json.tmp" in f:  # left by a run killed mid-write
@@ -746,7 +770,7 @@ def run(problems: str | Sequence[Any] | None = None,
     except RunFailed as e:
         runner.close(cancel=True)
         if runner.made == 0 and not resumed:  # nothing to resume: leave no trace
-            _undo_out(out, existed)
+            _undo_out(out, made, run_files=True)
             raise CompareError(f"{e}; nothing was kept") from None
         raise CompareError(f"{e}; {runner.made} finished runs kept in {out}: fix it and run "
                            f"the same command with --out {out} to resume") from None

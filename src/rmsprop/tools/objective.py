@@ -45,11 +45,16 @@ def resolve_problem(name: str) -> Any:
 def resolve_optimizer(name: str) -> Any:
     """An ``OptimizerSpec`` by registry name (``rmsprop``, ``adam``...) or ``module:attr``."""
     from rmsprop.tools.problems import optimizers
+    from rmsprop.tools.user_problem import cwd_on_path
 
+    if not isinstance(name, str):
+        raise TuneError(f"optimizer must be a name (rmsprop, adam...) or 'pkg.module:Class', got "
+                        f"{name!r:.60}")
     if ":" in name:
         import importlib
 
         mod, _, attr = name.partition(":")
+        cwd_on_path()
         try:
             obj: Any = importlib.import_module(mod)
             for part in attr.split("."):

@@ -176,9 +176,17 @@ class Aggregate:
 
     @property
     def rivals(self) -> tuple[str, ...]:
-        """The optimizers the claims compare ours with: all but RMSProp variants."""
-        return tuple(o for o in self.optimizers
-                     if not o.startswith("rmsprop") and o != CROSS_CHECK)
+        """The optimizers the claims compare ours with: all but our RMSProp variants."""
+        return tuple(o for o in self.optimizers if not _ours(o) and o != CROSS_CHECK)
+
+
+def _ours(optimizer: str) -> bool:
+    """Whether ``optimizer`` is one of our RMSProps: the registry's ``ours`` flag decides, not
+    the name (``rmsprop_fork:Adam`` may be anything)."""
+    from rmsprop.tools.problems.optimizers import OPTIMIZERS
+
+    spec = OPTIMIZERS.get(optimizer)
+    return spec is not None and spec.ours
 
 
 # -- aggregation ---------------------------------------------------------------------------------
@@ -342,7 +350,7 @@ def aggregate(records: Iterable[Mapping[str, Any]], cfg: Mapping[str, Any],
     recs = list(records)
     by = _group(recs)
     opts = tuple(cfg["optimizers"])
-    variants = [o for o in opts if o.startswith("rmsprop")]
+    variants = [o for o in opts if _ours(o)]
     base = BASE if BASE in opts else variants[0] if variants else (opts[0] if opts else None)
     sources = cfg.get("problem_sources", {})
     facts: dict[str, ProblemFacts] = {}
@@ -560,10 +568,16 @@ def claim_few_hyperparameters(agg: Aggregate) -> Claim:
     def gap(o: str) -> float:
         return _median(per[o].gap for per in agg.entries.values() if o in per)
 
+    def tuned(o: str) -> bool:  # trial 0 is the defaults: one trial tunes nothing
+        return any(len(t.trials) > 1 for t in _tunings(agg, o))
+
     g, b = gap(base), band(base)
     if math.isnan(g) and math.isnan(b):
         return Claim(title, "not shown", f"needs tuning trials and re-runs of {base}", (),
                      plots)
+    if not tuned(base) or not any(tuned(o) for o in agg.rivals):
+        return Claim(title, "not shown", f"needs at least 2 tuning trials of {base} and of a "
+                     "rival (trial 0 is the defaults)", (), plots)
     rival_bands = [band(o) for o in agg.rivals if not math.isnan(band(o))]
     a_ok = not math.isnan(g) and g <= 0.1
     b_ok = not math.isnan(b) and (not rival_bands or b >= _median(rival_bands) - 0.25)
@@ -611,7 +625,7 @@ def claim_nonconvex(agg: Aggregate) -> Claim:
 def claims(agg: Aggregate) -> list[Claim]:
     """The verdicts on the seed's four claims about the base optimizer (``rmsprop``, else the
     first RMSProp variant of the run); empty when the run has no RMSProp."""
-    if not (agg.base or "").startswith("rmsprop"):
+    if not _ours(agg.base or ""):
         return []
     return [claim_fast(agg), claim_stable(agg), claim_few_hyperparameters(agg),
             claim_nonconvex(agg)]
@@ -1076,9 +1090,9 @@ def render(agg: Aggregate, cfg: Mapping[str, Any], plots: Sequence[Plot] = (), *
         f"{cfg.get('schedule', 'constant')} learning rate."
         + (f" Wall time {elapsed:.0f} s with {cfg.get('jobs')} jobs." if elapsed else ""), "",
         "## Verdict on the four claims", "",
-        (f"About {agg.base}" + (" (ours, torch's defaults)" if agg.base == BASE else " (ours)")
-         + " against ")
-        + f"{', '.join(agg.rivals) or 'no rival'}, {_where(agg)}.", "",
+        *([(f"About {agg.base}" + (" (ours, torch's defaults)" if agg.base == BASE else
+                                   " (ours)") + " against ")
+           + f"{', '.join(agg.rivals) or 'no rival'}, {_where(agg)}.", ""] if cl else []),
         render_claims(cl, files), "",
     ]
     note = power_note(seeds)

@@ -258,38 +258,90 @@ def _decay_of(spec: Any, declared: dict[str, tuple]) -> str | None:
     return None
 
 
-def build_space(spec: Any, extra: Sequence[str] = (),
-                ranges: Sequence[tuple[str, float, float]] = ()) -> list[Param]:
+def _spec_of(spec: Any) -> Any:
+    """``spec`` itself, or the registered optimizer it names; an error for anything else (a
+    space built from no spec would silently miss the optimizer's own ranges)."""
+    if isinstance(spec, str):
+        from rmsprop.tools.problems import optimizers
+
+        try:
+            return optimizers.resolve(spec)
+        except ValueError as e:
+            raise SearchSpaceError(str(e)) from None
+    if not (isinstance(getattr(spec, "name", None), str) and hasattr(spec, "search_space")):
+        raise SearchSpaceError("spec must be an OptimizerSpec (name, defaults, search_space) or "
+                               f"a registered optimizer name, got {spec!r:.60}")
+    return spec
+
+
+def _tunable(spec: Any, declared: dict[str, tuple]) -> list[str]:
+    """The names ``--tune`` accepts for ``spec``: those with a range (declared or
+    :data:`EXTRA_RANGES`) that the optimizer takes (its defaults, its declared space or
+    ``spec.accepts``); any with a range when the spec declares no defaults."""
+    defaults = getattr(spec, "defaults", {}) or {}
+    takes = {"lr", *declared, *defaults, *(getattr(spec, "accepts", ()) or ())}
+    return sorted(n for n in {"lr", *declared, *EXTRA_RANGES} if n in takes or not defaults)
+
+
+def _names_of(values: str | Sequence[str], what: str) -> list[str]:
+    """Comma-separated names from a string or a sequence of strings (as ``--tune`` gives)."""
+    items = [values] if isinstance(values, str) else values
+    if not isinstance(items, Sequence) or not all(isinstance(v, str) for v in items):
+        raise SearchSpaceError(f"{what}: expected names (strings), got {values!r:.60}")
+    return [n.strip() for v in items for n in v.split(",") if n.strip()]
+
+
+def _range_of(r: Any) -> tuple[str, float, float]:
+    """``(name, low, high)`` from a tuple or a ``'NAME=LOW:HIGH'`` string."""
+    if isinstance(r, str):
+        return parse_range(r)
+    try:
+        name, lo, hi = r
+        if isinstance(name, str) and not isinstance(lo, (bool, str)) \
+                and not isinstance(hi, (bool, str)):
+            return name.strip(), float(lo), float(hi)
+    except (TypeError, ValueError):
+        pass
+    raise SearchSpaceError("ranges: expected (name, low, high) or 'NAME=LOW:HIGH', got "
+                           f"{r!r:.60}")
+
+
+def build_space(spec: Any, extra: str | Sequence[str] = (),
+                ranges: str | Sequence[Any] = ()) -> list[Param]:
     """The searched parameters for optimizer ``spec`` (an ``OptimizerSpec``-like object with
-    ``name``, ``defaults`` and ``search_space`` entries ``(scale, low, high)``).
+    ``name``, ``defaults`` and ``search_space`` entries ``(scale, low, high)``, or a registered
+    name).
 
     Default: ``lr`` and the optimizer's decay (:func:`_decay_of`), so RMSProp, Adam and SGD with
     momentum get the same two-dimensional budget. ``extra`` adds parameters (``momentum``,
-    ``eps``...); ``ranges`` override ``(name, low, high)`` of searched ones.
+    ``eps``..., a list or a comma-separated string); ``ranges`` override ``(name, low, high)``
+    (or ``'NAME=LOW:HIGH'``) of searched ones, at most once per name.
     """
+    spec = _spec_of(spec)
     declared: dict[str, tuple] = dict(getattr(spec, "search_space", {}) or {})
-    defaults = getattr(spec, "defaults", {}) or {}
     names = ["lr"]
     decay = _decay_of(spec, declared)
     if decay is not None:
         names.append(decay)
-    for raw in extra:
-        name = raw.strip()
-        if not name:
-            continue
-        if name not in declared and name not in EXTRA_RANGES:
-            known = sorted(set(declared) | set(EXTRA_RANGES))
+    tunable = _tunable(spec, declared)
+    for name in _names_of(extra, "extra"):
+        if name not in tunable:
             raise SearchSpaceError(f"cannot tune {name!r} for optimizer {spec.name!r}; "
-                                   f"known: {', '.join(known)}")
-        if name not in declared and defaults and name not in defaults:
-            raise SearchSpaceError(f"optimizer {spec.name!r} has no hyperparameter {name!r}")
+                                   f"known: {', '.join(tunable)}")
         if name not in names:
             names.append(name)
-    overrides = {n: (lo, hi) for n, lo, hi in ranges}
-    for n in overrides:
+    if isinstance(ranges, str):
+        ranges = [ranges]
+    if not isinstance(ranges, Sequence):
+        raise SearchSpaceError(f"ranges: expected a list of (name, low, high), got {ranges!r:.60}")
+    overrides: dict[str, tuple[float, float]] = {}
+    for n, lo, hi in map(_range_of, ranges):
+        if n in overrides:
+            raise SearchSpaceError(f"--range {n} is given twice; give one range per name")
         if n not in names:
             raise SearchSpaceError(f"--range {n}: {n!r} is not searched (searched: "
                                    f"{', '.join(names)}; add it with --tune)")
+        overrides[n] = (lo, hi)
     space = []
     for name in names:
         if name in declared:
@@ -335,6 +387,9 @@ def suggest(spec: Any, n: int, *, sampler: str = "random", seed: int = 0,
     --seed SEED`` tries for ``spec``: the same space, the same deterministic sequence."""
     if sampler not in ("random", "sobol"):
         raise SearchSpaceError(f"suggest: sampler must be 'random' or 'sobol', got {sampler!r}")
+    for arg, v in (("n", n), ("seed", seed)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise SearchSpaceError(f"suggest: {arg} must be an integer >= 0, got {v!r}")
     params = list(space) if space is not None else build_space(spec)
     return [{p.name: p.value(p.from_unit(u))
              for p, u in zip(params, unit_point(sampler, seed, i, len(params)))}

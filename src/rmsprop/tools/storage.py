@@ -18,6 +18,7 @@ from __future__ import annotations
 import functools
 import importlib
 import inspect
+import re
 import time
 import warnings
 from pathlib import Path
@@ -28,6 +29,7 @@ __all__ = [
     "StorageError",
     "display_url",
     "has_heartbeat",
+    "in_memory",
     "is_journal",
     "journal_path",
     "open_storage",
@@ -73,12 +75,18 @@ def _password(url: str) -> str | None:
 
 
 def scrub(text: str, url: str | None) -> str:
-    """``text`` with every occurrence of ``url``'s password (and the full URL) redacted."""
+    """``text`` with ``url`` and its password field (``:PASSWORD@``, ``password=PASSWORD``)
+    redacted; a bare occurrence of the password is left, since a short one is also a piece of
+    ordinary words (``on`` in "connection")."""
     if not url:
         return text
     text = text.replace(url, redact(url))
     pw = _password(url)
-    return text.replace(pw, "***") if pw else text
+    if not pw:
+        return text
+    text = text.replace(f":{pw}@", ":***@")
+    return re.sub(r"(password\s*=\s*['\"]?)" + re.escape(pw) + r"(?=['\"\s]|$)", r"\1***",
+                  text)
 
 
 def is_journal(url: str | None) -> bool:
@@ -207,14 +215,26 @@ def _refuse_non_database(path: Path, url: str) -> None:
                            "database")
 
 
+def _sqlite_db(url: str) -> str:
+    """The database file of an ``sqlite`` URL; ``""`` or ``":memory:"`` for an in-memory one."""
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(url).database or ""
+    except Exception as e:  # sqlalchemy's ArgumentError and friends: a malformed URL
+        raise StorageError(f"bad storage URL {redact(url)!r}: {e}") from None
+
+
+def in_memory(url: str | None) -> bool:
+    """Whether the storage of ``url`` lives in one process only (None, ``sqlite://``,
+    ``sqlite:///:memory:``), so that worker processes cannot share it."""
+    return url is None or (str(url).startswith("sqlite")
+                           and _sqlite_db(str(url)) in ("", ":memory:"))
+
+
 def _engine_kwargs(url: str) -> dict[str, Any]:
     if url.startswith("sqlite"):
-        from sqlalchemy.engine import make_url
-
-        try:
-            db = make_url(url).database or ""
-        except Exception as e:  # sqlalchemy's ArgumentError and friends: a malformed URL
-            raise StorageError(f"bad storage URL {redact(url)!r}: {e}") from None
+        db = _sqlite_db(url)
         if db and db != ":memory:":
             folder = Path(db).resolve().parent
             if not folder.is_dir():

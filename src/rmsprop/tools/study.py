@@ -68,6 +68,9 @@ class TuneConfig:
     heartbeat: int = 10
     grace: int = 30
     progress: bool = True
+    #: what a user problem is (:func:`~rmsprop.tools.user_problem.fingerprint`; ``{}`` for a
+    #: suite problem), so that one edited since the study began is not resumed
+    problem_fingerprint: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         if self.sampler not in SAMPLERS:
@@ -80,23 +83,28 @@ class TuneConfig:
             raise TuneError("--target is used only with --objective steps")
         if self.target is not None and not math.isfinite(self.target):
             raise TuneError(f"--target must be a finite loss, got {self.target}")
-        for flag, value in (("--seed", self.seed), ("--train-seed", self.train_seed)):
-            if value < 0:
-                raise TuneError(f"{flag} must be >= 0, got {value}")
+        for flag, name in (("--problem", "problem"), ("--optimizer", "optimizer")):
+            if not isinstance(getattr(self, name), str):
+                raise TuneError(f"{flag} must be a string, got {getattr(self, name)!r:.60}")
+        if self.study is not None and not isinstance(self.study, str):
+            raise TuneError(f"--study must be a string, got {self.study!r:.60}")
         if self.study is not None and not self.study.strip():
             raise TuneError("--study must not be empty")
-        if self.trials is not None and self.trials < 1:
-            raise TuneError(f"--trials must be >= 1, got {self.trials}")
-        if self.steps is not None and self.steps < 1:
-            raise TuneError(f"--steps must be >= 1, got {self.steps}")
-        if self.jobs < 1:
-            raise TuneError(f"--jobs must be >= 1, got {self.jobs}")
-        if self.confirm_seeds < 0:
-            raise TuneError(f"--confirm-seeds must be >= 0, got {self.confirm_seeds}")
+        for flag, value, low in (("--seed", self.seed, 0), ("--train-seed", self.train_seed, 0),
+                                 ("--trials", self.trials, 1), ("--steps", self.steps, 1),
+                                 ("--jobs", self.jobs, 1),
+                                 ("--confirm-seeds", self.confirm_seeds, 0)):
+            if value is None and flag in ("--trials", "--steps"):
+                continue
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TuneError(f"{flag} must be an integer, got {value!r:.60}")
+            if value < low:
+                raise TuneError(f"{flag} must be >= {low}, got {value}")
         if self.heartbeat < 1 or self.grace <= self.heartbeat:
             raise TuneError("need --heartbeat >= 1 s and --grace > --heartbeat")
         if self.study is None:
-            self.study = f"{_slug(self.problem)}-{_slug(self.optimizer)}-{self.sampler}"
+            self.study = (f"{_slug(self.problem.lstrip('@'))}-{_slug(self.optimizer)}-"
+                          f"{self.sampler}")
         self.space = [p if isinstance(p, Param) else Param(**p) for p in self.space]
         if self.sampler == "grid":
             n = len(grid_points(self.space))
@@ -111,11 +119,16 @@ class TuneConfig:
 
     def identity(self) -> dict[str, Any]:
         """The options a resumed study must share (JSON-able)."""
+        if self.problem_fingerprint is None:  # computed once, then carried to the workers
+            from rmsprop.tools.user_problem import fingerprint
+
+            self.problem_fingerprint = fingerprint(self.problem) or {}
         return {
             "problem": self.problem, "optimizer": self.optimizer, "sampler": self.sampler,
             "seed": self.seed, "objective": self.objective, "target": self.target,
             "steps": self.steps, "train_seed": self.train_seed,
             "space": [p.to_json() for p in self.space],
+            **{f"problem_{k}": v for k, v in (self.problem_fingerprint or {}).items()},
         }
 
     def to_json(self) -> str:
@@ -135,13 +148,30 @@ def _slug(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "-" for c in name)
 
 
-def check_out(out: str | os.PathLike[str] | None) -> None:
-    """Refuse a report folder that cannot be one: an existing file, or an unwritable folder."""
+def _holds_report_of(path: Path, cfg: TuneConfig) -> bool:
+    """Whether ``path`` holds a report of ``cfg``'s study (its ``best.json`` says so; whether
+    the study's options match is :func:`open_study`'s to say)."""
+    try:
+        best = json.loads((path / "best.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(best, dict) and best.get("study") == cfg.study
+
+
+def check_out(out: str | os.PathLike[str] | None, cfg: TuneConfig | None = None) -> None:
+    """Refuse a report folder that cannot be one: an existing file, an unwritable folder, or
+    (given ``cfg``) a non-empty folder that holds no report of the same study, whose files
+    the report would overwrite."""
     if out is None:
         return
     path = Path(out)
     if path.exists() and not path.is_dir():
         raise TuneError(f"--out {str(path)!r} exists and is not a folder")
+    if cfg is not None and path.is_dir() and not _holds_report_of(path, cfg):
+        # dot files and the worker logs of an earlier attempt are not the user's
+        if any(not n.startswith(".") and n != "worker-logs" for n in os.listdir(path)):
+            raise TuneError(f"--out {str(path)!r} is not empty and holds no report of study "
+                            f"{cfg.study!r}: give a new or empty folder")
     # tried, not predicted (permission bits do not bind root, nor tell a read-only or
     # pseudo file system), and undone: the folder is made when the report is written
     missing = []
@@ -241,7 +271,8 @@ def open_study(cfg: TuneConfig, storage: Any = None, *, create: bool = True) -> 
     if existing is None:
         study.set_user_attr(_ATTR, want)
     elif existing != want:
-        diff = [k for k in want if existing.get(k) != want[k]]
+        diff = [k for k in [*want, *(k for k in existing if k not in want)]
+                if existing.get(k) != want.get(k)]
         raise TuneError(f"study {cfg.study!r} exists with a different {', '.join(diff)}; "
                         "resume it with the same options or pick another --study")
     return study

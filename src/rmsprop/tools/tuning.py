@@ -25,6 +25,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from rmsprop.tools import user_problem
 from rmsprop.tools.objective import (
     evaluate,
     finite_or_none,
@@ -41,7 +42,7 @@ from rmsprop.tools.search_space import (
     parse_range,
     suggest,
 )
-from rmsprop.tools.storage import DEFAULT_STORAGE, StorageError, open_storage, redact
+from rmsprop.tools.storage import DEFAULT_STORAGE, StorageError, in_memory, open_storage, redact
 from rmsprop.tools.study import PENALTY, TuneConfig, TuneError, check_out, counts, open_study
 from rmsprop.tools.tune_report import (
     edge_flags,
@@ -105,22 +106,42 @@ class Prepared:
 def prepare(cfg: TuneConfig) -> Prepared:
     """Every check that can fail, in the order a user fixes them, before any trial runs:
     report folder, problem, optimizer, storage (driver, server), study (same options)."""
-    check_out(cfg.out)
-    if cfg.jobs > 1 and cfg.storage is None:
-        raise TuneError("--jobs > 1 needs a shared --storage (sqlite, journal or postgresql)")
+    check_out(cfg.out, cfg)
+    if cfg.jobs > 1 and in_memory(cfg.storage):
+        raise TuneError("--jobs > 1 needs a shared --storage (an sqlite file, journal or "
+                        "postgresql)" + (f", not {cfg.storage}, which lives in one process"
+                                         if cfg.storage else ""))
     problem = resolve_problem(cfg.problem)
     spec = resolve_optimizer(cfg.optimizer)
     storage = open_storage(cfg.storage, heartbeat=cfg.heartbeat, grace=cfg.grace)
     study = open_study(cfg, storage)
+    done = counts(study)["COMPLETE"]
+    if done > cfg.target_trials:  # the study would end with more than --trials
+        raise TuneError(f"study {cfg.study!r} already holds {done} complete trials, more than "
+                        f"--trials {cfg.target_trials}: give --trials {done} or more, or "
+                        "another --study")
     return Prepared(problem, spec, storage, study)
 
 
-def tune(problem: str, optimizer: str, *, sampler: str = "random", trials: int | None = 16,
+def tune(problem: Any, optimizer: str, *, sampler: str = "random", trials: int | None = 16,
          seed: int = 0, extra: Sequence[str] = (), ranges: Sequence[tuple[str, float, float]] = (),
          storage: str | None = None, study: str | None = None, confirm_seeds: int = 0,
          train_seed: int = 0, steps: int | None = None, out: str | None = None,
          progress: bool = False) -> TuneResult:
-    """Tune from Python: in memory unless ``storage`` is given; a report only with ``out``."""
+    """Tune from Python: in memory unless ``storage`` is given; a report only with ``out``.
+
+    ``problem``: a suite name, ``"pkg.module:make_problem"`` or a ``Problem`` object (as
+    ``rmsprop.tools.compare.run`` takes); ``extra`` and ``ranges`` as :func:`build_space`."""
+    from rmsprop.tools.problems.base import Problem
+
+    if isinstance(problem, Problem):
+        try:
+            problem = user_problem.register(problem)
+        except user_problem.ProblemError as e:
+            raise TuneError(str(e)) from None
+    elif not isinstance(problem, str):
+        raise TuneError("problem must be a suite name, 'pkg.module:make_problem' or a Problem, "
+                        f"got {problem!r:.60}")
     spec = resolve_optimizer(optimizer)
     cfg = TuneConfig(problem=problem, optimizer=optimizer, space=build_space(spec, extra, ranges),
                      sampler=sampler, trials=trials, seed=seed, study=study, storage=storage,

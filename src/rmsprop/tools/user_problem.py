@@ -19,7 +19,8 @@ import os
 import sys
 from typing import Any
 
-__all__ = ["ProblemError", "load_problem", "check", "resolve", "register", "source_of"]
+__all__ = ["ProblemError", "load_problem", "check", "cwd_on_path", "fingerprint", "resolve",
+           "register", "source_of"]
 
 #: problems handed over as objects (the Python API), by their key ``"@name"``
 _LIVE: dict[str, Any] = {}
@@ -36,7 +37,7 @@ def _one_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
 
-def _cwd_on_path() -> None:
+def cwd_on_path() -> None:
     """Put the working directory first on ``sys.path``, as ``python -m`` does: a console script
     has its own folder there instead, so a module beside the user would not import."""
     cwd = os.getcwd()
@@ -57,7 +58,7 @@ def load_problem(spec: str) -> Any:
     mod_name, sep, attr = spec.partition(":")
     if not sep or not mod_name.strip() or not attr.strip():
         raise ProblemError(f"problem {spec!r}: expected an import path 'pkg.module:make_problem'")
-    _cwd_on_path()
+    cwd_on_path()
     try:
         module = importlib.import_module(mod_name)
     except ModuleNotFoundError as e:
@@ -164,6 +165,43 @@ def check(problem: Any, source: str | None = None) -> None:
         if not ok:
             raise ProblemError(f"{where}: evaluate(split) must return (loss, metric or None) "
                                f"as floats, got {ev!r:.80}")
+
+
+def fingerprint(key: str, problem: Any = None) -> dict[str, Any] | None:
+    """What identifies the user problem of ``key`` (``problem`` when given, else loaded by
+    :func:`resolve`) beyond its fields, so that a resumed compare or tune notices an edit: the
+    hash of the module file it came from, the model's parameter shapes at seed 0 and, for a
+    ``ModelProblem``, the examples in each evaluation split. None for a suite problem, whose
+    code is the library's."""
+    if not (key.startswith("@") or ":" in key):
+        return None
+    if problem is None:
+        problem = resolve(key)
+    import hashlib
+
+    import torch
+
+    from rmsprop.tools.problems.base import ModelProblem, _batch_size
+
+    module = sys.modules.get(key.partition(":")[0]) if ":" in key else None
+    path = getattr(module, "__file__", None)
+    digest = None
+    if path:
+        with open(path, "rb") as f:
+            digest = hashlib.sha256(f.read()).hexdigest()[:16]
+    out: dict[str, Any] = {"source_hash": digest}
+
+    def examples(split: str) -> int | None:
+        try:
+            return sum(_batch_size(b) for b in problem.eval_batches(split))
+        except Exception:  # noqa: BLE001 - a split that fails is the run's to report
+            return None
+
+    with torch.random.fork_rng(devices=[]):
+        out["parameter_shapes"] = [list(p.shape) for p in problem.build(0).params]
+        if isinstance(problem, ModelProblem):
+            out["data_sizes"] = {s: examples(s) for s in ("valid", "test")}
+    return out
 
 
 def register(problem: Any) -> str:

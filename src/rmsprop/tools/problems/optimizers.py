@@ -35,7 +35,9 @@ class OptimizerSpec:
     """A named optimizer: ``factory(params, **hp)``, ``defaults`` and ``search_space``.
 
     ``ours`` marks the entries that are :class:`rmsprop.torch.RMSprop`: they refuse to resolve
-    when it does not import, rather than run another optimizer under its name.
+    when it does not import, rather than run another optimizer under its name. ``accepts``
+    names further keyword arguments of the factory that ``rmsprop tune --tune`` may search
+    (``momentum``, ``weight_decay``), off by default.
     """
 
     name: str
@@ -44,6 +46,7 @@ class OptimizerSpec:
     search_space: dict[str, tuple]
     description: str = ""
     ours: bool = False
+    accepts: tuple[str, ...] = ()
 
     def make(self, params: Sequence[Any], **hp: Any) -> Any:
         """Build the optimizer with ``defaults`` overridden by ``hp``."""
@@ -114,36 +117,44 @@ def _sgd(params: Any, **hp: Any) -> Any:
 _LR_ADAPTIVE = ("log", 1e-4, 1.0)
 _ALPHA = ("log1m", 0.9, 0.9999)
 _RMS_DEFAULTS = {"lr": 1e-2, "alpha": 0.99, "eps": 1e-8}
+_RMS_ACCEPTS = ("momentum", "weight_decay")
 
 OPTIMIZERS: dict[str, OptimizerSpec] = {
     s.name: s
     for s in [
         OptimizerSpec("rmsprop", _rmsprop, dict(_RMS_DEFAULTS),
                       {"lr": _LR_ADAPTIVE, "alpha": _ALPHA},
-                      "rmsprop.torch.RMSprop, PyTorch defaults", ours=True),
+                      "rmsprop.torch.RMSprop, PyTorch defaults",
+                      ours=True, accepts=_RMS_ACCEPTS),
         OptimizerSpec("rmsprop-centered", _rmsprop, {**_RMS_DEFAULTS, "centered": True},
                       {"lr": _LR_ADAPTIVE, "alpha": _ALPHA},
-                      "rmsprop.torch.RMSprop(centered=True) (Graves 2013)", ours=True),
+                      "rmsprop.torch.RMSprop(centered=True) (Graves 2013)",
+                      ours=True, accepts=_RMS_ACCEPTS),
         OptimizerSpec("rmsprop-momentum", _rmsprop, {**_RMS_DEFAULTS, "momentum": 0.9},
                       {"lr": _LR_ADAPTIVE, "alpha": _ALPHA},
-                      "rmsprop.torch.RMSprop(momentum=0.9)", ours=True),
+                      "rmsprop.torch.RMSprop(momentum=0.9)",
+                      ours=True, accepts=_RMS_ACCEPTS),
         OptimizerSpec("rmsprop-8bit", _rmsprop, {**_RMS_DEFAULTS, "state_dtype": "8bit"},
                       {"lr": _LR_ADAPTIVE, "alpha": _ALPHA},
                       "RMSprop (8-bit state): rmsprop.torch.RMSprop(state_dtype='8bit')",
-                      ours=True),
+                      ours=True, accepts=_RMS_ACCEPTS),
         OptimizerSpec("rmsprop-4bit", _rmsprop, {**_RMS_DEFAULTS, "state_dtype": "4bit"},
                       {"lr": _LR_ADAPTIVE, "alpha": _ALPHA},
                       "RMSprop (4-bit state): rmsprop.torch.RMSprop(state_dtype='4bit')",
-                      ours=True),
+                      ours=True, accepts=_RMS_ACCEPTS),
         OptimizerSpec("torch-rmsprop", _torch_rmsprop, dict(_RMS_DEFAULTS),
                       {"lr": _LR_ADAPTIVE, "alpha": _ALPHA},
-                      "torch.optim.RMSprop (cross-check: must coincide with rmsprop)"),
+                      "torch.optim.RMSprop (cross-check: must coincide with rmsprop)",
+                      accepts=_RMS_ACCEPTS),
         OptimizerSpec("adam", _adam, {"lr": 1e-3, "beta1": 0.9, "beta2": 0.999, "eps": 1e-8},
-                      {"lr": _LR_ADAPTIVE, "beta2": _ALPHA}, "torch.optim.Adam"),
+                      {"lr": _LR_ADAPTIVE, "beta2": _ALPHA}, "torch.optim.Adam",
+                      accepts=("weight_decay",)),
         OptimizerSpec("sgd", _sgd, {"lr": 1e-3}, {"lr": ("log", 1e-4, 10.0)},
-                      "torch.optim.SGD, no momentum"),
+                      "torch.optim.SGD, no momentum",
+                      accepts=("momentum", "weight_decay")),
         OptimizerSpec("sgd-momentum", _sgd, {"lr": 1e-3, "momentum": 0.9},
-                      {"lr": ("log", 1e-4, 1.0)}, "torch.optim.SGD(momentum=0.9)"),
+                      {"lr": ("log", 1e-4, 1.0)}, "torch.optim.SGD(momentum=0.9)",
+                      accepts=("weight_decay",)),
     ]
 }
 
@@ -166,7 +177,10 @@ def resolve(name_or_path: str) -> OptimizerSpec:
     if ":" not in name_or_path:
         raise ValueError(f"unknown optimizer {name_or_path!r}; valid optimizers: "
                          f"{', '.join(OPTIMIZERS)}, or an import path 'pkg.module:Class'")
+    from rmsprop.tools.user_problem import cwd_on_path
+
     mod_name, _, attr = name_or_path.partition(":")
+    cwd_on_path()
     try:
         obj: Any = importlib.import_module(mod_name)
         for part in attr.split("."):
@@ -178,13 +192,16 @@ def resolve(name_or_path: str) -> OptimizerSpec:
     if not (inspect.isclass(obj) and issubclass(obj, torch.optim.Optimizer)):
         raise ValueError(f"{name_or_path!r} is not a torch.optim.Optimizer subclass")
     defaults: dict[str, float] = {}
+    numeric = []
     for pname, prm in inspect.signature(obj).parameters.items():
         d = prm.default
-        if isinstance(d, float) and not isinstance(d, bool):
-            defaults[pname] = d
+        if isinstance(d, (int, float)) and not isinstance(d, bool):
+            numeric.append(pname)
+            if isinstance(d, float):
+                defaults[pname] = d
     defaults.setdefault("lr", 1e-3)
     return OptimizerSpec(name_or_path, obj, defaults, {"lr": _LR_ADAPTIVE}, f"{obj.__module__}."
-                         f"{obj.__qualname__}")
+                         f"{obj.__qualname__}", accepts=tuple(numeric))
 
 
 # -- search-space helpers ------------------------------------------------------------------------
