@@ -162,6 +162,17 @@ typedef struct {
     void (*qcodec)(int fmt, int enc, int64_t n, float *x, uint8_t *codes, float *scales);
 } rms_isa;
 
+/* A row of the six statistics (see rms_fused_step): empty, and another one added to it. */
+static void stats_init(double *row) {
+    row[0] = row[1] = row[2] = 0.0; row[3] = INFINITY; row[4] = -INFINITY; row[5] = 0.0;
+}
+static void stats_merge(double *row, const double *acc) {
+    row[0] += acc[0]; row[1] += acc[1]; row[2] += acc[2];
+    if (acc[3] < row[3]) row[3] = acc[3];
+    if (acc[4] > row[4]) row[4] = acc[4];
+    row[5] += acc[5];
+}
+
 static size_t rms_dtsize(int dt) {
     return dt == DT_F64 ? 8 : dt == DT_F32 ? 4 : dt >= QF_U8 ? 1 : 2; /* QF_*: a code byte */
 }
@@ -405,16 +416,6 @@ static pthread_mutex_t stats_mu = PTHREAD_MUTEX_INITIALIZER;
 #define RMS_SERIAL_BELOW 131072
 #define RMS_CHUNK 65536
 
-static void stats_init(double *row) {
-    row[0] = row[1] = row[2] = 0.0; row[3] = INFINITY; row[4] = -INFINITY; row[5] = 0.0;
-}
-static void stats_merge(double *row, const double *acc) {
-    row[0] += acc[0]; row[1] += acc[1]; row[2] += acc[2];
-    if (acc[3] < row[3]) row[3] = acc[3];
-    if (acc[4] > row[4]) row[4] = acc[4];
-    row[5] += acc[5];
-}
-
 /* Index of the tensor containing global element e: last t with prefix[t] <= e. */
 static int64_t find_tensor(const int64_t *prefix, int64_t nt, int64_t e) {
     int64_t lo = 0, hi = nt; /* prefix[lo] <= e < prefix[hi] */
@@ -577,7 +578,8 @@ static void make_hyp_d(const double *h, int flags, rms_hyp_d *o) {
  * tables of data pointers; numel[t] elements each. pdt: param/grad dtype; sdt: state dtype
  * (== pdt, or DT_F32). hyper: see H_*; flags: see FL_*. stats: NULL or nt x 6 doubles,
  * overwritten with this step's sum(g^2), sum(u^2), sum(p^2), min(lr/d), max(lr/d),
- * count(eps dominates d). Returns 0, or < 0 for an unsupported dtype combination. */
+ * count(eps dominates d), with u = p_old - p and p the new param as stored (16-bit params
+ * rounded), in T. Returns 0, or < 0 for an unsupported dtype combination. */
 RMS_API int rms_fused_step(int64_t nt, const int64_t *numel, void *const *P, void *const *G,
                            void *const *V, void *const *M, void *const *B, int pdt, int sdt,
                            const double *hyper, int flags, double *stats, int nthreads) {

@@ -329,7 +329,9 @@ def fused_step(params: Sequence[Any], grads: Sequence[Any], square_avgs: Sequenc
             ``max(lr/d)`` and the count of elements where eps dominates the denominator
             (``eps > s`` if ``eps_in_sqrt`` else ``eps > sqrt(s)``). ``g`` is the gradient
             the rule uses (unscaled, negated if maximize, plus coupled weight decay), ``u``
-            the update subtracted from ``p``. Empty tensors get ``0, 0, 0, inf, -inf, 0``.
+            the change ``p_old - p_new`` and ``p_new`` the param as stored (rounded to 16
+            bits for 16-bit params; decoupled weight decay included), in the math type.
+            Empty tensors get ``0, 0, 0, inf, -inf, 0``.
 
     Math: float32 for float32/float16/bfloat16 params, float64 for float64; 16-bit values
     are rounded once, when stored. No memory proportional to the model is allocated.

@@ -114,16 +114,16 @@ static inline __attribute__((always_inline)) void TNAME(core)(
     const uint16_t *restrict g16 = (const uint16_t *)gv;
     const T lr = h->lr, alpha = h->alpha, oma = h->oma, eps = h->eps, eps_in = h->eps_in,
             eps_out = h->eps_out, wd = h->wd, pdecay = h->pdecay, mu = h->mu, k = h->k,
-            post = h->post, npost = -h->post, invc = h->invc, gmul = h->gmul,
+            npost = -h->post, invc = h->invc, gmul = h->gmul,
             lerp_w = h->lerp_w;
     const int nest = h->nesterov, eis = h->eps_in_sqrt, lsmall = h->lerp_small;
     T sg = 0, su = 0, sp = 0, cnt = 0, mn = (T)INFINITY, mx = -(T)INFINITY;
 #pragma omp simd reduction(+ : sg, su, sp, cnt) reduction(min : mn) reduction(max : mx)
     for (int64_t i = 0; i < n; i++) {
         T gi = (BF16 ? (T)rms_bf2f(g16[i]) : g[i]) * gmul;
-        T pi = BF16 ? (T)rms_bf2f(p16[i]) : p[i];
-        if (WD) gi = RMS_FMA(wd, pi, gi);
-        pi = pi * pdecay;
+        const T p0 = BF16 ? (T)rms_bf2f(p16[i]) : p[i];
+        if (WD) gi = RMS_FMA(wd, p0, gi);
+        T pi = p0 * pdecay;
         T vi = RMS_FMA(oma * gi, gi, alpha * v[i]);
         v[i] = vi;
         T s;
@@ -139,21 +139,28 @@ static inline __attribute__((always_inline)) void TNAME(core)(
         }
         T sq = RMS_SQRT(s + eps_in);
         T d = sq + eps_out;
-        T u;
         if (MOM) {
             T nn = gi / d;
             T bi = mu * b[i] + k * nn;
             b[i] = bi;
             T ub = nest ? mu * bi + k * nn : bi;
             pi = RMS_FMA(npost, ub, pi);
-            u = ST ? ub * post : ub; /* the update, for the statistics only */
         } else {
-            u = (lr * gi) / d;
-            pi = pi - u;
+            pi = pi - (lr * gi) / d;
         }
-        if (BF16) p16[i] = rms_f2bf((float)pi);
-        else p[i] = pi;
+        if (BF16) {
+            const uint16_t q = rms_f2bf((float)pi);
+            p16[i] = q;
+            if (ST) pi = (T)rms_bf2f(q);
+        } else {
+            p[i] = pi;
+        }
         if (ST) {
+            /* The change that happened and the value as stored (rmsprop.torch._stats), not
+             * the rule's update: decoupled weight decay is part of the change, and rounding
+             * to 16 bits may erase an update or be most of it. A decoded 16-bit buffer is
+             * not what is stored: seg sums its change again (stored_stats). */
+            const T u = p0 - pi;
             sg += gi * gi;
             su += u * u;
             sp += pi * pi;
@@ -219,6 +226,40 @@ static void TNAME(dispatch_bf16)(int spec, int64_t n, void *p, const void *g, T 
 #include "cpu_step16.h"
 #endif
 
+/* ------------------------- statistics of a decoded 16-bit param --------------------- */
+/* core ran on a buffer decoded from 16-bit params, so its sums of u^2 and p^2 describe the
+ * unrounded values; the encoding that followed may have erased the update (an update below
+ * half an ulp leaves the param as it was). Those two sums are taken instead from the
+ * params as stored, read back with the block codec: a pass over L1-resident buffers.
+ * Rounding inside core's loop instead costs more (gcc has no vector float16 conversion to
+ * use there) and would add a stats loop per format. part: core's sums for the block; old:
+ * the params before it. */
+static void TNAME(stored_stats)(int pdt, const char *pc, int64_t n, const T *restrict old,
+                                T *restrict buf, double *part, double *acc) {
+    TNAME(decode)(pdt, pc, NULL, n, buf);
+    /* two halves summed side by side: one vector sum per statistic would wait on the
+     * latency of its adds, as long as the whole pass otherwise */
+    const int64_t half = n / 2;
+    T su = 0, sp = 0, su2 = 0, sp2 = 0;
+#pragma omp simd reduction(+ : su, sp, su2, sp2)
+    for (int64_t i = 0; i < half; i++) {
+        const T a = buf[i], b = buf[half + i];
+        const T ua = old[i] - a, ub = old[half + i] - b;
+        su += ua * ua;
+        sp += a * a;
+        su2 += ub * ub;
+        sp2 += b * b;
+    }
+    if (n & 1) {
+        const T a = buf[n - 1], ua = old[n - 1] - a;
+        su += ua * ua;
+        sp += a * a;
+    }
+    part[1] = (double)(su + su2);
+    part[2] = (double)(sp + sp2);
+    stats_merge(acc, part);
+}
+
 /* ----------------------------------- one segment ------------------------------------ */
 /* A contiguous run of n elements of one tensor. Streams already in T are used in place;
  * 16-bit params with float state and no stats are converted inside the update loop
@@ -261,7 +302,10 @@ static void TNAME(seg)(int pdt, int sdt, int spec, int64_t n, const rms_streams 
 
     size_t ps = rms_dtsize(pdt), ss = rms_dtsize(sdt);
     const int64_t blk = pdir && sdir ? RMS_BLK : RMS_CVT_BLK;
+    const int st16 = st && !pdir; /* stats of a decoded param: see stored_stats */
     T bp[RMS_CVT_BLK], bg[RMS_CVT_BLK], bv[RMS_CVT_BLK], bm[RMS_CVT_BLK], bb[RMS_CVT_BLK];
+    T bo[RMS_CVT_BLK];
+    double part[6];
     for (int64_t lo = 0; lo < n; lo += blk) {
         int64_t len = n - lo < blk ? n - lo : blk;
         char *pc = p + lo * ps, *vc = v + lo * ss;
@@ -287,8 +331,13 @@ static void TNAME(seg)(int pdt, int sdt, int spec, int64_t n, const rms_streams 
             if (cen) { TNAME(decode)(sdt, mc, msc, len, bm); mp = bm; }
             if (mom) { TNAME(decode)(sdt, bc, bsc, len, bb); bpp = bb; }
         }
-        TNAME(dispatch)(spec, len, pp, gp, vp, mp, bpp, h, acc);
+        if (st16) { /* decoded again, not copied: gcc expands the copy to a slow rep movs */
+            TNAME(decode)(pdt, pc, NULL, len, bo);
+            stats_init(part);
+        }
+        TNAME(dispatch)(spec, len, pp, gp, vp, mp, bpp, h, st16 ? part : acc);
         if (!pdir) TNAME(encode)(pdt, pc, NULL, len, bp);
+        if (st16) TNAME(stored_stats)(pdt, pc, len, bo, bp, part, acc);
         if (!sdir) {
             TNAME(encode)(sdt, vc, vsc, len, bv);
             if (cen) TNAME(encode)(sdt, mc, msc, len, bm);
@@ -632,9 +681,11 @@ static inline __attribute__((always_inline)) void TNAME(segq_bits)(
     int pdt, int spec, int64_t n, const rms_streams *S, const RMS_HYP *h, double *acc,
     const int B4) {
     const int cen = spec & 1, mom = (spec >> 1) & 1, pdir = pdt == DT_F32;
+    const int st16 = (spec >> 3) & 1 && !pdir; /* stats of a decoded param: stored_stats */
     const size_t ps = rms_dtsize(pdt);
     const int64_t blk = B4 ? RMS_QBLK / 2 : RMS_QBLK;
-    float bp[RMS_QBLK], bg[RMS_QBLK], bv[RMS_QBLK], bm[RMS_QBLK], bb[RMS_QBLK];
+    float bp[RMS_QBLK], bg[RMS_QBLK], bv[RMS_QBLK], bm[RMS_QBLK], bb[RMS_QBLK], bo[RMS_QBLK];
+    double part[6];
     rms_qenc E;
     for (int64_t lo = 0, j = 0; lo < n; lo += blk, j++) {
         const int64_t len = n - lo < blk ? n - lo : blk;
@@ -657,8 +708,14 @@ static inline __attribute__((always_inline)) void TNAME(segq_bits)(
             for (int64_t i = 0; i < len; i++) bv[i] = bv[i] + bm[i] * bm[i];
         }
         if (mom) TNAME(qdec)(bc, S->bs[j], len, bb, 1, B4);
-        TNAME(dispatch)(spec, len, pp, gp, bv, cen ? bm : NULL, mom ? bb : NULL, h, acc);
+        if (st16) { /* decoded again, not copied (see seg) */
+            TNAME(decode)(pdt, pc, NULL, len, bo);
+            stats_init(part);
+        }
+        TNAME(dispatch)(spec, len, pp, gp, bv, cen ? bm : NULL, mom ? bb : NULL, h,
+                        st16 ? part : acc);
         if (!pdir) TNAME(encode)(pdt, pc, NULL, len, bp);
+        if (st16) TNAME(stored_stats)(pdt, pc, len, bo, bp, part, acc);
         if (cen) {
             TNAME(qenc_prep)(bm, len, &E, 1, B4);
             TNAME(qenc_run)(&E, bm, len, mc, 1, B4);

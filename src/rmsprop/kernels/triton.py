@@ -191,7 +191,7 @@ if triton is not None:
         # The rule on decoded values (any shape), with torch.optim.RMSprop's operations and
         # roundings (see cpu_step.h for the table): the loaded gradient, param and state in,
         # the new param and state out (m, b unchanged when their option is off), and what
-        # the statistics read: the rule's gradient g, the update u, s, sqrt and d.
+        # the statistics read: the rule's gradient g, s, sqrt and d.
         g = g * gmul
         if WD_COUPLED:
             g = tl.fma(wd, p, g)
@@ -226,16 +226,32 @@ if triton is not None:
                 p = p - u
             else:
                 p = tl.fma(-lr, u, p)
-                u = lr * u  # the update, for the statistics
         else:
             u = _div(lr * g, d, MATH64)
             p = p - u
-        return g, p, v, m, b, u, s, sq, d
+        return g, p, v, m, b, s, sq, d
 
     @triton.jit
-    def _stats_add(acc_g, acc_u, acc_p, acc_lo, acc_hi, acc_dom, mask, g, u, p, s, sq, d, lr,
-                   eps, EPS_IN_SQRT: tl.constexpr, MATH64: tl.constexpr):
-        # this block's terms of the six statistics (see fused_step), masked lanes left out
+    def _stored(x, ptr):
+        # x as _store leaves it in ptr's format, read back in x's type
+        if ptr.dtype.element_ty == tl.bfloat16:
+            u = x.to(tl.float32).to(tl.uint32, bitcast=True)
+            r = (u + 0x7FFF + ((u >> 16) & 1)) >> 16
+            r = tl.where((u & 0x7FFFFFFF) > 0x7F800000, (u >> 16) | 0x40, r)
+            y = (r << 16).to(tl.float32, bitcast=True).to(x.dtype)
+        else:
+            y = x.to(ptr.dtype.element_ty).to(x.dtype)
+        return y
+
+    @triton.jit
+    def _stats_add(acc_g, acc_u, acc_p, acc_lo, acc_hi, acc_dom, mask, g, p_old, p, p_ptr, s,
+                   sq, d, lr, eps, EPS_IN_SQRT: tl.constexpr, MATH64: tl.constexpr):
+        # this block's terms of the six statistics (see fused_step), masked lanes left out.
+        # The update and the param are the change that happened and the value as stored
+        # (rmsprop.torch._stats): rounding to 16 bits can erase an update or be most of it,
+        # and decoupled weight decay is part of the change.
+        p = _stored(p, p_ptr)
+        u = p_old - p
         acc_g += tl.where(mask, g * g, 0.0)
         acc_u += tl.where(mask, u * u, 0.0)
         acc_p += tl.where(mask, p * p, 0.0)
@@ -304,10 +320,12 @@ if triton is not None:
                 m = _load(m_ptr, offs, mask, T)
             if MOMENTUM:
                 b = _load(b_ptr, offs, mask, T)
-            g, p, v, m, b, u, s, sq, d = _update(
-                _load(g_ptr, offs, mask, T), _load(p_ptr, offs, mask, T), v, m, b, lr, alpha,
-                eps, wd, mu, invc, gmul, pdecay, oma, lerp_small, lerp_w, CENTERED, MOMENTUM,
-                WD_COUPLED, DECOUPLED, NESTEROV, EPS_IN_SQRT, LR_IN_MOMENTUM, MATH64)
+            g = _load(g_ptr, offs, mask, T)
+            p_old = _load(p_ptr, offs, mask, T)
+            g, p, v, m, b, s, sq, d = _update(
+                g, p_old, v, m, b, lr, alpha, eps, wd, mu, invc, gmul, pdecay, oma, lerp_small,
+                lerp_w, CENTERED, MOMENTUM, WD_COUPLED, DECOUPLED, NESTEROV, EPS_IN_SQRT,
+                LR_IN_MOMENTUM, MATH64)
             _store(v_ptr + offs, v, mask)
             if CENTERED:
                 _store(m_ptr + offs, m, mask)
@@ -316,8 +334,8 @@ if triton is not None:
             _store(p_ptr + offs, p, mask)
             if STATS:
                 acc_g, acc_u, acc_p, acc_lo, acc_hi, acc_dom = _stats_add(
-                    acc_g, acc_u, acc_p, acc_lo, acc_hi, acc_dom, mask, g, u, p, s, sq, d,
-                    lr, eps, EPS_IN_SQRT, MATH64)
+                    acc_g, acc_u, acc_p, acc_lo, acc_hi, acc_dom, mask, g, p_old, p, p_ptr, s,
+                    sq, d, lr, eps, EPS_IN_SQRT, MATH64)
         if STATS:
             _stats_flush(stats_ptr, stats_bits_ptr, t, acc_g, acc_u, acc_p, acc_lo, acc_hi,
                          acc_dom)
@@ -501,10 +519,12 @@ if triton is not None:
             if MOMENTUM:
                 b = _qload(tab_ptr + 3 * n, qtab_ptr + 2 * n, t, quant, offs, boffs, mask,
                            bmask, blk, rmask, True, ROWS, QB, BITS)
-            g, p, v, m, b, u, s, sq, d = _update(
-                _load(g_ptr, offs, mask, T), _load(p_ptr, offs, mask, T), v, m, b, lr, alpha,
-                eps, wd, mu, invc, gmul, pdecay, oma, lerp_small, lerp_w, CENTERED, MOMENTUM,
-                WD_COUPLED, DECOUPLED, NESTEROV, EPS_IN_SQRT, LR_IN_MOMENTUM, False)
+            g = _load(g_ptr, offs, mask, T)
+            p_old = _load(p_ptr, offs, mask, T)
+            g, p, v, m, b, s, sq, d = _update(
+                g, p_old, v, m, b, lr, alpha, eps, wd, mu, invc, gmul, pdecay, oma, lerp_small,
+                lerp_w, CENTERED, MOMENTUM, WD_COUPLED, DECOUPLED, NESTEROV, EPS_IN_SQRT,
+                LR_IN_MOMENTUM, False)
             _store(p_ptr + offs, p, mask)
             if CENTERED:
                 md = _qstore(tab_ptr + 2 * n, qtab_ptr + n, t, quant, m, offs, boffs, mask,
@@ -518,8 +538,8 @@ if triton is not None:
                         bmask, blk, rmask, True, ROWS, QB, BITS)
             if STATS:
                 acc_g, acc_u, acc_p, acc_lo, acc_hi, acc_dom = _stats_add(
-                    acc_g, acc_u, acc_p, acc_lo, acc_hi, acc_dom, mask, g, u, p, s, sq, d,
-                    lr, eps, EPS_IN_SQRT, False)
+                    acc_g, acc_u, acc_p, acc_lo, acc_hi, acc_dom, mask, g, p_old, p, p_ptr, s,
+                    sq, d, lr, eps, EPS_IN_SQRT, False)
         if STATS:
             _stats_flush(stats_ptr, stats_bits_ptr, t, acc_g, acc_u, acc_p, acc_lo, acc_hi,
                          acc_dom)
