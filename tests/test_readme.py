@@ -354,6 +354,10 @@ RULES: list[Rule] = [
     Rule(r"^python scripts/host_overhead\.py$", "covered", "--device cpu, 1 and 3 tensors",
          _covered("tests/test_gpu_scripts.py::test_host_overhead_cpu_mode_runs_and_prints",
                   "host_overhead")),
+    Rule(r"^python scripts/arithmetic_bound\.py$", "covered", "512 values, 4096-element floor",
+         _covered("tests/test_bench.py::"
+                  "test_arithmetic_bound_times_the_exact_work_and_prints_the_allowance",
+                  "arithmetic_bound")),
     Rule(r"^python examples/quantized_bytes\.py$", "run", "width 64 (0.92M params)",
          _python_example(["--width", "64"])),
     Rule(r"^python examples/\S+\.py", "run", "as the README writes it", _python_example([])),
