@@ -971,35 +971,54 @@ class RMSprop(Optimizer):
         _check_run_options(group)
         params = [p for p in group["params"] if p.grad is not None]
         for p in params:
-            why = self._tensor_problem(group, p)
+            why = self._tensor_problem(group, p, fused=False)
             if why:
                 raise RuntimeError(why)
         path = self._path(group, params) if params else "none"
+        if path == "fused":  # the kernel reads raw memory: every layout, before any group
+            for p in params:
+                why = self._tensor_problem(group, p, fused=True)
+                if why:
+                    raise RuntimeError(why)
         if compiling and path == "fused":  # the ctypes kernel is opaque to dynamo
             path = "foreach"
         return _Job(group, params, path)
 
-    def _tensor_problem(self, group: dict, p: Tensor) -> str | None:
+    def _tensor_problem(self, group: dict, p: Tensor, fused: bool) -> str | None:
         """Why ``p`` (with a gradient) cannot step: a sparse gradient, or one of another
         shape or kind, or live state that is not ``p``'s in the group's format (a param
-        resized through ``p.data``, state replaced by hand); None if it can. The general
-        route asks before any group is written."""
+        resized or moved through ``p.data``, state replaced by hand); None if it can. The
+        general route asks before any group is written. Where the fused kernel will read the
+        tensors' memory (``fused``) every state tensor's layout and the gradient's device are
+        checked; the torch paths' own ops check those, and ``square_avg``'s shape is enough
+        there to refuse a resized param before any group steps."""
         g = cast(Tensor, p.grad)
         if g.is_sparse:
             return "RMSprop does not support sparse gradients"
         if g.shape != p.shape:
             return (f"gradient of parameter {self._param_label(group, p)} has shape "
                     f"{tuple(g.shape)}, the parameter {tuple(p.shape)}")
-        if g.is_complex() != p.is_complex() or not (g.is_floating_point() or g.is_complex()):
+        if g.dtype != p.dtype and (g.is_complex() != p.is_complex()
+                                   or not (g.is_floating_point() or g.is_complex())):
             return (f"gradient of parameter {self._param_label(group, p)} has dtype "
                     f"{g.dtype}, the parameter {p.dtype}")
+        if fused and g.device != p.device:
+            return (f"gradient of parameter {self._param_label(group, p)} is on {g.device}, "
+                    f"the parameter on {p.device}")
         state = self.state.get(p)
-        if state:
-            codec = self._codec(group, p)
-            for key in _codecs.STATE_KEYS:
-                why = codec.layout(key, state, p)
-                if why:
-                    return f"state {key!r} of parameter {self._param_label(group, p)} {why}"
+        if not state:
+            return None
+        keys = _codecs.STATE_KEYS
+        if not fused:
+            sq = state.get("square_avg")
+            if not isinstance(sq, Tensor) or sq.shape == p.shape:
+                return None  # (quantized codes are flat: their layout is checked below)
+            keys = ("square_avg",)
+        codec = self._codec(group, p)
+        for key in keys:
+            why = codec.layout(key, state, p)
+            if why:
+                return f"state {key!r} of parameter {self._param_label(group, p)} {why}"
         return None
 
     def _path(self, group: dict, params: list[Tensor]) -> str:
