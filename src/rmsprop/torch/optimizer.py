@@ -1008,7 +1008,7 @@ class RMSprop(Optimizer):
         state = self.state.get(p)
         if not state:
             return None
-        keys = _codecs.STATE_KEYS
+        keys: tuple[str, ...] = _codecs.STATE_KEYS
         if not fused:
             sq = state.get("square_avg")
             if not isinstance(sq, Tensor) or sq.shape == p.shape:
