@@ -1030,3 +1030,37 @@ def test_resuming_with_fewer_trials_than_the_study_holds_is_one_line(toy, capsys
     assert rc == 2
     _one_line_error(out, "study 'f' already holds 3 complete trials, more than --trials 1")
     assert _contents(tmp / "f") == before and len(load(db, "f").get_trials()) == 3
+
+
+def test_a_retried_trial_draws_no_point_so_the_sequence_continues_unbroken():
+    """A trial failed or interrupted (Ctrl-C) is re-queued with its parameters under a new
+    number; the trials after it must go on with the next points. They were indexed by trial
+    number, so after a retry point 2 was never tried and point 6 was. Oracle:
+    ``search_space.suggest``, the sequence an uninterrupted run tries."""
+    import optuna
+    from optuna.trial import TrialState
+
+    from rmsprop.tools import search_space, storage
+    from rmsprop.tools import study as study_mod
+    space = search_space.build_space("adam")
+    want = [[p.from_unit(u) for p, u in zip(space, search_space.unit_point(
+        "random", 3, i, len(space)))] for i in range(5)]
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    st = optuna.create_study(sampler=study_mod._DeterministicSampler("random", 3, space).make())
+
+    def draw():
+        trial = st.ask()
+        return trial, [trial.suggest_float(p.key, *p.bounds(), log=p.log) for p in space]
+
+    tried = []
+    for k in range(6):
+        trial, values = draw()
+        tried.append(values)
+        if k == 1:  # interrupted: failed and re-queued, as the worker does on Ctrl-C
+            storage.retry_callback()(st, st.tell(trial, state=TrialState.FAIL))
+        else:
+            st.tell(trial, 0.0)
+    # trial 2 is the retry of point 1; the fresh ones are points 0, 1, 2, 3, 4
+    assert tried[2] == tried[1]
+    fresh = [tried[i] for i in (0, 1, 3, 4, 5)]
+    assert all(a == pytest.approx(b, rel=1e-12) for a, b in zip(fresh, want, strict=True))

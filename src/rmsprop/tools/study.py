@@ -196,20 +196,27 @@ def check_out(out: str | os.PathLike[str] | None, cfg: TuneConfig | None = None)
 
 
 class _DeterministicSampler:
-    """Random or scrambled-Sobol points that depend only on ``(seed, trial.number)``.
+    """Random or scrambled-Sobol points that depend only on ``(seed, point index)``.
 
     Optuna's RandomSampler/QMCSampler draw from per-process state, so K workers started with
     the same seed would propose the same points, and a resumed study would not replay the same
-    sequence; indexing by trial number fixes both.
+    sequence; indexing by the trial's place fixes both. The index is the trial number less
+    the retries numbered before it: a retry (a failed or interrupted trial re-queued with its
+    parameters, Optuna's ``failed_trial`` attribute) re-runs its point and draws none, so
+    after a Ctrl-C and resume the study still tries points 0, 1, 2, ... as an uninterrupted
+    run and :func:`rmsprop.tools.search_space.suggest` do.
     """
 
     def __init__(self, kind: str, seed: int, space: Sequence[Param]) -> None:
         self.kind, self.seed, self.space = kind, int(seed), list(space)
         self._cache: dict[int, list[float]] = {}
 
-    def unit_point(self, number: int) -> list[float]:
+    def unit_point(self, study: Any, number: int) -> list[float]:
         if number not in self._cache:  # one trial at a time per process
-            self._cache = {number: unit_point(self.kind, self.seed, number, len(self.space))}
+            retries = sum(1 for t in study.get_trials(deepcopy=False)
+                          if t.number < number and "failed_trial" in t.system_attrs)
+            self._cache = {number: unit_point(self.kind, self.seed, number - retries,
+                                              len(self.space))}
         return self._cache[number]
 
     def make(self) -> Any:
@@ -229,7 +236,7 @@ class _DeterministicSampler:
                 if name not in keys:
                     raise RuntimeError(f"parameter {name!r} is not in the search space")
                 i = keys.index(name)
-                return outer.space[i].from_unit(outer.unit_point(trial.number)[i])
+                return outer.space[i].from_unit(outer.unit_point(study, trial.number)[i])
 
         return Sampler()
 
