@@ -709,9 +709,10 @@ def test_ctrl_c_requeues_the_trial_without_a_traceback(toy, capsys, monkeypatch)
         args = [*BASE, "--sampler", "random", "--trials", "4", "--storage", url, "--study",
                 name, "--out", str(tmp / name), "--jobs", str(jobs)]
         p = spawn(args, {**env, "TOY_SLEEP": "30"})
-        # running with their parameters drawn (a trial is RUNNING a moment before it has them)
-        assert _wait_for(lambda u=url, n=name, k=jobs: len([t for t in _running(u, n)
-                                                            if t.params]) == k), \
+        # running with all their parameters drawn (a trial is RUNNING a moment before it
+        # has them, and draws them one at a time)
+        assert _wait_for(lambda u=url, n=name, k=jobs: len(
+            [t for t in _running(u, n) if {"lr", "one_minus_alpha"} <= set(t.params)]) == k), \
             p.communicate()
         running = {t.number: t.params for t in _running(url, name)}
         p.send_signal(signal.SIGINT)
