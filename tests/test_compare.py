@@ -740,3 +740,33 @@ def test_a_failed_compare_leaves_no_folder_it_made(tmp_path, monkeypatch, capsys
     assert code == 2
     assert "RuntimeError: boom; nothing was kept" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_test_split_that_raises_is_one_line_before_any_run(user_module, tmp_path, capsys):
+    """The problem check evaluated the 'valid' split only: one whose 'test' split raises
+    failed in its first run, after the header and the bar."""
+    name = user_module(TINY_PROBLEM.replace(
+        'return [(X[96:128], Y[96:128])] if name == "valid" else [(X[128:], Y[128:])]',
+        'return {"valid": [(X[96:128], Y[96:128])]}[name]'), "mine_no_test")
+    out = tmp_path / "o"
+    code = cli.main(["compare", "--problem", f"{name}:make_problem", "--optimizer", "adam",
+                     "--trials", "0", "--seeds", "1", "--jobs", "1", "--no-plots",
+                     "--out", str(out)])
+    _one_line_error(capsys, code, "evaluating the 'test' split raised KeyError")
+    assert not out.exists()
+
+
+def test_an_optimizer_class_that_cannot_be_built_is_one_line_before_any_run(tmp_path, capsys):
+    """torch.optim.Optimizer itself takes no lr: it failed in every run, mid-way."""
+    out = tmp_path / "o"
+    code = cli.main(["compare", "--problem", "saddle", "--optimizer", "torch.optim:Optimizer",
+                     "--trials", "0", "--seeds", "1", "--jobs", "1", "--no-plots",
+                     "--out", str(out)])
+    _one_line_error(capsys, code, "optimizer 'torch.optim:Optimizer' cannot be built with "
+                                  "lr=0.001: TypeError")
+    assert not out.exists()
+
+
+def test_an_unknown_problem_names_the_import_path_form(capsys):
+    code = cli.main(["compare", "--problem", "examples.my_problem", "--no-plots"])
+    _one_line_error(capsys, code, "or your own as pkg.module:make_problem")

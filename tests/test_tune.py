@@ -1065,3 +1065,20 @@ def test_a_retried_trial_draws_no_point_so_the_sequence_continues_unbroken():
     assert tried[2] == tried[1]
     fresh = [tried[i] for i in (0, 1, 3, 4, 5)]
     assert all(a == pytest.approx(b, rel=1e-12) for a, b in zip(fresh, want, strict=True))
+
+
+def test_a_missing_mysql_driver_names_the_package_that_installs_it(monkeypatch):
+    """The hint said `pip install mysqldb`; the package is mysqlclient."""
+    import importlib
+
+    from rmsprop.tools import storage
+    real = importlib.import_module
+
+    def missing(name, *args, **kwargs):
+        if name == "MySQLdb":
+            raise ImportError(name)
+        return real(name, *args, **kwargs)
+
+    monkeypatch.setattr(importlib, "import_module", missing)
+    with pytest.raises(storage.StorageError, match="pip install mysqlclient"):
+        storage._check_driver("mysql+mysqldb://user:pw@127.0.0.1:1/db")

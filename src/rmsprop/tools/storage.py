@@ -50,6 +50,8 @@ _DRIVERS: dict[str, tuple[str, str]] = {
 _DRIVER_MODULES = {"psycopg2": "psycopg2", "psycopg": "psycopg", "pg8000": "pg8000",
                    "asyncpg": "asyncpg", "pymysql": "pymysql", "mysqldb": "MySQLdb",
                    "mysqlconnector": "mysql.connector"}
+#: SQLAlchemy driver name -> the package that installs it, where the names differ
+_DRIVER_PACKAGES = {"mysqldb": "mysqlclient", "mysqlconnector": "mysql-connector-python"}
 
 
 class StorageError(ValueError):
@@ -160,7 +162,7 @@ def _check_driver(url: str) -> None:
     if driver:
         module = _DRIVER_MODULES.get(driver, driver)
         if driver != "psycopg2" or dialect != "postgresql":
-            install = f"pip install {driver}"
+            install = f"pip install {_DRIVER_PACKAGES.get(driver, driver)}"
     try:
         importlib.import_module(module)
     except ImportError:

@@ -155,16 +155,17 @@ def check(problem: Any, source: str | None = None) -> None:
         if loss.is_complex() or not math.isfinite(float(loss.detach())):
             raise ProblemError(f"{where}: the initial loss is {float(loss.detach().real)}, "
                                "not a finite real number")
-        try:
-            ev = task.evaluate("valid")
-        except Exception as e:  # noqa: BLE001
-            raise ProblemError(f"{where}: evaluating the 'valid' split raised "
-                               f"{_one_line(e)}") from None
-        ok = (isinstance(ev, tuple) and len(ev) == 2 and isinstance(ev[0], (int, float))
-              and (ev[1] is None or isinstance(ev[1], (int, float))))
-        if not ok:
-            raise ProblemError(f"{where}: evaluate(split) must return (loss, metric or None) "
-                               f"as floats, got {ev!r:.80}")
+        for split in ("valid", "test"):  # a run evaluates both: fail here, not mid-run
+            try:
+                ev = task.evaluate(split)
+            except Exception as e:  # noqa: BLE001
+                raise ProblemError(f"{where}: evaluating the {split!r} split raised "
+                                   f"{_one_line(e)}") from None
+            ok = (isinstance(ev, tuple) and len(ev) == 2 and isinstance(ev[0], (int, float))
+                  and (ev[1] is None or isinstance(ev[1], (int, float))))
+            if not ok:
+                raise ProblemError(f"{where}: evaluate({split!r}) must return (loss, metric or "
+                                   f"None) as floats, got {ev!r:.80}")
 
 
 def fingerprint(key: str, problem: Any = None) -> dict[str, Any] | None:

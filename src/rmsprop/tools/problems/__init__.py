@@ -58,4 +58,5 @@ def get(name: str) -> Problem:
         return PROBLEMS[name]
     except KeyError:
         valid = ", ".join(PROBLEMS)
-        raise ValueError(f"unknown problem {name!r}; valid problems: {valid}") from None
+        raise ValueError(f"unknown problem {name!r}; valid problems: {valid}, or your own "
+                         "as pkg.module:make_problem") from None

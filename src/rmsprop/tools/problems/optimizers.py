@@ -200,6 +200,13 @@ def resolve(name_or_path: str) -> OptimizerSpec:
             if isinstance(d, float):
                 defaults[pname] = d
     defaults.setdefault("lr", 1e-3)
+    build: Any = obj  # (its signature is the user's, not Optimizer's)
+    try:  # a class that cannot be built with its defaults would fail in every run, mid-way
+        build([torch.nn.Parameter(torch.zeros(1))], **defaults)
+    except Exception as e:  # noqa: BLE001
+        raise ValueError(f"optimizer {name_or_path!r} cannot be built with "
+                         f"{', '.join(f'{k}={v:g}' for k, v in defaults.items())}: "
+                         f"{type(e).__name__}: {e}") from None
     return OptimizerSpec(name_or_path, obj, defaults, {"lr": _LR_ADAPTIVE}, f"{obj.__module__}."
                          f"{obj.__qualname__}", accepts=tuple(numeric))
 
