@@ -971,27 +971,21 @@ class RMSprop(Optimizer):
         _check_run_options(group)
         params = [p for p in group["params"] if p.grad is not None]
         for p in params:
-            why = self._tensor_problem(group, p, fused=False)
+            why = self._grad_problem(group, p)
             if why:
                 raise RuntimeError(why)
         path = self._path(group, params) if params else "none"
-        if path == "fused":  # the kernel reads raw memory: every layout, before any group
-            for p in params:
-                why = self._tensor_problem(group, p, fused=True)
-                if why:
-                    raise RuntimeError(why)
+        for p in params:  # after the path: the fused kernel reads raw memory, so more is checked
+            why = self._state_problem(group, p, fused=path == "fused")
+            if why:
+                raise RuntimeError(why)
         if compiling and path == "fused":  # the ctypes kernel is opaque to dynamo
             path = "foreach"
         return _Job(group, params, path)
 
-    def _tensor_problem(self, group: dict, p: Tensor, fused: bool) -> str | None:
-        """Why ``p`` (with a gradient) cannot step: a sparse gradient, or one of another
-        shape or kind, or live state that is not ``p``'s in the group's format (a param
-        resized or moved through ``p.data``, state replaced by hand); None if it can. The
-        general route asks before any group is written. Where the fused kernel will read the
-        tensors' memory (``fused``) every state tensor's layout and the gradient's device are
-        checked; the torch paths' own ops check those, and ``square_avg``'s shape is enough
-        there to refuse a resized param before any group steps."""
+    def _grad_problem(self, group: dict, p: Tensor) -> str | None:
+        """Why ``p``'s gradient cannot step it: sparse, or of another shape or kind; None if
+        it can. The general route asks before any group is written."""
         g = cast(Tensor, p.grad)
         if g.is_sparse:
             return "RMSprop does not support sparse gradients"
@@ -1002,6 +996,16 @@ class RMSprop(Optimizer):
                                    or not (g.is_floating_point() or g.is_complex())):
             return (f"gradient of parameter {self._param_label(group, p)} has dtype "
                     f"{g.dtype}, the parameter {p.dtype}")
+        return None
+
+    def _state_problem(self, group: dict, p: Tensor, fused: bool) -> str | None:
+        """Why ``p`` cannot step on its path: live state that is not ``p``'s in the group's
+        format (a param resized or moved through ``p.data``, state replaced by hand); None
+        if it can. Where the fused kernel will read the tensors' memory (``fused``) every
+        state tensor's layout and the gradient's device are checked; the torch paths' own
+        ops check those, and ``square_avg``'s shape is enough there to refuse a resized
+        param before any group steps."""
+        g = cast(Tensor, p.grad)
         if fused and g.device != p.device:
             return (f"gradient of parameter {self._param_label(group, p)} is on {g.device}, "
                     f"the parameter on {p.device}")
