@@ -796,6 +796,13 @@ def test_example_runs_under_torchrun(tmp_path):
            "--checkpoint-dir", str(tmp_path / "ckpt")]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=WORKER_TIMEOUT_S, env=env)
+    if (proc.returncode != 0 and "terminate called without an active exception" in proc.stderr
+            and all(f"[{mode}] 3 steps" in proc.stdout for mode in ("ddp", "zero", "fsdp"))):
+        # A rank can abort in torch's own C++ teardown (gloo's threads) after the work is done
+        # and printed, which is not what this test checks: run it once more, and fail if that
+        # run fails too.
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=WORKER_TIMEOUT_S,
+                              env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     held = {}
     for mode in ("ddp", "zero", "fsdp"):
