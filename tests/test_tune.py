@@ -344,6 +344,10 @@ def test_resume_after_killed_worker_ends_with_exactly_n(toy):
         return s.get(TrialState.COMPLETE, 0) >= 2 and s.get(TrialState.RUNNING, 0) == 1
 
     assert _wait_for(two_done_one_running), p.communicate()[1]
+    # killed with all its parameters drawn (a trial is RUNNING a moment before it has them)
+    assert _wait_for(lambda: any({"lr", "one_minus_alpha"} <= set(t.params)
+                                 for t in load(db, "k").get_trials(
+                                     states=(TrialState.RUNNING,)))), p.communicate()[1]
     p.send_signal(signal.SIGKILL)
     p.wait()
     study = load(db, "k")
@@ -1065,6 +1069,14 @@ def test_a_retried_trial_draws_no_point_so_the_sequence_continues_unbroken():
     assert tried[2] == tried[1]
     fresh = [tried[i] for i in (0, 1, 3, 4, 5)]
     assert all(a == pytest.approx(b, rel=1e-12) for a, b in zip(fresh, want, strict=True))
+    # a trial stopped before it drew every coordinate: its retry draws the rest of its point
+    trial = st.ask()
+    first = trial.suggest_float(space[0].key, *space[0].bounds(), log=space[0].log)
+    storage.retry_callback()(st, st.tell(trial, state=TrialState.FAIL))
+    _, values = draw()
+    point5 = [p.from_unit(u) for p, u in zip(space, search_space.unit_point(
+        "random", 3, 5, len(space)))]
+    assert values[0] == first and values == pytest.approx(point5, rel=1e-12)
 
 
 def test_a_missing_mysql_driver_names_the_package_that_installs_it(monkeypatch):

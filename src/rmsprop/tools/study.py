@@ -213,11 +213,22 @@ class _DeterministicSampler:
 
     def unit_point(self, study: Any, number: int) -> list[float]:
         if number not in self._cache:  # one trial at a time per process
-            retries = sum(1 for t in study.get_trials(deepcopy=False)
-                          if t.number < number and "failed_trial" in t.system_attrs)
-            self._cache = {number: unit_point(self.kind, self.seed, number - retries,
-                                              len(self.space))}
+            trials = {t.number: t for t in study.get_trials(deepcopy=False)}
+            index = self._index(trials, number)
+            self._cache = {number: unit_point(self.kind, self.seed, index, len(self.space))}
         return self._cache[number]
+
+    @staticmethod
+    def _index(trials: dict[int, Any], number: int) -> int:
+        """The point of trial ``number``: a retry's is its failed trial's (it draws only the
+        coordinates that trial had not drawn when it stopped), a fresh trial's its number
+        less the retries numbered before it."""
+        t = trials.get(number)
+        original = t.system_attrs.get("failed_trial") if t is not None else None
+        if original is not None and original != number:
+            return _DeterministicSampler._index(trials, int(original))
+        return number - sum(1 for k, u in trials.items()
+                            if k < number and "failed_trial" in u.system_attrs)
 
     def make(self) -> Any:
         import optuna
