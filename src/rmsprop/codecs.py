@@ -31,13 +31,16 @@ is round-half-to-even; values are first rounded to float32.
 *Unsigned maps* (``v``), ``L = 256`` (8-bit) or ``16`` (4-bit) levels::
 
     s = max(x over the block)                                  (x >= 0; s = 0: every code 0)
-    q = clamp(k - 1, 0, L - 1),  k = the integer nearest sqrt(L^2 * (x / s))   (encode)
+    c = L / sqrt(s)                                            (once per block)
+    q = clamp(k - 1, 0, L - 1),  k = rint(sqrt(x) * c)        (encode; x < 0 or NaN as 0)
     x' = s * U[q],   U[q] = ((q + 1) / L)^2                    (decode; U exact in float32)
 
-``k`` is exact, ties to even: with ``y = L^2 * (x / s)`` (an exact scaling), ``k`` is the
-integer with ``(k - 1/2)^2 <= y <= (k + 1/2)^2``, found from any ``sqrt`` within an ulp and
-two comparisons with squares that are exact in float32, so no backend's ``sqrt`` rounding can
-change a code.
+``sqrt(x) * c`` is ``L * sqrt(x / s)`` to within two ulps, so ``k`` is the nearest level of
+the root, the quantity the step divides by. The encoder takes the root of the new ``x``, the
+same correctly rounded ``sqrt`` the update takes of it (``sqrt(v) + eps``): a kernel reuses the
+update's root and encodes with one product per element (no division, no second root). The
+maximum of the roots is ``sqrt(s)``, since a correctly rounded ``sqrt`` is monotone, so the
+block's largest element gets ``k = L`` exactly and decodes to ``s``.
 
 *Signed maps* (``m``, ``b``), ``K = 127`` (8-bit) or ``7`` (4-bit)::
 
@@ -118,7 +121,7 @@ from typing import Any
 import numpy as np
 
 __all__ = ["QFormat", "Quantized", "FORMATS", "QUANTIZED", "MIN_QUANTIZED", "encode", "decode",
-           "init_entry", "nearest_sqrt", "quantizes", "store", "load", "family", "state_bytes",
+           "init_entry", "quantizes", "store", "load", "family", "state_bytes",
            "unsigned_table", "signed_table", "round_bfloat16", "fmix32", "random_bits",
            "param_seed", "stochastic_round", "is_float_dtype", "Entry"]
 
@@ -257,33 +260,19 @@ def encode(x: np.ndarray, fmt: str) -> Quantized:
     mag = np.abs(flat) if f.signed else np.maximum(flat, np.float32(0))
     scales = _block_max(mag, f.block)
     s = np.repeat(scales, f.block)[:n]
-    u = np.where(s > 0, mag / np.where(s > 0, s, np.float32(1)), np.float32(0))
-    u = u.astype(np.float32)
     if f.signed:
-        k = np.rint(np.float32(f.levels) * u).astype(np.int64)
+        u = np.where(s > 0, mag / np.where(s > 0, s, np.float32(1)), np.float32(0))
+        k = np.rint(np.float32(f.levels) * u.astype(np.float32)).astype(np.int64)
         k = np.where(flat < 0, -k, k)
         codes = (k & ((1 << f.bits) - 1)).astype(np.uint8)
     else:
-        codes = np.clip(nearest_sqrt(np.float32(f.levels * f.levels) * u) - 1, 0,
-                        f.levels - 1).astype(np.uint8)
+        c = np.float32(f.levels) / np.sqrt(np.where(scales > 0, scales, np.float32(1)))
+        root = np.sqrt(np.where(flat > 0, flat, np.float32(0)))
+        k = np.rint(root * np.repeat(c.astype(np.float32), f.block)[:n]).astype(np.int64)
+        codes = np.where(s > 0, np.clip(k - 1, 0, f.levels - 1), 0).astype(np.uint8)
     if f.bits == 4:
         codes = _pack4(codes)
     return Quantized(fmt, codes, scales, tuple(shape))
-
-
-def nearest_sqrt(y: np.ndarray) -> np.ndarray:
-    """The integer nearest ``sqrt(y)`` for float32 ``y >= 0`` (ties to even), exactly: a
-    float32 ``sqrt`` puts ``k`` within one of it, and comparing ``y`` with ``(k +- 1/2)^2``
-    (exact in float32 for ``k < 2^11``) settles it."""
-    y = np.asarray(y, dtype=np.float32)
-    k = np.rint(np.sqrt(y)).astype(np.int64)
-    kf = k.astype(np.float32)
-    hi = (kf + np.float32(0.5)) ** 2
-    lo = (kf - np.float32(0.5)) ** 2
-    odd = (k & 1) == 1
-    up = (y > hi) | ((y == hi) & odd)
-    down = (y < lo) | ((y == lo) & odd)
-    return np.where(up, k + 1, np.where(down, k - 1, k))
 
 
 def decode(q: Quantized, dtype: Any = np.float32) -> np.ndarray:

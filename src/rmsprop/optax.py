@@ -182,14 +182,16 @@ def _q_encode(x: jax.Array, fmt: str) -> QuantizedLeaf:
     rows = jnp.pad(flat, (0, nb * f.block - n)).reshape(nb, f.block)
     mag = jnp.abs(rows) if f.signed else jnp.maximum(rows, jnp.float32(0))
     scales = jnp.max(mag, axis=1)
-    u = mag / jnp.where(scales > 0, scales, jnp.float32(1))[:, None]
+    safe = jnp.where(scales > 0, scales, jnp.float32(1))[:, None]
     if f.signed:
+        u = mag / safe
         k = jnp.round(u * jnp.float32(f.levels))
         k = jnp.where(rows < 0, -k, k)
         codes = jnp.where(k < 0, k + (1 << f.bits), k).astype(jnp.uint8)
     else:
-        codes = jnp.clip(_nearest_sqrt(u * jnp.float32(f.levels * f.levels)) - 1, 0,
-                         f.levels - 1).astype(jnp.uint8)
+        c = jnp.float32(f.levels) / jnp.sqrt(safe)
+        q = jnp.clip(jnp.round(jnp.sqrt(mag) * c) - 1, 0, f.levels - 1)
+        codes = jnp.where(scales[:, None] > 0, q, 0).astype(jnp.uint8)
     codes = codes.reshape(-1)
     if f.bits == 4:
         codes = codes[: n + n % 2]
@@ -199,16 +201,6 @@ def _q_encode(x: jax.Array, fmt: str) -> QuantizedLeaf:
     else:
         codes = codes[:n]
     return QuantizedLeaf(codes, scales)
-
-
-def _nearest_sqrt(y: jax.Array) -> jax.Array:
-    """:func:`rmsprop.codecs.nearest_sqrt`: the integer nearest ``sqrt(y)``, ties to even."""
-    k = jnp.round(jnp.sqrt(y))
-    hi, lo = (k + 0.5) * (k + 0.5), (k - 0.5) * (k - 0.5)
-    odd = jnp.mod(k, 2) == 1
-    up = (y > hi) | ((y == hi) & odd)
-    down = (y < lo) | ((y == lo) & odd)
-    return k + up.astype(k.dtype) - down.astype(k.dtype)
 
 
 def _q_decode(leaf: QuantizedLeaf, fmt: str, n: int) -> jax.Array:

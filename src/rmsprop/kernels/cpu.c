@@ -100,8 +100,9 @@ typedef struct {
 
 /* What encoding one block of a block-quantized state needs, once its new values are known
  * (qenc_prep in cpu_step.h): the scale s, the mode (0: s is not > 0, every code 0; 1: the
- * portable codecs; 2: the x86-64-v3 quotient of s' = s * 2^k in [1, 2), see cpu_step.h)
- * and its constants f = 2^k (times L^2 for the unsigned map), s', y = 1 / s'. */
+ * portable codecs; 2: the x86-64-v3 codecs) and their constants: for the signed map the
+ * quotient's f = 2^k, s' = s * f in [1, 2) and y = 1 / s' (see cpu_step.h), for the
+ * unsigned one y = L / sqrt(s). */
 typedef struct {
     float s, f, sp, y;
     int mode;

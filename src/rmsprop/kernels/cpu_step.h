@@ -107,7 +107,7 @@ static void TNAME(encode)(int fmt, char *dstc, float *scale, int64_t n,
 static inline __attribute__((always_inline)) void TNAME(core)(
     int64_t n, void *restrict pv, const void *restrict gv, T *restrict v, T *restrict m,
     T *restrict b, const RMS_HYP *h, double *acc, const int CEN, const int MOM, const int WD,
-    const int ST, const int BF16) {
+    const int ST, const int BF16, const int SQ, T *vmax) {
     T *restrict p = (T *)pv;
     const T *restrict g = (const T *)gv;
     uint16_t *restrict p16 = (uint16_t *)pv;
@@ -117,15 +117,19 @@ static inline __attribute__((always_inline)) void TNAME(core)(
             npost = -h->post, invc = h->invc, gmul = h->gmul,
             lerp_w = h->lerp_w;
     const int nest = h->nesterov, eis = h->eps_in_sqrt, lsmall = h->lerp_small;
-    T sg = 0, su = 0, sp = 0, cnt = 0, mn = (T)INFINITY, mx = -(T)INFINITY;
-#pragma omp simd reduction(+ : sg, su, sp, cnt) reduction(min : mn) reduction(max : mx)
+    T sg = 0, su = 0, sp = 0, cnt = 0, mn = (T)INFINITY, mx = -(T)INFINITY, vm = 0;
+#pragma omp simd reduction(+ : sg, su, sp, cnt) reduction(min : mn) reduction(max : mx, vm)
     for (int64_t i = 0; i < n; i++) {
-        T gi = (BF16 ? (T)rms_bf2f(g16[i]) : g[i]) * gmul;
+        /* SQ: gmul and pdecay are 1 (segq_bits), and the multiplies cost where the
+         * quantized step is arithmetic-bound */
+        T gi = BF16 ? (T)rms_bf2f(g16[i]) : g[i];
+        if (!SQ) gi = gi * gmul;
         const T p0 = BF16 ? (T)rms_bf2f(p16[i]) : p[i];
         if (WD) gi = RMS_FMA(wd, p0, gi);
-        T pi = p0 * pdecay;
+        T pi = SQ ? p0 : p0 * pdecay;
         T vi = RMS_FMA(oma * gi, gi, alpha * v[i]);
-        v[i] = vi;
+        if (SQ) vm = vi > vm ? vi : vm;
+        else v[i] = vi;
         T s;
         if (CEN) {
             T mo = m[i];
@@ -135,9 +139,10 @@ static inline __attribute__((always_inline)) void TNAME(core)(
             s = RMS_FMA(-mc, mc, vi * invc);
             s = s < 0 ? (T)0 : s; /* keeps NaN: NaN < 0 is false */
         } else {
-            s = vi * invc;
+            s = SQ ? vi : vi * invc; /* SQ: invc is 1 and eps_in 0 */
         }
-        T sq = RMS_SQRT(s + eps_in);
+        T sq = RMS_SQRT(SQ ? s : s + eps_in);
+        if (SQ) v[i] = sq;
         T d = sq + eps_out;
         if (MOM) {
             T nn = gi / d;
@@ -174,6 +179,7 @@ static inline __attribute__((always_inline)) void TNAME(core)(
             cnt += eps > dom ? (T)1 : (T)0;
         }
     }
+    if (SQ) *vmax = vm;
     if (ST) {
         acc[0] += (double)sg; acc[1] += (double)su; acc[2] += (double)sp;
         if ((double)mn < acc[3]) acc[3] = (double)mn;
@@ -185,7 +191,7 @@ static inline __attribute__((always_inline)) void TNAME(core)(
 #define RMS_CORE_CASE(S, BF)                                                                 \
     case S:                                                                                  \
         TNAME(core)(n, p, g, v, m, b, h, acc, (S)&1, ((S) >> 1) & 1, ((S) >> 2) & 1,         \
-                    ((S) >> 3) & 1, BF);                                                     \
+                    ((S) >> 3) & 1, BF, 0, NULL);                                            \
         break;
 #define RMS_CORE_CASES(BF)                                                                   \
     RMS_CORE_CASE(0, BF) RMS_CORE_CASE(1, BF) RMS_CORE_CASE(2, BF) RMS_CORE_CASE(3, BF)      \
@@ -203,6 +209,24 @@ static void TNAME(dispatch)(int spec, int64_t n, void *p, const void *g, T *v, T
 }
 
 #if RMS_IS_F32
+/* The update of a quantized block whose square_avg is encoded from sqrt(v) itself (spec
+ * 0, 2, 4 or 6: not centered, no stats; no bias correction, eps outside the root): v
+ * receives sqrt(v_new), the root the update divides by, and *vmax max(v_new), the block's
+ * new scale, so that the encoder (qenc_run_sq) need not take the root again. */
+static void TNAME(dispatch_sq)(int spec, int64_t n, void *p, const void *g, T *v, T *b,
+                               const RMS_HYP *h, T *vmax) {
+#define RMS_SQ_CASE(S)                                                                       \
+    case S:                                                                                  \
+        TNAME(core)(n, p, g, v, NULL, b, h, NULL, 0, ((S) >> 1) & 1, ((S) >> 2) & 1, 0, 0,   \
+                    1, vmax);                                                                \
+        break;
+    switch (spec) {
+        RMS_SQ_CASE(0) RMS_SQ_CASE(2) RMS_SQ_CASE(4) RMS_SQ_CASE(6)
+    default: break;
+    }
+#undef RMS_SQ_CASE
+}
+
 /* bfloat16 params and gradients, float state, no stats: bfloat16 <-> float is integer work
  * that vectorises inside the update loop itself, so every stream advances together as in
  * the float32 step, instead of through buffers. Used by the baseline build, and for the last
@@ -353,17 +377,28 @@ static void TNAME(seg)(int pdt, int sdt, int spec, int64_t n, const rms_streams 
  * levels of the unsigned map, K = 127 / 7 of the signed one (8 / 4 bits):
  *   u decode  x' = s * ((q + 1)^2 / L^2)          (the table value is exact: one rounding)
  *   s decode  x' = s * S[c]                       (S: rms_s8tab / rms_s4tab, rounded once)
- *   u encode  s = max(x), y = L^2 * (x / s), k = rint(sqrt(y)) moved by one where y lies
- *             outside [(k - 1/2)^2, (k + 1/2)^2] (ties to even), q = clamp(k - 1, 0, L - 1)
+ *   u encode  s = max(x), k = rint(sqrt(x) * (L / sqrt(s))), q = clamp(k - 1, 0, L - 1)
  *   s encode  s = max|x|, k = rint(K * (|x| / s)), negated for x < 0, stored mod 2^bits
- * The code is defined by the correctly rounded quotient x / s. The portable codecs below
- * divide; the x86-64-v3 ones (further down) compute the same quotient without the divider,
- * which the update's own division and sqrt already keep busy.
+ * The unsigned code needs the root of x, which the update has just taken to divide by it:
+ * in the default step (dispatch_sq) the update hands the roots and the block's maximum to
+ * the encoder (qenc_run_sq), which is then one product per element. The signed code is
+ * defined by the correctly rounded quotient x / s: the portable codecs below divide; the
+ * x86-64-v3 ones (further down) compute the same quotient without the divider, which the
+ * update's own division and sqrt already keep busy.
  * 4-bit codes: element 2j in the low nibble of byte j. Each encode returns the block's new
  * scale; its maximum keeps the larger operand when one is a NaN, as `a > s ? a : s` does. */
 static inline __attribute__((always_inline)) void TNAME(dec_u)(
     const uint8_t *restrict c, float s, int64_t n, float *restrict d, const int B4) {
     const float inv = B4 ? 0x1p-8f : 0x1p-16f;
+    if (s >= 0x1p-100f) { /* s * inv is exact: one product, the same rounding */
+        const float si = s * inv;
+#pragma omp simd
+        for (int64_t i = 0; i < n; i++) {
+            float q = (float)c[i] + 1.0f;
+            d[i] = (q * q) * si;
+        }
+        return;
+    }
 #pragma omp simd
     for (int64_t i = 0; i < n; i++) {
         int q = (int)c[i] + 1;
@@ -378,20 +413,17 @@ static inline __attribute__((always_inline)) void TNAME(dec_s)(
     for (int64_t i = 0; i < n; i++) d[i] = s * tab[c[i]];
 }
 
-/* The codes of n values under the block scale s > 0 (the scale itself: enc_max). */
+/* The codes of n values under the block scale s > 0 (the scale itself: enc_max); ROOT: x
+ * holds the roots sqrt(v) of the values (dispatch_sq), not the values. */
 static inline __attribute__((always_inline)) void TNAME(enc_u_codes)(
-    const float *restrict x, float s, int64_t n, uint8_t *restrict c, const int B4) {
-    const float l2 = B4 ? 256.0f : 65536.0f;
+    const float *restrict x, float s, int64_t n, uint8_t *restrict c, const int B4,
+    const int ROOT) {
+    const float cs = (B4 ? 16.0f : 256.0f) / sqrtf(s);
     const int top = B4 ? 15 : 255;
 #pragma omp simd
     for (int64_t i = 0; i < n; i++) {
         float mg = x[i] > 0.0f ? x[i] : 0.0f;
-        float y = l2 * (mg / s);
-        float k = rintf(sqrtf(y));
-        float hi = (k + 0.5f) * (k + 0.5f), lo = (k - 0.5f) * (k - 0.5f);
-        int ki = (int)k, odd = ki & 1;
-        int up = (y > hi) | ((y == hi) & odd), down = (y < lo) | ((y == lo) & odd);
-        int q = ki + up - down - 1;
+        int q = (int)rintf((ROOT ? mg : sqrtf(mg)) * cs) - 1;
         q = q < 0 ? 0 : q;
         q = q > top ? top : q;
         c[i] = (uint8_t)q;
@@ -452,7 +484,7 @@ static inline __attribute__((always_inline)) void TNAME(qenc_gen_codes)(
     uint8_t cq[RMS_QBLK];
     uint8_t *c = B4 ? cq : codes;
     if (SIGNED) TNAME(enc_s_codes)(x, s, n, c, B4);
-    else TNAME(enc_u_codes)(x, s, n, c, B4);
+    else TNAME(enc_u_codes)(x, s, n, c, B4, 0);
     if (B4) TNAME(pack4)(cq, n, codes);
 }
 
@@ -473,13 +505,9 @@ static inline __attribute__((always_inline)) void TNAME(qenc_gen_codes)(
  * q1 within one ulp of a / b and y within half an ulp of 1 / b, the residual a - b q1 is
  * exact and q1 + r y rounds to RN(a / b), barring underflow, which the scaling rules out
  * down to quotients of 2^-100, far below the first code boundary (2^-18). Scales outside
- * 0 < e < 253 (subnormal, >= 2^126, inf, NaN) take the portable codecs.
- *
- * The integer nearest sqrt(y) (unsigned map): any estimate within 1/2 of sqrt(y) puts k
- * within one of it, and the exact comparisons with (k +- 1/2)^2 settle it; y * rsqrt(y)
- * is within 2^-11 * 256 of sqrt(y). The comparisons are on the float bits (y and the
- * squares are >= 0, ordered as integers): "y > hi, or y == hi with k odd" is
- * bits(y) + odd > bits(hi), "y < lo, or y == lo with k odd" is bits(y) - odd < bits(lo). */
+ * 0 < e < 253 (subnormal, >= 2^126, inf, NaN) take the portable codecs. The unsigned map
+ * needs no quotient (its codes are the roots times L / sqrt(s)); an infinite or NaN scale
+ * takes the portable codecs there too. */
 #define RMS_QV 32
 
 static inline __attribute__((always_inline)) __m256 TNAME(v_quot)(
@@ -490,18 +518,13 @@ static inline __attribute__((always_inline)) __m256 TNAME(v_quot)(
     return _mm256_fmadd_ps(_mm256_fnmadd_ps(sp, q1, xs), y, q1);
 }
 
-/* The unsigned code q = k - 1 (before the clamp at 0, which the packing does) of 8 values;
- * f includes the factor L^2, so the quotient is y = L^2 * RN(x / s) itself. */
-static inline __attribute__((always_inline)) __m256i TNAME(v_ucode)(
-    __m256 x, __m256 f, __m256 sp, __m256 y) {
-    const __m256 yv = TNAME(v_quot)(_mm256_max_ps(x, _mm256_setzero_ps()), f, sp, y);
-    /* b = floor(est), est = 1 / rsqrt(y) (0 at y = 0): the nearest integer is b or b + 1 */
-    const __m256i b = _mm256_cvttps_epi32(_mm256_rcp_ps(_mm256_rsqrt_ps(yv)));
-    const __m256 h = _mm256_add_ps(_mm256_cvtepi32_ps(b), _mm256_set1_ps(0.5f));
-    const __m256i hb = _mm256_castps_si256(_mm256_mul_ps(h, h));
-    const __m256i odd = _mm256_and_si256(b, _mm256_set1_epi32(1));
-    const __m256i up = _mm256_cmpgt_epi32(_mm256_add_epi32(_mm256_castps_si256(yv), odd), hb);
-    return _mm256_sub_epi32(_mm256_add_epi32(b, _mm256_set1_epi32(-1)), up); /* up: -1 */
+/* The unsigned code q = k - 1 (before the clamp at 0, which the packing does) of 8 values:
+ * k = rint(sqrt(x) * c), c = L / sqrt(s) (y holds c). */
+static inline __attribute__((always_inline)) __m256i TNAME(v_ucode)(__m256 x, __m256 y,
+                                                                 const int ROOT) {
+    const __m256 r = _mm256_max_ps(x, _mm256_setzero_ps()); /* NaN: 0, as enc_u_codes */
+    const __m256 t = _mm256_mul_ps(ROOT ? r : _mm256_sqrt_ps(r), y);
+    return _mm256_add_epi32(_mm256_cvtps_epi32(t), _mm256_set1_epi32(-1));
 }
 
 /* The signed code k (two's complement, masked to the format's width) of 8 values. */
@@ -560,7 +583,10 @@ static inline __attribute__((always_inline)) void TNAME(v_unpack32)(const uint8_
 static inline __attribute__((always_inline)) void TNAME(qdec)(
     const uint8_t *codes, float s, int64_t n, float *restrict d, const int SIGNED,
     const int B4) {
-    const __m256 sv = _mm256_set1_ps(s);
+    /* unsigned: s * ((q + 1)^2 / L^2) = (q + 1)^2 * (s / L^2), both one rounding of the same
+     * product, where s / L^2 is exact (normal) */
+    const int fold = !SIGNED && s >= 0x1p-100f;
+    const __m256 sv = _mm256_set1_ps(fold ? s * (B4 ? 0x1p-8f : 0x1p-16f) : s);
     const float kf = B4 ? 7.0f : 127.0f;
     const __m256 kv = _mm256_set1_ps(kf), r = _mm256_set1_ps(1.0f / kf);
     const __m256i kneg = _mm256_set1_epi32(B4 ? -7 : -127);
@@ -579,7 +605,8 @@ static inline __attribute__((always_inline)) void TNAME(qdec)(
                 t = _mm256_fmadd_ps(_mm256_fnmadd_ps(a, kv, k), r, a);
             } else {
                 const __m256 q = _mm256_add_ps(_mm256_cvtepi32_ps(c[j]), one);
-                t = _mm256_mul_ps(_mm256_mul_ps(q, q), inv); /* exact */
+                t = _mm256_mul_ps(q, q);
+                if (!fold) t = _mm256_mul_ps(t, inv); /* exact */
             }
             _mm256_storeu_ps(d + i + 8 * j, _mm256_mul_ps(sv, t));
         }
@@ -615,13 +642,18 @@ static inline __attribute__((always_inline)) void TNAME(qenc_prep)(
     }
     E->s = s;
     if (!(s > 0.0f)) { E->mode = 0; return; }
-    /* s > 0, not NaN: e is its biased exponent; f = 2^(127 - e), times L^2 (2^16, 2^8)
-     * for the unsigned map, whose quotient is then y itself */
-    const uint32_t e = rms_f2bits(s) >> 23, lg = SIGNED ? 0 : B4 ? 8 : 16;
-    if (e <= lg || e >= 253) { E->mode = 1; return; }
+    if (!SIGNED) { /* y = L / sqrt(s), finite for every finite s > 0 */
+        if (!(s < INFINITY)) { E->mode = 1; return; }
+        E->mode = 2;
+        E->y = (B4 ? 16.0f : 256.0f) / sqrtf(s);
+        return;
+    }
+    /* s > 0, not NaN: e is its biased exponent, f = 2^(127 - e) */
+    const uint32_t e = rms_f2bits(s) >> 23;
+    if (e == 0 || e >= 253) { E->mode = 1; return; }
     E->mode = 2;
     E->sp = s * rms_bits2f((254u - e) << 23);
-    E->f = rms_bits2f((254u + lg - e) << 23);
+    E->f = rms_bits2f((254u - e) << 23);
     E->y = 1.0f / E->sp;
 }
 
@@ -642,7 +674,7 @@ static inline __attribute__((always_inline)) void TNAME(qenc_run)(
         for (int j = 0; j < 4; j++) {
             const __m256 v = _mm256_loadu_ps(x + i + 8 * j);
             c[j] = SIGNED ? TNAME(v_scode)(v, fv, spv, y, kmax, mask)
-                          : TNAME(v_ucode)(v, fv, spv, y);
+                          : TNAME(v_ucode)(v, y, 0);
         }
         const __m256i b = TNAME(v_pack32)(c[0], c[1], c[2], c[3]);
         if (B4) _mm_storeu_si128((__m128i *)(codes + i / 2), TNAME(v_nib)(b));
@@ -650,8 +682,41 @@ static inline __attribute__((always_inline)) void TNAME(qenc_run)(
     }
     if (i < n) TNAME(qenc_gen_codes)(x + i, E->s, n - i, codes + (B4 ? i / 2 : i), SIGNED, B4);
 }
+
+/* The unsigned codes of a block from the roots r = sqrt(v) of its values, its scale
+ * s = max(v) (dispatch_sq's outputs) and cs = L / sqrt(s): the codes qenc_run gives for v
+ * itself. */
+static inline __attribute__((always_inline)) void TNAME(qenc_run_sq)(
+    const float *restrict r, float s, float cs, int64_t n, uint8_t *codes, const int B4) {
+    if (!(s > 0.0f)) { memset(codes, 0, (size_t)(B4 ? n / 2 : n)); return; }
+    const __m256 y = _mm256_set1_ps(cs);
+    int64_t i = 0;
+    if (s < INFINITY)
+        for (; i + RMS_QV <= n; i += RMS_QV) {
+            __m256i c[4];
+            for (int j = 0; j < 4; j++)
+                c[j] = TNAME(v_ucode)(_mm256_loadu_ps(r + i + 8 * j), y, 1);
+            const __m256i b = TNAME(v_pack32)(c[0], c[1], c[2], c[3]);
+            if (B4) _mm_storeu_si128((__m128i *)(codes + i / 2), TNAME(v_nib)(b));
+            else _mm256_storeu_si256((__m256i *)(codes + i), b);
+        }
+    if (i < n) {
+        uint8_t cq[RMS_QBLK];
+        uint8_t *c = B4 ? cq : codes + i;
+        TNAME(enc_u_codes)(r + i, s, n - i, c, B4, 1);
+        if (B4) TNAME(pack4)(cq, n - i, codes + i / 2);
+    }
+}
 #undef RMS_QV
 #else
+static inline __attribute__((always_inline)) void TNAME(qenc_run_sq)(
+    const float *restrict r, float s, float cs, int64_t n, uint8_t *codes, const int B4) {
+    (void)cs;
+    if (!(s > 0.0f)) { memset(codes, 0, (size_t)(B4 ? n / 2 : n)); return; }
+    uint8_t cq[RMS_QBLK];
+    TNAME(enc_u_codes)(r, s, n, B4 ? cq : codes, B4, 1);
+    if (B4) TNAME(pack4)(cq, n, codes);
+}
 static inline __attribute__((always_inline)) void TNAME(qdec)(
     const uint8_t *codes, float s, int64_t n, float *restrict d, const int SIGNED,
     const int B4) {
@@ -682,12 +747,29 @@ static inline __attribute__((always_inline)) void TNAME(segq_bits)(
     const int B4) {
     const int cen = spec & 1, mom = (spec >> 1) & 1, pdir = pdt == DT_F32;
     const int st16 = (spec >> 3) & 1 && !pdir; /* stats of a decoded param: stored_stats */
+    /* square_avg encoded from the update's own roots (dispatch_sq): the root taken is of
+     * v itself (no centering, no bias correction, eps outside it) */
+    const int root = (spec & 9) == 0 && h->eps_in == 0.0f && h->invc == 1.0f &&
+                     h->gmul == 1.0f && h->pdecay == 1.0f;
     const size_t ps = rms_dtsize(pdt);
     const int64_t blk = B4 ? RMS_QBLK / 2 : RMS_QBLK;
-    float bp[RMS_QBLK], bg[RMS_QBLK], bv[RMS_QBLK], bm[RMS_QBLK], bb[RMS_QBLK], bo[RMS_QBLK];
+    float bp[RMS_QBLK], bg[RMS_QBLK], bm[RMS_QBLK], bb[RMS_QBLK], bo[RMS_QBLK];
+    float bvs[2][RMS_QBLK];
     double part[6];
     rms_qenc E;
+    /* In root mode a block's square_avg codes are written after the next block's update:
+     * its scale comes out of a reduction at the end of the update, and the encoder's
+     * constant from it (a root and a division), so encoding at once would wait for them. */
+    struct { uint8_t *vc; const float *r; int64_t len, j; float s, cs; } pend = {0};
+#define RMS_QFLUSH()                                                                         \
+    do {                                                                                     \
+        if (pend.vc) {                                                                       \
+            TNAME(qenc_run_sq)(pend.r, pend.s, pend.cs, pend.len, pend.vc, B4);              \
+            S->vs[pend.j] = pend.s;                                                          \
+        }                                                                                    \
+    } while (0)
     for (int64_t lo = 0, j = 0; lo < n; lo += blk, j++) {
+        float *bv = bvs[j & 1];
         const int64_t len = n - lo < blk ? n - lo : blk;
         const int64_t co = B4 ? lo / 2 : lo; /* code bytes before this block */
         char *pc = S->p + lo * ps;
@@ -712,8 +794,10 @@ static inline __attribute__((always_inline)) void TNAME(segq_bits)(
             TNAME(decode)(pdt, pc, NULL, len, bo);
             stats_init(part);
         }
-        TNAME(dispatch)(spec, len, pp, gp, bv, cen ? bm : NULL, mom ? bb : NULL, h,
-                        st16 ? part : acc);
+        float vmax = 0.0f;
+        if (root) TNAME(dispatch_sq)(spec, len, pp, gp, bv, mom ? bb : NULL, h, &vmax);
+        else TNAME(dispatch)(spec, len, pp, gp, bv, cen ? bm : NULL, mom ? bb : NULL, h,
+                             st16 ? part : acc);
         if (!pdir) TNAME(encode)(pdt, pc, NULL, len, bp);
         if (st16) TNAME(stored_stats)(pdt, pc, len, bo, bp, part, acc);
         if (cen) {
@@ -727,15 +811,23 @@ static inline __attribute__((always_inline)) void TNAME(segq_bits)(
                 bv[i] = w < 0.0f ? 0.0f : w; /* keeps NaN, as the rule's maximum */
             }
         }
-        TNAME(qenc_prep)(bv, len, &E, 0, B4);
-        TNAME(qenc_run)(&E, bv, len, vc, 0, B4);
-        S->vs[j] = E.s;
+        if (root) {
+            RMS_QFLUSH();
+            pend.vc = vc; pend.r = bv; pend.len = len; pend.j = j; pend.s = vmax;
+            pend.cs = vmax > 0.0f ? (B4 ? 16.0f : 256.0f) / sqrtf(vmax) : 0.0f;
+        } else {
+            TNAME(qenc_prep)(bv, len, &E, 0, B4);
+            TNAME(qenc_run)(&E, bv, len, vc, 0, B4);
+            S->vs[j] = E.s;
+        }
         if (mom) {
             TNAME(qenc_prep)(bb, len, &E, 1, B4);
             TNAME(qenc_run)(&E, bb, len, bc, 1, B4);
             S->bs[j] = E.s;
         }
     }
+    RMS_QFLUSH();
+#undef RMS_QFLUSH
 }
 
 /* bits: 8 or 4 (the formats' width, checked by rms_fused_step_q). */

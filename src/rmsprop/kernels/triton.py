@@ -22,9 +22,9 @@ kernel, :func:`fused_step_quantized` (the signature of
 and takes them a tile of several blocks at a time, decodes them with their scales, runs the
 same per-element update (one ``@triton.jit`` helper, ``_update``, serves both kernels), and
 encodes them with each block's new maximum as scale. The codes are
-:func:`rmsprop.codecs.encode`'s bit for bit: the quotient ``x / s`` is ``div_rn``, the
-unsigned code is the integer nearest ``sqrt(L^2 x / s)`` settled by exact comparisons with
-``(k +- 1/2)^2``, and the signed one rounds half to even.
+:func:`rmsprop.codecs.encode`'s bit for bit: the unsigned code is ``rint(sqrt(x) * (L /
+sqrt(s)))`` with ``sqrt_rn`` and ``div_rn``, the signed one ``rint(K * (x / s))`` with the
+quotient ``div_rn``, both rounding half to even.
 """
 from __future__ import annotations
 
@@ -397,10 +397,9 @@ if triton is not None:
     @triton.jit
     def _encode(x, mask, SIGNED: tl.constexpr, BITS: tl.constexpr):
         # The codes of the tile x and each row's new scale s = max |x| (signed map) or
-        # max(x, 0) (unsigned), masked lanes left out, from the correctly rounded quotient
-        # u = x / s (0 where s = 0): signed k = rint(K * u), negated for x < 0, stored mod
-        # 2^BITS; unsigned q = clamp(k - 1, 0, L - 1) with k the integer nearest
-        # sqrt(L^2 * u), settled exactly by comparing with (k +- 1/2)^2 (ties to even).
+        # max(x, 0) (unsigned), masked lanes left out (every code 0 where s = 0): signed
+        # k = rint(K * u) with u = x / s correctly rounded, negated for x < 0, stored mod
+        # 2^BITS; unsigned q = clamp(k - 1, 0, L - 1), k = rint(sqrt(x) * (L / sqrt(s))).
         if SIGNED:
             mag = tl.abs(x)
         else:
@@ -409,8 +408,8 @@ if triton is not None:
         s = tl.reduce(mag, 1, _MAX)
         sb = tl.broadcast_to(s[:, None], mag.shape)
         pos = sb > 0
-        u = tl.where(pos, tl.div_rn(mag, tl.where(pos, sb, 1.0)), 0.0)
         if SIGNED:
+            u = tl.where(pos, tl.div_rn(mag, tl.where(pos, sb, 1.0)), 0.0)
             if BITS == 8:
                 k = _rint(u * 127.0).to(tl.int32)
             else:
@@ -419,17 +418,12 @@ if triton is not None:
             c = k & ((1 << BITS) - 1)
         else:
             if BITS == 8:
-                y = u * 65536.0  # L^2: exact
+                lv = tl.full(sb.shape, 256.0, tl.float32)
             else:
-                y = u * 256.0
-            kf = _rint(tl.sqrt_rn(y))
-            hi = (kf + 0.5) * (kf + 0.5)  # exact for k < 2^11
-            lo = (kf - 0.5) * (kf - 0.5)
-            k = kf.to(tl.int32)
-            odd = (k & 1) == 1
-            up = (y > hi) | ((y == hi) & odd)
-            down = (y < lo) | ((y == lo) & odd)
-            c = k + up.to(tl.int32) - down.to(tl.int32) - 1
+                lv = tl.full(sb.shape, 16.0, tl.float32)
+            cs = tl.div_rn(lv, tl.sqrt_rn(tl.where(pos, sb, 1.0)))
+            k = _rint(tl.sqrt_rn(mag) * cs).to(tl.int32)
+            c = tl.where(pos, k - 1, 0)
             c = tl.where(c < 0, 0, c)
             c = tl.where(c > (1 << BITS) - 1, (1 << BITS) - 1, c)
         return c, s

@@ -23,7 +23,7 @@ from torch import Tensor
 from .. import codecs as spec_codecs
 from ._codecs import STATE_KEYS, FloatCodec, real, register
 
-__all__ = ["QuantizedCodec", "encode", "decode", "nearest_sqrt", "full_precision_state_dict",
+__all__ = ["QuantizedCodec", "encode", "decode", "full_precision_state_dict",
            "random_bits", "stochastic_round_", "sr_init", "sr_write_"]
 
 def _blocked(x: Tensor, block: int) -> Tensor:
@@ -46,13 +46,16 @@ def encode(x: Tensor, fmt: str) -> tuple[Tensor, Tensor]:
     mag = rows.abs() if f.signed else rows.clamp_min(0)
     scales = mag.amax(dim=1) if rows.shape[0] else mag.new_zeros(0)
     # s = 0 only where the whole block is 0: dividing by 1 there gives the spec's u = 0
-    u = mag / torch.where(scales > 0, scales, 1.0).unsqueeze(1)
+    safe = torch.where(scales > 0, scales, 1.0).unsqueeze(1)
     if f.signed:
+        u = mag / safe
         k = torch.copysign(torch.round(u.mul_(f.levels)), rows)
         codes = torch.where(k < 0, k + (1 << f.bits), k).to(torch.uint8)
     else:
-        q = nearest_sqrt(u.mul_(float(f.levels * f.levels))).sub_(1)
-        codes = q.clamp_(0, f.levels - 1).to(torch.uint8)
+        c = torch.full_like(safe, float(f.levels)).div_(_sqrt_rn(safe))
+        root = _sqrt_rn(torch.where(rows > 0, rows, 0.0))
+        q = torch.round(root.mul_(c)).sub_(1).clamp_(0, f.levels - 1)
+        codes = torch.where(scales.unsqueeze(1) > 0, q, 0.0).to(torch.uint8)
     if f.bits == 4:  # pairs; an odd last element leaves the high nibble 0
         codes = codes.view(-1)[: n + n % 2]
         if n % 2:
@@ -61,16 +64,12 @@ def encode(x: Tensor, fmt: str) -> tuple[Tensor, Tensor]:
     return codes.view(-1)[:n], scales
 
 
-def nearest_sqrt(y: Tensor) -> Tensor:
-    """:func:`rmsprop.codecs.nearest_sqrt`: the integer nearest ``sqrt(y)``, ties to even,
-    exact whatever the rounding of this device's ``sqrt`` (float32 tensor of integers)."""
-    k = torch.round(y.sqrt())
-    hi = (k + 0.5).square_()  # exact: k < 2^11
-    lo = (k - 0.5).square_()
-    odd = torch.remainder(k, 2) == 1
-    up = (y > hi) | ((y == hi) & odd)
-    down = (y < lo) | ((y == lo) & odd)
-    return k.add_(up.to(k.dtype)).sub_(down.to(k.dtype))
+def _sqrt_rn(x: Tensor) -> Tensor:
+    """The correctly rounded float32 ``sqrt`` of float32 ``x`` (the spec's), whatever this
+    device's float32 ``sqrt`` (torch's CPU one may be an ulp off): the float64 root is within
+    an ulp of its own precision, and the root of a float32 lies farther than that from any
+    float32 rounding midpoint, so rounding it once to float32 is exact."""
+    return x.double().sqrt_().float()
 
 
 def decode(codes: Tensor, scales: Tensor, fmt: str) -> Tensor:
