@@ -25,10 +25,10 @@ def test_bench_quick_end_to_end(tmp_path, capsys):
     data = json.loads(out.read_text())
     rows = {r["row"]: r for r in data["rows"]}
     assert list(rows) == ["20K", "model50K", "tiny50x64", "momentum20K", "centered20K",
-                          "bf16-20K", "fp16-20K", "8bit-20K", "8bit-momentum20K",
-                          "8bit-model50K", "4bit-20K"]
+                          "bf16-20K", "fp16-20K", "8bit-20K", "8bit-model50K", "4bit-20K",
+                          "4bit-model50K", "8bit-momentum20K"]
     quant = [rows.pop(k) for k in ("8bit-20K", "8bit-momentum20K", "8bit-model50K",
-                                   "4bit-20K")]
+                                   "4bit-20K", "4bit-model50K")]
     assert rows["model50K"]["tensors"] > 100 and rows["tiny50x64"]["tensors"] == 50
     for r in rows.values():
         assert r["floor_gbps"] > 0 and r["stream_copy_gbps"] > 0 and r["stream_triad_gbps"] > 0

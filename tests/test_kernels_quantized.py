@@ -107,6 +107,31 @@ def test_codes_and_params_equal_the_spec(kw, fmt, isa_threads):
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("kw", [{}, {"momentum": 0.9, "maximize": True, "weight_decay": 0.1},
+                                {"weight_decay": 0.1, "decoupled_weight_decay": True}],
+                         ids=_ids)
+def test_grad_scale_equals_the_spec_on_unscaled_gradients(kw, fmt, isa_threads):
+    """grad_scale divides each gradient first (a power of two: exactly g / 4 for the spec),
+    with and without the options that scale the gradient or the param before the update."""
+    o = Options(lr=1e-2, **kw)
+    sizes = SIZES[fmt]
+    p_np = [np.random.default_rng(i).standard_normal(n).astype(np.float32)
+            for i, n in enumerate(sizes)]
+    states = [_init(n, o, fmt) for n in sizes]
+    params = [torch.from_numpy(p.copy()) for p in p_np]
+    lists = state_lists(states)
+    for t in range(1, 3):
+        g = _grads(t, fmt)
+        quantized_kernel_step(cpu.fused_step_quantized, o, t, params,
+                              [torch.from_numpy(x * np.float32(4)) for x in g], lists, fmt,
+                              grad_scale=4.0, nthreads=isa_threads)
+        p_np, states = spec_step_all(o, p_np, g, states)
+        for i in range(len(sizes)):
+            np.testing.assert_array_equal(params[i].numpy(), p_np[i], err_msg=f"step {t}, {i}")
+        assert_quantized_state(lists, states, exact=True)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("kw", [{}, {"momentum": 0.9}],
                          ids=_ids)
 def test_blocks_outside_the_fast_encoders_range_between_ordinary_ones(kw, fmt, isa_threads):

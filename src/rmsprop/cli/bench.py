@@ -209,16 +209,18 @@ def build_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
     rows.append(dict(name=f"fp16-{vs}", shapes=[(vsize,)], dtype="float16", opts={}))
     # 8-bit state: the CPU kernel called directly, against our float32-state step (the
     # Triton kernel has no quantized state, so --device cuda has no such rows)
+    # (single tensors of the variant size and of every larger single size, and each model)
     if args.device == "cpu":
-        rows.append(dict(name=f"8bit-{vs}", shapes=[(vsize,)], dtype="float32", opts={},
-                         quant="8bit"))
+        qsizes = [vsize] + sorted({n for n in singles if n > vsize})
+        for q in ("8bit", "4bit"):
+            for n in qsizes:
+                rows.append(dict(name=f"{q}-{fmt_size(n)}", shapes=[(n,)], dtype="float32",
+                                 opts={}, quant=q))
+            for n in models:
+                rows.append(dict(name=f"{q}-model{fmt_size(n)}", shapes=model_shapes(n),
+                                 dtype="float32", opts={}, quant=q))
         rows.append(dict(name=f"8bit-momentum{vs}", shapes=[(vsize,)], dtype="float32",
                          opts={"momentum": 0.9}, quant="8bit"))
-        for n in models:
-            rows.append(dict(name=f"8bit-model{fmt_size(n)}", shapes=model_shapes(n),
-                             dtype="float32", opts={}, quant="8bit"))
-        rows.append(dict(name=f"4bit-{vs}", shapes=[(vsize,)], dtype="float32", opts={},
-                         quant="4bit"))
     if args.rows is not None:
         pats = _listed("--rows", args.rows)
         bad = [p for p in pats if not any(fnmatch.fnmatch(r["name"], p) for r in rows)]

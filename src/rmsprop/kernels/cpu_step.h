@@ -107,7 +107,7 @@ static void TNAME(encode)(int fmt, char *dstc, float *scale, int64_t n,
 static inline __attribute__((always_inline)) void TNAME(core)(
     int64_t n, void *restrict pv, const void *restrict gv, T *restrict v, T *restrict m,
     T *restrict b, const RMS_HYP *h, double *acc, const int CEN, const int MOM, const int WD,
-    const int ST, const int BF16, const int SQ, T *vmax) {
+    const int ST, const int BF16, const int SQ, const int GP, T *vmax) {
     T *restrict p = (T *)pv;
     const T *restrict g = (const T *)gv;
     uint16_t *restrict p16 = (uint16_t *)pv;
@@ -120,13 +120,13 @@ static inline __attribute__((always_inline)) void TNAME(core)(
     T sg = 0, su = 0, sp = 0, cnt = 0, mn = (T)INFINITY, mx = -(T)INFINITY, vm = 0;
 #pragma omp simd reduction(+ : sg, su, sp, cnt) reduction(min : mn) reduction(max : mx, vm)
     for (int64_t i = 0; i < n; i++) {
-        /* SQ: gmul and pdecay are 1 (segq_bits), and the multiplies cost where the
+        /* SQ without GP: gmul and pdecay are 1, and their multiplies cost where the
          * quantized step is arithmetic-bound */
         T gi = BF16 ? (T)rms_bf2f(g16[i]) : g[i];
-        if (!SQ) gi = gi * gmul;
+        if (!SQ || GP) gi = gi * gmul;
         const T p0 = BF16 ? (T)rms_bf2f(p16[i]) : p[i];
         if (WD) gi = RMS_FMA(wd, p0, gi);
-        T pi = SQ ? p0 : p0 * pdecay;
+        T pi = SQ && !GP ? p0 : p0 * pdecay;
         T vi = RMS_FMA(oma * gi, gi, alpha * v[i]);
         if (SQ) vm = vi > vm ? vi : vm;
         else v[i] = vi;
@@ -191,7 +191,7 @@ static inline __attribute__((always_inline)) void TNAME(core)(
 #define RMS_CORE_CASE(S, BF)                                                                 \
     case S:                                                                                  \
         TNAME(core)(n, p, g, v, m, b, h, acc, (S)&1, ((S) >> 1) & 1, ((S) >> 2) & 1,         \
-                    ((S) >> 3) & 1, BF, 0, NULL);                                            \
+                    ((S) >> 3) & 1, BF, 0, 0, NULL);                                         \
         break;
 #define RMS_CORE_CASES(BF)                                                                   \
     RMS_CORE_CASE(0, BF) RMS_CORE_CASE(1, BF) RMS_CORE_CASE(2, BF) RMS_CORE_CASE(3, BF)      \
@@ -210,19 +210,28 @@ static void TNAME(dispatch)(int spec, int64_t n, void *p, const void *g, T *v, T
 
 #if RMS_IS_F32
 /* The update of a quantized block whose square_avg is encoded from sqrt(v) itself (spec
- * 0, 2, 4 or 6: not centered, no stats; no bias correction, eps outside the root): v
+ * 0 or 4: not centered, no momentum, no stats; no bias correction, eps outside the root;
+ * gcc leaves the momentum variant of this loop scalar): v
  * receives sqrt(v_new), the root the update divides by, and *vmax max(v_new), the block's
- * new scale, so that the encoder (qenc_run_sq) need not take the root again. */
-static void TNAME(dispatch_sq)(int spec, int64_t n, void *p, const void *g, T *v, T *b,
-                               const RMS_HYP *h, T *vmax) {
-#define RMS_SQ_CASE(S)                                                                       \
+ * new scale, so that the encoder (qenc_run_sq) need not take the root again. gp: gmul or
+ * pdecay is not 1 (maximize, a gradient scale, decoupled weight decay). */
+static void TNAME(dispatch_sq)(int spec, int gp, int64_t n, void *p, const void *g, T *v,
+                               T *b, const RMS_HYP *h, T *vmax) {
+#define RMS_SQ_CASE(S, GP)                                                                   \
     case S:                                                                                  \
         TNAME(core)(n, p, g, v, NULL, b, h, NULL, 0, ((S) >> 1) & 1, ((S) >> 2) & 1, 0, 0,   \
-                    1, vmax);                                                                \
+                    1, GP, vmax);                                                            \
         break;
-    switch (spec) {
-        RMS_SQ_CASE(0) RMS_SQ_CASE(2) RMS_SQ_CASE(4) RMS_SQ_CASE(6)
-    default: break;
+    if (gp) {
+        switch (spec) {
+            RMS_SQ_CASE(0, 1) RMS_SQ_CASE(4, 1)
+        default: break;
+        }
+    } else {
+        switch (spec) {
+            RMS_SQ_CASE(0, 0) RMS_SQ_CASE(4, 0)
+        default: break;
+        }
     }
 #undef RMS_SQ_CASE
 }
@@ -693,10 +702,17 @@ static inline __attribute__((always_inline)) void TNAME(qenc_run_sq)(
     int64_t i = 0;
     if (s < INFINITY)
         for (; i + RMS_QV <= n; i += RMS_QV) {
+            /* k = rint(r * cs) (a NaN root: INT_MIN), then q = k - 1 on the 16-bit packed
+             * k with saturation, which leaves a NaN's -32768 to become code 0 as in
+             * enc_u_codes (r >= 0 or NaN needs no other clamp at 0: packus does it) */
             __m256i c[4];
             for (int j = 0; j < 4; j++)
-                c[j] = TNAME(v_ucode)(_mm256_loadu_ps(r + i + 8 * j), y, 1);
-            const __m256i b = TNAME(v_pack32)(c[0], c[1], c[2], c[3]);
+                c[j] = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(r + i + 8 * j), y));
+            const __m256i one16 = _mm256_set1_epi16(1);
+            const __m256i ab = _mm256_subs_epi16(_mm256_packs_epi32(c[0], c[1]), one16);
+            const __m256i cd = _mm256_subs_epi16(_mm256_packs_epi32(c[2], c[3]), one16);
+            const __m256i b = _mm256_permutevar8x32_epi32(
+                _mm256_packus_epi16(ab, cd), _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
             if (B4) _mm_storeu_si128((__m128i *)(codes + i / 2), TNAME(v_nib)(b));
             else _mm256_storeu_si256((__m256i *)(codes + i), b);
         }
@@ -748,9 +764,9 @@ static inline __attribute__((always_inline)) void TNAME(segq_bits)(
     const int cen = spec & 1, mom = (spec >> 1) & 1, pdir = pdt == DT_F32;
     const int st16 = (spec >> 3) & 1 && !pdir; /* stats of a decoded param: stored_stats */
     /* square_avg encoded from the update's own roots (dispatch_sq): the root taken is of
-     * v itself (no centering, no bias correction, eps outside it) */
-    const int root = (spec & 9) == 0 && h->eps_in == 0.0f && h->invc == 1.0f &&
-                     h->gmul == 1.0f && h->pdecay == 1.0f;
+     * v itself (no centering, no bias correction, eps outside it), and no momentum */
+    const int root = (spec & 11) == 0 && h->eps_in == 0.0f && h->invc == 1.0f;
+    const int scaled = h->gmul != 1.0f || h->pdecay != 1.0f;
     const size_t ps = rms_dtsize(pdt);
     const int64_t blk = B4 ? RMS_QBLK / 2 : RMS_QBLK;
     float bp[RMS_QBLK], bg[RMS_QBLK], bm[RMS_QBLK], bb[RMS_QBLK], bo[RMS_QBLK];
@@ -795,7 +811,7 @@ static inline __attribute__((always_inline)) void TNAME(segq_bits)(
             stats_init(part);
         }
         float vmax = 0.0f;
-        if (root) TNAME(dispatch_sq)(spec, len, pp, gp, bv, mom ? bb : NULL, h, &vmax);
+        if (root) TNAME(dispatch_sq)(spec, scaled, len, pp, gp, bv, mom ? bb : NULL, h, &vmax);
         else TNAME(dispatch)(spec, len, pp, gp, bv, cen ? bm : NULL, mom ? bb : NULL, h,
                              st16 ? part : acc);
         if (!pdir) TNAME(encode)(pdt, pc, NULL, len, bp);
