@@ -9,7 +9,9 @@ pieces of work the rule fixes per element and that no kernel can skip:
   spec's ``g / (sqrt(v) + eps)``), here the vector instructions alone in a loop, so a lower
   bound on the divider's time per element;
 * the state codecs: the fused kernel's own decode and encode (``rms_quant_codec``) of each
-  quantized format.
+  quantized format. The unsigned encode there takes the root of each value itself; the
+  default step's encoder reuses the root its update divides by, so for the step the ``u8``
+  encode figure is an upper bound.
 
 Both are timed on one thread over ``--elements`` values that stay in L1 (best of
 ``--rounds``), in ns per element. The time allowed is the bandwidth floor of the 8-bit

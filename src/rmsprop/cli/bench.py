@@ -26,9 +26,10 @@ b]) with trivial arithmetic. Columns:
   allocator (profiler allocation events, ``total_allocated`` peak) plus Python objects
   (``tracemalloc``); the C kernel's own allocation is one int64 per tensor.
 
-Rows ``8bit-*`` (``4bit-*``; CPU only) time the C kernel with 8-bit (4-bit) state
-(``rmsprop.codecs``' codes and block scales) called directly, against the float32-state kernel
-in the same rounds, each with its own floor: ``floor 8bit`` moves one code byte per state
+Rows ``8bit-*`` (``4bit-*``; CPU only) time our optimizer's fused step with 8-bit (4-bit)
+state (``rmsprop.codecs``' codes and block scales; ``fused=True, nonfinite="ignore"``, as the
+floors read each gradient once), against the same step with float32 state in the same rounds,
+each with its own floor: ``floor 8bit`` moves one code byte per state
 element (not the block scales, 1.6 % of the 8-bit state), ``floor fp32`` four bytes;
 ``%floor`` pairs each step with its own floor (GB/s over the floor's GB/s; the 4-bit step
 against the 1-byte-code floor, as the floor loop has no half-byte elements) and the note gives
@@ -606,53 +607,43 @@ def bench_row(row: dict, args: argparse.Namespace, names: list[str], bar: Any,
 
 def _quant_calls(params: list, opts: dict, fmt: str = "8bit") -> dict[str, dict]:
     """A quantized state row's calls, each on its own state over the same params and grads:
-    the kernel with ``fmt`` state (``rmsprop.codecs``' codes and block scales; tensors
-    below ``MIN_QUANTIZED`` elements keep float32 state, as the optimizer keeps them), the
-    float32-state kernel, and a floor for each (8-bit: every tensor's state as one code byte
-    per element, scales not moved)."""
+    our optimizer's fused step with ``fmt`` state (``rmsprop.codecs``' codes and block scales;
+    tensors below ``MIN_QUANTIZED`` elements keep float32 state) and with float32 state, both
+    ``nonfinite="ignore"`` as the floors read no gradient twice, and a floor for each (8-bit:
+    every tensor's state as one code byte per element, scales not moved)."""
     import torch
 
     from .. import codecs
     from ..kernels import cpu
+    from ..torch import RMSprop
 
-    mom = opts.get("momentum", 0.0) > 0
+    momentum = opts.get("momentum", 0.0)
+    mom = momentum > 0
     grads = [p.grad for p in params]
     pdata = [p.detach() for p in params]
-    quant = [codecs.quantizes(p.numel(), fmt) for p in params]
     block = codecs.FORMATS[codecs.QUANTIZED[fmt]["square_avg"]].block
     per_byte = 2 if fmt == "4bit" else 1
-
-    def codes(n: int, q: bool) -> Any:
-        return torch.zeros(n // per_byte, dtype=torch.uint8) if q else torch.zeros(n)
-
-    def scales(n: int, q: bool) -> Any:
-        return torch.zeros(-(-n // block)) if q else None
     sizes = [p.numel() for p in params]
-    vq = [codes(n, q) for n, q in zip(sizes, quant)]
-    vqs = [scales(n, q) for n, q in zip(sizes, quant)]
-    bq = [codes(n, q) for n, q in zip(sizes, quant)] if mom else None
-    bqs = [scales(n, q) for n, q in zip(sizes, quant)] if mom else None
-    vf = [torch.zeros(n) for n in sizes]
-    bf = [torch.zeros(n) for n in sizes] if mom else None
-    kw = dict(lr=LR, alpha=0.99, eps=1e-8, weight_decay=0.0, momentum=opts.get("momentum", 0.0),
+    streams = 2 if mom else 1
+    # the state the quantized step keeps: codes and a float32 scale per block, or float32
+    qstate = streams * sum(n // per_byte + 4 * -(-n // block) if codecs.quantizes(n, fmt)
+                           else 4 * n for n in sizes)
+    quant = RMSprop(params, lr=LR, momentum=momentum, state_dtype=fmt, fused=True,
+                    nonfinite="ignore")
+    full = RMSprop(params, lr=LR, momentum=momentum, fused=True, nonfinite="ignore")
+    step_q, step_f = quant.step, full.step
+    kw = dict(lr=LR, alpha=0.99, eps=1e-8, weight_decay=0.0, momentum=momentum,
               centered=False, maximize=False, eps_in_sqrt=False, lr_in_momentum=False,
               nesterov=False, decoupled_weight_decay=False, bias_correction=1.0)
     flat = [p.view(-1) for p in pdata]
     gflat = [g.view(-1) for g in grads]
-
-    def step_q() -> None:
-        cpu.fused_step_quantized(flat, gflat, vq, None, bq, square_avg_scales=vqs,
-                                 momentum_buffer_scales=bqs, state_dtype=fmt, **kw)
-
-    def step_f() -> None:
-        cpu.fused_step(flat, gflat, vf, None, bf, **kw)
+    vf = [torch.zeros(n) for n in sizes]
+    bf = [torch.zeros(n) for n in sizes] if mom else None
 
     def nbytes(ts: list | None) -> int:
         return sum(t.nbytes for t in ts or [] if t is not None)
     pbytes = sum(p.nbytes for p in params)
-    qstate = nbytes(vq) + nbytes(vqs) + nbytes(bq) + nbytes(bqs)
     n = sum(sizes)
-    streams = 2 if mom else 1
     floor_q = cpu.floor_call(flat, gflat, [torch.zeros(k, dtype=torch.uint8) for k in sizes],
                              None, [torch.zeros(k, dtype=torch.uint8) for k in sizes]
                              if mom else None)
