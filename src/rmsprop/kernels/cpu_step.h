@@ -107,7 +107,7 @@ static void TNAME(encode)(int fmt, char *dstc, float *scale, int64_t n,
 static inline __attribute__((always_inline)) void TNAME(core)(
     int64_t n, void *restrict pv, const void *restrict gv, T *restrict v, T *restrict m,
     T *restrict b, const RMS_HYP *h, double *acc, const int CEN, const int MOM, const int WD,
-    const int ST, const int BF16, const int SQ, const int GP, T *vmax) {
+    const int ST, const int BF16, const int SQ, const int GP, const int NST, T *vmax) {
     T *restrict p = (T *)pv;
     const T *restrict g = (const T *)gv;
     uint16_t *restrict p16 = (uint16_t *)pv;
@@ -116,7 +116,9 @@ static inline __attribute__((always_inline)) void TNAME(core)(
             eps_out = h->eps_out, wd = h->wd, pdecay = h->pdecay, mu = h->mu, k = h->k,
             npost = -h->post, invc = h->invc, gmul = h->gmul,
             lerp_w = h->lerp_w;
-    const int nest = h->nesterov, eis = h->eps_in_sqrt, lsmall = h->lerp_small;
+    /* NST: Nesterov fixed at compile time (0, 1), or -1: read from h */
+    const int nest = NST < 0 ? h->nesterov : NST, eis = h->eps_in_sqrt,
+              lsmall = h->lerp_small;
     T sg = 0, su = 0, sp = 0, cnt = 0, mn = (T)INFINITY, mx = -(T)INFINITY, vm = 0;
 #pragma omp simd reduction(+ : sg, su, sp, cnt) reduction(min : mn) reduction(max : mx, vm)
     for (int64_t i = 0; i < n; i++) {
@@ -191,7 +193,7 @@ static inline __attribute__((always_inline)) void TNAME(core)(
 #define RMS_CORE_CASE(S, BF)                                                                 \
     case S:                                                                                  \
         TNAME(core)(n, p, g, v, m, b, h, acc, (S)&1, ((S) >> 1) & 1, ((S) >> 2) & 1,         \
-                    ((S) >> 3) & 1, BF, 0, 0, NULL);                                         \
+                    ((S) >> 3) & 1, BF, 0, 0, -1, NULL);                                     \
         break;
 #define RMS_CORE_CASES(BF)                                                                   \
     RMS_CORE_CASE(0, BF) RMS_CORE_CASE(1, BF) RMS_CORE_CASE(2, BF) RMS_CORE_CASE(3, BF)      \
@@ -210,8 +212,8 @@ static void TNAME(dispatch)(int spec, int64_t n, void *p, const void *g, T *v, T
 
 #if RMS_IS_F32
 /* The update of a quantized block whose square_avg is encoded from sqrt(v) itself (spec
- * 0 or 4: not centered, no momentum, no stats; no bias correction, eps outside the root;
- * gcc leaves the momentum variant of this loop scalar): v
+ * 0, 2, 4 or 6: not centered, no stats; no bias correction, eps outside the root; with
+ * momentum, not Nesterov, whose select beside the maximum gcc cannot vectorise): v
  * receives sqrt(v_new), the root the update divides by, and *vmax max(v_new), the block's
  * new scale, so that the encoder (qenc_run_sq) need not take the root again. gp: gmul or
  * pdecay is not 1 (maximize, a gradient scale, decoupled weight decay). */
@@ -220,16 +222,16 @@ static void TNAME(dispatch_sq)(int spec, int gp, int64_t n, void *p, const void 
 #define RMS_SQ_CASE(S, GP)                                                                   \
     case S:                                                                                  \
         TNAME(core)(n, p, g, v, NULL, b, h, NULL, 0, ((S) >> 1) & 1, ((S) >> 2) & 1, 0, 0,   \
-                    1, GP, vmax);                                                            \
+                    1, GP, 0, vmax);                                                         \
         break;
     if (gp) {
         switch (spec) {
-            RMS_SQ_CASE(0, 1) RMS_SQ_CASE(4, 1)
+            RMS_SQ_CASE(0, 1) RMS_SQ_CASE(2, 1) RMS_SQ_CASE(4, 1) RMS_SQ_CASE(6, 1)
         default: break;
         }
     } else {
         switch (spec) {
-            RMS_SQ_CASE(0, 0) RMS_SQ_CASE(4, 0)
+            RMS_SQ_CASE(0, 0) RMS_SQ_CASE(2, 0) RMS_SQ_CASE(4, 0) RMS_SQ_CASE(6, 0)
         default: break;
         }
     }
@@ -764,8 +766,9 @@ static inline __attribute__((always_inline)) void TNAME(segq_bits)(
     const int cen = spec & 1, mom = (spec >> 1) & 1, pdir = pdt == DT_F32;
     const int st16 = (spec >> 3) & 1 && !pdir; /* stats of a decoded param: stored_stats */
     /* square_avg encoded from the update's own roots (dispatch_sq): the root taken is of
-     * v itself (no centering, no bias correction, eps outside it), and no momentum */
-    const int root = (spec & 11) == 0 && h->eps_in == 0.0f && h->invc == 1.0f;
+     * v itself (no centering, no bias correction, eps outside it), and no Nesterov */
+    const int root = (spec & 9) == 0 && !((spec & 2) && h->nesterov) && h->eps_in == 0.0f &&
+                     h->invc == 1.0f;
     const int scaled = h->gmul != 1.0f || h->pdecay != 1.0f;
     const size_t ps = rms_dtsize(pdt);
     const int64_t blk = B4 ? RMS_QBLK / 2 : RMS_QBLK;
