@@ -531,10 +531,9 @@ static inline __attribute__((always_inline)) __m256 TNAME(v_quot)(
 
 /* The unsigned code q = k - 1 (before the clamp at 0, which the packing does) of 8 values:
  * k = rint(sqrt(x) * c), c = L / sqrt(s) (y holds c). */
-static inline __attribute__((always_inline)) __m256i TNAME(v_ucode)(__m256 x, __m256 y,
-                                                                 const int ROOT) {
+static inline __attribute__((always_inline)) __m256i TNAME(v_ucode)(__m256 x, __m256 y) {
     const __m256 r = _mm256_max_ps(x, _mm256_setzero_ps()); /* NaN: 0, as enc_u_codes */
-    const __m256 t = _mm256_mul_ps(ROOT ? r : _mm256_sqrt_ps(r), y);
+    const __m256 t = _mm256_mul_ps(_mm256_sqrt_ps(r), y);
     return _mm256_add_epi32(_mm256_cvtps_epi32(t), _mm256_set1_epi32(-1));
 }
 
@@ -685,7 +684,7 @@ static inline __attribute__((always_inline)) void TNAME(qenc_run)(
         for (int j = 0; j < 4; j++) {
             const __m256 v = _mm256_loadu_ps(x + i + 8 * j);
             c[j] = SIGNED ? TNAME(v_scode)(v, fv, spv, y, kmax, mask)
-                          : TNAME(v_ucode)(v, y, 0);
+                          : TNAME(v_ucode)(v, y);
         }
         const __m256i b = TNAME(v_pack32)(c[0], c[1], c[2], c[3]);
         if (B4) _mm_storeu_si128((__m128i *)(codes + i / 2), TNAME(v_nib)(b));
