@@ -107,7 +107,9 @@ static void TNAME(encode)(int fmt, char *dstc, float *scale, int64_t n,
 static inline __attribute__((always_inline)) void TNAME(core)(
     int64_t n, void *restrict pv, const void *restrict gv, T *restrict v, T *restrict m,
     T *restrict b, const RMS_HYP *h, double *acc, const int CEN, const int MOM, const int WD,
-    const int ST, const int BF16, const int SQ, const int GP, const int NST, T *vmax) {
+    const int ST, const int BF16, const int SQ, const int GP, const int NST, T *vmax,
+    const uint8_t *restrict qv, const T qs, const T qinv) {
+    /* SQ (dispatch_sq): v decoded from codes qv in the loop, roots written to v */
     T *restrict p = (T *)pv;
     const T *restrict g = (const T *)gv;
     uint16_t *restrict p16 = (uint16_t *)pv;
@@ -129,7 +131,14 @@ static inline __attribute__((always_inline)) void TNAME(core)(
         const T p0 = BF16 ? (T)rms_bf2f(p16[i]) : p[i];
         if (WD) gi = RMS_FMA(wd, p0, gi);
         T pi = SQ && !GP ? p0 : p0 * pdecay;
-        T vi = RMS_FMA(oma * gi, gi, alpha * v[i]);
+        T vo;
+        if (SQ) { /* dec_u's value: (q + 1)^2 and its product with 1 / L^2 are exact */
+            const T qq = (T)qv[i] + (T)1;
+            vo = qs * ((qq * qq) * qinv);
+        } else {
+            vo = v[i];
+        }
+        T vi = RMS_FMA(oma * gi, gi, alpha * vo);
         if (SQ) vm = vi > vm ? vi : vm;
         else v[i] = vi;
         T s;
@@ -193,7 +202,7 @@ static inline __attribute__((always_inline)) void TNAME(core)(
 #define RMS_CORE_CASE(S, BF)                                                                 \
     case S:                                                                                  \
         TNAME(core)(n, p, g, v, m, b, h, acc, (S)&1, ((S) >> 1) & 1, ((S) >> 2) & 1,         \
-                    ((S) >> 3) & 1, BF, 0, 0, -1, NULL);                                     \
+                    ((S) >> 3) & 1, BF, 0, 0, -1, NULL, NULL, 0, 0);                         \
         break;
 #define RMS_CORE_CASES(BF)                                                                   \
     RMS_CORE_CASE(0, BF) RMS_CORE_CASE(1, BF) RMS_CORE_CASE(2, BF) RMS_CORE_CASE(3, BF)      \
@@ -213,16 +222,19 @@ static void TNAME(dispatch)(int spec, int64_t n, void *p, const void *g, T *v, T
 #if RMS_IS_F32
 /* The update of a quantized block whose square_avg is encoded from sqrt(v) itself (spec
  * 0, 2, 4 or 6: not centered, no stats; no bias correction, eps outside the root; with
- * momentum, not Nesterov, whose select beside the maximum gcc cannot vectorise): v
- * receives sqrt(v_new), the root the update divides by, and *vmax max(v_new), the block's
- * new scale, so that the encoder (qenc_run_sq) need not take the root again. gp: gmul or
- * pdecay is not 1 (maximize, a gradient scale, decoupled weight decay). */
+ * momentum, not Nesterov, whose select beside the maximum gcc cannot vectorise). The old v
+ * is decoded inside the loop from its codes qv (one per byte: 4-bit ones unpacked first)
+ * under the block scale qs (qinv = 1 / L^2), which hides the decoding behind the divider;
+ * v receives sqrt(v_new), the root the update divides by, and *vmax max(v_new), the
+ * block's new scale, so that the encoder (qenc_run_sq) need not take the root again. gp:
+ * gmul or pdecay is not 1 (maximize, a gradient scale, decoupled weight decay). */
 static void TNAME(dispatch_sq)(int spec, int gp, int64_t n, void *p, const void *g, T *v,
-                               T *b, const RMS_HYP *h, T *vmax) {
+                               T *b, const RMS_HYP *h, T *vmax, const uint8_t *qv, T qs,
+                               T qinv) {
 #define RMS_SQ_CASE(S, GP)                                                                   \
     case S:                                                                                  \
         TNAME(core)(n, p, g, v, NULL, b, h, NULL, 0, ((S) >> 1) & 1, ((S) >> 2) & 1, 0, 0,   \
-                    1, GP, 0, vmax);                                                         \
+                    1, GP, 0, vmax, qv, qs, qinv);                                           \
         break;
     if (gp) {
         switch (spec) {
@@ -801,7 +813,10 @@ static inline __attribute__((always_inline)) void TNAME(segq_bits)(
             TNAME(decode)(pdt, pc, NULL, len, bp); TNAME(decode)(pdt, gc, NULL, len, bg);
             pp = bp; gp = bg;
         }
-        TNAME(qdec)(vc, S->vs[j], len, bv, 0, B4);
+        uint8_t cq[RMS_QBLK];
+        const uint8_t *qv = vc;
+        if (root && B4) { TNAME(unpack4)(vc, len, cq); qv = cq; }
+        else if (!root) TNAME(qdec)(vc, S->vs[j], len, bv, 0, B4);
         if (cen) {
             TNAME(qdec)(mc, S->ms[j], len, bm, 1, B4);
 #pragma omp simd
@@ -813,7 +828,9 @@ static inline __attribute__((always_inline)) void TNAME(segq_bits)(
             stats_init(part);
         }
         float vmax = 0.0f;
-        if (root) TNAME(dispatch_sq)(spec, scaled, len, pp, gp, bv, mom ? bb : NULL, h, &vmax);
+        if (root)
+            TNAME(dispatch_sq)(spec, scaled, len, pp, gp, bv, mom ? bb : NULL, h, &vmax, qv,
+                               S->vs[j], B4 ? 0x1p-8f : 0x1p-16f);
         else TNAME(dispatch)(spec, len, pp, gp, bv, cen ? bm : NULL, mom ? bb : NULL, h,
                              st16 ? part : acc);
         if (!pdir) TNAME(encode)(pdt, pc, NULL, len, bp);
