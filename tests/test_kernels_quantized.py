@@ -86,24 +86,35 @@ def _kernel_step(o, t, params, grads, lists, nthreads, stats=None, fmt="8bit"):
                           stats=stats, nthreads=nthreads)
 
 
-@pytest.mark.parametrize("fmt", FORMATS)
-@pytest.mark.parametrize("kw", EXACT, ids=_ids)
-def test_codes_and_params_equal_the_spec(kw, fmt, isa_threads):
-    o = Options(lr=1e-2, **kw)
+def _assert_trajectory_equals_the_spec(o, fmt, nthreads, steps, grad_scale=None):
+    """``steps`` kernel steps over SIZES[fmt] against the spec's, params, codes and scales
+    bit for bit after each; with ``grad_scale`` the kernel gets the gradients times it (a
+    power of two, so the spec's unscaled gradients are exactly what the kernel divides)."""
     sizes = SIZES[fmt]
     p_np = [np.random.default_rng(i).standard_normal(n).astype(np.float32)
             for i, n in enumerate(sizes)]
     states = [_init(n, o, fmt) for n in sizes]
     params = [torch.from_numpy(p.copy()) for p in p_np]
     lists = state_lists(states)
-    for t in range(1, 4):
+    for t in range(1, steps + 1):
         g = _grads(t, fmt)
-        _kernel_step(o, t, params, [torch.from_numpy(x) for x in g], lists, isa_threads,
-                     fmt=fmt)
+        if grad_scale is None:
+            _kernel_step(o, t, params, [torch.from_numpy(x) for x in g], lists, nthreads,
+                         fmt=fmt)
+        else:
+            quantized_kernel_step(cpu.fused_step_quantized, o, t, params,
+                                  [torch.from_numpy(x * np.float32(grad_scale)) for x in g],
+                                  lists, fmt, grad_scale=grad_scale, nthreads=nthreads)
         p_np, states = spec_step_all(o, p_np, g, states)
         for i in range(len(sizes)):
             np.testing.assert_array_equal(params[i].numpy(), p_np[i], err_msg=f"step {t}, {i}")
         assert_quantized_state(lists, states, exact=True)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("kw", EXACT, ids=_ids)
+def test_codes_and_params_equal_the_spec(kw, fmt, isa_threads):
+    _assert_trajectory_equals_the_spec(Options(lr=1e-2, **kw), fmt, isa_threads, steps=3)
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
@@ -111,24 +122,10 @@ def test_codes_and_params_equal_the_spec(kw, fmt, isa_threads):
                                 {"weight_decay": 0.1, "decoupled_weight_decay": True}],
                          ids=_ids)
 def test_grad_scale_equals_the_spec_on_unscaled_gradients(kw, fmt, isa_threads):
-    """grad_scale divides each gradient first (a power of two: exactly g / 4 for the spec),
-    with and without the options that scale the gradient or the param before the update."""
-    o = Options(lr=1e-2, **kw)
-    sizes = SIZES[fmt]
-    p_np = [np.random.default_rng(i).standard_normal(n).astype(np.float32)
-            for i, n in enumerate(sizes)]
-    states = [_init(n, o, fmt) for n in sizes]
-    params = [torch.from_numpy(p.copy()) for p in p_np]
-    lists = state_lists(states)
-    for t in range(1, 3):
-        g = _grads(t, fmt)
-        quantized_kernel_step(cpu.fused_step_quantized, o, t, params,
-                              [torch.from_numpy(x * np.float32(4)) for x in g], lists, fmt,
-                              grad_scale=4.0, nthreads=isa_threads)
-        p_np, states = spec_step_all(o, p_np, g, states)
-        for i in range(len(sizes)):
-            np.testing.assert_array_equal(params[i].numpy(), p_np[i], err_msg=f"step {t}, {i}")
-        assert_quantized_state(lists, states, exact=True)
+    """grad_scale divides each gradient first, with and without the options that scale the
+    gradient or the param before the update."""
+    _assert_trajectory_equals_the_spec(Options(lr=1e-2, **kw), fmt, isa_threads, steps=2,
+                                       grad_scale=4.0)
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
