@@ -131,15 +131,17 @@ def test_grad_scale_equals_the_spec_on_unscaled_gradients(kw, fmt, isa_threads):
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("kw", [{}, {"momentum": 0.9}],
                          ids=_ids)
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the spec's overflowing block
 def test_blocks_outside_the_fast_encoders_range_between_ordinary_ones(kw, fmt, isa_threads):
     """Blocks whose new scale the divider-free encoder does not take (0: every code 0;
-    subnormal or tiny; 2^126 and above: the portable encoder) lying between ordinary blocks
-    of one tensor, with a short tail: codes, scales and params equal the spec's. The zero
-    block starts from nonzero codes under a zero scale, so codes left unwritten would show."""
+    subnormal or tiny; 2^126 and above: the portable encoder; infinite, from a finite
+    gradient whose square overflows) lying between ordinary blocks of one tensor, with a
+    short tail: codes, scales and params equal the spec's. The zero block starts from
+    nonzero codes under a zero scale, so codes left unwritten would show."""
     o = Options(lr=1e-2, **kw)
     f = codecs.QUANTIZED[fmt]
     blk = codecs.FORMATS[f["square_avg"]].block
-    n = 6 * blk + 40
+    n = 7 * blk + 40
     rng = np.random.default_rng(3)
     # per block: ordinary, tiny (subnormal momentum), zero, ordinary, >= 2^126, ordinary
     v0 = rng.uniform(0.5, 1.0, n).astype(np.float32)
@@ -161,13 +163,14 @@ def test_blocks_outside_the_fast_encoders_range_between_ordinary_ones(kw, fmt, i
     for t in range(1, 4):
         g = rng.standard_normal(n).astype(np.float32)
         g[blk:3 * blk] = 0  # the tiny and zero blocks stay so
+        g[6 * blk + 3] = 1e21  # v overflows to inf in block 6, which the tail follows
         _kernel_step(o, t, params, [torch.from_numpy(g)], lists, isa_threads, fmt=fmt)
         p_np, states = spec_step_all(o, p_np, [g], states)
         np.testing.assert_array_equal(params[0].numpy(), p_np[0], err_msg=f"step {t}")
         assert_quantized_state(lists, states, exact=True)
     # the blocks did reach the ranges named above
     sc = states[0]["square_avg"].scales
-    assert sc[1] < 2.0 ** -110 and sc[2] == 0 and sc[4] >= 2.0 ** 126
+    assert sc[1] < 2.0 ** -110 and sc[2] == 0 and sc[4] >= 2.0 ** 126 and sc[6] == np.inf
 
 
 @pytest.mark.parametrize("fmt", FORMATS)

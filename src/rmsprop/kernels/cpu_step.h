@@ -705,6 +705,24 @@ static inline __attribute__((always_inline)) void TNAME(qenc_run)(
     if (i < n) TNAME(qenc_gen_codes)(x + i, E->s, n - i, codes + (B4 ? i / 2 : i), SIGNED, B4);
 }
 
+/* 32 unsigned codes (16 bytes at 4 bits) from 32 roots r times y = L / sqrt(s) (0 < s <
+ * inf): k = rint(r * y) (a NaN root: INT_MIN), then q = k - 1 on the 16-bit packed k with
+ * saturation, which leaves a NaN's -32768 to become code 0 as in enc_u_codes (r >= 0 or NaN
+ * needs no other clamp at 0: packus does it). */
+static inline __attribute__((always_inline)) void TNAME(v_enc_sq32)(
+    const float *restrict r, __m256 y, uint8_t *codes, const int B4) {
+    __m256i c[4];
+    for (int j = 0; j < 4; j++)
+        c[j] = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(r + 8 * j), y));
+    const __m256i one16 = _mm256_set1_epi16(1);
+    const __m256i ab = _mm256_subs_epi16(_mm256_packs_epi32(c[0], c[1]), one16);
+    const __m256i cd = _mm256_subs_epi16(_mm256_packs_epi32(c[2], c[3]), one16);
+    const __m256i b = _mm256_permutevar8x32_epi32(_mm256_packus_epi16(ab, cd),
+                                                  _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+    if (B4) _mm_storeu_si128((__m128i *)(void *)codes, TNAME(v_nib)(b));
+    else _mm256_storeu_si256((__m256i *)(void *)codes, b);
+}
+
 /* The unsigned codes of a block from the roots r = sqrt(v) of its values, its scale
  * s = max(v) (dispatch_sq's outputs) and cs = L / sqrt(s): the codes qenc_run gives for v
  * itself. */
@@ -715,25 +733,153 @@ static inline __attribute__((always_inline)) void TNAME(qenc_run_sq)(
     int64_t i = 0;
     if (s < INFINITY)
         for (; i + RMS_QV <= n; i += RMS_QV) {
-            /* k = rint(r * cs) (a NaN root: INT_MIN), then q = k - 1 on the 16-bit packed
-             * k with saturation, which leaves a NaN's -32768 to become code 0 as in
-             * enc_u_codes (r >= 0 or NaN needs no other clamp at 0: packus does it) */
-            __m256i c[4];
-            for (int j = 0; j < 4; j++)
-                c[j] = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(r + i + 8 * j), y));
-            const __m256i one16 = _mm256_set1_epi16(1);
-            const __m256i ab = _mm256_subs_epi16(_mm256_packs_epi32(c[0], c[1]), one16);
-            const __m256i cd = _mm256_subs_epi16(_mm256_packs_epi32(c[2], c[3]), one16);
-            const __m256i b = _mm256_permutevar8x32_epi32(
-                _mm256_packus_epi16(ab, cd), _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
-            if (B4) _mm_storeu_si128((__m128i *)(codes + i / 2), TNAME(v_nib)(b));
-            else _mm256_storeu_si256((__m256i *)(codes + i), b);
+            TNAME(v_enc_sq32)(r + i, y, codes + (B4 ? i / 2 : i), B4);
         }
     if (i < n) {
         uint8_t cq[RMS_QBLK];
         uint8_t *c = B4 ? cq : codes + i;
         TNAME(enc_u_codes)(r + i, s, n - i, c, B4, 1);
         if (B4) TNAME(pack4)(cq, n - i, codes + i / 2);
+    }
+}
+
+/* The default step (spec 0 with gp 0: plain RMSProp, no momentum, weight decay, gradient
+ * scale or maximize; float32 params) over a run of n elements, written out for x86-64-v3
+ * (segq_plain). What gcc's loop of core() and the separate encoder leave on the table:
+ *  - the old value is decoded from the codes as stored, 8 per vector: at 8 bits with the
+ *    block scale folded into one product (qs' = s / L^2, exact for s >= 2^-100, gives the
+ *    same rounding of s * (q + 1)^2 / L^2); at 4 bits by looking up alpha * v in a table of
+ *    the block's 16 values (two permutes), which takes the multiplies off the chain of
+ *    dependent operations the divider waits for;
+ *  - the previous block's codes (qenc_run_sq's) are written in the same loop, 32 at a time,
+ *    where the divider leaves the other units idle;
+ *  - the streams are prefetched ahead (sq_prefetch).
+ * The same IEEE operations in the same order as core() and qenc_run_sq, so the same bits;
+ * 8-bit blocks with a scale below 2^-100 and the last n % 8 elements take dispatch_sq, and
+ * previous blocks with a scale of 0, inf or NaN qenc_run_sq. */
+typedef struct {
+    __m256 lr, alpha, oma, eps, one;
+    __m256i shifts;
+} TNAME(sqk);
+
+static inline __attribute__((always_inline)) void TNAME(sq_plain8)(
+    const TNAME(sqk) *K, __m256 qs, __m256 tlo, __m256 thi, int64_t i, float *restrict p,
+    const float *restrict g, float *restrict r, const uint8_t *restrict qv, __m256 *vm,
+    const int B4) {
+    __m256 av; /* alpha * v, v the decoded old value */
+    if (B4) { /* element 2j in the low nibble of byte j: nibble k of 8 at bit 4k; the
+               * block's 16 values of alpha * v are in tlo, thi (codes 0-7, 8-15) */
+        uint32_t w;
+        memcpy(&w, qv + i / 2, 4);
+        const __m256i c = _mm256_srlv_epi32(_mm256_set1_epi32((int)w), K->shifts);
+        av = _mm256_blendv_ps(_mm256_permutevar8x32_ps(tlo, c),
+                              _mm256_permutevar8x32_ps(thi, c),
+                              _mm256_castsi256_ps(_mm256_slli_epi32(c, 28)));
+    } else {
+        const __m256i c =
+            _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(const void *)(qv + i)));
+        const __m256 qq = _mm256_add_ps(_mm256_cvtepi32_ps(c), K->one);
+        av = _mm256_mul_ps(K->alpha, _mm256_mul_ps(qs, _mm256_mul_ps(qq, qq)));
+    }
+    const __m256 gi = _mm256_loadu_ps(g + i);
+    const __m256 vi = _mm256_fmadd_ps(_mm256_mul_ps(K->oma, gi), gi, av);
+    *vm = _mm256_max_ps(vi, *vm); /* vi > vm ? vi : vm, lane by lane */
+    const __m256 sq = _mm256_sqrt_ps(vi);
+    _mm256_storeu_ps(r + i, sq);
+    const __m256 q = _mm256_div_ps(_mm256_mul_ps(K->lr, gi), _mm256_add_ps(sq, K->eps));
+    _mm256_storeu_ps(p + i, _mm256_sub_ps(_mm256_loadu_ps(p + i), q));
+}
+
+/* Prefetch of 32 elements of each stream RMS_PF_AHEAD elements ahead of element at
+ * (clamped to the run's end). The loop's long chains of divider work fill the reorder
+ * window, which then holds too few of the loads to keep memory busy, and the hardware
+ * prefetchers alone do not make up for it. */
+#define RMS_PF_AHEAD 2048
+#define RMS_PF_HINT _MM_HINT_T0
+static inline __attribute__((always_inline)) void TNAME(sq_prefetch)(
+    const float *p, const float *g, const uint8_t *codes, int64_t n, int64_t at,
+    const int B4) {
+    const int64_t k = at + RMS_PF_AHEAD < n - 32 ? at + RMS_PF_AHEAD : (n > 32 ? n - 32 : 0);
+    _mm_prefetch((const char *)(p + k), RMS_PF_HINT);
+    _mm_prefetch((const char *)(p + k + 16), RMS_PF_HINT);
+    _mm_prefetch((const char *)(g + k), RMS_PF_HINT);
+    _mm_prefetch((const char *)(g + k + 16), RMS_PF_HINT);
+    _mm_prefetch((const char *)(codes + (B4 ? k / 2 : k)), RMS_PF_HINT);
+}
+
+static inline __attribute__((always_inline)) void TNAME(segq_plain)(
+    int64_t n, const rms_streams *S, const RMS_HYP *h, const int B4) {
+    const int64_t blk = B4 ? RMS_QBLK / 2 : RMS_QBLK;
+    const float qinv = B4 ? 0x1p-8f : 0x1p-16f, levels = B4 ? 16.0f : 256.0f;
+    float *p = (float *)(void *)S->p;
+    const float *g = (const float *)(const void *)S->g;
+    uint8_t *codes = (uint8_t *)S->v;
+    float *scales = S->vs;
+    const TNAME(sqk) K = {_mm256_set1_ps(h->lr), _mm256_set1_ps(h->alpha),
+                          _mm256_set1_ps(h->oma), _mm256_set1_ps(h->eps_out),
+                          _mm256_set1_ps(1.0f), _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28)};
+    float roots[2][RMS_QBLK];
+    /* the previous block, whose codes this block's loop writes: codes pc, roots pr */
+    uint8_t *pc = NULL;
+    const float *pr = NULL;
+    int64_t pj = 0, plen = 0;
+    float ps = 0.0f, pcs = 0.0f;
+    for (int64_t lo = 0, j = 0; lo < n; lo += blk, j++) {
+        const int64_t len = n - lo < blk ? n - lo : blk;
+        float *r = roots[j & 1], *pp = p + lo;
+        const float *gp = g + lo;
+        uint8_t *vc = codes + (B4 ? lo / 2 : lo);
+        const float s = scales[j];
+        __m256 vm = _mm256_setzero_ps();
+        int64_t i = 0, e = 0; /* elements updated, previous block's elements encoded */
+        if (B4 || s >= 0x1p-100f) {
+            const __m256 qs = _mm256_set1_ps(s * qinv);
+            __m256 tlo = qs, thi = qs;
+            if (B4) { /* alpha * (s * ((q + 1)^2 / L^2)) as core() rounds it, any s */
+                const __m256 sv = _mm256_set1_ps(s), iv = _mm256_set1_ps(qinv);
+                const __m256 k0 = _mm256_setr_ps(1, 2, 3, 4, 5, 6, 7, 8),
+                             k1 = _mm256_setr_ps(9, 10, 11, 12, 13, 14, 15, 16);
+                tlo = _mm256_mul_ps(_mm256_mul_ps(_mm256_mul_ps(k0, k0), iv), sv);
+                thi = _mm256_mul_ps(_mm256_mul_ps(_mm256_mul_ps(k1, k1), iv), sv);
+                tlo = _mm256_mul_ps(K.alpha, tlo);
+                thi = _mm256_mul_ps(K.alpha, thi);
+            }
+            if (pc && ps > 0.0f && ps < INFINITY) {
+                const __m256 y = _mm256_set1_ps(pcs);
+                for (; i + 32 <= len; i += 32) {
+                    TNAME(sq_prefetch)(p, g, codes, n, lo + i, B4);
+                    for (int k = 0; k < 32; k += 8)
+                        TNAME(sq_plain8)(&K, qs, tlo, thi, i + k, pp, gp, r, vc, &vm, B4);
+                    TNAME(v_enc_sq32)(pr + i, y, pc + (B4 ? i / 2 : i), B4);
+                }
+                e = i;
+            }
+            for (; i + 8 <= len; i += 8) {
+                if (!(i & 31)) TNAME(sq_prefetch)(p, g, codes, n, lo + i, B4);
+                TNAME(sq_plain8)(&K, qs, tlo, thi, i, pp, gp, r, vc, &vm, B4);
+            }
+        }
+        __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(vm), _mm256_extractf128_ps(vm, 1));
+        m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+        float m = _mm_cvtss_f32(_mm_max_ss(m4, _mm_shuffle_ps(m4, m4, 1)));
+        if (i < len) {
+            uint8_t cq[RMS_QBLK];
+            const uint8_t *qv = vc + i;
+            if (B4) { TNAME(unpack4)(vc + i / 2, len - i, cq); qv = cq; }
+            float mt = 0.0f;
+            TNAME(dispatch_sq)(0, 0, len - i, pp + i, gp + i, r + i, NULL, h, &mt, qv, s, qinv);
+            m = mt > m ? mt : m;
+        }
+        if (pc) {
+            TNAME(qenc_run_sq)(pr + e, ps, pcs, plen - e, pc + (B4 ? e / 2 : e), B4);
+            scales[pj] = ps;
+        }
+        pc = vc; pr = r; pj = j; plen = len; ps = m;
+        pcs = m > 0.0f ? levels / sqrtf(m) : 0.0f;
+    }
+    if (pc) {
+        TNAME(qenc_run_sq)(pr, ps, pcs, plen, pc, B4);
+        scales[pj] = ps;
     }
 }
 #undef RMS_QV
@@ -798,6 +944,12 @@ static inline __attribute__((always_inline)) void TNAME(segq_bits)(
             S->vs[pend.j] = pend.s;                                                          \
         }                                                                                    \
     } while (0)
+#ifdef RMS_F16C
+    if (root && spec == 0 && !scaled && pdir) {
+        TNAME(segq_plain)(n, S, h, B4);
+        return;
+    }
+#endif
     for (int64_t lo = 0, j = 0; lo < n; lo += blk, j++) {
         float *bv = bvs[j & 1];
         const int64_t len = n - lo < blk ? n - lo : blk;
