@@ -567,11 +567,10 @@ static inline __attribute__((always_inline)) __m256i TNAME(v_pack32)(__m256i a, 
                                        _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
 }
 
-/* 32 4-bit codes (bytes in order) packed into 16 bytes, element 2j in the low nibble. */
+/* 32 4-bit codes (bytes in order, each 0-15) packed into 16 bytes, element 2j in the low
+ * nibble: each pair of bytes times (1, 16) summed into 16 bits, then narrowed. */
 static inline __attribute__((always_inline)) __m128i TNAME(v_nib)(__m256i c) {
-    const __m256i w = _mm256_or_si256(_mm256_and_si256(c, _mm256_set1_epi16(0x0f)),
-                                      _mm256_and_si256(_mm256_srli_epi16(c, 4),
-                                                       _mm256_set1_epi16(0xf0)));
+    const __m256i w = _mm256_maddubs_epi16(c, _mm256_set1_epi16(0x1001));
     return _mm_packus_epi16(_mm256_castsi256_si128(w), _mm256_extracti128_si256(w, 1));
 }
 
@@ -765,7 +764,7 @@ typedef struct {
 static inline __attribute__((always_inline)) void TNAME(sq_plain8)(
     const TNAME(sqk) *K, __m256 qs, __m256 tlo, __m256 thi, int64_t i, float *restrict p,
     const float *restrict g, float *restrict r, const uint8_t *restrict qv, __m256 *vm,
-    const int B4) {
+    __m256 *rm, const int B4) {
     __m256 av; /* alpha * v, v the decoded old value */
     if (B4) { /* element 2j in the low nibble of byte j: nibble k of 8 at bit 4k; the
                * block's 16 values of alpha * v are in tlo, thi (codes 0-7, 8-15) */
@@ -785,6 +784,7 @@ static inline __attribute__((always_inline)) void TNAME(sq_plain8)(
     const __m256 vi = _mm256_fmadd_ps(_mm256_mul_ps(K->oma, gi), gi, av);
     *vm = _mm256_max_ps(vi, *vm); /* vi > vm ? vi : vm, lane by lane */
     const __m256 sq = _mm256_sqrt_ps(vi);
+    *rm = _mm256_max_ps(sq, *rm);
     _mm256_storeu_ps(r + i, sq);
     const __m256 q = _mm256_div_ps(_mm256_mul_ps(K->lr, gi), _mm256_add_ps(sq, K->eps));
     _mm256_storeu_ps(p + i, _mm256_sub_ps(_mm256_loadu_ps(p + i), q));
@@ -805,6 +805,13 @@ static inline __attribute__((always_inline)) void TNAME(sq_prefetch)(
     _mm_prefetch((const char *)(g + k), RMS_PF_HINT);
     _mm_prefetch((const char *)(g + k + 16), RMS_PF_HINT);
     _mm_prefetch((const char *)(codes + (B4 ? k / 2 : k)), RMS_PF_HINT);
+}
+
+/* The largest of 8 lanes, none NaN. */
+static inline __attribute__((always_inline)) float TNAME(hmax8)(__m256 v) {
+    __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+    return _mm_cvtss_f32(_mm_max_ss(m, _mm_shuffle_ps(m, m, 1)));
 }
 
 static inline __attribute__((always_inline)) void TNAME(segq_plain)(
@@ -830,7 +837,7 @@ static inline __attribute__((always_inline)) void TNAME(segq_plain)(
         const float *gp = g + lo;
         uint8_t *vc = codes + (B4 ? lo / 2 : lo);
         const float s = scales[j];
-        __m256 vm = _mm256_setzero_ps();
+        __m256 vm = _mm256_setzero_ps(), rm = vm;
         int64_t i = 0, e = 0; /* elements updated, previous block's elements encoded */
         if (B4 || s >= 0x1p-100f) {
             const __m256 qs = _mm256_set1_ps(s * qinv);
@@ -849,19 +856,19 @@ static inline __attribute__((always_inline)) void TNAME(segq_plain)(
                 for (; i + 32 <= len; i += 32) {
                     TNAME(sq_prefetch)(p, g, codes, n, lo + i, B4);
                     for (int k = 0; k < 32; k += 8)
-                        TNAME(sq_plain8)(&K, qs, tlo, thi, i + k, pp, gp, r, vc, &vm, B4);
+                        TNAME(sq_plain8)(&K, qs, tlo, thi, i + k, pp, gp, r, vc, &vm, &rm, B4);
                     TNAME(v_enc_sq32)(pr + i, y, pc + (B4 ? i / 2 : i), B4);
                 }
                 e = i;
             }
             for (; i + 8 <= len; i += 8) {
                 if (!(i & 31)) TNAME(sq_prefetch)(p, g, codes, n, lo + i, B4);
-                TNAME(sq_plain8)(&K, qs, tlo, thi, i, pp, gp, r, vc, &vm, B4);
+                TNAME(sq_plain8)(&K, qs, tlo, thi, i, pp, gp, r, vc, &vm, &rm, B4);
             }
         }
-        __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(vm), _mm256_extractf128_ps(vm, 1));
-        m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
-        float m = _mm_cvtss_f32(_mm_max_ss(m4, _mm_shuffle_ps(m4, m4, 1)));
+        /* the block's maximum and its root: the maximum of the roots, as the root is
+         * monotonic (no second root, which would wait for the divider) */
+        float m = TNAME(hmax8)(vm), rmx = TNAME(hmax8)(rm);
         if (i < len) {
             uint8_t cq[RMS_QBLK];
             const uint8_t *qv = vc + i;
@@ -869,13 +876,14 @@ static inline __attribute__((always_inline)) void TNAME(segq_plain)(
             float mt = 0.0f;
             TNAME(dispatch_sq)(0, 0, len - i, pp + i, gp + i, r + i, NULL, h, &mt, qv, s, qinv);
             m = mt > m ? mt : m;
+            rmx = sqrtf(m);
         }
         if (pc) {
             TNAME(qenc_run_sq)(pr + e, ps, pcs, plen - e, pc + (B4 ? e / 2 : e), B4);
             scales[pj] = ps;
         }
         pc = vc; pr = r; pj = j; plen = len; ps = m;
-        pcs = m > 0.0f ? levels / sqrtf(m) : 0.0f;
+        pcs = m > 0.0f ? levels / rmx : 0.0f;
     }
     if (pc) {
         TNAME(qenc_run_sq)(pr, ps, pcs, plen, pc, B4);
