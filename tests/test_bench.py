@@ -274,3 +274,52 @@ def test_bench_refuses_conflicting_options_before_running(tmp_path, capsys):
         assert needle in err and err.count("\n") == 1 and "Traceback" not in err, (args, err)
         assert o == ""
     assert not out.exists()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not cpu.available(), reason=cpu.unavailable_reason())
+def test_kernel_ab_builds_the_tree_it_names_and_reports_each_build(capsys):
+    """``scripts/kernel_ab.py``: a build of the working tree's sources steps exactly as the
+    loaded kernel does (same params, codes and scales), and the report has one line per
+    build. No timing is asserted."""
+    import importlib.util
+    import tempfile
+    from pathlib import Path
+
+    import torch
+
+    from rmsprop import codecs
+    path = Path(__file__).resolve().parents[1] / "scripts" / "kernel_ab.py"
+    spec = importlib.util.spec_from_file_location("kernel_ab", path)
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    loaded = cpu._need()
+    gen = torch.Generator().manual_seed(5)
+    n = 3 * 256 + 40
+    p0, g = torch.randn(n, generator=gen), torch.randn(n, generator=gen)
+    v0, s0 = cpu.quant_encode(torch.rand(n, generator=gen), codecs.QUANTIZED["8bit"]["square_avg"])
+    kw = dict(lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0.0, momentum=0.0, centered=False,
+              maximize=False, eps_in_sqrt=False, lr_in_momentum=False, nesterov=False,
+              decoupled_weight_decay=False, bias_correction=1.0)
+    out = []
+    with tempfile.TemporaryDirectory() as tmp:
+        built = mod.build("WORKTREE", Path(tmp))
+        try:
+            for lib in (loaded, built):
+                cpu._lib = lib
+                p, v, s = p0.clone(), v0.clone(), s0.clone()
+                cpu.fused_step_quantized([p], [g], [v], None, None, square_avg_scales=[s],
+                                         state_dtype="8bit", **kw)
+                out.append((p, v, s))
+        finally:
+            cpu._lib = loaded
+    assert all(torch.equal(a, b) for a, b in zip(*out))
+    assert not torch.equal(out[0][0], p0)  # the step did move the params
+    try:
+        assert mod.main(["WORKTREE", "--rounds", "1", "--numel", "200K"]) == 0
+    finally:
+        cpu._lib = loaded
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("kernel_ab: 8bit state, 200,000 elements, 1 interleaved")
+    assert len(lines) == 2 and lines[1].split()[0] == "WORKTREE"
