@@ -890,6 +890,8 @@ static inline __attribute__((always_inline)) void TNAME(segq_plain)(
         scales[pj] = ps;
     }
 }
+#undef RMS_PF_AHEAD
+#undef RMS_PF_HINT
 #undef RMS_QV
 #else
 static inline __attribute__((always_inline)) void TNAME(qenc_run_sq)(
@@ -935,6 +937,12 @@ static inline __attribute__((always_inline)) void TNAME(segq_bits)(
     const int root = (spec & 9) == 0 && !((spec & 2) && h->nesterov) && h->eps_in == 0.0f &&
                      h->invc == 1.0f;
     const int scaled = h->gmul != 1.0f || h->pdecay != 1.0f;
+#ifdef RMS_F16C
+    if (root && spec == 0 && !scaled && pdir) { /* the default step, written out */
+        TNAME(segq_plain)(n, S, h, B4);
+        return;
+    }
+#endif
     const size_t ps = rms_dtsize(pdt);
     const int64_t blk = B4 ? RMS_QBLK / 2 : RMS_QBLK;
     float bp[RMS_QBLK], bg[RMS_QBLK], bm[RMS_QBLK], bb[RMS_QBLK], bo[RMS_QBLK];
@@ -952,12 +960,6 @@ static inline __attribute__((always_inline)) void TNAME(segq_bits)(
             S->vs[pend.j] = pend.s;                                                          \
         }                                                                                    \
     } while (0)
-#ifdef RMS_F16C
-    if (root && spec == 0 && !scaled && pdir) {
-        TNAME(segq_plain)(n, S, h, B4);
-        return;
-    }
-#endif
     for (int64_t lo = 0, j = 0; lo < n; lo += blk, j++) {
         float *bv = bvs[j & 1];
         const int64_t len = n - lo < blk ? n - lo : blk;
