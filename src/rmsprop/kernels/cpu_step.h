@@ -745,48 +745,59 @@ static inline __attribute__((always_inline)) void TNAME(qenc_run_sq)(
 /* The default step (spec 0 with gp 0: plain RMSProp, no momentum, weight decay, gradient
  * scale or maximize; float32 params) over a run of n elements, written out for x86-64-v3
  * (segq_plain). What gcc's loop of core() and the separate encoder leave on the table:
- *  - the old value is decoded from the codes as stored, 8 per vector: at 8 bits with the
- *    block scale folded into one product (qs' = s / L^2, exact for s >= 2^-100, gives the
- *    same rounding of s * (q + 1)^2 / L^2); at 4 bits by looking up alpha * v in a table of
- *    the block's 16 values (two permutes), which takes the multiplies off the chain of
- *    dependent operations the divider waits for;
- *  - the previous block's codes (qenc_run_sq's) are written in the same loop, 32 at a time,
- *    where the divider leaves the other units idle;
+ *  - the old value is decoded from the codes as stored, 8 per vector, with the block
+ *    scale folded into one product (qs' = s / L^2, exact for s >= 2^-100, gives the same
+ *    rounding of s * (q + 1)^2 / L^2);
+ *  - the work is skewed by block, three blocks in one loop: the new v of block j (decode,
+ *    the gradient's square: sq_stage_v) into a buffer, the update of block j - 1 from its
+ *    buffered v (the root and the division: sq_stage_u), and the codes of block j - 2 from
+ *    its roots (v_enc_sq32). The divider's chain then starts at a load from L1 instead of
+ *    at the end of the decode, so the reorder window holds more independent work;
  *  - the streams are prefetched ahead (sq_prefetch).
  * The same IEEE operations in the same order as core() and qenc_run_sq, so the same bits;
- * 8-bit blocks with a scale below 2^-100 and the last n % 8 elements take dispatch_sq, and
- * previous blocks with a scale of 0, inf or NaN qenc_run_sq. */
+ * blocks with a scale below 2^-100 (or NaN) and the last n % 8 elements take dispatch_sq, and
+ * blocks with a new scale of 0, inf or NaN qenc_run_sq. */
 typedef struct {
     __m256 lr, alpha, oma, eps, one;
     __m256i shifts;
 } TNAME(sqk);
 
-static inline __attribute__((always_inline)) void TNAME(sq_plain8)(
-    const TNAME(sqk) *K, __m256 qs, __m256 tlo, __m256 thi, int64_t i, float *restrict p,
-    const float *restrict g, float *restrict r, const uint8_t *restrict qv, __m256 *vm,
-    __m256 *rm, const int B4) {
-    __m256 av; /* alpha * v, v the decoded old value */
-    if (B4) { /* element 2j in the low nibble of byte j: nibble k of 8 at bit 4k; the
-               * block's 16 values of alpha * v are in tlo, thi (codes 0-7, 8-15) */
+/* The codes of the 8 elements at i, one per lane. */
+static inline __attribute__((always_inline)) __m256i TNAME(sq_codes8)(
+    const TNAME(sqk) *K, const uint8_t *restrict qv, int64_t i, const int B4) {
+    if (B4) { /* element 2j in the low nibble of byte j: nibble k of 8 at bit 4k */
         uint32_t w;
         memcpy(&w, qv + i / 2, 4);
-        const __m256i c = _mm256_srlv_epi32(_mm256_set1_epi32((int)w), K->shifts);
-        av = _mm256_blendv_ps(_mm256_permutevar8x32_ps(tlo, c),
-                              _mm256_permutevar8x32_ps(thi, c),
-                              _mm256_castsi256_ps(_mm256_slli_epi32(c, 28)));
-    } else {
-        const __m256i c =
-            _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(const void *)(qv + i)));
-        const __m256 qq = _mm256_add_ps(_mm256_cvtepi32_ps(c), K->one);
-        av = _mm256_mul_ps(K->alpha, _mm256_mul_ps(qs, _mm256_mul_ps(qq, qq)));
+        return _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32((int)w), K->shifts),
+                                _mm256_set1_epi32(15));
     }
+    return _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(const void *)(qv + i)));
+}
+
+/* The new v of the 8 elements at i, v = alpha * v_old + (1 - alpha) * g^2 with v_old
+ * decoded from their codes c under qs = s / L^2 (v_old = s * (q + 1)^2 / L^2), into vb;
+ * *vm: the running maximum of v, lane by lane. */
+static inline __attribute__((always_inline)) void TNAME(sq_stage_v)(
+    const TNAME(sqk) *K, __m256 qs, __m256i c, int64_t i, const float *restrict g,
+    float *restrict vb, __m256 *vm) {
+    const __m256 qq = _mm256_add_ps(_mm256_cvtepi32_ps(c), K->one);
+    const __m256 av = _mm256_mul_ps(K->alpha, _mm256_mul_ps(qs, _mm256_mul_ps(qq, qq)));
     const __m256 gi = _mm256_loadu_ps(g + i);
     const __m256 vi = _mm256_fmadd_ps(_mm256_mul_ps(K->oma, gi), gi, av);
     *vm = _mm256_max_ps(vi, *vm); /* vi > vm ? vi : vm, lane by lane */
-    const __m256 sq = _mm256_sqrt_ps(vi);
+    _mm256_storeu_ps(vb + i, vi);
+}
+
+/* The update of the 8 elements at i from their new v in vb: p -= lr * g / (sqrt(v) + eps);
+ * the roots into r, *rm their running maximum. */
+static inline __attribute__((always_inline)) void TNAME(sq_stage_u)(
+    const TNAME(sqk) *K, int64_t i, float *restrict p, const float *restrict g,
+    const float *restrict vb, float *restrict r, __m256 *rm) {
+    const __m256 sq = _mm256_sqrt_ps(_mm256_loadu_ps(vb + i));
     *rm = _mm256_max_ps(sq, *rm);
     _mm256_storeu_ps(r + i, sq);
-    const __m256 q = _mm256_div_ps(_mm256_mul_ps(K->lr, gi), _mm256_add_ps(sq, K->eps));
+    const __m256 q =
+        _mm256_div_ps(_mm256_mul_ps(K->lr, _mm256_loadu_ps(g + i)), _mm256_add_ps(sq, K->eps));
     _mm256_storeu_ps(p + i, _mm256_sub_ps(_mm256_loadu_ps(p + i), q));
 }
 
@@ -814,6 +825,14 @@ static inline __attribute__((always_inline)) float TNAME(hmax8)(__m256 v) {
     return _mm_cvtss_f32(_mm_max_ss(m, _mm_shuffle_ps(m, m, 1)));
 }
 
+/* One block of the pipeline: where it starts, its length, and what its stage so far left. */
+typedef struct {
+    int64_t lo, len, nv; /* nv: elements whose new v sq_stage_v buffered (0: none) */
+    float m;             /* the maximum of those (hmax8 of the running maximum) */
+    float s, cs;         /* the block's new scale and the encoder's constant from it */
+    const float *r;      /* its roots */
+} TNAME(sqb);
+
 static inline __attribute__((always_inline)) void TNAME(segq_plain)(
     int64_t n, const rms_streams *S, const RMS_HYP *h, const int B4) {
     const int64_t blk = B4 ? RMS_QBLK / 2 : RMS_QBLK;
@@ -825,69 +844,76 @@ static inline __attribute__((always_inline)) void TNAME(segq_plain)(
     const TNAME(sqk) K = {_mm256_set1_ps(h->lr), _mm256_set1_ps(h->alpha),
                           _mm256_set1_ps(h->oma), _mm256_set1_ps(h->eps_out),
                           _mm256_set1_ps(1.0f), _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28)};
-    float roots[2][RMS_QBLK];
-    /* the previous block, whose codes this block's loop writes: codes pc, roots pr */
-    uint8_t *pc = NULL;
-    const float *pr = NULL;
-    int64_t pj = 0, plen = 0;
-    float ps = 0.0f, pcs = 0.0f;
-    for (int64_t lo = 0, j = 0; lo < n; lo += blk, j++) {
-        const int64_t len = n - lo < blk ? n - lo : blk;
-        float *r = roots[j & 1], *pp = p + lo;
-        const float *gp = g + lo;
-        uint8_t *vc = codes + (B4 ? lo / 2 : lo);
-        const float s = scales[j];
+    float vbuf[2][RMS_QBLK], roots[2][RMS_QBLK];
+    const int64_t nb = (n + blk - 1) / blk;
+    /* a: block j (its v), b: block j - 1 (its update), e: block j - 2 (its codes) */
+    TNAME(sqb) a = {0}, b = {0}, e = {0};
+    int hb = 0, he = 0; /* b, e hold a block */
+    for (int64_t j = 0; j <= nb + 1; j++) {
+        const int ha = j < nb;
+        if (ha) {
+            a.lo = j * blk;
+            a.len = n - a.lo < blk ? n - a.lo : blk;
+            const float s = scales[j];
+            a.nv = s >= 0x1p-100f ? a.len & ~(int64_t)7 : 0;
+        }
+        const int64_t na = ha ? a.nv : 0, nbu = hb ? b.nv : 0;
+        const int ee = he && e.s > 0.0f && e.s < INFINITY; /* e's codes in the loop */
+        float *va = vbuf[j & 1];
+        const float *vb = vbuf[(j - 1) & 1];
+        float *rb = roots[(j - 1) & 1];
+        const uint8_t *qa = codes + (B4 ? a.lo / 2 : a.lo);
+        uint8_t *ce = codes + (B4 ? e.lo / 2 : e.lo);
+        float *pb = p + b.lo;
+        const float *ga = g + a.lo, *gb = g + b.lo;
+        const __m256 qs = _mm256_set1_ps(ha ? scales[j] * qinv : 0.0f);
         __m256 vm = _mm256_setzero_ps(), rm = vm;
-        int64_t i = 0, e = 0; /* elements updated, previous block's elements encoded */
-        if (B4 || s >= 0x1p-100f) {
-            const __m256 qs = _mm256_set1_ps(s * qinv);
-            __m256 tlo = qs, thi = qs;
-            if (B4) { /* alpha * (s * ((q + 1)^2 / L^2)) as core() rounds it, any s */
-                const __m256 sv = _mm256_set1_ps(s), iv = _mm256_set1_ps(qinv);
-                const __m256 k0 = _mm256_setr_ps(1, 2, 3, 4, 5, 6, 7, 8),
-                             k1 = _mm256_setr_ps(9, 10, 11, 12, 13, 14, 15, 16);
-                tlo = _mm256_mul_ps(_mm256_mul_ps(_mm256_mul_ps(k0, k0), iv), sv);
-                thi = _mm256_mul_ps(_mm256_mul_ps(_mm256_mul_ps(k1, k1), iv), sv);
-                tlo = _mm256_mul_ps(K.alpha, tlo);
-                thi = _mm256_mul_ps(K.alpha, thi);
+        const __m256 y = _mm256_set1_ps(e.cs);
+        int64_t i = 0, ie = 0;
+        const int64_t both = (na < nbu ? na : nbu) & ~(int64_t)31;
+        for (; i < both; i += 32) {
+            TNAME(sq_prefetch)(p, g, codes, n, a.lo + i, B4);
+            for (int k = 0; k < 32; k += 8) {
+                TNAME(sq_stage_v)(&K, qs, TNAME(sq_codes8)(&K, qa, i + k, B4), i + k, ga, va,
+                                  &vm);
+                TNAME(sq_stage_u)(&K, i + k, pb, gb, vb, rb, &rm);
             }
-            if (pc && ps > 0.0f && ps < INFINITY) {
-                const __m256 y = _mm256_set1_ps(pcs);
-                for (; i + 32 <= len; i += 32) {
-                    TNAME(sq_prefetch)(p, g, codes, n, lo + i, B4);
-                    for (int k = 0; k < 32; k += 8)
-                        TNAME(sq_plain8)(&K, qs, tlo, thi, i + k, pp, gp, r, vc, &vm, &rm, B4);
-                    TNAME(v_enc_sq32)(pr + i, y, pc + (B4 ? i / 2 : i), B4);
-                }
-                e = i;
+            if (ee) TNAME(v_enc_sq32)(e.r + i, y, ce + (B4 ? i / 2 : i), B4);
+        }
+        if (ee) ie = i;
+        for (int64_t k = i; k < na; k += 8) {
+            if (!(k & 31)) TNAME(sq_prefetch)(p, g, codes, n, a.lo + k, B4);
+            TNAME(sq_stage_v)(&K, qs, TNAME(sq_codes8)(&K, qa, k, B4), k, ga, va, &vm);
+        }
+        for (int64_t k = i; k < nbu; k += 8) {
+            if (!(k & 31)) TNAME(sq_prefetch)(p, g, codes, n, b.lo + k, B4);
+            TNAME(sq_stage_u)(&K, k, pb, gb, vb, rb, &rm);
+        }
+        if (he) { /* the rest of e's codes, and its scale */
+            TNAME(qenc_run_sq)(e.r + ie, e.s, e.cs, e.len - ie, ce + (B4 ? ie / 2 : ie), B4);
+            scales[(j - 2)] = e.s;
+        }
+        if (hb) { /* the rest of b's update (dispatch_sq), its scale and the root of it */
+            float m = b.m, rmx = TNAME(hmax8)(rm);
+            if (b.nv < b.len) {
+                uint8_t cq[RMS_QBLK];
+                const int64_t i0 = b.nv;
+                const uint8_t *qv = cq;
+                if (B4) TNAME(unpack4)(codes + (b.lo + i0) / 2, b.len - i0, cq);
+                else qv = codes + b.lo + i0;
+                float mt = 0.0f;
+                TNAME(dispatch_sq)(0, 0, b.len - i0, pb + i0, gb + i0, rb + i0, NULL, h, &mt,
+                                   qv, scales[j - 1], qinv);
+                m = mt > m ? mt : m;
+                rmx = sqrtf(m);
             }
-            for (; i + 8 <= len; i += 8) {
-                if (!(i & 31)) TNAME(sq_prefetch)(p, g, codes, n, lo + i, B4);
-                TNAME(sq_plain8)(&K, qs, tlo, thi, i, pp, gp, r, vc, &vm, &rm, B4);
-            }
+            b.s = m;
+            b.cs = m > 0.0f ? levels / rmx : 0.0f;
+            b.r = rb;
         }
-        /* the block's maximum and its root: the maximum of the roots, as the root is
-         * monotonic (no second root, which would wait for the divider) */
-        float m = TNAME(hmax8)(vm), rmx = TNAME(hmax8)(rm);
-        if (i < len) {
-            uint8_t cq[RMS_QBLK];
-            const uint8_t *qv = vc + i;
-            if (B4) { TNAME(unpack4)(vc + i / 2, len - i, cq); qv = cq; }
-            float mt = 0.0f;
-            TNAME(dispatch_sq)(0, 0, len - i, pp + i, gp + i, r + i, NULL, h, &mt, qv, s, qinv);
-            m = mt > m ? mt : m;
-            rmx = sqrtf(m);
-        }
-        if (pc) {
-            TNAME(qenc_run_sq)(pr + e, ps, pcs, plen - e, pc + (B4 ? e / 2 : e), B4);
-            scales[pj] = ps;
-        }
-        pc = vc; pr = r; pj = j; plen = len; ps = m;
-        pcs = m > 0.0f ? levels / rmx : 0.0f;
-    }
-    if (pc) {
-        TNAME(qenc_run_sq)(pr, ps, pcs, plen, pc, B4);
-        scales[pj] = ps;
+        e = b; he = hb;
+        if (ha) a.m = TNAME(hmax8)(vm);
+        b = a; hb = ha;
     }
 }
 #undef RMS_PF_AHEAD
