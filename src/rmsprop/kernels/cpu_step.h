@@ -789,12 +789,11 @@ static inline __attribute__((always_inline)) void TNAME(sq_stage_v)(
 }
 
 /* The update of the 8 elements at i from their new v in vb: p -= lr * g / (sqrt(v) + eps);
- * the roots into r, *rm their running maximum. */
+ * the roots into r. */
 static inline __attribute__((always_inline)) void TNAME(sq_stage_u)(
     const TNAME(sqk) *K, int64_t i, float *restrict p, const float *restrict g,
-    const float *restrict vb, float *restrict r, __m256 *rm) {
+    const float *restrict vb, float *restrict r) {
     const __m256 sq = _mm256_sqrt_ps(_mm256_loadu_ps(vb + i));
-    *rm = _mm256_max_ps(sq, *rm);
     _mm256_storeu_ps(r + i, sq);
     const __m256 q =
         _mm256_div_ps(_mm256_mul_ps(K->lr, _mm256_loadu_ps(g + i)), _mm256_add_ps(sq, K->eps));
@@ -867,7 +866,7 @@ static inline __attribute__((always_inline)) void TNAME(segq_plain)(
         float *pb = p + b.lo;
         const float *ga = g + a.lo, *gb = g + b.lo;
         const __m256 qs = _mm256_set1_ps(ha ? scales[j] * qinv : 0.0f);
-        __m256 vm = _mm256_setzero_ps(), rm = vm;
+        __m256 vm = _mm256_setzero_ps();
         const __m256 y = _mm256_set1_ps(e.cs);
         int64_t i = 0, ie = 0;
         const int64_t both = (na < nbu ? na : nbu) & ~(int64_t)31;
@@ -876,7 +875,7 @@ static inline __attribute__((always_inline)) void TNAME(segq_plain)(
             for (int k = 0; k < 32; k += 8) {
                 TNAME(sq_stage_v)(&K, qs, TNAME(sq_codes8)(&K, qa, i + k, B4), i + k, ga, va,
                                   &vm);
-                TNAME(sq_stage_u)(&K, i + k, pb, gb, vb, rb, &rm);
+                TNAME(sq_stage_u)(&K, i + k, pb, gb, vb, rb);
             }
             if (ee) TNAME(v_enc_sq32)(e.r + i, y, ce + (B4 ? i / 2 : i), B4);
         }
@@ -887,14 +886,14 @@ static inline __attribute__((always_inline)) void TNAME(segq_plain)(
         }
         for (int64_t k = i; k < nbu; k += 8) {
             if (!(k & 31)) TNAME(sq_prefetch)(p, g, codes, n, b.lo + k, B4);
-            TNAME(sq_stage_u)(&K, k, pb, gb, vb, rb, &rm);
+            TNAME(sq_stage_u)(&K, k, pb, gb, vb, rb);
         }
         if (he) { /* the rest of e's codes, and its scale */
             TNAME(qenc_run_sq)(e.r + ie, e.s, e.cs, e.len - ie, ce + (B4 ? ie / 2 : ie), B4);
             scales[(j - 2)] = e.s;
         }
         if (hb) { /* the rest of b's update (dispatch_sq), its scale and the root of it */
-            float m = b.m, rmx = TNAME(hmax8)(rm);
+            float m = b.m;
             if (b.nv < b.len) {
                 uint8_t cq[RMS_QBLK];
                 const int64_t i0 = b.nv;
@@ -905,10 +904,12 @@ static inline __attribute__((always_inline)) void TNAME(segq_plain)(
                 TNAME(dispatch_sq)(0, 0, b.len - i0, pb + i0, gb + i0, rb + i0, NULL, h, &mt,
                                    qv, scales[j - 1], qinv);
                 m = mt > m ? mt : m;
-                rmx = sqrtf(m);
             }
+            /* the root of the maximum is the maximum of the roots (the root is monotonic
+             * and correctly rounded): one scalar root instead of a running maximum that
+             * waits for the divider */
             b.s = m;
-            b.cs = m > 0.0f ? levels / rmx : 0.0f;
+            b.cs = m > 0.0f ? levels / sqrtf(m) : 0.0f;
             b.r = rb;
         }
         e = b; he = hb;
