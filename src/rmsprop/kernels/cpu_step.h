@@ -759,7 +759,8 @@ static inline __attribute__((always_inline)) void TNAME(qenc_run_sq)(
  * blocks with a new scale of 0, inf or NaN qenc_run_sq. */
 typedef struct {
     __m256 lr, alpha, oma, eps, one;
-    __m256i shifts;
+    __m256 mu, k, npost, kf, rkf; /* momentum: mu, k, -post; the signed map's K, RN(1/K) */
+    __m256i shifts, kneg;
 } TNAME(sqk);
 
 /* The codes of the 8 elements at i, one per lane. */
@@ -800,6 +801,35 @@ static inline __attribute__((always_inline)) void TNAME(sq_stage_u)(
     _mm256_storeu_ps(p + i, _mm256_sub_ps(_mm256_loadu_ps(p + i), q));
 }
 
+/* The old momentum buffer of the 8 elements at i, decoded from their signed codes bq under
+ * the block scale sb: sb * RN(k / K) as qdec computes it. */
+static inline __attribute__((always_inline)) __m256 TNAME(sq_bold8)(
+    const TNAME(sqk) *K, const uint8_t *restrict bq, int64_t i, __m256 sb, const int B4) {
+    __m256i c;
+    if (B4) { /* the nibble, sign-extended: (c ^ 8) - 8 */
+        c = TNAME(sq_codes8)(K, bq, i, 1);
+        c = _mm256_sub_epi32(_mm256_xor_si256(c, _mm256_set1_epi32(8)), _mm256_set1_epi32(8));
+    } else {
+        c = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(const void *)(bq + i)));
+    }
+    const __m256 k = _mm256_cvtepi32_ps(_mm256_max_epi32(c, K->kneg));
+    const __m256 a = _mm256_mul_ps(k, K->rkf);
+    return _mm256_mul_ps(sb, _mm256_fmadd_ps(_mm256_fnmadd_ps(a, K->kf, k), K->rkf, a));
+}
+
+/* The momentum update of the 8 elements at i from their new v in vb and their old buffer
+ * bo: b = mu * bo + k * g / (sqrt(v) + eps) into bn, p += -post * b; the roots into r. */
+static inline __attribute__((always_inline)) void TNAME(sq_stage_um)(
+    const TNAME(sqk) *K, int64_t i, float *restrict p, const float *restrict g,
+    const float *restrict vb, float *restrict r, __m256 bo, float *restrict bn) {
+    const __m256 sq = _mm256_sqrt_ps(_mm256_loadu_ps(vb + i));
+    _mm256_storeu_ps(r + i, sq);
+    const __m256 nn = _mm256_div_ps(_mm256_loadu_ps(g + i), _mm256_add_ps(sq, K->eps));
+    const __m256 bi = _mm256_add_ps(_mm256_mul_ps(K->mu, bo), _mm256_mul_ps(K->k, nn));
+    _mm256_storeu_ps(bn + i, bi);
+    _mm256_storeu_ps(p + i, _mm256_fmadd_ps(K->npost, bi, _mm256_loadu_ps(p + i)));
+}
+
 /* Prefetch of 32 elements of each stream RMS_PF_AHEAD elements ahead of element at
  * (clamped to the run's end). The loop's long chains of divider work fill the reorder
  * window, which then holds too few of the loads to keep memory busy, and the hardware
@@ -828,12 +858,14 @@ static inline __attribute__((always_inline)) float TNAME(hmax8)(__m256 v) {
 typedef struct {
     int64_t lo, len, nv; /* nv: elements whose new v sq_stage_v buffered (0: none) */
     float m;             /* the maximum of those (hmax8 of the running maximum) */
+    rms_qenc eb;         /* momentum: the new buffer's scale and encoder constants */
+    const float *bb;     /* momentum: the new buffer */
     float s, cs;         /* the block's new scale and the encoder's constant from it */
     const float *r;      /* its roots */
 } TNAME(sqb);
 
 static inline __attribute__((always_inline)) void TNAME(segq_plain)(
-    int64_t n, const rms_streams *S, const RMS_HYP *h, const int B4) {
+    int64_t n, const rms_streams *S, const RMS_HYP *h, const int B4, const int MOM) {
     const int64_t blk = B4 ? RMS_QBLK / 2 : RMS_QBLK;
     const float qinv = B4 ? 0x1p-8f : 0x1p-16f, levels = B4 ? 16.0f : 256.0f;
     float *p = (float *)(void *)S->p;
@@ -842,8 +874,13 @@ static inline __attribute__((always_inline)) void TNAME(segq_plain)(
     float *scales = S->vs;
     const TNAME(sqk) K = {_mm256_set1_ps(h->lr), _mm256_set1_ps(h->alpha),
                           _mm256_set1_ps(h->oma), _mm256_set1_ps(h->eps_out),
-                          _mm256_set1_ps(1.0f), _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28)};
-    float vbuf[2][RMS_QBLK], roots[2][RMS_QBLK];
+                          _mm256_set1_ps(1.0f), _mm256_set1_ps(h->mu), _mm256_set1_ps(h->k),
+                          _mm256_set1_ps(-h->post), _mm256_set1_ps(B4 ? 7.0f : 127.0f),
+                          _mm256_set1_ps(1.0f / (B4 ? 7.0f : 127.0f)),
+                          _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28),
+                          _mm256_set1_epi32(B4 ? -7 : -127)};
+    uint8_t *bcodes = (uint8_t *)S->b;
+    float vbuf[2][RMS_QBLK], roots[2][RMS_QBLK], bbuf[2][MOM ? RMS_QBLK : 1];
     const int64_t nb = (n + blk - 1) / blk;
     /* a: block j (its v), b: block j - 1 (its update), e: block j - 2 (its codes) */
     TNAME(sqb) a = {0}, b = {0}, e = {0};
@@ -865,6 +902,10 @@ static inline __attribute__((always_inline)) void TNAME(segq_plain)(
         uint8_t *ce = codes + (B4 ? e.lo / 2 : e.lo);
         float *pb = p + b.lo;
         const float *ga = g + a.lo, *gb = g + b.lo;
+        /* momentum: block b's old buffer (codes bqb, scale sb) and its new one */
+        const uint8_t *bqb = MOM ? bcodes + (B4 ? b.lo / 2 : b.lo) : NULL;
+        const __m256 sb = _mm256_set1_ps(MOM && hb ? S->bs[j - 1] : 0.0f);
+        float *bnb = bbuf[MOM ? (j - 1) & 1 : 0];
         const __m256 qs = _mm256_set1_ps(ha ? scales[j] * qinv : 0.0f);
         __m256 vm = _mm256_setzero_ps();
         const __m256 y = _mm256_set1_ps(e.cs);
@@ -875,7 +916,10 @@ static inline __attribute__((always_inline)) void TNAME(segq_plain)(
             for (int k = 0; k < 32; k += 8) {
                 TNAME(sq_stage_v)(&K, qs, TNAME(sq_codes8)(&K, qa, i + k, B4), i + k, ga, va,
                                   &vm);
-                TNAME(sq_stage_u)(&K, i + k, pb, gb, vb, rb);
+                if (MOM)
+                    TNAME(sq_stage_um)(&K, i + k, pb, gb, vb, rb,
+                                       TNAME(sq_bold8)(&K, bqb, i + k, sb, B4), bnb);
+                else TNAME(sq_stage_u)(&K, i + k, pb, gb, vb, rb);
             }
             if (ee) TNAME(v_enc_sq32)(e.r + i, y, ce + (B4 ? i / 2 : i), B4);
         }
@@ -886,11 +930,18 @@ static inline __attribute__((always_inline)) void TNAME(segq_plain)(
         }
         for (int64_t k = i; k < nbu; k += 8) {
             if (!(k & 31)) TNAME(sq_prefetch)(p, g, codes, n, b.lo + k, B4);
-            TNAME(sq_stage_u)(&K, k, pb, gb, vb, rb);
+            if (MOM)
+                TNAME(sq_stage_um)(&K, k, pb, gb, vb, rb, TNAME(sq_bold8)(&K, bqb, k, sb, B4),
+                                   bnb);
+            else TNAME(sq_stage_u)(&K, k, pb, gb, vb, rb);
         }
         if (he) { /* the rest of e's codes, and its scale */
             TNAME(qenc_run_sq)(e.r + ie, e.s, e.cs, e.len - ie, ce + (B4 ? ie / 2 : ie), B4);
             scales[(j - 2)] = e.s;
+            if (MOM) {
+                TNAME(qenc_run)(&e.eb, e.bb, e.len, bcodes + (B4 ? e.lo / 2 : e.lo), 1, B4);
+                S->bs[j - 2] = e.eb.s;
+            }
         }
         if (hb) { /* the rest of b's update (dispatch_sq), its scale and the root of it */
             float m = b.m;
@@ -901,8 +952,11 @@ static inline __attribute__((always_inline)) void TNAME(segq_plain)(
                 if (B4) TNAME(unpack4)(codes + (b.lo + i0) / 2, b.len - i0, cq);
                 else qv = codes + b.lo + i0;
                 float mt = 0.0f;
-                TNAME(dispatch_sq)(0, 0, b.len - i0, pb + i0, gb + i0, rb + i0, NULL, h, &mt,
-                                   qv, scales[j - 1], qinv);
+                if (MOM)
+                    TNAME(qdec)(bqb + (B4 ? i0 / 2 : i0), S->bs[j - 1], b.len - i0, bnb + i0,
+                                1, B4);
+                TNAME(dispatch_sq)(MOM ? 2 : 0, 0, b.len - i0, pb + i0, gb + i0, rb + i0,
+                                   MOM ? bnb + i0 : NULL, h, &mt, qv, scales[j - 1], qinv);
                 m = mt > m ? mt : m;
             }
             /* the root of the maximum is the maximum of the roots (the root is monotonic
@@ -910,6 +964,10 @@ static inline __attribute__((always_inline)) void TNAME(segq_plain)(
              * waits for the divider */
             b.s = m;
             b.cs = m > 0.0f ? levels / sqrtf(m) : 0.0f;
+            if (MOM) {
+                TNAME(qenc_prep)(bnb, b.len, &b.eb, 1, B4);
+                b.bb = bnb;
+            }
             b.r = rb;
         }
         e = b; he = hb;
@@ -965,8 +1023,9 @@ static inline __attribute__((always_inline)) void TNAME(segq_bits)(
                      h->invc == 1.0f;
     const int scaled = h->gmul != 1.0f || h->pdecay != 1.0f;
 #ifdef RMS_F16C
-    if (root && spec == 0 && !scaled && pdir) { /* the default step, written out */
-        TNAME(segq_plain)(n, S, h, B4);
+    if (root && !scaled && pdir && (spec == 0 || spec == 2)) { /* written out */
+        if (spec) TNAME(segq_plain)(n, S, h, B4, 1);
+        else TNAME(segq_plain)(n, S, h, B4, 0);
         return;
     }
 #endif
