@@ -759,9 +759,14 @@ static inline __attribute__((always_inline)) void TNAME(qenc_run_sq)(
  * blocks with a new scale of 0, inf or NaN qenc_run_sq. */
 typedef struct {
     __m256 lr, alpha, oma, eps, one;
-    __m256 mu, k, npost, kf, rkf; /* momentum: mu, k, -post; the signed map's K, RN(1/K) */
-    __m256i shifts, kneg;
+    __m256i shifts;
 } TNAME(sqk);
+
+/* momentum's: mu, k, -post; the signed map's K, RN(1/K) and -K */
+typedef struct {
+    __m256 mu, k, npost, kf, rkf;
+    __m256i kneg;
+} TNAME(sqm);
 
 /* The codes of the 8 elements at i, one per lane. */
 static inline __attribute__((always_inline)) __m256i TNAME(sq_codes8)(
@@ -804,7 +809,8 @@ static inline __attribute__((always_inline)) void TNAME(sq_stage_u)(
 /* The old momentum buffer of the 8 elements at i, decoded from their signed codes bq under
  * the block scale sb: sb * RN(k / K) as qdec computes it. */
 static inline __attribute__((always_inline)) __m256 TNAME(sq_bold8)(
-    const TNAME(sqk) *K, const uint8_t *restrict bq, int64_t i, __m256 sb, const int B4) {
+    const TNAME(sqk) *K, const TNAME(sqm) *M, const uint8_t *restrict bq, int64_t i, __m256 sb,
+    const int B4) {
     __m256i c;
     if (B4) { /* the nibble, sign-extended: (c ^ 8) - 8 */
         c = TNAME(sq_codes8)(K, bq, i, 1);
@@ -812,22 +818,22 @@ static inline __attribute__((always_inline)) __m256 TNAME(sq_bold8)(
     } else {
         c = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(const void *)(bq + i)));
     }
-    const __m256 k = _mm256_cvtepi32_ps(_mm256_max_epi32(c, K->kneg));
-    const __m256 a = _mm256_mul_ps(k, K->rkf);
-    return _mm256_mul_ps(sb, _mm256_fmadd_ps(_mm256_fnmadd_ps(a, K->kf, k), K->rkf, a));
+    const __m256 k = _mm256_cvtepi32_ps(_mm256_max_epi32(c, M->kneg));
+    const __m256 a = _mm256_mul_ps(k, M->rkf);
+    return _mm256_mul_ps(sb, _mm256_fmadd_ps(_mm256_fnmadd_ps(a, M->kf, k), M->rkf, a));
 }
 
 /* The momentum update of the 8 elements at i from their new v in vb and their old buffer
  * bo: b = mu * bo + k * g / (sqrt(v) + eps) into bn, p += -post * b; the roots into r. */
 static inline __attribute__((always_inline)) void TNAME(sq_stage_um)(
-    const TNAME(sqk) *K, int64_t i, float *restrict p, const float *restrict g,
+    const TNAME(sqk) *K, const TNAME(sqm) *M, int64_t i, float *restrict p, const float *restrict g,
     const float *restrict vb, float *restrict r, __m256 bo, float *restrict bn) {
     const __m256 sq = _mm256_sqrt_ps(_mm256_loadu_ps(vb + i));
     _mm256_storeu_ps(r + i, sq);
     const __m256 nn = _mm256_div_ps(_mm256_loadu_ps(g + i), _mm256_add_ps(sq, K->eps));
-    const __m256 bi = _mm256_add_ps(_mm256_mul_ps(K->mu, bo), _mm256_mul_ps(K->k, nn));
+    const __m256 bi = _mm256_add_ps(_mm256_mul_ps(M->mu, bo), _mm256_mul_ps(M->k, nn));
     _mm256_storeu_ps(bn + i, bi);
-    _mm256_storeu_ps(p + i, _mm256_fmadd_ps(K->npost, bi, _mm256_loadu_ps(p + i)));
+    _mm256_storeu_ps(p + i, _mm256_fmadd_ps(M->npost, bi, _mm256_loadu_ps(p + i)));
 }
 
 /* Prefetch of 32 elements of each stream RMS_PF_AHEAD elements ahead of element at
@@ -874,10 +880,10 @@ static inline __attribute__((always_inline)) void TNAME(segq_plain)(
     float *scales = S->vs;
     const TNAME(sqk) K = {_mm256_set1_ps(h->lr), _mm256_set1_ps(h->alpha),
                           _mm256_set1_ps(h->oma), _mm256_set1_ps(h->eps_out),
-                          _mm256_set1_ps(1.0f), _mm256_set1_ps(h->mu), _mm256_set1_ps(h->k),
-                          _mm256_set1_ps(-h->post), _mm256_set1_ps(B4 ? 7.0f : 127.0f),
+                          _mm256_set1_ps(1.0f), _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28)};
+    const TNAME(sqm) M = {_mm256_set1_ps(h->mu), _mm256_set1_ps(h->k), _mm256_set1_ps(-h->post),
+                          _mm256_set1_ps(B4 ? 7.0f : 127.0f),
                           _mm256_set1_ps(1.0f / (B4 ? 7.0f : 127.0f)),
-                          _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28),
                           _mm256_set1_epi32(B4 ? -7 : -127)};
     uint8_t *bcodes = (uint8_t *)S->b;
     float vbuf[2][RMS_QBLK], roots[2][RMS_QBLK], bbuf[2][MOM ? RMS_QBLK : 1];
@@ -917,8 +923,8 @@ static inline __attribute__((always_inline)) void TNAME(segq_plain)(
                 TNAME(sq_stage_v)(&K, qs, TNAME(sq_codes8)(&K, qa, i + k, B4), i + k, ga, va,
                                   &vm);
                 if (MOM)
-                    TNAME(sq_stage_um)(&K, i + k, pb, gb, vb, rb,
-                                       TNAME(sq_bold8)(&K, bqb, i + k, sb, B4), bnb);
+                    TNAME(sq_stage_um)(&K, &M, i + k, pb, gb, vb, rb,
+                                       TNAME(sq_bold8)(&K, &M, bqb, i + k, sb, B4), bnb);
                 else TNAME(sq_stage_u)(&K, i + k, pb, gb, vb, rb);
             }
             if (ee) TNAME(v_enc_sq32)(e.r + i, y, ce + (B4 ? i / 2 : i), B4);
@@ -931,8 +937,8 @@ static inline __attribute__((always_inline)) void TNAME(segq_plain)(
         for (int64_t k = i; k < nbu; k += 8) {
             if (!(k & 31)) TNAME(sq_prefetch)(p, g, codes, n, b.lo + k, B4);
             if (MOM)
-                TNAME(sq_stage_um)(&K, k, pb, gb, vb, rb, TNAME(sq_bold8)(&K, bqb, k, sb, B4),
-                                   bnb);
+                TNAME(sq_stage_um)(&K, &M, k, pb, gb, vb, rb,
+                                   TNAME(sq_bold8)(&K, &M, bqb, k, sb, B4), bnb);
             else TNAME(sq_stage_u)(&K, k, pb, gb, vb, rb);
         }
         if (he) { /* the rest of e's codes, and its scale */
