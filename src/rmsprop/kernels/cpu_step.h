@@ -870,7 +870,7 @@ typedef struct {
     const float *r;      /* its roots */
 } TNAME(sqb);
 
-static inline __attribute__((always_inline)) void TNAME(segq_plain)(
+static inline __attribute__((always_inline)) void TNAME(segq_plain_)(
     int64_t n, const rms_streams *S, const RMS_HYP *h, const int B4, const int MOM) {
     const int64_t blk = B4 ? RMS_QBLK / 2 : RMS_QBLK;
     const float qinv = B4 ? 0x1p-8f : 0x1p-16f, levels = B4 ? 16.0f : 256.0f;
@@ -981,6 +981,20 @@ static inline __attribute__((always_inline)) void TNAME(segq_plain)(
         b = a; hb = ha;
     }
 }
+/* each variant its own function, so that the default step's code does not depend on the
+ * momentum variant beside it */
+static void TNAME(segq_plain8)(int64_t n, const rms_streams *S, const RMS_HYP *h) {
+    TNAME(segq_plain_)(n, S, h, 0, 0);
+}
+static void TNAME(segq_plain4)(int64_t n, const rms_streams *S, const RMS_HYP *h) {
+    TNAME(segq_plain_)(n, S, h, 1, 0);
+}
+static void TNAME(segq_plain8m)(int64_t n, const rms_streams *S, const RMS_HYP *h) {
+    TNAME(segq_plain_)(n, S, h, 0, 1);
+}
+static void TNAME(segq_plain4m)(int64_t n, const rms_streams *S, const RMS_HYP *h) {
+    TNAME(segq_plain_)(n, S, h, 1, 1);
+}
 #undef RMS_PF_AHEAD
 #undef RMS_PF_HINT
 #undef RMS_QV
@@ -1030,8 +1044,8 @@ static inline __attribute__((always_inline)) void TNAME(segq_bits)(
     const int scaled = h->gmul != 1.0f || h->pdecay != 1.0f;
 #ifdef RMS_F16C
     if (root && !scaled && pdir && (spec == 0 || spec == 2)) { /* written out */
-        if (spec) TNAME(segq_plain)(n, S, h, B4, 1);
-        else TNAME(segq_plain)(n, S, h, B4, 0);
+        if (B4) (spec ? TNAME(segq_plain4m) : TNAME(segq_plain4))(n, S, h);
+        else (spec ? TNAME(segq_plain8m) : TNAME(segq_plain8))(n, S, h);
         return;
     }
 #endif
