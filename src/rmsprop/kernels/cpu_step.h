@@ -743,8 +743,9 @@ static inline __attribute__((always_inline)) void TNAME(qenc_run_sq)(
 }
 
 /* The default step (spec 0 with gp 0: plain RMSProp, no momentum, weight decay, gradient
- * scale or maximize; float32 params) over a run of n elements, written out for x86-64-v3
- * (segq_plain). What gcc's loop of core() and the separate encoder leave on the table:
+ * scale or maximize; float32 params) and the same with momentum but not Nesterov (spec 2:
+ * MOM) over a run of n elements, written out for x86-64-v3 (segq_plain). What gcc's loop of
+ * core() and the separate encoder leave on the table:
  *  - the old value is decoded from the codes as stored, 8 per vector, with the block
  *    scale folded into one product (qs' = s / L^2, exact for s >= 2^-100, gives the same
  *    rounding of s * (q + 1)^2 / L^2);
@@ -826,8 +827,9 @@ static inline __attribute__((always_inline)) __m256 TNAME(sq_bold8)(
 /* The momentum update of the 8 elements at i from their new v in vb and their old buffer
  * bo: b = mu * bo + k * g / (sqrt(v) + eps) into bn, p += -post * b; the roots into r. */
 static inline __attribute__((always_inline)) void TNAME(sq_stage_um)(
-    const TNAME(sqk) *K, const TNAME(sqm) *M, int64_t i, float *restrict p, const float *restrict g,
-    const float *restrict vb, float *restrict r, __m256 bo, float *restrict bn) {
+    const TNAME(sqk) *K, const TNAME(sqm) *M, int64_t i, float *restrict p,
+    const float *restrict g, const float *restrict vb, float *restrict r, __m256 bo,
+    float *restrict bn) {
     const __m256 sq = _mm256_sqrt_ps(_mm256_loadu_ps(vb + i));
     _mm256_storeu_ps(r + i, sq);
     const __m256 nn = _mm256_div_ps(_mm256_loadu_ps(g + i), _mm256_add_ps(sq, K->eps));
@@ -870,7 +872,7 @@ typedef struct {
     const float *r;      /* its roots */
 } TNAME(sqb);
 
-static inline __attribute__((always_inline)) void TNAME(segq_plain_)(
+static inline __attribute__((always_inline)) void TNAME(segq_plain)(
     int64_t n, const rms_streams *S, const RMS_HYP *h, const int B4, const int MOM) {
     const int64_t blk = B4 ? RMS_QBLK / 2 : RMS_QBLK;
     const float qinv = B4 ? 0x1p-8f : 0x1p-16f, levels = B4 ? 16.0f : 256.0f;
@@ -881,8 +883,8 @@ static inline __attribute__((always_inline)) void TNAME(segq_plain_)(
     const TNAME(sqk) K = {_mm256_set1_ps(h->lr), _mm256_set1_ps(h->alpha),
                           _mm256_set1_ps(h->oma), _mm256_set1_ps(h->eps_out),
                           _mm256_set1_ps(1.0f), _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28)};
-    const TNAME(sqm) M = {_mm256_set1_ps(h->mu), _mm256_set1_ps(h->k), _mm256_set1_ps(-h->post),
-                          _mm256_set1_ps(B4 ? 7.0f : 127.0f),
+    const TNAME(sqm) M = {_mm256_set1_ps(h->mu), _mm256_set1_ps(h->k),
+                          _mm256_set1_ps(-h->post), _mm256_set1_ps(B4 ? 7.0f : 127.0f),
                           _mm256_set1_ps(1.0f / (B4 ? 7.0f : 127.0f)),
                           _mm256_set1_epi32(B4 ? -7 : -127)};
     uint8_t *bcodes = (uint8_t *)S->b;
@@ -981,19 +983,18 @@ static inline __attribute__((always_inline)) void TNAME(segq_plain_)(
         b = a; hb = ha;
     }
 }
-/* each variant its own function, so that the default step's code does not depend on the
- * momentum variant beside it */
+/* Each variant its own function: inlined side by side, the default step's loop ran slower. */
 static void TNAME(segq_plain8)(int64_t n, const rms_streams *S, const RMS_HYP *h) {
-    TNAME(segq_plain_)(n, S, h, 0, 0);
+    TNAME(segq_plain)(n, S, h, 0, 0);
 }
 static void TNAME(segq_plain4)(int64_t n, const rms_streams *S, const RMS_HYP *h) {
-    TNAME(segq_plain_)(n, S, h, 1, 0);
+    TNAME(segq_plain)(n, S, h, 1, 0);
 }
 static void TNAME(segq_plain8m)(int64_t n, const rms_streams *S, const RMS_HYP *h) {
-    TNAME(segq_plain_)(n, S, h, 0, 1);
+    TNAME(segq_plain)(n, S, h, 0, 1);
 }
 static void TNAME(segq_plain4m)(int64_t n, const rms_streams *S, const RMS_HYP *h) {
-    TNAME(segq_plain_)(n, S, h, 1, 1);
+    TNAME(segq_plain)(n, S, h, 1, 1);
 }
 #undef RMS_PF_AHEAD
 #undef RMS_PF_HINT
