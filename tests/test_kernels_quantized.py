@@ -174,6 +174,61 @@ def test_blocks_outside_the_fast_encoders_range_between_ordinary_ones(kw, fmt, i
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("kw", [{}, {"momentum": 0.9}], ids=_ids)
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the spec's NaN quotients
+def test_a_nan_or_inf_gradient_in_an_ordinary_block_steps_like_the_portable_build(kw, fmt):
+    """A NaN gradient makes its v NaN, which the block's maximum leaves out (the spec's
+    scale is NaN there, and the spec refuses to step from it, so the portable build is the
+    oracle for that block); an infinite one makes the block's scale infinite. Over two steps
+    both builds give the same params, codes and scales, and after the first the blocks
+    without one hold the spec's."""
+    if not cpu.set_isa("best"):
+        pytest.skip("no best build")
+    o = Options(lr=1e-2, **kw)
+    f = codecs.QUANTIZED[fmt]
+    blk = codecs.FORMATS[f["square_avg"]].block
+    n = 6 * blk + 40
+    rng = np.random.default_rng(5)
+    p0 = rng.standard_normal(n).astype(np.float32)
+    g = rng.standard_normal(n).astype(np.float32)
+    g[blk + 9] = np.nan
+    g[blk + 8] = 30.0  # the largest v of its block but for the NaN
+    g[3 * blk + 71] = np.inf
+    runs = []
+    for isa in ("best", "base"):
+        cpu.set_isa(isa)
+        params = [torch.from_numpy(p0.copy())]
+        lists = state_lists([_init(n, o, fmt)])
+        after = []
+        for t in range(1, 3):
+            _kernel_step(o, t, params, [torch.from_numpy(g)], lists, 1, fmt=fmt)
+            after.append((params[0].numpy().copy(),
+                          {k: (c[0].numpy().copy(), s[0].numpy().copy())
+                           for k, (c, s) in lists.items() if c}))
+        runs.append(after)
+    cpu.set_isa("best")
+    for (pa, sa), (pb, sb) in zip(*runs):
+        np.testing.assert_array_equal(pa, pb)
+        for k in sa:
+            np.testing.assert_array_equal(sa[k][0], sb[k][0], err_msg=k)
+            np.testing.assert_array_equal(sa[k][1], sb[k][1], err_msg=k)
+    p1, s1 = runs[0][0]
+    # the NaN left out: the block's maximum is that of 30's v, 30^2 (1 - alpha)
+    assert s1["square_avg"][1][1] == pytest.approx(900.0 * (1 - o.alpha), rel=1e-6)
+    assert s1["square_avg"][1][3] == np.inf
+    p_np, states = spec_step_all(o, [p0.copy()], [g], [_init(n, o, fmt)])
+    ok = np.r_[0:blk, 2 * blk:3 * blk, 4 * blk:n]
+    np.testing.assert_array_equal(p1[ok], p_np[0][ok])
+    per = 2 if fmt == "4bit" else 1
+    for k, (codes, scales) in s1.items():
+        want = states[0][k]
+        np.testing.assert_array_equal(codes[np.unique(ok // per)],
+                                      want.codes[np.unique(ok // per)], err_msg=k)
+        keep = [b for b in range(len(scales)) if b not in (1, 3)]
+        np.testing.assert_array_equal(scales[keep], want.scales[keep], err_msg=k)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("kw", NEAR, ids=_ids)
 def test_options_the_float_kernel_rounds_differently_stay_within_ulps(kw, fmt, isa_threads):
     o = Options(lr=1e-2, **kw)

@@ -783,15 +783,17 @@ static inline __attribute__((always_inline)) __m256i TNAME(sq_codes8)(
 
 /* The new v of the 8 elements at i, v = alpha * v_old + (1 - alpha) * g^2 with v_old
  * decoded from their codes c under qs = s / L^2 (v_old = s * (q + 1)^2 / L^2), into vb;
- * *vm: the running maximum of v, lane by lane. */
+ * *vm: the running maximum of v's bits, lane by lane (see vmax_bits). The q + 1 and the
+ * maximum are integer operations, and the add and subtract of sq_stage_u fmas with a factor
+ * of 1 (the same rounding), which leaves less of the loop on the floating-point adders. */
 static inline __attribute__((always_inline)) void TNAME(sq_stage_v)(
     const TNAME(sqk) *K, __m256 qs, __m256i c, int64_t i, const float *restrict g,
-    float *restrict vb, __m256 *vm) {
-    const __m256 qq = _mm256_add_ps(_mm256_cvtepi32_ps(c), K->one);
+    float *restrict vb, __m256i *vm) {
+    const __m256 qq = _mm256_cvtepi32_ps(_mm256_add_epi32(c, _mm256_set1_epi32(1)));
     const __m256 av = _mm256_mul_ps(K->alpha, _mm256_mul_ps(qs, _mm256_mul_ps(qq, qq)));
     const __m256 gi = _mm256_loadu_ps(g + i);
     const __m256 vi = _mm256_fmadd_ps(_mm256_mul_ps(K->oma, gi), gi, av);
-    *vm = _mm256_max_ps(vi, *vm); /* vi > vm ? vi : vm, lane by lane */
+    *vm = _mm256_max_epi32(_mm256_castps_si256(vi), *vm);
     _mm256_storeu_ps(vb + i, vi);
 }
 
@@ -802,9 +804,9 @@ static inline __attribute__((always_inline)) void TNAME(sq_stage_u)(
     const float *restrict vb, float *restrict r) {
     const __m256 sq = _mm256_sqrt_ps(_mm256_loadu_ps(vb + i));
     _mm256_storeu_ps(r + i, sq);
-    const __m256 q =
-        _mm256_div_ps(_mm256_mul_ps(K->lr, _mm256_loadu_ps(g + i)), _mm256_add_ps(sq, K->eps));
-    _mm256_storeu_ps(p + i, _mm256_sub_ps(_mm256_loadu_ps(p + i), q));
+    const __m256 q = _mm256_div_ps(_mm256_mul_ps(K->lr, _mm256_loadu_ps(g + i)),
+                                   _mm256_fmadd_ps(sq, K->one, K->eps));
+    _mm256_storeu_ps(p + i, _mm256_fnmadd_ps(K->one, q, _mm256_loadu_ps(p + i)));
 }
 
 /* The old momentum buffer of the 8 elements at i, decoded from their signed codes bq under
@@ -832,7 +834,8 @@ static inline __attribute__((always_inline)) void TNAME(sq_stage_um)(
     float *restrict bn) {
     const __m256 sq = _mm256_sqrt_ps(_mm256_loadu_ps(vb + i));
     _mm256_storeu_ps(r + i, sq);
-    const __m256 nn = _mm256_div_ps(_mm256_loadu_ps(g + i), _mm256_add_ps(sq, K->eps));
+    const __m256 nn =
+        _mm256_div_ps(_mm256_loadu_ps(g + i), _mm256_fmadd_ps(sq, K->one, K->eps));
     const __m256 bi = _mm256_add_ps(_mm256_mul_ps(M->mu, bo), _mm256_mul_ps(M->k, nn));
     _mm256_storeu_ps(bn + i, bi);
     _mm256_storeu_ps(p + i, _mm256_fmadd_ps(M->npost, bi, _mm256_loadu_ps(p + i)));
@@ -860,6 +863,26 @@ static inline __attribute__((always_inline)) float TNAME(hmax8)(__m256 v) {
     __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     m = _mm_max_ps(m, _mm_movehl_ps(m, m));
     return _mm_cvtss_f32(_mm_max_ss(m, _mm_shuffle_ps(m, m, 1)));
+}
+
+/* The largest of n v >= 0 in vb from the lane maxima of their bits vm (for v >= 0, or
+ * +inf, the order of the bits is that of the values); a NaN among them, whose bits are
+ * larger, takes the floating-point maximum over vb, which leaves NaN out as core() does. */
+static inline __attribute__((always_inline)) float TNAME(vmax_bits)(__m256i vm,
+                                                                   const float *restrict vb,
+                                                                   int64_t n) {
+    __m128i m = _mm_max_epi32(_mm256_castsi256_si128(vm), _mm256_extracti128_si256(vm, 1));
+    m = _mm_max_epi32(m, _mm_shuffle_epi32(m, 0x4e));
+    m = _mm_max_epi32(m, _mm_shuffle_epi32(m, 0xb1));
+    const int32_t bits = _mm_cvtsi128_si32(m);
+    if (bits <= 0x7f800000) {
+        float f;
+        memcpy(&f, &bits, 4);
+        return f;
+    }
+    __m256 x = _mm256_setzero_ps();
+    for (int64_t i = 0; i < n; i += 8) x = _mm256_max_ps(_mm256_loadu_ps(vb + i), x);
+    return TNAME(hmax8)(x);
 }
 
 /* One block of the pipeline: where it starts, its length, and what its stage so far left. */
@@ -915,7 +938,7 @@ static inline __attribute__((always_inline)) void TNAME(segq_plain)(
         const __m256 sb = _mm256_set1_ps(MOM && hb ? S->bs[j - 1] : 0.0f);
         float *bnb = bbuf[MOM ? (j - 1) & 1 : 0];
         const __m256 qs = _mm256_set1_ps(ha ? scales[j] * qinv : 0.0f);
-        __m256 vm = _mm256_setzero_ps();
+        __m256i vm = _mm256_setzero_si256();
         const __m256 y = _mm256_set1_ps(e.cs);
         int64_t i = 0, ie = 0;
         const int64_t both = (na < nbu ? na : nbu) & ~(int64_t)31;
@@ -979,7 +1002,7 @@ static inline __attribute__((always_inline)) void TNAME(segq_plain)(
             b.r = rb;
         }
         e = b; he = hb;
-        if (ha) a.m = TNAME(hmax8)(vm);
+        if (ha) a.m = TNAME(vmax_bits)(vm, va, a.nv);
         b = a; hb = ha;
     }
 }
