@@ -746,9 +746,9 @@ static inline __attribute__((always_inline)) void TNAME(qenc_run_sq)(
  * scale or maximize; float32 params) and the same with momentum but not Nesterov (spec 2:
  * MOM) over a run of n elements, written out for x86-64-v3 (segq_plain). What gcc's loop of
  * core() and the separate encoder leave on the table:
- *  - the old value is decoded from the codes as stored, 8 per vector, with the block
- *    scale folded into one product (qs' = s / L^2, exact for s >= 2^-100, gives the same
- *    rounding of s * (q + 1)^2 / L^2);
+ *  - the old value is decoded from the codes, 8 per vector (4-bit codes unpacked to bytes
+ *    a block at a time first, sq_unpack4), with the block scale folded into one product
+ *    (qs' = s / L^2, exact for s >= 2^-100, gives the same rounding of s * (q + 1)^2 / L^2);
  *  - the work is skewed by block, three blocks in one loop: the new v of block j (decode,
  *    the gradient's square: sq_stage_v) into a buffer, the update of block j - 1 from its
  *    buffered v (the root and the division: sq_stage_u), and the codes of block j - 2 from
@@ -779,6 +779,24 @@ static inline __attribute__((always_inline)) __m256i TNAME(sq_codes8)(
                                 _mm256_set1_epi32(15));
     }
     return _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(const void *)(qv + i)));
+}
+
+/* The first n (a multiple of 8) of a block's 4-bit codes one per byte, for sq_codes8's 8-bit
+ * load: a pass of byte shuffles per block costs less than a variable shift per vector. */
+static inline __attribute__((always_inline)) void TNAME(sq_unpack4)(
+    const uint8_t *restrict q, int64_t n, uint8_t *restrict out) {
+    const __m128i m = _mm_set1_epi8(0x0f);
+    int64_t k = 0;
+    for (; k + 16 <= n / 2; k += 16) {
+        const __m128i w = _mm_loadu_si128((const __m128i *)(const void *)(q + k));
+        const __m128i lo = _mm_and_si128(w, m), hi = _mm_and_si128(_mm_srli_epi16(w, 4), m);
+        _mm_storeu_si128((__m128i *)(void *)(out + 2 * k), _mm_unpacklo_epi8(lo, hi));
+        _mm_storeu_si128((__m128i *)(void *)(out + 2 * k + 16), _mm_unpackhi_epi8(lo, hi));
+    }
+    for (; k < n / 2; k++) {
+        out[2 * k] = q[k] & 15;
+        out[2 * k + 1] = q[k] >> 4;
+    }
 }
 
 /* The new v of the 8 elements at i, v = alpha * v_old + (1 - alpha) * g^2 with v_old
@@ -912,6 +930,7 @@ static inline __attribute__((always_inline)) void TNAME(segq_plain)(
                           _mm256_set1_epi32(B4 ? -7 : -127)};
     uint8_t *bcodes = (uint8_t *)S->b;
     float vbuf[2][RMS_QBLK], roots[2][RMS_QBLK], bbuf[2][MOM ? RMS_QBLK : 1];
+    uint8_t ubuf[B4 ? RMS_QBLK : 1];
     const int64_t nb = (n + blk - 1) / blk;
     /* a: block j (its v), b: block j - 1 (its update), e: block j - 2 (its codes) */
     TNAME(sqb) a = {0}, b = {0}, e = {0};
@@ -930,6 +949,8 @@ static inline __attribute__((always_inline)) void TNAME(segq_plain)(
         const float *vb = vbuf[(j - 1) & 1];
         float *rb = roots[(j - 1) & 1];
         const uint8_t *qa = codes + (B4 ? a.lo / 2 : a.lo);
+        if (B4 && ha) TNAME(sq_unpack4)(qa, a.nv, ubuf);
+        const uint8_t *qa8 = B4 ? ubuf : qa;
         uint8_t *ce = codes + (B4 ? e.lo / 2 : e.lo);
         float *pb = p + b.lo;
         const float *ga = g + a.lo, *gb = g + b.lo;
@@ -945,7 +966,7 @@ static inline __attribute__((always_inline)) void TNAME(segq_plain)(
         for (; i < both; i += 32) {
             TNAME(sq_prefetch)(p, g, codes, n, a.lo + i, B4);
             for (int k = 0; k < 32; k += 8) {
-                TNAME(sq_stage_v)(&K, qs, TNAME(sq_codes8)(&K, qa, i + k, B4), i + k, ga, va,
+                TNAME(sq_stage_v)(&K, qs, TNAME(sq_codes8)(&K, qa8, i + k, 0), i + k, ga, va,
                                   &vm);
                 if (MOM)
                     TNAME(sq_stage_um)(&K, &M, i + k, pb, gb, vb, rb,
@@ -957,7 +978,7 @@ static inline __attribute__((always_inline)) void TNAME(segq_plain)(
         if (ee) ie = i;
         for (int64_t k = i; k < na; k += 8) {
             if (!(k & 31)) TNAME(sq_prefetch)(p, g, codes, n, a.lo + k, B4);
-            TNAME(sq_stage_v)(&K, qs, TNAME(sq_codes8)(&K, qa, k, B4), k, ga, va, &vm);
+            TNAME(sq_stage_v)(&K, qs, TNAME(sq_codes8)(&K, qa8, k, 0), k, ga, va, &vm);
         }
         for (int64_t k = i; k < nbu; k += 8) {
             if (!(k & 31)) TNAME(sq_prefetch)(p, g, codes, n, b.lo + k, B4);
