@@ -16,6 +16,7 @@ Usage::
 
     python scripts/kernel_ab.py f2ccb1b HEAD --state 4bit --numel 10M
     python scripts/kernel_ab.py HEAD WORKTREE --state 8bit --in-cache
+    python scripts/kernel_ab.py HEAD WORKTREE --state 4bit --momentum 0.9
 """
 
 from __future__ import annotations
@@ -75,6 +76,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--numel", type=_numel, default=10_000_000)
     ap.add_argument("--rounds", type=int, default=20)
     ap.add_argument("--in-cache", action="store_true")
+    ap.add_argument("--momentum", type=float, default=0.0,
+                    help="the step's momentum (the bench's momentum rows: 0.9)")
     args = ap.parse_args(argv)
 
     import torch
@@ -90,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     def use(rev: str) -> None:
         cpu._lib = libs[rev]
 
-    kw = dict(lr=bench.LR, alpha=0.99, eps=1e-8, weight_decay=0.0, momentum=0.0,
+    kw = dict(lr=bench.LR, alpha=0.99, eps=1e-8, weight_decay=0.0, momentum=args.momentum,
               centered=False, maximize=False, eps_in_sqrt=False, lr_in_momentum=False,
               nesterov=False, decoupled_weight_decay=False, bias_correction=1.0)
     calls: dict = {}
@@ -99,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.in_cache:
         for rev in args.revs:
             use(rev)
-            calls[rev] = bench._in_cache_call(args.state, kw, False)
+            calls[rev] = bench._in_cache_call(args.state, kw, args.momentum > 0)
         per = float(bench.CACHE_SLICE * bench.CACHE_REPEATS)
     else:
         gen = torch.Generator().manual_seed(0)
@@ -108,13 +111,15 @@ def main(argv: list[str] | None = None) -> int:
         opts = {} if args.state == "fp32" else {"state_dtype": args.state}
         for rev in args.revs:
             use(rev)
-            opt = RMSprop([p], lr=bench.LR, fused=True, nonfinite="ignore", **opts)
+            opt = RMSprop([p], lr=bench.LR, momentum=args.momentum, fused=True,
+                          nonfinite="ignore", **opts)
             opt.step()
             calls[rev] = opt.step
         floor = cpu.floor_call([p.detach()], [p.grad],
                                [torch.zeros(args.numel, dtype=torch.uint8)])
         # bytes per element: the step's (the bench's count) over the 8-bit floor's 14
         state = {"8bit": 1 + 4 / 256, "4bit": 0.5 + 4 / 128, "fp32": 4.0}[args.state]
+        state *= 2 if args.momentum > 0 else 1
         per = (12 + 2 * state) / 14
 
     def best(f, k: int = 3) -> float:

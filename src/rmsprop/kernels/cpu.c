@@ -101,10 +101,10 @@ typedef struct {
 /* What encoding one block of a block-quantized state needs, once its new values are known
  * (qenc_prep in cpu_step.h): the scale s, the mode (0: s is not > 0, every code 0; 1: the
  * portable codecs; 2: the x86-64-v3 codecs) and their constants: for the signed map the
- * quotient's f = 2^k, s' = s * f in [1, 2) and y = 1 / s' (see cpu_step.h), for the
- * unsigned one y = L / sqrt(s). */
+ * quotient's f = 2^k, s' = s * f in [1, 2) and y = 1 / s' (see cpu_step.h) and ck = RN(K / s)
+ * (0 outside 2^-100 <= s <= 2^100), for the unsigned one y = L / sqrt(s). */
 typedef struct {
-    float s, f, sp, y;
+    float s, f, sp, y, ck;
     int mode;
 } rms_qenc;
 

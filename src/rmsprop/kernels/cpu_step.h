@@ -559,6 +559,28 @@ static inline __attribute__((always_inline)) __m256i TNAME(v_scode)(
     return _mm256_and_si256(_mm256_sign_epi32(k, _mm256_castps_si256(x)), mask);
 }
 
+/* The signed codes of 32 values without the exact quotient, where that gives the same:
+ * t = RN(|x| * ck) with ck = RN(K / s) and the spec's T = RN(K * RN(|x| / s)) are each within
+ * K * 2^-23 (1 + 2^-24) < 2^-16 of K |x| / s (two roundings of relative 2^-24 each; |x| <= s),
+ * so within 2^-15 of each other, and rint(t) = rint(T) wherever t is farther than that from
+ * a half-integer (T rounds a tie to even only at a half-integer). Returns 0, leaving the
+ * 32 to the exact quotient (v_scode), if any t is that near one, or NaN. */
+static inline __attribute__((always_inline)) int TNAME(v_scode32_near)(
+    const float *restrict x, __m256 ck, __m256i c[4], __m256i mask) {
+    const __m256 sign = _mm256_set1_ps(-0.0f), lim = _mm256_set1_ps(0.5f - 0x1p-14f);
+    __m256 far = _mm256_castsi256_ps(_mm256_set1_epi32(-1));
+    for (int j = 0; j < 4; j++) {
+        const __m256 v = _mm256_loadu_ps(x + 8 * j);
+        const __m256 t = _mm256_mul_ps(_mm256_andnot_ps(sign, v), ck);
+        const __m256 r = _mm256_round_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        const __m256 d = _mm256_andnot_ps(sign, _mm256_sub_ps(t, r));
+        far = _mm256_and_ps(far, _mm256_cmp_ps(d, lim, _CMP_LT_OQ));
+        const __m256i k = _mm256_cvtps_epi32(r);
+        c[j] = _mm256_and_si256(_mm256_sign_epi32(k, _mm256_castps_si256(v)), mask);
+    }
+    return _mm256_movemask_ps(far) == 0xff;
+}
+
 /* 32 codes (0..255 after the clamp of packus) as 32 bytes in order, from 4 x 8 int32. */
 static inline __attribute__((always_inline)) __m256i TNAME(v_pack32)(__m256i a, __m256i b,
                                                                     __m256i c, __m256i d) {
@@ -676,6 +698,7 @@ static inline __attribute__((always_inline)) void TNAME(qenc_prep)(
     E->sp = s * rms_bits2f((254u - e) << 23);
     E->f = rms_bits2f((254u - e) << 23);
     E->y = 1.0f / E->sp;
+    E->ck = s >= 0x1p-100f && s <= 0x1p100f ? (B4 ? 7.0f : 127.0f) / s : 0.0f;
 }
 
 /* Codes of the elements [lo, lo + n) of a block prepared by qenc_prep (lo: a multiple of
@@ -689,14 +712,16 @@ static inline __attribute__((always_inline)) void TNAME(qenc_run)(
                  y = _mm256_set1_ps(E->y);
     const __m256 kmax = _mm256_set1_ps(B4 ? 7.0f : 127.0f);
     const __m256i mask = _mm256_set1_epi32(B4 ? 0x0f : 0xff);
+    const __m256 ck = _mm256_set1_ps(E->ck);
     int64_t i = 0;
     for (; i + RMS_QV <= n; i += RMS_QV) {
         __m256i c[4];
-        for (int j = 0; j < 4; j++) {
-            const __m256 v = _mm256_loadu_ps(x + i + 8 * j);
-            c[j] = SIGNED ? TNAME(v_scode)(v, fv, spv, y, kmax, mask)
-                          : TNAME(v_ucode)(v, y);
-        }
+        if (!(SIGNED && E->ck > 0.0f && TNAME(v_scode32_near)(x + i, ck, c, mask)))
+            for (int j = 0; j < 4; j++) {
+                const __m256 v = _mm256_loadu_ps(x + i + 8 * j);
+                c[j] = SIGNED ? TNAME(v_scode)(v, fv, spv, y, kmax, mask)
+                              : TNAME(v_ucode)(v, y);
+            }
         const __m256i b = TNAME(v_pack32)(c[0], c[1], c[2], c[3]);
         if (B4) _mm_storeu_si128((__m128i *)(codes + i / 2), TNAME(v_nib)(b));
         else _mm256_storeu_si256((__m256i *)(codes + i), b);
