@@ -785,7 +785,6 @@ static inline __attribute__((always_inline)) void TNAME(qenc_run_sq)(
  * blocks with a new scale of 0, inf or NaN qenc_run_sq. */
 typedef struct {
     __m256 lr, alpha, oma, eps, one;
-    __m256i shifts;
 } TNAME(sqk);
 
 /* momentum's: mu, k, -post; the signed map's K, RN(1/K) and -K */
@@ -794,33 +793,34 @@ typedef struct {
     __m256i kneg;
 } TNAME(sqm);
 
-/* The codes of the 8 elements at i, one per lane. */
+/* The codes of the 8 elements at i, one per byte (4-bit ones unpacked: sq_unpack4), one
+ * per lane. */
 static inline __attribute__((always_inline)) __m256i TNAME(sq_codes8)(
-    const TNAME(sqk) *K, const uint8_t *restrict qv, int64_t i, const int B4) {
-    if (B4) { /* element 2j in the low nibble of byte j: nibble k of 8 at bit 4k */
-        uint32_t w;
-        memcpy(&w, qv + i / 2, 4);
-        return _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32((int)w), K->shifts),
-                                _mm256_set1_epi32(15));
-    }
+    const uint8_t *restrict qv, int64_t i) {
     return _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(const void *)(qv + i)));
 }
 
-/* The first n (a multiple of 8) of a block's 4-bit codes one per byte, for sq_codes8's 8-bit
- * load: a pass of byte shuffles per block costs less than a variable shift per vector. */
+/* The first n (a multiple of 8) of a block's 4-bit codes one per byte (signed: the nibble
+ * sign-extended, (c ^ 8) - 8), for the 8-bit loads of sq_codes8 and sq_bold8: a pass of byte
+ * shuffles per block costs less than a variable shift per vector. */
 static inline __attribute__((always_inline)) void TNAME(sq_unpack4)(
-    const uint8_t *restrict q, int64_t n, uint8_t *restrict out) {
-    const __m128i m = _mm_set1_epi8(0x0f);
+    const uint8_t *restrict q, int64_t n, uint8_t *restrict out, const int SIGNED) {
+    const __m128i m = _mm_set1_epi8(0x0f), eight = _mm_set1_epi8(8);
     int64_t k = 0;
     for (; k + 16 <= n / 2; k += 16) {
         const __m128i w = _mm_loadu_si128((const __m128i *)(const void *)(q + k));
-        const __m128i lo = _mm_and_si128(w, m), hi = _mm_and_si128(_mm_srli_epi16(w, 4), m);
+        __m128i lo = _mm_and_si128(w, m), hi = _mm_and_si128(_mm_srli_epi16(w, 4), m);
+        if (SIGNED) {
+            lo = _mm_sub_epi8(_mm_xor_si128(lo, eight), eight);
+            hi = _mm_sub_epi8(_mm_xor_si128(hi, eight), eight);
+        }
         _mm_storeu_si128((__m128i *)(void *)(out + 2 * k), _mm_unpacklo_epi8(lo, hi));
         _mm_storeu_si128((__m128i *)(void *)(out + 2 * k + 16), _mm_unpackhi_epi8(lo, hi));
     }
     for (; k < n / 2; k++) {
-        out[2 * k] = q[k] & 15;
-        out[2 * k + 1] = q[k] >> 4;
+        const int lo = q[k] & 15, hi = q[k] >> 4;
+        out[2 * k] = (uint8_t)(SIGNED ? (lo ^ 8) - 8 : lo);
+        out[2 * k + 1] = (uint8_t)(SIGNED ? (hi ^ 8) - 8 : hi);
     }
 }
 
@@ -852,18 +852,13 @@ static inline __attribute__((always_inline)) void TNAME(sq_stage_u)(
     _mm256_storeu_ps(p + i, _mm256_fnmadd_ps(K->one, q, _mm256_loadu_ps(p + i)));
 }
 
-/* The old momentum buffer of the 8 elements at i, decoded from their signed codes bq under
- * the block scale sb: sb * RN(k / K) as qdec computes it. */
+/* The old momentum buffer of the 8 elements at i, decoded from their signed codes bq (one
+ * per byte, 4-bit ones unpacked: sq_unpack4) under the block scale sb: sb * RN(k / K) as
+ * qdec computes it. */
 static inline __attribute__((always_inline)) __m256 TNAME(sq_bold8)(
-    const TNAME(sqk) *K, const TNAME(sqm) *M, const uint8_t *restrict bq, int64_t i, __m256 sb,
-    const int B4) {
-    __m256i c;
-    if (B4) { /* the nibble, sign-extended: (c ^ 8) - 8 */
-        c = TNAME(sq_codes8)(K, bq, i, 1);
-        c = _mm256_sub_epi32(_mm256_xor_si256(c, _mm256_set1_epi32(8)), _mm256_set1_epi32(8));
-    } else {
-        c = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(const void *)(bq + i)));
-    }
+    const TNAME(sqm) *M, const uint8_t *restrict bq, int64_t i, __m256 sb) {
+    const __m256i c =
+        _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(const void *)(bq + i)));
     const __m256 k = _mm256_cvtepi32_ps(_mm256_max_epi32(c, M->kneg));
     const __m256 a = _mm256_mul_ps(k, M->rkf);
     return _mm256_mul_ps(sb, _mm256_fmadd_ps(_mm256_fnmadd_ps(a, M->kf, k), M->rkf, a));
@@ -948,14 +943,14 @@ static inline __attribute__((always_inline)) void TNAME(segq_plain)(
     float *scales = S->vs;
     const TNAME(sqk) K = {_mm256_set1_ps(h->lr), _mm256_set1_ps(h->alpha),
                           _mm256_set1_ps(h->oma), _mm256_set1_ps(h->eps_out),
-                          _mm256_set1_ps(1.0f), _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28)};
+                          _mm256_set1_ps(1.0f)};
     const TNAME(sqm) M = {_mm256_set1_ps(h->mu), _mm256_set1_ps(h->k),
                           _mm256_set1_ps(-h->post), _mm256_set1_ps(B4 ? 7.0f : 127.0f),
                           _mm256_set1_ps(1.0f / (B4 ? 7.0f : 127.0f)),
                           _mm256_set1_epi32(B4 ? -7 : -127)};
     uint8_t *bcodes = (uint8_t *)S->b;
     float vbuf[2][RMS_QBLK], roots[2][RMS_QBLK], bbuf[2][MOM ? RMS_QBLK : 1];
-    uint8_t ubuf[B4 ? RMS_QBLK : 1];
+    uint8_t ubuf[B4 ? RMS_QBLK : 1], ubufb[MOM && B4 ? RMS_QBLK : 1];
     const int64_t nb = (n + blk - 1) / blk;
     /* a: block j (its v), b: block j - 1 (its update), e: block j - 2 (its codes) */
     TNAME(sqb) a = {0}, b = {0}, e = {0};
@@ -974,13 +969,15 @@ static inline __attribute__((always_inline)) void TNAME(segq_plain)(
         const float *vb = vbuf[(j - 1) & 1];
         float *rb = roots[(j - 1) & 1];
         const uint8_t *qa = codes + (B4 ? a.lo / 2 : a.lo);
-        if (B4 && ha) TNAME(sq_unpack4)(qa, a.nv, ubuf);
+        if (B4 && ha) TNAME(sq_unpack4)(qa, a.nv, ubuf, 0);
         const uint8_t *qa8 = B4 ? ubuf : qa;
         uint8_t *ce = codes + (B4 ? e.lo / 2 : e.lo);
         float *pb = p + b.lo;
         const float *ga = g + a.lo, *gb = g + b.lo;
         /* momentum: block b's old buffer (codes bqb, scale sb) and its new one */
         const uint8_t *bqb = MOM ? bcodes + (B4 ? b.lo / 2 : b.lo) : NULL;
+        if (MOM && B4 && hb) TNAME(sq_unpack4)(bqb, b.nv, ubufb, 1);
+        const uint8_t *bqb8 = MOM && B4 ? ubufb : bqb;
         const __m256 sb = _mm256_set1_ps(MOM && hb ? S->bs[j - 1] : 0.0f);
         float *bnb = bbuf[MOM ? (j - 1) & 1 : 0];
         const __m256 qs = _mm256_set1_ps(ha ? scales[j] * qinv : 0.0f);
@@ -991,11 +988,11 @@ static inline __attribute__((always_inline)) void TNAME(segq_plain)(
         for (; i < both; i += 32) {
             TNAME(sq_prefetch)(p, g, codes, n, a.lo + i, B4);
             for (int k = 0; k < 32; k += 8) {
-                TNAME(sq_stage_v)(&K, qs, TNAME(sq_codes8)(&K, qa8, i + k, 0), i + k, ga, va,
+                TNAME(sq_stage_v)(&K, qs, TNAME(sq_codes8)(qa8, i + k), i + k, ga, va,
                                   &vm);
                 if (MOM)
                     TNAME(sq_stage_um)(&K, &M, i + k, pb, gb, vb, rb,
-                                       TNAME(sq_bold8)(&K, &M, bqb, i + k, sb, B4), bnb);
+                                       TNAME(sq_bold8)(&M, bqb8, i + k, sb), bnb);
                 else TNAME(sq_stage_u)(&K, i + k, pb, gb, vb, rb);
             }
             if (ee) TNAME(v_enc_sq32)(e.r + i, y, ce + (B4 ? i / 2 : i), B4);
@@ -1003,13 +1000,13 @@ static inline __attribute__((always_inline)) void TNAME(segq_plain)(
         if (ee) ie = i;
         for (int64_t k = i; k < na; k += 8) {
             if (!(k & 31)) TNAME(sq_prefetch)(p, g, codes, n, a.lo + k, B4);
-            TNAME(sq_stage_v)(&K, qs, TNAME(sq_codes8)(&K, qa8, k, 0), k, ga, va, &vm);
+            TNAME(sq_stage_v)(&K, qs, TNAME(sq_codes8)(qa8, k), k, ga, va, &vm);
         }
         for (int64_t k = i; k < nbu; k += 8) {
             if (!(k & 31)) TNAME(sq_prefetch)(p, g, codes, n, b.lo + k, B4);
             if (MOM)
                 TNAME(sq_stage_um)(&K, &M, k, pb, gb, vb, rb,
-                                   TNAME(sq_bold8)(&K, &M, bqb, k, sb, B4), bnb);
+                                   TNAME(sq_bold8)(&M, bqb8, k, sb), bnb);
             else TNAME(sq_stage_u)(&K, k, pb, gb, vb, rb);
         }
         if (he) { /* the rest of e's codes, and its scale */
