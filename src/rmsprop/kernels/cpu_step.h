@@ -903,9 +903,10 @@ static inline __attribute__((always_inline)) float TNAME(hmax8)(__m256 v) {
     return _mm_cvtss_f32(_mm_max_ss(m, _mm_shuffle_ps(m, m, 1)));
 }
 
-/* The largest of n v >= 0 in vb from the lane maxima of their bits vm (for v >= 0, or
- * +inf, the order of the bits is that of the values); a NaN among them, whose bits are
- * larger, takes the floating-point maximum over vb, which leaves NaN out as core() does. */
+/* The largest of n v >= 0 in vb from the lane maxima of their bits vm: for v >= 0 (+inf
+ * included) the order of the bits is that of the values, a NaN with its sign set stays below
+ * the start at 0 as core()'s maximum leaves it out, and one without it, whose bits lie above
+ * +inf's, takes the floating-point maximum over vb instead. */
 static inline __attribute__((always_inline)) float TNAME(vmax_bits)(__m256i vm,
                                                                    const float *restrict vb,
                                                                    int64_t n) {
