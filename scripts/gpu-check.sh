@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The CUDA check (README, "On a GPU"): one command on a machine with a CUDA GPU, each part
 # under its own timeout (seconds, overridable), its log in $OUT (default /tmp/gpu-check):
-#   tests       tests.log       the kernel tests compiled on CUDA (TESTS_TIMEOUT=120)
+#   tests       tests.log       the kernel tests compiled on CUDA (TESTS_TIMEOUT=120; over
+#                               TEST_WORKERS=6 pytest-xdist workers where installed)
 #   sync        sync.log        scripts/gpu_sync_check.py: syncs per step of each configuration,
 #                               CUDA-graph replay vs eager, the deferred error (SYNC_TIMEOUT=60)
 #   bench       bench.log       rmsprop bench --device cuda, host CPU time per step included;
@@ -47,8 +48,11 @@ part() {  # part NAME TIMEOUT LOG COMMAND...: run, append to LOG, record the exi
 # the compiled (CUDA) half of the kernel tests; the interpreted half runs in CI
 tests=(tests/test_triton.py)
 for f in tests/test_triton_quant.py tests/test_device_step.py; do [ -f "$f" ] && tests+=("$f"); done
+# the compiles dominate: spread them over pytest-xdist workers where it is installed
+workers=()
+"$PY" -c "import xdist" 2>/dev/null && workers=(-n "${TEST_WORKERS:-6}")
 part tests "${TESTS_TIMEOUT:-120}" tests.log \
-  "$PY" -m pytest "${tests[@]}" -q -p no:cacheprovider -k "not interpreter"
+  "$PY" -m pytest "${tests[@]}" "${workers[@]}" -q -p no:cacheprovider -k "not interpreter"
 part sync "${SYNC_TIMEOUT:-60}" sync.log "$PY" scripts/gpu_sync_check.py
 # shellcheck disable=SC2086  # BENCH_ARGS: words on purpose
 part bench "${BENCH_TIMEOUT:-165}" bench.log \

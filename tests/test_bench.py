@@ -206,15 +206,16 @@ def test_host_time_is_the_calling_threads_cpu_time_not_wall_time():
     assert sum(host) <= 1.05 * sum(wall) + 1e-3
 
 
-def test_cuda_rows_have_no_quantized_state_rows(capsys):
-    """The 8-bit/4-bit rows call the C kernel: --device cuda (where the Triton kernel has no
-    quantized state) does not list them; --device cpu does."""
+def test_cuda_and_cpu_list_the_same_rows_quantized_ones_included(capsys):
+    """Both kernels keep 8-bit and 4-bit state, so --device cuda lists the quantized rows
+    that --device cpu does."""
     assert main(["bench", "--device", "cuda", "--list"]) == 0
     cuda_rows = capsys.readouterr().out
     assert main(["bench", "--list"]) == 0
     cpu_rows = capsys.readouterr().out
-    assert "bit-" not in cuda_rows and "model50M" in cuda_rows
-    assert "8bit-10M" in cpu_rows and "4bit-10M" in cpu_rows
+    assert cuda_rows == cpu_rows
+    for name in ("8bit-10M", "4bit-10M", "8bit-model50M", "4bit-model10M", "8bit-momentum10M"):
+        assert name in cpu_rows
 
 
 @pytest.mark.skipif(not cpu.available() or cpu.isa() != "x86-64-v3",

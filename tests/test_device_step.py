@@ -282,6 +282,8 @@ def test_deferred_raise_arrives_at_each_read_point(tk, dev, point):
     _unchanged(opt, params, snap)
     calls = {"step": opt.step, "stats": opt.stats, "state_dict": opt.state_dict,
              "zero_grad": opt.zero_grad, "check": opt.check}
+    if dev == "cuda" and point in ("step", "zero_grad"):
+        torch.cuda.synchronize()  # these read a verdict once it has arrived, never waiting
     with pytest.raises(NonFiniteGradientError, match=r"group 0 index 1 \(shape \(5, 4\)\) "
                                                      r"at step 3; that step changed nothing"):
         calls[point]()
@@ -296,6 +298,84 @@ def test_deferred_raise_arrives_at_each_read_point(tk, dev, point):
     for a, b in zip(params, twins):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
     assert all(float(opt.state[p]["step"]) == 3 for p in params)
+
+
+class _SlowEvent:
+    """A CUDA event stand-in whose copy has not "arrived" until the test delivers it or
+    someone waits for it (counted): what a host running ahead of the device sees."""
+
+    def __init__(self, dev: str) -> None:
+        self.dev, self.done, self.waits = dev, True, 0
+
+    def record(self) -> None:
+        self.done = False
+
+    def query(self) -> bool:
+        return self.done
+
+    def synchronize(self) -> None:
+        self.waits += 1
+        self.deliver()
+
+    def deliver(self) -> None:
+        if self.dev == "cuda":
+            torch.cuda.synchronize()  # the real copy into host memory has then landed
+        self.done = True
+
+
+def test_step_reads_only_verdicts_that_arrived_and_waits_only_for_a_free_slot(tk, dev):
+    """nonfinite="raise" while the host runs ahead of the device: a step() neither waits for
+    nor raises a verdict still on its way; the steps after a bad one apply their own
+    gradients (as torch.optim.RMSprop would, never having seen the bad ones); only the step
+    that would have more than DEPTH verdicts on their way waits, for the oldest, and raises
+    its error having changed nothing. A verdict that has arrived is raised by the next
+    step() without a wait."""
+    params = _params(dev)
+    opt = RMSprop(params, lr=0.01)
+    twins, ref = _torch_twin(params, lr=0.01)
+
+    def good(k: int) -> None:
+        grads = _grads(params, k)
+        _set_grads(params, grads)
+        _set_grads(twins, grads)
+        opt.step()
+        ref.step()
+
+    for k in range(2):
+        good(k)
+    opt.check()
+    (gate,) = opt._gates.values()
+    depth = _plan.DeviceGate.DEPTH
+    gate.events = events = [_SlowEvent(dev) for _ in range(depth)]
+    bad = _grads(params, 2)
+    bad[1][2, 3] = math.nan
+    _set_grads(params, bad)
+    opt.step()  # step 3: refused on the device, its verdict on its way
+    for k in range(3, 3 + depth - 1):  # steps 4..depth+2: nothing arrives, nothing waits
+        good(k)
+    assert sum(e.waits for e in events) == 0 and len(opt._verdicts) == depth
+    for a, b in zip(params, twins):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    snap = _snapshot(opt, params)
+    _set_grads(params, _grads(params, 99))
+    with pytest.raises(NonFiniteGradientError, match=r"group 0 index 1 .* at step 3; "):
+        opt.step()  # a slot must be freed: it waits for the oldest verdict, step 3's
+    # (then, to number the refused step, the error's path waits for the device)
+    assert events[0].waits == 1
+    _unchanged(opt, params, snap)
+    assert all(float(opt.state[p]["step"]) == 2 + depth - 1 for p in params)
+    opt.check()  # the later verdicts were clean
+    bad = _grads(params, 50)
+    bad[0][0] = math.inf
+    _set_grads(params, bad)
+    opt.step()
+    for e in events:
+        e.deliver()
+    waits = sum(e.waits for e in events)
+    with pytest.raises(NonFiniteGradientError, match=r"group 0 index 0 .* at step "
+                                                     rf"{2 + depth}; "):
+        opt.step()  # it has arrived: raised at once, without a wait
+    assert sum(e.waits for e in events) == waits
 
 
 def test_skip_counts_on_the_device_and_warns_when_read(tk, dev):
@@ -562,16 +642,15 @@ def test_quantized_state_on_the_device_route(tk, dev, monkeypatch, state_dtype, 
     params, codes, block scales and the float32 state of a small tensor."""
     shapes = [(4096,), (33,)]  # one quantized tensor, one kept in float32
 
-    def make():
+    def make(where: str):
         gen = torch.Generator().manual_seed(7)
-        ps = [torch.randn(s, generator=gen).to(dev).requires_grad_() for s in shapes]
+        ps = [torch.randn(s, generator=gen).to(where).requires_grad_() for s in shapes]
         return ps, RMSprop(ps, lr=0.01, state_dtype=state_dtype, **opts)
 
-    params, opt = make()
-    with monkeypatch.context() as m:  # the oracle: the CPU plan's C kernel
+    params, opt = make(dev)
+    with monkeypatch.context() as m:  # the oracle: the CPU plan's C kernel, on CPU tensors
         m.setattr(_plan, "plan_for", lambda device_type: _plan.CpuPlan)
-        twins, ref = make()
-        twins = [t.cpu() for t in twins] if dev == "cuda" else twins
+        twins, ref = make("cpu")
         for k in range(4):
             for t, g in zip(twins, _grads(twins, k)):
                 t.grad = g

@@ -26,9 +26,10 @@ b]) with trivial arithmetic. Columns:
   allocator (profiler allocation events, ``total_allocated`` peak) plus Python objects
   (``tracemalloc``); the C kernel's own allocation is one int64 per tensor.
 
-Rows ``8bit-*`` (``4bit-*``; CPU only) time our optimizer's fused step with 8-bit (4-bit)
+Rows ``8bit-*`` (``4bit-*``) time our optimizer's fused step with 8-bit (4-bit)
 state (``rmsprop.codecs``' codes and block scales; ``fused=True, nonfinite="ignore"``, as the
-floors read each gradient once), against the same step with float32 state in the same rounds,
+floors read each gradient once; the C kernel, or the Triton one with ``--device cuda``),
+against the same step with float32 state in the same rounds,
 each with its own floor: ``floor 8bit`` moves one code byte per state
 element (not the block scales, 1.6 % of the 8-bit state), ``floor fp32`` four bytes;
 ``%floor`` pairs each step with its own floor (GB/s over the floor's GB/s; the 4-bit step
@@ -37,7 +38,8 @@ bytes moved per element and the quantized step's speed-up over the float32 one. 
 each kernel's arithmetic alone: the fastest of a few one-thread calls over a slice small enough
 to stay in a core's L2 cache (``in cache`` ns per element per thread), and the %floor that this
 bounds the kernel to (floor time over that cost spread over every thread without loss): a
-kernel whose bound is under 100 % is limited by its arithmetic, not by memory, on this machine.
+kernel whose bound is under 100 % is limited by its arithmetic, not by memory, on this machine
+(CPU rows only).
 
 Beside the floor, each row prints STREAM-style copy (8 B/element) and triad (12 B/element)
 bandwidth over float32 arrays with the row's element count. ``torch.compile`` rows report the
@@ -208,20 +210,19 @@ def build_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
                      opts={"centered": True}))
     rows.append(dict(name=f"bf16-{vs}", shapes=[(vsize,)], dtype="bfloat16", opts={}))
     rows.append(dict(name=f"fp16-{vs}", shapes=[(vsize,)], dtype="float16", opts={}))
-    # 8-bit state: the CPU kernel called directly, against our float32-state step (the
-    # Triton kernel has no quantized state, so --device cuda has no such rows)
-    # (single tensors of the variant size and of every larger single size, and each model)
-    if args.device == "cpu":
-        qsizes = [vsize] + sorted({n for n in singles if n > vsize})
-        for q in ("8bit", "4bit"):
-            for n in qsizes:
-                rows.append(dict(name=f"{q}-{fmt_size(n)}", shapes=[(n,)], dtype="float32",
-                                 opts={}, quant=q))
-            for n in models:
-                rows.append(dict(name=f"{q}-model{fmt_size(n)}", shapes=model_shapes(n),
-                                 dtype="float32", opts={}, quant=q))
-        rows.append(dict(name=f"8bit-momentum{vs}", shapes=[(vsize,)], dtype="float32",
-                         opts={"momentum": 0.9}, quant="8bit"))
+    # 8-bit and 4-bit state against our float32-state step, both through the optimizer's
+    # fused route (the C kernel, or the Triton one on CUDA): single tensors of the variant
+    # size and of every larger single size, and each model
+    qsizes = [vsize] + sorted({n for n in singles if n > vsize})
+    for q in ("8bit", "4bit"):
+        for n in qsizes:
+            rows.append(dict(name=f"{q}-{fmt_size(n)}", shapes=[(n,)], dtype="float32",
+                             opts={}, quant=q))
+        for n in models:
+            rows.append(dict(name=f"{q}-model{fmt_size(n)}", shapes=model_shapes(n),
+                             dtype="float32", opts={}, quant=q))
+    rows.append(dict(name=f"8bit-momentum{vs}", shapes=[(vsize,)], dtype="float32",
+                     opts={"momentum": 0.9}, quant="8bit"))
     if args.rows is not None:
         pats = _listed("--rows", args.rows)
         bad = [p for p in pats if not any(fnmatch.fnmatch(r["name"], p) for r in rows)]
@@ -605,17 +606,21 @@ def bench_row(row: dict, args: argparse.Namespace, names: list[str], bar: Any,
                 stream_triad_gbps=stream["triad"], results=results)
 
 
-def _quant_calls(params: list, opts: dict, fmt: str = "8bit") -> dict[str, dict]:
+def _quant_calls(params: list, opts: dict, fmt: str = "8bit",
+                 cuda: bool = False) -> dict[str, dict]:
     """A quantized state row's calls, each on its own state over the same params and grads:
     our optimizer's fused step with ``fmt`` state (``rmsprop.codecs``' codes and block scales;
     tensors below ``MIN_QUANTIZED`` elements keep float32 state) and with float32 state, both
     ``nonfinite="ignore"`` as the floors read no gradient twice, and a floor for each (8-bit:
-    every tensor's state as one code byte per element, scales not moved)."""
+    every tensor's state as one code byte per element, scales not moved). On CUDA the floors
+    are the Triton floor loop and there is no in-cache call (that bound is the CPU's)."""
     import torch
 
     from .. import codecs
-    from ..kernels import cpu
     from ..torch import RMSprop
+    floors: Any = importlib.import_module("..kernels.triton" if cuda else "..kernels.cpu",
+                                          __package__)
+    dev = params[0].device
 
     momentum = opts.get("momentum", 0.0)
     mom = momentum > 0
@@ -637,23 +642,25 @@ def _quant_calls(params: list, opts: dict, fmt: str = "8bit") -> dict[str, dict]
               nesterov=False, decoupled_weight_decay=False, bias_correction=1.0)
     flat = [p.view(-1) for p in pdata]
     gflat = [g.view(-1) for g in grads]
-    vf = [torch.zeros(n) for n in sizes]
-    bf = [torch.zeros(n) for n in sizes] if mom else None
+    vf = [torch.zeros(n, device=dev) for n in sizes]
+    bf = [torch.zeros(n, device=dev) for n in sizes] if mom else None
 
     def nbytes(ts: list | None) -> int:
         return sum(t.nbytes for t in ts or [] if t is not None)
     pbytes = sum(p.nbytes for p in params)
     n = sum(sizes)
-    floor_q = cpu.floor_call(flat, gflat, [torch.zeros(k, dtype=torch.uint8) for k in sizes],
-                             None, [torch.zeros(k, dtype=torch.uint8) for k in sizes]
-                             if mom else None)
+    def codes() -> list:
+        return [torch.zeros(k, dtype=torch.uint8, device=dev) for k in sizes]
+    floor_q = floors.floor_call(flat, gflat, codes(), None, codes() if mom else None)
     fbytes = 3 * pbytes + 2 * (nbytes(vf) + nbytes(bf))
+    cache = {} if cuda else {fmt: dict(cache=_in_cache_call(fmt, kw, mom)),
+                             "fp32": dict(cache=_in_cache_call("fp32", kw, mom))}
     return {f"rmsprop fused {fmt}": dict(step=step_q, bytes=3 * pbytes + 2 * qstate,
-                                         cache=_in_cache_call(fmt, kw, mom)),
-            "rmsprop fused fp32": dict(step=step_f, bytes=fbytes,
-                                       cache=_in_cache_call("fp32", kw, mom)),
+                                         **cache.get(fmt, {})),
+            "rmsprop fused fp32": dict(step=step_f, bytes=fbytes, **cache.get("fp32", {})),
             "floor 8bit": dict(step=floor_q, bytes=3 * pbytes + 2 * streams * n),
-            "floor fp32": dict(step=cpu.floor_call(flat, gflat, vf, None, bf), bytes=fbytes)}
+            "floor fp32": dict(step=floors.floor_call(flat, gflat, vf, None, bf),
+                               bytes=fbytes)}
 
 
 #: Elements of the slice the in-cache calls step: one thread's params, grads and float32 state
@@ -700,19 +707,20 @@ def bench_quant_row(row: dict, args: argparse.Namespace, slots: int, bar: Any) -
     speed-up over the fp32-state step in the same rounds. ``slots``: progress-bar blocks a
     row owns per round."""
     import torch
+    cuda = args.device == "cuda"
     gen = torch.Generator().manual_seed(0)
     params = []
     for shape in row["shapes"]:
-        p = torch.randn(shape, generator=gen)
-        p.grad = torch.randn(shape, generator=gen) * 1e-2
+        p = torch.randn(shape, generator=gen).to(args.device)
+        p.grad = (torch.randn(shape, generator=gen) * 1e-2).to(args.device)
         params.append(p)
-    live = _quant_calls(params, row["opts"], row["quant"])
+    live = _quant_calls(params, row["opts"], row["quant"], cuda)
     qname = f"rmsprop fused {row['quant']}"
     nelem = sum(p.numel() for p in params)
     calls = {}
     for name, c in live.items():
         c["step"]()
-        t = min(_time_once(c["step"]) for _ in range(2))
+        t = min(_time_once(c["step"], cuda) for _ in range(2))
         calls[name] = args.calls or max(3, min(30, int(0.15 / max(t, 1e-6))))
     times: dict[str, list[float]] = {n: [] for n in live}
     rounds: dict[str, list[float]] = {n: [] for n in live}
@@ -721,12 +729,13 @@ def bench_quant_row(row: dict, args: argparse.Namespace, slots: int, bar: Any) -
         for _ in range(args.repeats):
             for name, c in live.items():
                 c["step"]()
-                block = _time_block(c["step"], calls[name], False, host[name])
+                block = _time_block(c["step"], calls[name], cuda, host[name])
                 times[name] += block
                 rounds[name].append(_median(block))
             if bar is not None:
                 bar.update(slots)
-    stream = stream_bandwidth(nelem, max(1, min(args.repeats, 3)))
+    stream = (stream_bandwidth_cuda if cuda else stream_bandwidth)(
+        nelem, max(1, min(args.repeats, 3)))
     threads = torch.get_num_threads()
     cache_s: dict[str, float] = {}
     with torch.no_grad():

@@ -441,12 +441,17 @@ class CudaPlan(Plan):
 class DeviceGate:
     """One device's verdict on a step's gradients, on the device: ``flags`` is the int32
     pair ``[gate, first bad]`` (see :func:`rmsprop.kernels.triton.check_into`), ``skipped``
-    an int64 count of the steps it skipped. :meth:`publish` copies the pair to pinned host
-    memory without waiting (``non_blocking``, with a CUDA event; on CPU tensors a plain
-    copy), so the host reads the verdict later, when the copy has long arrived. Every
-    tensor keeps its address: a captured graph resets, sets and counts the same ones."""
+    an int64 count of the steps it skipped. :meth:`publish` copies the pair into the next of
+    :attr:`DEPTH` slots of pinned host memory without waiting (``non_blocking``, with one
+    CUDA event per slot; on CPU tensors a plain copy), so the host reads each step's verdict
+    later, once its copy has arrived, while up to ``DEPTH`` steps' verdicts are on their way.
+    Every tensor keeps its address: a captured graph resets, sets and counts the same ones."""
 
     NONE_BAD = 2 ** 31 - 1  # "first bad" when no tensor was
+    #: Verdicts that can be on their way at once: the optimizer reads the oldest (waiting
+    #: for it) before publishing into its slot again, so the host runs at most this many
+    #: steps ahead of the device's checks.
+    DEPTH = 8
 
     def __init__(self, device: torch.device) -> None:
         self.device = torch.device(device)
@@ -456,37 +461,46 @@ class DeviceGate:
         self._clear = torch.full((2,), self.NONE_BAD, dtype=torch.int32, device=self.device)
         self._clear[0] = 0
         self.skipped = torch.zeros(1, dtype=torch.int64, device=self.device)
-        self.host = torch.zeros(2, dtype=torch.int32, pin_memory=cuda)
+        self.host = torch.zeros(self.DEPTH, 2, dtype=torch.int32, pin_memory=cuda)
         self._view = self.host.numpy()  # read through NumPy: host memory, no tensor op
-        self.event = torch.cuda.Event() if cuda else None
+        self._now = torch.zeros(2, dtype=torch.int32)
+        self._now_view = self._now.numpy()
+        self.events = [torch.cuda.Event() for _ in range(self.DEPTH)] if cuda else None
+        self._next = 0
 
     def reset(self) -> None:
         """Clear the verdict (queued on the device, before the step's checks)."""
         self.flags.copy_(self._clear)
 
-    def publish(self) -> None:
-        """Queue the copy of the verdict to host memory (no wait)."""
-        self.host.copy_(self.flags, non_blocking=True)
-        if self.event is not None:
-            self.event.record()
+    def publish(self) -> int:
+        """Queue the copy of the verdict to host memory (no wait) into the next slot, and
+        return that slot (the caller has read the verdict it held before)."""
+        k = self._next
+        self._next = (k + 1) % self.DEPTH
+        self.host[k].copy_(self.flags, non_blocking=True)
+        if self.events is not None:
+            self.events[k].record()
+        return k
 
-    def arrived(self) -> bool:
-        """Whether the last :meth:`publish` has reached host memory (never waits)."""
-        return self.event is None or bool(self.event.query())
+    def arrived(self, slot: int) -> bool:
+        """Whether the verdict published into ``slot`` has reached host memory (never
+        waits)."""
+        return self.events is None or bool(self.events[slot].query())
 
-    def first_bad(self, wait: bool = True) -> int | None:
-        """The published verdict: ``base`` + index of the first tensor that held inf or NaN,
-        or None when the step was clean. ``wait`` waits for the copy (a wait on that event
-        only, not on the device's later work)."""
-        if wait and self.event is not None:
-            self.event.synchronize()
-        return int(self._view[1]) if self._view[0] else None
+    def first_bad(self, slot: int, wait: bool = True) -> int | None:
+        """The verdict published into ``slot``: ``base`` + index of the first tensor that
+        held inf or NaN, or None when the step was clean. ``wait`` waits for its copy (a
+        wait on that slot's event only, not on the device's later work)."""
+        if wait and self.events is not None:
+            self.events[slot].synchronize()
+        row = self._view[slot]
+        return int(row[1]) if row[0] else None
 
     def read_now(self) -> int | None:
         """:meth:`first_bad` of the verdict on the device now (waits for the device: for the
         immediate ``raise_now`` and for a step replayed in a captured graph)."""
-        self.host.copy_(self.flags)
-        return int(self._view[1]) if self._view[0] else None
+        self._now.copy_(self.flags)
+        return int(self._now_view[1]) if self._now_view[0] else None
 
 
 def plan_for(device_type: str) -> type[Plan] | None:

@@ -237,6 +237,7 @@ class _Verdict:
     counted: bool
     stats: tuple | None = None
     pending: Any = None
+    slot: int = 0  # where the gate published it (DeviceGate.publish)
 
 
 @dataclass
@@ -306,10 +307,15 @@ class RMSprop(Optimizer):
             CUDA route the check is *gated* on the device: the step's kernels do nothing
             when it finds inf or NaN, and the verdict travels to host memory without the
             host waiting for it, so ``step()`` never syncs. The error (naming the parameter
-            and the step number) is then raised by the next call that reads the verdict:
-            the next ``step()`` (before it changes anything), :meth:`stats`,
-            :meth:`state_dict`, :meth:`check` (which waits for it), or ``zero_grad()`` once
-            it has arrived (``zero_grad`` never waits). After it is raised it is cleared.
+            and the step number) is then raised by the first call that reads the verdict:
+            ``step()`` or ``zero_grad()`` once it has arrived (neither waits for it; a
+            ``step()`` that raises changes nothing), :meth:`stats`, :meth:`state_dict` or
+            :meth:`check` (which wait for it). In a training loop it has arrived by the next
+            ``step()`` unless the host runs a whole iteration ahead of the device; steps that
+            run before it arrives apply their own (checked) gradients to params the bad step
+            left unchanged. At most :attr:`~rmsprop.torch._plan.DeviceGate.DEPTH` (8)
+            verdicts are on their way at once: a ``step()`` that far ahead of the device
+            waits for the oldest. After it is raised it is cleared.
             With ``"skip"`` the count lives on the device (reading :attr:`skipped_steps`
             waits for it) and the one-time warning comes when the verdict is read. A step
             that mixes this route with another one (a group on the CPU, a plan being
@@ -508,7 +514,7 @@ class RMSprop(Optimizer):
             bad = rec.gate.read_now()
             if bad is not None:
                 rec.gate.reset()  # read once: cleared until a replay sets it again
-            error = self._settle(rec, bad)
+            error = self._settle(rec, bad, [])
             if error is not None:
                 raise error
 
@@ -667,8 +673,8 @@ class RMSprop(Optimizer):
         loss. If anything raises (a non-finite gradient with ``nonfinite="raise"``, a bad
         option, an unsupported tensor), no parameter and no state has changed; a deferred
         error of an earlier step (see ``nonfinite``) is raised first."""
-        if self._verdicts:
-            self._read_verdicts(wait=True)
+        if self._verdicts:  # those that have arrived; the oldest waited for only to free a slot
+            self._read_verdicts(wait=False, keep=_plan.DeviceGate.DEPTH - 1)
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -741,6 +747,10 @@ class RMSprop(Optimizer):
         deferred = gate is not None and not rest and all(
             j.group["nonfinite"] != "raise_now" for j in gated)
         count = deferred and any(j.group["nonfinite"] == "skip" for j in gated)
+        if gated and not deferred and self._verdicts:
+            # this step reads its verdict at once: the earlier ones first, as every step
+            # they precede must be counted when they are read (nothing is written yet)
+            self._read_verdicts(wait=True)
         for i, job in enumerate(gated):
             self._run(job, inv_scale, skipped=gate.skipped if gate and count and i == 0
                       else None)
@@ -868,7 +878,7 @@ class RMSprop(Optimizer):
         if gate.device.type == "cuda" and _capturing():
             self._captured[gate.device] = verdict
         else:
-            gate.publish()
+            verdict.slot = gate.publish()
             self._verdicts.append(verdict)
         return verdict
 
@@ -878,26 +888,31 @@ class RMSprop(Optimizer):
         self._verdicts: list[_Verdict] = []
         self._captured: dict[torch.device, _Verdict] = {}
 
-    def _read_verdicts(self, wait: bool) -> None:
+    def _read_verdicts(self, wait: bool, keep: int | None = None) -> None:
         """Read the deferred verdicts (waiting for them with ``wait``, else only those that
-        have arrived) and raise the first refused step's error."""
+        have arrived, and then, with ``keep``, the oldest ones until at most ``keep`` are
+        left on their way) and raise the first refused step's error."""
         pending = self.__dict__.get("_verdicts")
         if not pending or _capturing():  # a graph being captured cannot wait for an event
             return
-        error, keep = None, []
-        for rec in pending:
-            if not wait and not rec.gate.arrived():
-                keep.append(rec)
+        left = []
+        for i, rec in enumerate(pending):  # oldest first
+            arrived = rec.gate.arrived(rec.slot)
+            if not (wait or arrived) and (keep is None or len(pending) - i <= keep):
+                left.append(rec)
                 continue
-            found = self._settle(rec, rec.gate.first_bad(wait=True))
-            error = error or found
-        self._verdicts = keep
-        if error is not None:
-            raise error
+            bad = rec.gate.first_bad(rec.slot, wait=not arrived)
+            error = self._settle(rec, bad, pending[i + 1:])
+            if error is not None:  # the later verdicts stay for the next reads
+                self._verdicts = left + pending[i + 1:]
+                raise error
+        self._verdicts = left
 
-    def _settle(self, rec: _Verdict, bad: int | None) -> NonFiniteGradientError | None:
-        """Act on one verdict (``bad``: the first bad tensor's index, None if clean): count
-        and warn for "skip", or return the error for "raise"."""
+    def _settle(self, rec: _Verdict, bad: int | None, later: list[_Verdict]
+                ) -> NonFiniteGradientError | None:
+        """Act on one verdict (``bad``: the first bad tensor's index, None if clean; ``later``:
+        the verdicts of the steps queued after it, still unread): count and warn for "skip",
+        or return the error for "raise"."""
         if bad is None:
             return None
         base, group, plan = next(c for c in reversed(rec.checked) if c[0] <= bad)
@@ -916,7 +931,12 @@ class RMSprop(Optimizer):
             return None
         if rec.counted:  # a "skip" group's count, not this step's verdict
             self._skipped_host -= 1
-        step = int(self.state[p]["step"]) + 1  # the refused step did not advance it
+        # The refused step did not advance p's count, but the clean steps queued after it
+        # (stepping p's whole plan) did. Reading the count waits for the device: this is
+        # the error's path only.
+        step = int(self.state[p]["step"]) + 1 - sum(
+            r.gate.first_bad(r.slot) is None
+            and any(q is p for _, _, pl in r.checked for q in pl.group_params) for r in later)
         return NonFiniteGradientError(
             f"non-finite gradient (inf or NaN) in parameter {label} at step {step}; that "
             "step changed nothing (the error is read after it, see nonfinite). Pass "
