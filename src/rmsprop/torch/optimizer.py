@@ -986,7 +986,8 @@ class RMSprop(Optimizer):
             G = self._plan_grads(group, plan)
             if G is not None:
                 return _Job(group, group["params"], "plan", plan, G)
-        self._plans.pop(id(group), None)
+        if not compiling:  # a compiled step keeps no plans (and older dynamo cannot trace pop)
+            self._plans.pop(id(group), None)
         validate({k: group[k] for k in RULE_OPTIONS}, warn=False)
         _check_run_options(group)
         params = [p for p in group["params"] if p.grad is not None]
