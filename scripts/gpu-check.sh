@@ -9,11 +9,12 @@
 #                               bench_cuda.json (BENCH_TIMEOUT=165; BENCH_ARGS adds options)
 #   host        host.log        scripts/host_overhead.py --device cuda: host CPU time of a cached
 #                               step with real launches, 1/147/1000 tensors (HOST_TIMEOUT=30)
+#   host-graph  host.log        the same with --cuda-graph (the step as one CUDA graph)
 #   compile     compile.log     scripts/gpu_compile_check.py: a training step under
 #                               torch.compile, ours against torch's, both modes (COMPILE_TIMEOUT=90)
 #   share*      step_share.log  examples/step_share.py --device cuda at 3.4M, 9.9M and 118.6M
 #                               params (STEP_SHARE_TIMEOUT=15 each)
-# The timeouts add up to 8.5 minutes. summary.txt: each part's exit status (124: timed out) and
+# The timeouts add up to 9 minutes. summary.txt: each part's exit status (124: timed out) and
 # seconds; the exit status is the number of parts that failed (0: all passed).
 # Uses the python3 that holds torch+triton there (PYTHON overrides); the package runs from
 # src/ (no install).
@@ -60,6 +61,8 @@ part bench "${BENCH_TIMEOUT:-165}" bench.log \
   ${BENCH_ARGS:-}
 part host "${HOST_TIMEOUT:-30}" host.log \
   "$PY" scripts/host_overhead.py --device cuda --calls 300 --repeats 2
+part host-graph "${HOST_TIMEOUT:-30}" host.log \
+  "$PY" scripts/host_overhead.py --device cuda --calls 300 --repeats 2 --cuda-graph
 part compile "${COMPILE_TIMEOUT:-90}" compile.log "$PY" scripts/gpu_compile_check.py
 for size in "3.4M:--width 1024 --depth 4 --batch 64" "9.9M:" \
             "118.6M:--width 4096 --depth 8 --batch 1024"; do

@@ -4,14 +4,15 @@
     python scripts/gpu_sync_check.py --device cpu    # the parts that apply on the CPU
 
 Each configuration (``nonfinite`` raise/skip/ignore/raise_now, a ``GradScaler``, a tensor
-``lr`` written by a scheduler, ``bias_correction``, ``track_stats``, ``capturable``) steps three
-float32 params of a few thousand elements: two warm-up steps (the plan is built and cached),
-then three steps under ``torch.cuda.set_sync_debug_mode("warn")`` whose synchronizing calls
+``lr`` written by a scheduler, ``bias_correction``, ``track_stats``, ``capturable``,
+``cuda_graph``) steps three float32 params of a few thousand elements: two warm-up steps (the
+plan is built and cached; with ``cuda_graph`` a third, which captures the graph), then three
+steps under ``torch.cuda.set_sync_debug_mode("warn")`` whose synchronizing calls
 are counted, two under ``"error"``, and two queued behind a 20 ms GPU sleep, timed on the
 host: ``step()`` calls that return long before the sleep ends did not wait for the GPU
 (which also catches waits the debug mode does not see, such as an event synchronize; the
-second step would wait for the first one's verdict if a step waited for the last step's). Every
-configuration's params after the eight steps are compared with :func:`rmsprop.spec.step`
+second step would wait for the first one's verdict if a step waited for the last step's).
+Every configuration's params after its last step are compared with :func:`rmsprop.spec.step`
 run on the same gradients (NumPy, float32). One line each: ``config: N syncs / OK``;
 ``raise_now`` reads the verdict on the host at each step, so its syncs are expected.
 
@@ -161,6 +162,8 @@ CONFIGS: dict[str, tuple[dict[str, Any], str, bool]] = {
     "bias_correction": ({"bias_correction": True}, "plain", False),
     "track_stats": ({"track_stats": True}, "plain", False),
     "capturable": ({"capturable": True}, "plain", False),
+    "cuda_graph": ({"cuda_graph": True, "bias_correction": True}, "plain", False),
+    "cuda_graph + tensor lr + LambdaLR": ({"cuda_graph": True}, "sched", False),
 }
 RULE = ("bias_correction",)  # the configs' kwargs that are options of the rule (the spec's)
 
@@ -203,12 +206,14 @@ def sleep_cycles(dev: torch.device, ms: float) -> int:
 
 def check_config(dev: torch.device, name: str, cycles: int) -> str:
     kwargs, driver, expect_sync = CONFIGS[name]
-    grads = gradients(STEPS)
+    # cuda_graph captures at the route's second step (the capture waits for the device)
+    warm = WARMUP + (1 if kwargs.get("cuda_graph") else 0)
+    grads = gradients(STEPS - WARMUP + warm)
     gdev = [[torch.tensor(g, device=dev) for g in gs] for gs in grads]
     s = Setup(dev, kwargs, driver)
-    for k in range(WARMUP):
+    for k in range(warm):
         s.step(gdev[k])
-    k = WARMUP
+    k = warm
     with sync_mode(dev, "warn") as seen:
         for _ in range(COUNTED):
             s.step(gdev[k])
@@ -256,7 +261,7 @@ def check_config(dev: torch.device, name: str, cycles: int) -> str:
             s.step(gdev[k])
             k += 1
     opts = {key: v for key, v in kwargs.items() if key in RULE}
-    lrs = [scheduled_lr(j) for j in range(STEPS)] if driver == "sched" else None
+    lrs = [scheduled_lr(j) for j in range(len(grads))] if driver == "sched" else None
     want = reference(initial_params(), grads, opts, lrs)
     d = close(s.params, want[-1], name)
     extra = ""

@@ -30,6 +30,10 @@ Usage::
 
     python scripts/host_overhead.py                      # CUDA if available, else CPU
     python scripts/host_overhead.py --device cpu --calls 2000 --repeats 3
+    python scripts/host_overhead.py --device cuda --cuda-graph   # the step as one CUDA graph
+
+``--cuda-graph`` builds the optimizer with ``cuda_graph=True`` (on CUDA: after the capture,
+each step's launches are one graph replay; on the CPU it changes nothing).
 """
 
 from __future__ import annotations
@@ -77,13 +81,13 @@ def stubbed_device_route() -> Iterator[None]:
 
 
 def measure(n: int, numel: int, device: str, regime: str, calls: int,
-            warmup: int = 5) -> float:
+            warmup: int = 5, cuda_graph: bool = False) -> float:
     """Median host CPU seconds of one cached ``step()`` over ``n`` tensors."""
     gen = torch.Generator().manual_seed(n)
     params = [torch.randn(numel, generator=gen).to(device).requires_grad_() for _ in range(n)]
     sets = [[torch.randn(numel, generator=gen).mul_(1e-3).to(device) for _ in params]
             for _ in range(2 if regime == "new" else 1)]
-    opt = RMSprop(params, lr=1e-3)
+    opt = RMSprop(params, lr=1e-3, cuda_graph=cuda_graph)
     clock = time.thread_time
     times = []
     for k in range(warmup + calls):
@@ -113,6 +117,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--calls", type=int, default=1000, help="timed steps per measurement")
     ap.add_argument("--repeats", type=int, default=3,
                     help="measurements per size and regime (the median of their medians)")
+    ap.add_argument("--cuda-graph", action="store_true",
+                    help="RMSprop(cuda_graph=True): the cached step replayed as one CUDA graph")
     args = ap.parse_args(argv)
     counts = [int(c) for c in args.counts.split(",") if c.strip()]
     if not counts or min(counts) < 1 or args.calls < 1 or args.repeats < 1:
@@ -125,6 +131,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     how = ("CUDA tensors, real launches" if device == "cuda" else
            "CPU tensors through CudaPlan, Triton launches stubbed out")
+    if args.cuda_graph:
+        how += "; cuda_graph=True"
     print(f"host CPU time of one cached step() (fused device route; {how}): "
           f"time.thread_time, median of {args.calls} calls, median of {args.repeats} runs; "
           f"{args.numel} elements per tensor")
@@ -133,8 +141,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     with stub:
         for regime in REGIMES:
             for n in counts:
-                runs = [measure(n, args.numel, device, regime, args.calls)
-                        for _ in range(args.repeats)]
+                runs = [measure(n, args.numel, device, regime, args.calls,
+                                cuda_graph=args.cuda_graph) for _ in range(args.repeats)]
                 us[regime, n] = statistics.median(runs) * 1e6
     print(f"{'tensors':>8}  " + "  ".join(f"{r + ' grads µs':>16}" for r in REGIMES))
     for n in counts:

@@ -110,6 +110,8 @@ def test_bench_rejects_bad_arguments(capsys):
                                 ("--rows", ",", "--rows names nothing"),
                                 ("--sizes", "", "--sizes names nothing"),
                                 ("--candidates", "", "--candidates names nothing"),
+                                ("--candidates", "rmsprop fused graph",
+                                 "'rmsprop fused graph' needs --device cuda"),
                                 ("--json", "", "--json needs a file name")):
         assert main(["bench", flag, value]) == 2, (flag, value)
         out = capsys.readouterr()

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import math
 import traceback
+import warnings
+from typing import Any
 
 import pytest
 
@@ -535,6 +537,121 @@ def test_cuda_steps_do_not_sync(tk, dev, name):
             opt.step()
         finally:
             torch.cuda.set_sync_debug_mode("default")
+    opt.check()
+
+
+def test_cuda_graph_option_is_checked_and_survives_pickling(tk, dev):
+    """cuda_graph must be a bool (refused naming it, before anything is built), and it is
+    part of the optimizer's pickled state as track_stats is."""
+    import pickle
+    params = _params(dev)
+    for bad in ("yes", 1, None):
+        with pytest.raises(ValueError, match="cuda_graph"):
+            RMSprop(params, cuda_graph=bad)
+    opt = RMSprop(params, cuda_graph=True)
+    assert pickle.loads(pickle.dumps(opt)).cuda_graph is True
+    assert pickle.loads(pickle.dumps(RMSprop(params))).cuda_graph is False
+
+
+GRAPH_CONFIGS = {
+    "raise": dict(momentum=0.9),
+    "skip": dict(nonfinite="skip", centered=True),
+    "ignore": dict(nonfinite="ignore"),
+    "bias_correction": dict(bias_correction=True, alpha=0.9),
+    "tensor_lr": dict(nesterov=True, momentum=0.5),
+    "8bit": dict(state_dtype="8bit", momentum=0.9),
+}
+
+
+def _host_graph(tk, monkeypatch) -> None:
+    """On the CPU: a stand-in for a CUDA graph of the route's launches whose replay runs them
+    again with every host upload disabled, so that, as a real graph, it steps with whatever
+    the host wrote into the device tables before it (a replay that missed an upload steps
+    with stale pointers or hyperparameters)."""
+    def capture(launches):
+        def replay():
+            with monkeypatch.context() as m:
+                m.setattr(tk.Table, "upload", lambda self, grads, hyper=None: (self.dyn,
+                                                                               self.hyper))
+                launches()
+        return replay
+    monkeypatch.setattr(_optimizer, "_graph_capture", capture)
+    monkeypatch.setattr(_optimizer, "_GRAPH_DEVICES", ("cuda", "cpu"))
+
+
+@pytest.mark.parametrize("name", list(GRAPH_CONFIGS))
+def test_cuda_graph_replays_the_eager_steps_bit_for_bit(tk, dev, name, monkeypatch):
+    """cuda_graph=True against the same optimizer with eager launches, step by step, bit for
+    bit (params and state), through what a replay must follow without a capture: gradients
+    moved to new tensors, a float lr changed by the host, a NaN gradient (refused on the
+    device, raised by the next step, nothing changed); and what needs one: an option turned
+    on (new kernel flags). The graph is captured at the second step along the route. On the
+    CPU the graph is :func:`_host_graph`'s stand-in."""
+    if dev == "cpu":
+        _host_graph(tk, monkeypatch)
+    opts = dict(GRAPH_CONFIGS[name])
+    size = [(4096,), (300,), (33, 7)]  # one tensor large enough to quantize
+    runs = []
+    for graph in (False, True):
+        gen = torch.Generator().manual_seed(3)
+        params = [torch.randn(s, generator=gen).to(dev).requires_grad_() for s in size]
+        lr: Any = torch.tensor(0.01, device=dev) if name == "tensor_lr" else 0.01
+        opt = RMSprop(params, lr=lr, cuda_graph=graph, **opts)
+        trace = []
+        for k in range(9):
+            grads = _grads(params, k)
+            if k == 5 and name != "ignore":
+                grads[1][7] = math.nan
+            if k == 3:
+                for p in params:
+                    p.grad = None  # new gradient tensors: new pointers in the table
+            if k == 4 and name != "tensor_lr":
+                opt.param_groups[0]["lr"] = 0.02
+            if k == 7:
+                opt.param_groups[0]["weight_decay"] = 0.1
+            _set_grads(params, grads)
+            try:
+                with warnings.catch_warnings():  # "skip" warns once when it reads the verdict
+                    warnings.simplefilter("ignore", RuntimeWarning)
+                    opt.step()
+                raised = None
+            except NonFiniteGradientError as e:
+                raised = str(e)
+            if dev == "cuda":
+                torch.cuda.synchronize()  # verdicts arrive: the next step() raises a bad one
+            trace.append((raised, [p.detach().clone() for p in params],
+                          [{key: v.clone() for key, v in opt.state[p].items()} for p in params]))
+        runs.append((trace, opt))
+    (eager, _), (graphed, gopt) = runs
+    for k, ((ra, pa, sa), (rb, pb, sb)) in enumerate(zip(eager, graphed)):
+        assert ra == rb, k
+        for x, y in zip(pa, pb):
+            assert torch.equal(x, y), k
+        for x, y in zip(sa, sb):
+            assert set(x) == set(y) and all(torch.equal(x[key], y[key]) for key in x), k
+    if opts.get("nonfinite", "raise") == "raise":
+        assert eager[6][0] is not None and "at step 6" in eager[6][0]
+    route = gopt._route
+    assert route is not None and route.graph is not None
+    assert route.captures == 2  # the first capture, and the one for weight_decay's flag
+
+
+@needs_cuda
+def test_cuda_graph_steps_do_not_sync(tk, dev):
+    """cuda_graph=True: after the capture, replayed steps make no synchronizing call."""
+    if dev != "cuda":
+        pytest.skip("the compiled backend only")
+    params = _params(dev)
+    opt = RMSprop(params, lr=0.01, cuda_graph=True, bias_correction=True)
+    for k in range(6):
+        _set_grads(params, _grads(params, k))
+        if k >= 3:
+            torch.cuda.set_sync_debug_mode("error")
+        try:
+            opt.step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    assert opt._route is not None and opt._route.graph is not None
     opt.check()
 
 

@@ -47,11 +47,13 @@ def test_gpu_check_parses_and_runs_every_part_recording_each_exit_status(tmp_pat
     summary = (out / "summary.txt").read_text().splitlines()
     assert [line.split()[:2] for line in summary] == [
         ["tests", "rc=124"], ["sync", "rc=0"], ["bench", "rc=0"], ["host", "rc=0"],
-        ["compile", "rc=0"], ["share3.4M", "rc=0"], ["share9.9M", "rc=0"], ["share118.6M", "rc=3"]]
+        ["host-graph", "rc=0"], ["compile", "rc=0"], ["share3.4M", "rc=0"], ["share9.9M", "rc=0"],
+        ["share118.6M", "rc=3"]]
     assert "timed out after 1s" in summary[0]
     ran = {log: (out / log).read_text() for log in ("sync.log", "bench.log", "host.log",
                                                      "compile.log", "step_share.log")}
     assert "ran: scripts/host_overhead.py --device cuda" in ran["host.log"]
+    assert "--repeats 2 --cuda-graph" in ran["host.log"]
     assert "ran: scripts/gpu_sync_check.py" in ran["sync.log"]
     assert f"ran: -m rmsprop.cli bench --device cuda --no-progress --json " \
            f"{out / 'bench_cuda.json'}" in ran["bench.log"]

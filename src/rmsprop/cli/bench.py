@@ -10,8 +10,10 @@ writes exactly the arrays of our fused step in place (read p, g, v[, m, b]; writ
 b]) with trivial arithmetic. Columns:
 
 * ``rmsprop fused`` is the default step, which first scans the gradients for inf/NaN (so a
-  bad gradient changes nothing); ``rmsprop fused unchecked`` is ``nonfinite="ignore"``;
-  ``rmsprop fused +stats`` also collects ``opt.stats()`` (``track_stats=True``);
+  bad gradient changes nothing); ``rmsprop fused graph`` (``--device cuda`` only) is that
+  step replayed as one CUDA graph (``cuda_graph=True``); ``rmsprop fused unchecked`` is
+  ``nonfinite="ignore"``; ``rmsprop fused +stats`` also collects ``opt.stats()``
+  (``track_stats=True``);
 * ``ms``: median step time; ``GB/s``: bytes the update must move (2x params + grads + 2x
   state, in their own dtypes) / time; ``%floor``: that rate over the floor's rate;
   ``x foreach``: torch ``RMSprop(foreach=True)``'s time over this one (speed-up); ``x Adam``:
@@ -71,10 +73,12 @@ from . import CLIError
 ROW_KINDS = ("single", "model", "tiny", "momentum", "centered", "bf16", "fp16")
 DEFAULT_SIZES = ("1M", "10M", "50M")
 DEFAULT_MODEL_SIZES = ("10M", "50M")
-CANDIDATES = ("rmsprop fused", "rmsprop fused unchecked", "rmsprop fused +stats",
+CANDIDATES = ("rmsprop fused", "rmsprop fused graph", "rmsprop fused unchecked",
+              "rmsprop fused +stats",
               "rmsprop foreach",
               "torch foreach=True", "torch foreach=False",
               "torch.compile", "torch Adam fused", "floor")
+CUDA_ONLY = ("rmsprop fused graph",)
 BASELINE = "torch foreach=True"
 ADAM = "torch Adam fused"  # torch.optim.Adam(fused=True): 28 B/element to our 20
 LR = 1e-3
@@ -276,6 +280,9 @@ def make_candidates(names: list[str], params: list, opts: dict, compile_ok: bool
                     add(name, Ours(params, lr=LR, fused=True, **opts))
                 else:
                     add(name, *_direct_kernel(params, opts))
+            elif name == "rmsprop fused graph" and Ours is not None:
+                # the default step replayed as one CUDA graph (cuda_graph=True)
+                add(name, Ours(params, lr=LR, fused=True, cuda_graph=True, **opts))
             elif name == "rmsprop fused unchecked" and Ours is not None:
                 # no non-finite gradient pre-check: that pass reads the gradients once more
                 add(name, Ours(params, lr=LR, fused=True, nonfinite="ignore", **opts))
@@ -866,8 +873,11 @@ def host_overhead(rows: list[dict]) -> list[dict]:
                   and "host_us" in x), None)
         if x is not None:
             seen.add(r["tensors"])
+            gx = next((x for x in r["results"] if x["candidate"] == "rmsprop fused graph"
+                       and "host_us" in x), None)
             out.append(dict(tensors=r["tensors"], row=r["row"], elements=r["elements"],
-                            host_us=x["host_us"]))
+                            host_us=x["host_us"],
+                            graph_host_us=None if gx is None else gx["host_us"]))
     return sorted(out, key=lambda h: h["tensors"])
 
 
@@ -877,8 +887,11 @@ def format_host_overhead(hosts: list[dict], cuda: bool) -> str:
     lines = [f"\n== host CPU time per step() of rmsprop fused (the default step; "
              f"time.thread_time of the calling thread, median over calls; {what})"]
     for h in hosts:
+        graph = ("" if h.get("graph_host_us") is None else
+                 f"; as one CUDA graph (cuda_graph=True) {h['graph_host_us']:.1f} µs")
         lines.append(f"{h['tensors']:>6} tensor{'s' if h['tensors'] != 1 else ' '}  "
-                     f"{h['host_us']:9.1f} µs  ({h['row']}, {h['elements']:,} elements)")
+                     f"{h['host_us']:9.1f} µs  ({h['row']}, {h['elements']:,} elements"
+                     f"{graph})")
     return "\n".join(lines)
 
 
@@ -925,13 +938,17 @@ def run(args: argparse.Namespace) -> int:
             print(f"{r['name']:<16} {len(r['shapes'])} tensors, "
                   f"{sum(math.prod(s) for s in r['shapes']):,} {r['dtype']} {r['opts'] or ''}")
         return 0
-    names = list(CANDIDATES[:-1])
+    # the CUDA graph of the cached step exists on CUDA only
+    names = [n for n in CANDIDATES[:-1] if args.device == "cuda" or n not in CUDA_ONLY]
     if args.candidates is not None:
         want = _listed("--candidates", args.candidates)
         bad = [c for c in want if c not in CANDIDATES]
         if bad:
             raise CLIError(f"bench: unknown candidate {bad[0]!r} (one of: "
                            f"{', '.join(CANDIDATES)})")
+        cuda_only = [c for c in want if c in CUDA_ONLY and args.device != "cuda"]
+        if cuda_only:
+            raise CLIError(f"bench: candidate {cuda_only[0]!r} needs --device cuda")
         names = [n for n in CANDIDATES[:-1] if n in want or n == BASELINE]
     if args.quick:
         args.calls = args.calls or 2

@@ -25,6 +25,7 @@ import array
 import operator
 from collections.abc import Sequence
 from itertools import repeat
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -384,18 +385,33 @@ class CudaPlan(Plan):
         then ignored) and ``c`` (float64 ``1 - alpha^t``) from these one-element device
         tensors where given, else from ``h``; ``gate`` as in
         :func:`rmsprop.kernels.triton.launch`."""
-        key = (h, lr is None, c is None, scale is None, stats is None)
-        if self._launch_memo is None or self._launch_memo[0] != key:
-            self._launch_memo = (key, *self._launch_args(h, lr is not None, c is not None,
-                                                         scale is not None, stats is not None))
-        _, values, flags = self._launch_memo
-        gdev, hyper = self.table.upload(G, values)
+        gdev, hyper, flags = self._upload(G, h, lr is not None, c is not None,
+                                          scale is not None, stats is not None)
         if self.quantized is not None:
             self._tk.launch_quantized(self.table, gdev, hyper, self.p_like, flags,
                                       self.quantized, stats, gate, lr=lr, c=c, scale=scale)
             return
         self._tk.launch(self.table, gdev, hyper, self.p_like, self.s_like, flags, stats, gate,
                         lr=lr, c=c, scale=scale)
+
+    def _upload(self, G: array.array, h: Hyper, lr: bool, c: bool, scale: bool, stats: bool
+                ) -> tuple[Any, Any, dict[str, bool]]:
+        """The device part of a step's launch (gradient pointers and hyperparameter slots,
+        copied only when they changed) and its kernel flags; ``lr``, ``c``, ``scale``,
+        ``stats``: whether those are read from the device."""
+        key = (h, lr, c, scale, stats)
+        if self._launch_memo is None or self._launch_memo[0] != key:
+            self._launch_memo = (key, *self._launch_args(h, lr, c, scale, stats))
+        _, values, flags = self._launch_memo
+        gdev, hyper = self.table.upload(G, values)
+        return gdev, hyper, flags
+
+    def prepare(self, G: array.array, h: Hyper, *, lr: bool, bias: bool) -> dict[str, bool]:
+        """What :meth:`step` does on the host before its launches, alone: upload the step's
+        gradient pointers and hyperparameters to the device (``lr``: read from a device
+        tensor; ``bias``: ``c`` from the device step count), returning the kernel flags. A
+        replayed CUDA graph of :meth:`step` (captured with the same flags) then reads them."""
+        return self._upload(G, h, lr, bias, False, False)[2]
 
     def _launch_args(self, h: Hyper, lr: bool, c: bool, scale: bool, stats: bool
                      ) -> tuple[tuple[float, ...], dict[str, bool]]:

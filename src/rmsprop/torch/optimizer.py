@@ -257,6 +257,25 @@ class _Route:
     gate: Any
     checked: list
     count: bool
+    eager: int = 0  # steps it ran with eager launches
+    graph: tuple | None = None  # cuda_graph: (key, the graph's replay, what the key names)
+    captures: int = 0
+
+
+#: cuda_graph: a route whose launches changed this many times runs them eagerly from then on
+#: (each capture waits for the device and empties torch's cache).
+_MAX_CAPTURES = 3
+#: Device types whose cached route cuda_graph replays as a graph.
+_GRAPH_DEVICES = ("cuda",)
+
+
+def _graph_capture(launches: Callable[[], None]) -> Callable[[], None]:
+    """Capture the kernels ``launches`` queues as a CUDA graph (running nothing); returns
+    its replay."""
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        launches()
+    return graph.replay
 
 
 class RMSprop(Optimizer):
@@ -345,6 +364,15 @@ class RMSprop(Optimizer):
             reproducible and resumable. Runs on the for-loop or foreach path.
         track_stats: ``True`` records per-group health statistics at each step (see
             :meth:`stats`); ``"params"`` also per parameter. Off by default.
+        cuda_graph: ``True`` replays the cached fused CUDA step (its check, kernels and
+            step counts) as one CUDA graph, captured at its second step along the cached
+            route and captured again when its launches change (an option turned on or off,
+            a new tensor ``lr``; after 3 captures it stays eager). New gradient pointers and
+            a changed float ``lr`` need no capture: the graph's kernels read them from the
+            device tables the host still writes. The host then makes one graph launch per
+            step instead of several kernel launches; the results are the eager step's, bit
+            for bit. A capture waits for the device once. Off by default (not yet measured
+            on a GPU); does nothing on the CPU or inside a graph being captured.
 
     Example::
 
@@ -366,7 +394,7 @@ class RMSprop(Optimizer):
                  bias_correction: bool = False, decoupled_weight_decay: bool = False,
                  nonfinite: str = "raise", state_dtype: torch.dtype | str | None = None,
                  stochastic_rounding: bool = False, seed: int = 0,
-                 track_stats: bool | str = False) -> None:
+                 track_stats: bool | str = False, cuda_graph: bool = False) -> None:
         if isinstance(lr, Tensor) and lr.numel() != 1:
             raise ValueError("Tensor lr must be 1-element")
         _check_run_options(dict(nonfinite=nonfinite, state_dtype=state_dtype,
@@ -375,6 +403,8 @@ class RMSprop(Optimizer):
         if track_stats not in (False, True, "params"):
             raise ValueError(f"Invalid track_stats value: {track_stats!r} "
                              "(False, True or 'params')")
+        if not isinstance(cuda_graph, bool):
+            raise ValueError(f"Invalid cuda_graph value: {cuda_graph!r} (True or False)")
         defaults = dict(lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay,
                         momentum=momentum, centered=centered, capturable=capturable,
                         foreach=foreach, maximize=maximize, differentiable=differentiable,
@@ -386,6 +416,7 @@ class RMSprop(Optimizer):
                         stochastic_rounding=stochastic_rounding, seed=seed)
         validate({k: defaults[k] for k in RULE_OPTIONS})
         self.track_stats = track_stats
+        self.cuda_graph = cuda_graph
         self._reset_verdicts()
         self.skipped_steps = 0
         self._skip_warned = False
@@ -437,7 +468,7 @@ class RMSprop(Optimizer):
     def __getstate__(self) -> dict[str, Any]:
         # plans and device gates are caches: rebuilt on demand
         return {**super().__getstate__(), "track_stats": self.track_stats,
-                "skipped_steps": self.skipped_steps}
+                "cuda_graph": self.cuda_graph, "skipped_steps": self.skipped_steps}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
@@ -451,6 +482,7 @@ class RMSprop(Optimizer):
         _state_dict.fill(self.param_groups, getattr(self, "defaults", {}), RMSprop)
         _state_dict.coerce_steps(self.param_groups, self.state)
         self.__dict__.setdefault("track_stats", False)
+        self.__dict__.setdefault("cuda_graph", False)
         self._reset_verdicts()
         self.skipped_steps = int(self.__dict__.pop("skipped_steps", 0))
         self._skip_warned = self.skipped_steps > 0
@@ -798,6 +830,17 @@ class RMSprop(Optimizer):
             if G is None:
                 return False
             grads.append(G)
+        if not (self.cuda_graph and route.eager and self._replay(route, grads)):
+            self._route_launches(route, grads)
+            route.eager += 1
+        self._inv_scale = 1.0
+        if route.gate is not None:
+            self._defer(route.gate, route.checked, route.count)
+        return True
+
+    def _route_launches(self, route: _Route, grads: list) -> None:
+        """The device work of a step along the cached route: reset the gate, check, step
+        (each kernel gated), advance the step counts. Nothing here reads the host."""
         gate = route.gate
         flags = skipped = None
         if gate is not None:
@@ -807,12 +850,42 @@ class RMSprop(Optimizer):
                     plan.check(G, gate, base)
             flags = gate.flags
             skipped = gate.skipped if route.count else None
-        for group, plan, G in zip(groups, route.plans, grads):
+        for group, plan, G in zip(self.param_groups, route.plans, grads):
             self._device_step(group, plan, G, 1.0, flags, None, skipped)
             skipped = None  # the first plan counts a refused step
-        self._inv_scale = 1.0
-        if gate is not None:
-            self._defer(gate, route.checked, route.count)
+
+    def _replay(self, route: _Route, grads: list) -> bool:
+        """``cuda_graph``: the route's launches as one CUDA graph, captured again when what
+        the launches bake in changed (kernel flags, ``alpha`` of the bias correction, the
+        tensor ``lr``'s object); False (nothing done) where it does not apply: the CPU, a
+        graph being captured, a route captured too often."""
+        if route.plans[0].device.type not in _GRAPH_DEVICES or _capturing():
+            return False
+        key, keep = [], []
+        for group, plan, G in zip(self.param_groups, route.plans, grads):
+            h, lr_dev = self._hyper_of(group, plan, 1.0)
+            bias = bool(group["bias_correction"])
+            flags = plan.prepare(G, h, lr=lr_dev is not None, bias=bias)
+            key.append((id(plan), tuple(flags.items()), h.alpha if bias else None,
+                        None if lr_dev is None else id(lr_dev)))
+            keep.append((plan, lr_dev))  # the ids above stay theirs while the graph lives
+        held = route.graph
+        if held is not None and held[0] == key:
+            held[1]()
+            return True
+        if route.captures >= _MAX_CAPTURES:
+            return False
+        route.captures += 1
+        route.graph = None
+        try:  # the uploads were just done: the launches copy nothing, so none is captured
+            replay = _graph_capture(lambda: self._route_launches(route, grads))
+        except RuntimeError as e:  # nothing ran: capturing executes nothing
+            route.captures = _MAX_CAPTURES
+            raise RuntimeError(f"cuda_graph=True: capturing the step as a CUDA graph failed "
+                               f"({e}); nothing was changed. Pass cuda_graph=False to step "
+                               "with eager launches.") from e
+        route.graph = (key, replay, keep)
+        replay()  # capturing ran nothing
         return True
 
     def _scaler_on_device(self, grad_scale: Any, found_inf: Tensor, compiling: bool) -> bool:
@@ -1149,17 +1222,23 @@ class RMSprop(Optimizer):
         bias correction are read on the device. The :class:`Hyper` is built again only when
         the group's validated options, ``inv_scale`` or where ``lr`` is read change: the
         options tuple :meth:`_plan_grads` keeps is the same object while they hold."""
+        h, lr_dev = self._hyper_of(group, plan, inv_scale)
+        plan.step(G, h, stats=rows, gate=gate, lr=lr_dev, scale=scale,
+                  bias=bool(group["bias_correction"]), skipped=skipped)
+
+    def _hyper_of(self, group: dict, plan: Any, inv_scale: float) -> tuple[Hyper, Any]:
+        """A gated plan's :class:`Hyper` for ``group``, and its tensor ``lr`` on the plan's
+        device (None: the float in the Hyper), built again only when they change."""
         lr = group["lr"]
         lr_dev = lr if isinstance(lr, Tensor) and lr.device == plan.device else None
         key = (plan.validated, inv_scale, lr_dev is None)
         memo = plan.hyper_memo
         if memo is not None and key[0] is not None and memo[0] == key:
-            h = memo[1]
-        else:  # validated None: a host tensor option, read (and validated) at every step
-            h = self._hyper(group, 0, inv_scale, lr=0.0 if lr_dev is not None else None)
-            plan.hyper_memo = (key, h)
-        plan.step(G, h, stats=rows, gate=gate, lr=lr_dev, scale=scale,
-                  bias=bool(group["bias_correction"]), skipped=skipped)
+            return memo[1], lr_dev
+        # validated None: a host tensor option, read (and validated) at every step
+        h = self._hyper(group, 0, inv_scale, lr=0.0 if lr_dev is not None else None)
+        plan.hyper_memo = (key, h)
+        return h, lr_dev
 
     def _build_plan(self, group: dict, params: list[Tensor]) -> _plan.Plan | None:
         """The cached plan of a fused group whose params all have a gradient, share one
