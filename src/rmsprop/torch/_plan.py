@@ -478,6 +478,7 @@ class DeviceGate:
         self._clear[0] = 0
         self.skipped = torch.zeros(1, dtype=torch.int64, device=self.device)
         self.host = torch.zeros(self.DEPTH, 2, dtype=torch.int32, pin_memory=cuda)
+        self._slots = list(self.host.unbind(0))  # views made once: indexing is a tensor op
         self._view = self.host.numpy()  # read through NumPy: host memory, no tensor op
         self._now = torch.zeros(2, dtype=torch.int32)
         self._now_view = self._now.numpy()
@@ -493,15 +494,21 @@ class DeviceGate:
         return that slot (the caller has read the verdict it held before)."""
         k = self._next
         self._next = (k + 1) % self.DEPTH
-        self.host[k].copy_(self.flags, non_blocking=True)
+        self._slots[k].copy_(self.flags, non_blocking=True)
         if self.events is not None:
             self.events[k].record()
         return k
 
-    def arrived(self, slot: int) -> bool:
-        """Whether the verdict published into ``slot`` has reached host memory (never
-        waits)."""
-        return self.events is None or bool(self.events[slot].query())
+    #: :meth:`poll`'s answer for a verdict still on its way.
+    PENDING = -1
+
+    def poll(self, slot: int) -> int | None:
+        """:meth:`first_bad` of ``slot`` if its verdict has reached host memory, else
+        :attr:`PENDING` (never waits)."""
+        if self.events is not None and not self.events[slot].query():
+            return self.PENDING
+        gate, bad = self._view[slot].tolist()
+        return bad if gate else None
 
     def first_bad(self, slot: int, wait: bool = True) -> int | None:
         """The verdict published into ``slot``: ``base`` + index of the first tensor that
@@ -509,8 +516,8 @@ class DeviceGate:
         wait on that slot's event only, not on the device's later work)."""
         if wait and self.events is not None:
             self.events[slot].synchronize()
-        row = self._view[slot]
-        return int(row[1]) if row[0] else None
+        gate, bad = self._view[slot].tolist()
+        return bad if gate else None
 
     def read_now(self) -> int | None:
         """:meth:`first_bad` of the verdict on the device now (waits for the device: for the

@@ -970,12 +970,13 @@ class RMSprop(Optimizer):
             return
         left = []
         for i, rec in enumerate(pending):  # oldest first
-            arrived = rec.gate.arrived(rec.slot)
-            if not (wait or arrived) and (keep is None or len(pending) - i <= keep):
-                left.append(rec)
-                continue
-            bad = rec.gate.first_bad(rec.slot, wait=not arrived)
-            error = self._settle(rec, bad, pending[i + 1:])
+            bad = rec.gate.poll(rec.slot)
+            if bad == _plan.DeviceGate.PENDING:
+                if not wait and (keep is None or len(pending) - i <= keep):
+                    left.append(rec)
+                    continue
+                bad = rec.gate.first_bad(rec.slot, wait=True)
+            error = None if bad is None else self._settle(rec, bad, pending[i + 1:])
             if error is not None:  # the later verdicts stay for the next reads
                 self._verdicts = left + pending[i + 1:]
                 raise error
