@@ -417,11 +417,13 @@ if triton is not None:
             k = tl.where(x < 0, -k, k)
             c = k & ((1 << BITS) - 1)
         else:
+            # L / sqrt(s) once per row (block), then broadcast: the same bits as per element
             if BITS == 8:
-                lv = tl.full(sb.shape, 256.0, tl.float32)
+                lv = tl.full(s.shape, 256.0, tl.float32)
             else:
-                lv = tl.full(sb.shape, 16.0, tl.float32)
-            cs = tl.div_rn(lv, tl.sqrt_rn(tl.where(pos, sb, 1.0)))
+                lv = tl.full(s.shape, 16.0, tl.float32)
+            cs_row = tl.div_rn(lv, tl.sqrt_rn(tl.where(s > 0, s, 1.0)))
+            cs = tl.broadcast_to(cs_row[:, None], mag.shape)
             k = _rint(tl.sqrt_rn(mag) * cs).to(tl.int32)
             c = tl.where(pos, k - 1, 0)
             c = tl.where(c < 0, 0, c)
