@@ -360,8 +360,10 @@ if triton is not None:
         if BITS == 8:
             c = tl.load(ptr + offs, mask=mask, other=0).to(tl.int32)
         else:
-            byte = tl.load(ptr + boffs, mask=bmask, other=0).to(tl.int32)
-            c = tl.reshape(tl.join(byte & 15, byte >> 4), (ROWS, QB))
+            # each element reads its own byte and picks its nibble: the codes arrive in the
+            # tile's own layout (joining the two nibbles of a byte would reshape the tile)
+            byte = tl.load(ptr + offs // 2, mask=mask, other=0).to(tl.int32)
+            c = (byte >> ((offs & 1) * 4)) & 15
         return c
 
     @triton.jit
