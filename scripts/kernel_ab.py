@@ -7,8 +7,9 @@ they are at each git revision given (``WORKTREE``: as they are on disk), loads e
 at once, and times them in interleaved rounds on the same tensors. Each build steps its own
 optimizer (``rmsprop.torch.RMSprop(fused=True, nonfinite="ignore")``, the cached plan the
 bench times) and is paired in each round with the bandwidth floor (the kernel's floor loop
-moving the bytes of 8-bit state); the figure is the median over rounds of its % of the floor,
-by the bench's definition (GB/s over the floor's GB/s). With ``--in-cache`` it times instead
+moving the bytes of 8-bit state; one floor for every build, the last revision's); the figure
+is the median over rounds of its % of the floor, by the bench's definition (GB/s over the
+floor's GB/s), beside the median step and floor times. With ``--in-cache`` it times instead
 one thread's kernel call over a slice that stays in L2 (the bench's ``in cache`` note), in ns
 per element: the arithmetic alone.
 
@@ -131,6 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         return b
 
     figures: dict[str, list[float]] = {rev: [] for rev in args.revs}
+    times: dict[str, list[tuple[float, float]]] = {rev: [] for rev in args.revs}
     for _ in range(args.rounds):
         for rev in args.revs:
             use(rev)
@@ -140,7 +142,9 @@ def main(argv: list[str] | None = None) -> int:
                 assert floor is not None
                 f = best(floor)
                 s = best(calls[rev])
-                figures[rev].append(100 * min(f, best(floor)) / s * per)
+                f = min(f, best(floor))
+                figures[rev].append(100 * f / s * per)
+                times[rev].append((s, f))
     unit = "ns/element (one thread, in L2)" if args.in_cache else "% of the floor"
     print(f"kernel_ab: {args.state} state, "
           f"{'in cache' if args.in_cache else f'{args.numel:,} elements'}, "
@@ -148,7 +152,10 @@ def main(argv: list[str] | None = None) -> int:
     for rev in args.revs:
         x = sorted(figures[rev])
         q1, q3 = x[(len(x) - 1) // 4], x[3 * (len(x) - 1) // 4]
-        print(f"  {rev:>12s}  {statistics.median(x):7.3f}  [{q1:.3f}, {q3:.3f}]")
+        ms = ("" if args.in_cache else
+              f"   step {statistics.median(t[0] for t in times[rev]) * 1e3:.3f} ms, floor "
+              f"{statistics.median(t[1] for t in times[rev]) * 1e3:.3f} ms")
+        print(f"  {rev:>12s}  {statistics.median(x):7.3f}  [{q1:.3f}, {q3:.3f}]{ms}")
     return 0
 
 
