@@ -421,6 +421,7 @@ class RMSprop(Optimizer):
         self.skipped_steps = 0
         self._skip_warned = False
         self._stats: dict[str, Any] = {}
+        self._pending: tuple | None = None  # the last step's statistics rows, until read
         self._plans: dict[int, Any] = {}
         self._version = 0
         super().__init__(params, defaults)
@@ -487,6 +488,7 @@ class RMSprop(Optimizer):
         self.skipped_steps = int(self.__dict__.pop("skipped_steps", 0))
         self._skip_warned = self.skipped_steps > 0
         self.__dict__.setdefault("_stats", {})
+        self._pending = None  # the last step's statistics rows, until read (see stats())
         self._plans = {}
         self._version = self.__dict__.get("_version", 0) + 1
         self._find_mesh()
@@ -809,10 +811,10 @@ class RMSprop(Optimizer):
                                  gate, verdict.checked if verdict else [], count)
         if self.track_stats:
             if verdict is not None:
-                verdict.stats = (self._stats, self.__dict__.get("_pending"))
+                verdict.stats = (self._stats, self._pending)
             self._record_stats(jobs)
             if verdict is not None:
-                verdict.pending = self.__dict__.get("_pending")
+                verdict.pending = self._pending
 
     def _step_route(self, route: _Route) -> bool:
         """One step along the cached route (see :class:`_Route`): the general step's
@@ -965,7 +967,7 @@ class RMSprop(Optimizer):
         """Read the deferred verdicts (waiting for them with ``wait``, else only those that
         have arrived, and then, with ``keep``, the oldest ones until at most ``keep`` are
         left on their way) and raise the first refused step's error."""
-        pending = self.__dict__.get("_verdicts")
+        pending = getattr(self, "_verdicts", None)
         if not pending or _capturing():  # a graph being captured cannot wait for an event
             return
         left = []
@@ -992,12 +994,8 @@ class RMSprop(Optimizer):
         base, group, plan = next(c for c in reversed(rec.checked) if c[0] <= bad)
         p = plan.group_params[bad - base]
         label = self._param_label(group, p)
-        if rec.stats is not None and self.__dict__.get("_pending") is rec.pending:
-            self._stats, pending = rec.stats  # the refused step's statistics are not kept
-            if pending is None:
-                self.__dict__.pop("_pending", None)
-            else:
-                self._pending = pending
+        if rec.stats is not None and self._pending is rec.pending:
+            self._stats, self._pending = rec.stats  # the refused step's are not kept
         if group["nonfinite"] == "skip":
             if not rec.counted:
                 self._skipped_host += 1
@@ -1367,7 +1365,7 @@ class RMSprop(Optimizer):
 
     def _mesh_groups(self) -> list:
         """The process groups of the device mesh of sharded (DTensor) params, if any."""
-        mesh = self.__dict__.get("_mesh")
+        mesh = getattr(self, "_mesh", None)
         return list(mesh.get_all_groups()) if mesh is not None else []
 
     def _find_mesh(self) -> None:
@@ -1435,8 +1433,9 @@ class RMSprop(Optimizer):
         if not self.track_stats:
             raise RuntimeError("stats() needs the optimizer built with track_stats=True")
         self._read_verdicts(wait=True)
-        if "_pending" in self.__dict__:
-            work, rows = self.__dict__.pop("_pending")
+        if self._pending is not None:
+            work, rows = self._pending
+            self._pending = None
             with torch.no_grad():
                 self._stats = _stats.summarize_groups(
                     work, rows, self.track_stats == "params",
