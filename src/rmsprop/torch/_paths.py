@@ -192,12 +192,16 @@ def denominator(ops: Any, v: Tensors, m: Tensors | None, h: Hyper, *,
         v = ops.div(v, h.c)
         m = ops.div(m, h.c) if m is not None else None
     s = ops.clamp0(ops.addcmul(v, m, m, -1), inplace=not grad) if m is not None else v
-    fresh = s is not v or h.c != 1.0  # s is a temporary of this function
+    # whether s is a temporary of this function, and whether sqrt overwrites it; told from
+    # the options, not by comparing the lists (torch 2.11's dynamo cannot trace `is` on two
+    # lists, and a graph break here made it run the whole step half eager)
+    fresh = m is not None or h.c != 1.0
     if h.eps_in_sqrt:
         d = ops.sqrt(ops.add_scalar(s, h.eps, inplace=False), inplace=not grad)
         return (s, d, d) if parts else d
-    sq = ops.sqrt(s, inplace=fresh and not grad and not parts)
-    d = ops.add_scalar(sq, h.eps, inplace=not grad and not parts and sq is not s)
+    sqrt_in_place = fresh and not grad and not parts
+    sq = ops.sqrt(s, inplace=sqrt_in_place)
+    d = ops.add_scalar(sq, h.eps, inplace=not grad and not parts and not sqrt_in_place)
     return (s, sq, d) if parts else d
 
 
