@@ -642,6 +642,30 @@ def test_cuda_graph_replays_the_eager_steps_bit_for_bit(tk, dev, name, monkeypat
     route = gopt._route
     assert route is not None and route.graph is not None
     assert route.captures == 2  # the first capture, and the one for weight_decay's flag
+    assert gopt._captures == 2
+
+
+def test_cuda_graph_stops_capturing_past_its_budget(tk, dev, monkeypatch):
+    """An optimizer that has captured _MAX_CAPTURES_TOTAL graphs steps eagerly from then on
+    (a loop whose route keeps being rebuilt must not pay a capture every few steps), and the
+    same as one that never captured."""
+    if dev == "cpu":
+        _host_graph(tk, monkeypatch)
+    runs = []
+    for spent in (0, _optimizer._MAX_CAPTURES_TOTAL):
+        params = _params(dev)
+        opt = RMSprop(params, lr=0.01, cuda_graph=True)
+        opt._captures = spent
+        for k in range(4):
+            _set_grads(params, _grads(params, k))
+            opt.step()
+        opt.check()
+        assert opt._route is not None
+        assert (opt._route.graph is None) == bool(spent)
+        assert opt._captures == (1 if not spent else spent)
+        runs.append([p.detach().clone() for p in params])
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
 
 
 @needs_cuda
