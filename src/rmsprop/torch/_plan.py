@@ -454,6 +454,12 @@ class CudaPlan(Plan):
             self._tk.advance(self.steps, gate, skipped)
 
 
+def _verdict(pair: Any) -> int | None:
+    """``[gate, first bad]`` as read on the host: the first bad index, or None if clean."""
+    gate, bad = pair.tolist()
+    return bad if gate else None
+
+
 class DeviceGate:
     """One device's verdict on a step's gradients, on the device: ``flags`` is the int32
     pair ``[gate, first bad]`` (see :func:`rmsprop.kernels.triton.check_into`), ``skipped``
@@ -507,8 +513,7 @@ class DeviceGate:
         :attr:`PENDING` (never waits)."""
         if self.events is not None and not self.events[slot].query():
             return self.PENDING
-        gate, bad = self._view[slot].tolist()
-        return bad if gate else None
+        return _verdict(self._view[slot])
 
     def first_bad(self, slot: int, wait: bool = True) -> int | None:
         """The verdict published into ``slot``: ``base`` + index of the first tensor that
@@ -516,14 +521,13 @@ class DeviceGate:
         wait on that slot's event only, not on the device's later work)."""
         if wait and self.events is not None:
             self.events[slot].synchronize()
-        gate, bad = self._view[slot].tolist()
-        return bad if gate else None
+        return _verdict(self._view[slot])
 
     def read_now(self) -> int | None:
         """:meth:`first_bad` of the verdict on the device now (waits for the device: for the
         immediate ``raise_now`` and for a step replayed in a captured graph)."""
         self._now.copy_(self.flags)
-        return int(self._now_view[1]) if self._now_view[0] else None
+        return _verdict(self._now_view)
 
 
 def plan_for(device_type: str) -> type[Plan] | None:

@@ -257,7 +257,7 @@ class _Route:
     gate: Any
     checked: list
     count: bool
-    eager: int = 0  # steps it ran with eager launches
+    warmed: bool = False  # it ran one step with eager launches (cuda_graph captures after)
     graph: tuple | None = None  # cuda_graph: (key, the graph's replay, what the key names)
     captures: int = 0
 
@@ -838,9 +838,9 @@ class RMSprop(Optimizer):
             if G is None:
                 return False
             grads.append(G)
-        if not (self.cuda_graph and route.eager and self._replay(route, grads)):
+        if not (self.cuda_graph and route.warmed and self._replay(route, grads)):
             self._route_launches(route, grads)
-            route.eager += 1
+            route.warmed = True
         self._inv_scale = 1.0
         if route.gate is not None:
             self._defer(route.gate, route.checked, route.count)
